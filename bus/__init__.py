@@ -1,0 +1,1 @@
+"""bus: the only package that imports nats."""

@@ -1,0 +1,56 @@
+"""Connecting to NATS from settings: URL, credentials, TLS, reconnects."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from chora.settings import NatsSettings
+
+log = logging.getLogger("chora.bus")
+
+
+def _tls(s: NatsSettings) -> ssl.SSLContext | None:
+    if not (s.tls_ca or s.tls_cert):
+        return None
+    ctx = ssl.create_default_context(cafile=str(s.tls_ca) if s.tls_ca else None)
+    if s.tls_cert:
+        ctx.load_cert_chain(str(s.tls_cert), str(s.tls_key) if s.tls_key else None)
+    return ctx
+
+
+async def connect(s: NatsSettings, url: str | None = None, *, name: str = "chora") -> Client:
+    async def on_error(e: Exception) -> None:
+        log.warning("nats error: %s", e)
+
+    async def on_disconnect() -> None:
+        log.info("nats disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected")
+
+    opts: dict[str, Any] = dict(
+        servers=[u.strip() for u in (url or s.url or "nats://127.0.0.1:4222").split(",")],
+        name=name,
+        connect_timeout=s.connect_timeout,
+        max_reconnect_attempts=s.max_reconnect_attempts,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        pending_size=64 * 1024 * 1024,
+    )
+    if s.creds:
+        opts["user_credentials"] = str(s.creds)
+    if s.user:
+        opts["user"], opts["password"] = s.user, s.password or ""
+    if s.token:
+        opts["token"] = s.token
+    if (tls := _tls(s)) is not None:
+        opts["tls"] = tls
+    return await nats.connect(**opts)

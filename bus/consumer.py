@@ -1,0 +1,271 @@
+"""The one consumer loop every service runs.
+
+A durable pull consumer, pulled continuously: the loop keeps pull requests
+outstanding for as many messages as it has room for (``max_in_flight`` minus
+what it is working on), so a message is delivered the moment it is stored
+(latency of a push consumer) and many arrive per request (throughput of a
+batch fetch). Idle heartbeats tell a live pull request from one the server
+forgot (restart, leader change); a forgotten one is re-issued.
+
+Per message:
+  - decode the CloudEvent; if it is malformed -> dead letter, then term;
+  - run the handler, publish what it returns (waiting for the PubAcks), ack;
+  - ``Retry`` or an unexpected exception -> nak with a delay (backoff); on the
+    last allowed delivery -> dead letter, then term: never an infinite retry;
+  - ``Reject`` (the handler says "never") -> dead letter, then term.
+A dead letter is always stored before the original is terminated; if it
+cannot be stored, the message is nak'ed instead, so nothing is lost.
+
+Stopping drains: no new pulls, messages that still arrive are nak'ed at once
+for another instance, in-flight work finishes and is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol, Sequence
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from bus.deadletter import dead_letter
+from bus.publisher import Publisher
+from bus.topology import ConsumerSpec, Topology
+from contracts.envelope import CloudEvent, EnvelopeError, decode
+
+log = logging.getLogger("chora.bus")
+
+Handler = Callable[[CloudEvent], Awaitable[Sequence[CloudEvent]]]
+
+
+class Retry(Exception):
+    """Transient failure: try again later (after ``delay`` seconds, else the backoff)."""
+
+    def __init__(self, message: str, delay: float | None = None):
+        super().__init__(message)
+        self.delay = delay
+
+
+class Reject(Exception):
+    """Permanent failure: this message can never be handled. Goes to the dead letters."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Observer(Protocol):
+    """Hooks for metrics; every method is optional to implement meaningfully."""
+
+    def handled(self, consumer: str, event_type: str, outcome: str, seconds: float) -> None: ...
+
+
+class _NullObserver:
+    def handled(self, consumer: str, event_type: str, outcome: str, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class LoopStats:
+    acked: int = 0
+    naked: int = 0
+    dead: int = 0
+    published: int = 0
+
+
+class ConsumerLoop:
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        topology: Topology,
+        consumer: ConsumerSpec,
+        handler: Handler,
+        *,
+        publisher: Publisher | None = None,
+        max_in_flight: int = 256,
+        pull_batch: int = 256,
+        max_event_bytes: int = 1 << 20,
+        heartbeat_s: float = 1.0,
+        pull_expires_s: float = 10.0,
+        observer: Observer | None = None,
+    ):
+        self.nc, self.js, self.topology, self.spec = nc, js, topology, consumer
+        self.handler = handler
+        self.publisher = publisher or Publisher(js, topology.prefix, max_bytes=max_event_bytes)
+        self.max_in_flight = max_in_flight
+        self.pull_batch = max(1, min(pull_batch, max_in_flight))
+        self.max_event_bytes = max_event_bytes
+        self.heartbeat_s = heartbeat_s
+        self.pull_expires_s = pull_expires_s
+        self.observer = observer or _NullObserver()
+        self.stats = LoopStats()
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{topology.events_stream}.{consumer.durable}"
+        self._dlq = topology.dlq_subject(consumer.durable)
+        self._outstanding = 0  # messages asked for and not yet delivered
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._last_seen = 0.0
+        self._sub = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        """Consume until :meth:`stop`. Never raises for a bad message."""
+        inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(inbox, cb=self._on_msg)
+        self._inbox = inbox
+        try:
+            while not self._stopping:
+                await self._pull_if_room()
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
+                except asyncio.TimeoutError:
+                    pass
+                if self._outstanding and time.monotonic() - self._last_seen > 3 * self.heartbeat_s:
+                    # No message and no heartbeat: the server no longer holds our requests.
+                    log.info("%s: pull requests went stale, re-pulling", self.spec.durable)
+                    self._outstanding = 0
+        finally:
+            self._stopped.set()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Drain: stop pulling, finish and ack what is in flight, then unsubscribe."""
+        self._stopping = True
+        self._wake.set()
+        await self._stopped.wait()
+        if self._tasks:
+            done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for t in pending:
+                t.cancel()
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # connection already closed
+                pass
+
+    # ------------------------------------------------------------------ pulling
+    async def _pull_if_room(self) -> None:
+        room = self.max_in_flight - self._in_flight - self._outstanding
+        if room < max(1, self.pull_batch // 2) or not self.nc.is_connected:
+            return
+        n = min(room, self.pull_batch)
+        req = {
+            "batch": n,
+            "expires": int(self.pull_expires_s * 1e9),
+            "idle_heartbeat": int(self.heartbeat_s * 1e9),
+        }
+        if self._outstanding == 0:
+            self._last_seen = time.monotonic()
+        self._outstanding += n
+        try:
+            await self.nc.publish(self._api, msgspec.json.encode(req), reply=self._inbox)
+        except Exception as e:  # disconnected: try again on the next turn
+            self._outstanding -= n
+            log.debug("pull request failed: %s", e)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_seen = time.monotonic()
+        headers = msg.headers
+        if headers and not msg.data and "Status" in headers:
+            self._on_status(headers)
+            return
+        self._outstanding = max(0, self._outstanding - 1)
+        if self._stopping:
+            await self._safe(msg.nak())
+            return
+        self._in_flight += 1
+        task = asyncio.create_task(self._process(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_status(self, headers: dict[str, str]) -> None:
+        code = headers.get("Status", "")
+        if code == "100":  # idle heartbeat: requests still alive
+            return
+        pending = headers.get("Nats-Pending-Messages")
+        if pending is not None:
+            self._outstanding = max(0, self._outstanding - int(pending))
+        elif code == "409":
+            # leadership change, consumer deleted, ...: the server dropped our requests
+            self._outstanding = 0
+            log.info("%s: pull status 409 %s", self.spec.durable, headers.get("Description", ""))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ handling
+    async def _process(self, msg: Msg) -> None:
+        start = time.perf_counter()
+        event_type = "unknown"
+        outcome = "ack"
+        try:
+            try:
+                event = decode(msg.headers, msg.data, max_bytes=self.max_event_bytes)
+                event_type = event.type
+            except EnvelopeError as e:
+                outcome = "dead"
+                await self._dead(msg, e.code, e.message)
+                return
+            try:
+                out = await self.handler(event)
+                if out:
+                    await self.publisher.publish_many(out)
+                    self.stats.published += len(out)
+            except Reject as e:
+                outcome = "dead"
+                await self._dead(msg, e.code, e.message)
+                return
+            except Exception as e:  # Retry, a publish failure, or a bug: transient until proven otherwise
+                outcome = await self._retry(msg, e)
+                return
+            await msg.ack()
+            self.stats.acked += 1
+        except Exception:  # acking/naking on a dead connection: redelivery will follow
+            log.exception("%s: failed to settle message", self.spec.durable)
+            outcome = "error"
+        finally:
+            self._in_flight -= 1
+            self.observer.handled(self.spec.durable, event_type, outcome, time.perf_counter() - start)
+            if self._in_flight + self._outstanding <= self.max_in_flight - self.pull_batch // 2:
+                self._wake.set()
+
+    async def _retry(self, msg: Msg, e: Exception) -> str:
+        delivered = msg.metadata.num_delivered
+        reason = f"{type(e).__name__}: {e}"
+        if delivered >= self.spec.max_deliver:
+            await self._dead(msg, "MAX_DELIVERIES", f"gave up after {delivered} deliveries; last error {reason}")
+            return "dead"
+        delay = e.delay if isinstance(e, Retry) and e.delay is not None else self.spec.nak_delay(delivered)
+        if not isinstance(e, Retry):
+            log.warning("%s: handler failed (delivery %d), retrying in %.1fs: %s", self.spec.durable, delivered, delay, reason)
+        await msg.nak(delay=delay)
+        self.stats.naked += 1
+        return "retry"
+
+    async def _dead(self, msg: Msg, code: str, reason: str) -> None:
+        try:
+            await dead_letter(self.js, self._dlq, msg, code, reason)
+        except Exception as e:
+            # The copy is not stored: do not terminate; let it come back.
+            log.error("%s: could not store dead letter (%s); nak instead", self.spec.durable, e)
+            await msg.nak(delay=self.spec.nak_delay(msg.metadata.num_delivered))
+            self.stats.naked += 1
+            return
+        log.warning("%s: dead-lettered stream seq %s: %s %s", self.spec.durable, msg.metadata.sequence.stream, code, reason)
+        await msg.term()
+        self.stats.dead += 1
+
+    @staticmethod
+    async def _safe(aw: Awaitable) -> None:
+        try:
+            await aw
+        except Exception:
+            pass

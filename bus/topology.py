@@ -1,0 +1,151 @@
+"""The topology, declared once: streams, durable consumers, delivery policy.
+
+Everything here is derived from :class:`chora.settings.Settings` and the event
+catalogue, and :func:`provision` makes a server match it, idempotently: run
+it on every start, or once with ``chora nats provision``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from chora.settings import Settings
+from contracts.catalogue import CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED
+
+log = logging.getLogger("chora.bus")
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    durable: str
+    event_types: tuple[str, ...] | None  # None: every event in the stream
+    ack_wait_s: float
+    max_deliver: int
+    backoff_s: tuple[float, ...] = (1.0, 5.0, 30.0)
+    max_ack_pending: int = 1024
+
+    def nak_delay(self, num_delivered: int) -> float:
+        return self.backoff_s[min(max(num_delivered, 1), len(self.backoff_s)) - 1]
+
+
+@dataclass(frozen=True)
+class Topology:
+    prefix: str
+    events_stream: str
+    dlq_stream: str
+    max_age_s: float
+    max_bytes: int
+    duplicate_window_s: float
+    replicas: int = 1
+    consumers: dict[str, ConsumerSpec] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, s: Settings, replicas: int = 1) -> "Topology":
+        def spec(name: str, types: tuple[str, ...] | None) -> ConsumerSpec:
+            return ConsumerSpec(name, types, s.ack_wait_s, s.max_deliver, max_ack_pending=max(1024, s.max_concurrency * 2))
+
+        return cls(
+            prefix=s.prefix,
+            events_stream=s.stream_name,
+            dlq_stream=s.dlq_stream_name,
+            max_age_s=s.stream_max_age_s,
+            max_bytes=s.stream_max_bytes,
+            duplicate_window_s=s.duplicate_window_s,
+            replicas=replicas,
+            consumers={
+                "generator": spec("generator", (GENERATION_REQUESTED,)),
+                "telemetry": spec("telemetry", None),
+            },
+        )
+
+    # ------------------------------------------------------------------ subjects
+    def subject(self, event_type: str) -> str:
+        return CATALOGUE[event_type].subject(self.prefix)
+
+    def dlq_subject(self, consumer: str) -> str:
+        return f"{self.prefix}.dlq.{consumer}"
+
+    def max_deliveries_advisory(self) -> str:
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.events_stream}.*"
+
+    # ------------------------------------------------------------------ configs
+    def stream_configs(self) -> list[StreamConfig]:
+        common = dict(
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            num_replicas=self.replicas,
+            max_age=self.max_age_s,
+        )
+        return [
+            StreamConfig(
+                name=self.events_stream,
+                description="chora events: requests and facts",
+                subjects=[s.subject(self.prefix) for s in CATALOGUE.values()],
+                max_bytes=self.max_bytes,
+                duplicate_window=self.duplicate_window_s,
+                **common,
+            ),
+            StreamConfig(
+                name=self.dlq_stream,
+                description="chora dead letters: original message + reason headers",
+                subjects=[f"{self.prefix}.dlq.>", self.max_deliveries_advisory()],
+                duplicate_window=self.duplicate_window_s,
+                **common,
+            ),
+        ]
+
+    def consumer_config(self, c: ConsumerSpec) -> ConsumerConfig:
+        cfg = ConsumerConfig(
+            durable_name=c.durable,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=c.ack_wait_s,
+            max_deliver=c.max_deliver,
+            max_ack_pending=c.max_ack_pending,
+            max_waiting=512,
+        )
+        if c.event_types is not None:
+            subjects = [self.subject(t) for t in c.event_types]
+            if len(subjects) == 1:
+                cfg.filter_subject = subjects[0]
+            else:
+                cfg.filter_subjects = subjects
+        return cfg
+
+
+_STREAM_FIELDS = ("subjects", "max_age", "max_bytes", "duplicate_window", "description", "num_replicas")
+
+
+async def provision(js: JetStreamContext, topo: Topology, consumers: list[str] | None = None) -> None:
+    """Create or update the streams and the named durable consumers (all by default)."""
+    for cfg in topo.stream_configs():
+        try:
+            info = await js.stream_info(cfg.name)
+        except NotFoundError:
+            await js.add_stream(cfg)
+            log.info("created stream %s", cfg.name)
+            continue
+        current = info.config
+        if any(getattr(current, f) != getattr(cfg, f) for f in _STREAM_FIELDS):
+            await js.update_stream(cfg)
+            log.info("updated stream %s", cfg.name)
+    for name in consumers if consumers is not None else list(topo.consumers):
+        spec = topo.consumers[name]
+        await js.add_consumer(topo.events_stream, topo.consumer_config(spec))
+
+
+__all__ = ["ConsumerSpec", "Topology", "provision", "CONTENT_GENERATED", "GENERATION_REQUESTED"]

@@ -1,0 +1,76 @@
+"""Settings for every chora process, read from the environment (and nothing else).
+
+NATS connection variables keep the names people already use with NATS
+(``NATS_URL``, ``NATS_CREDS``, ...); everything of chora's own is ``CHORA_*``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+class NatsSettings(BaseSettings):
+    """How to reach NATS. ``url`` unset means: use the embedded server."""
+
+    model_config = SettingsConfigDict(env_prefix="NATS_", extra="ignore")
+
+    url: str | None = None
+    creds: Path | None = Field(default=None, description="a .creds file (JWT + nkey)")
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    connect_timeout: float = 5.0
+    max_reconnect_attempts: int = -1  # forever: a service waits for its server
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHORA_", extra="ignore")
+
+    # Where the embedded server, telemetry and other local state live.
+    home: Path = Field(default=Path("var"))
+    # Subject prefix and stream name prefix: tests give each run its own.
+    prefix: str = "chora"
+    configs_dir: Path = Field(default=Path("examples/configs"))
+    telemetry_path: Path | None = None  # default: <home>/telemetry/events.jsonl
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464  # 0 picks a free port
+    trace_id: str | None = None
+    # Stream limits and delivery policy.
+    stream_max_age_s: float = 7 * 24 * 3600
+    stream_max_bytes: int = 1 << 30
+    duplicate_window_s: float = 120.0
+    ack_wait_s: float = 30.0
+    max_deliver: int = 5
+    max_concurrency: int = 256
+    pull_batch: int = 256
+    # Largest accepted event body.
+    max_event_bytes: int = 1 << 20
+    nats: NatsSettings = Field(default_factory=NatsSettings, validation_alias=AliasChoices("nats"))
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, v: str) -> str:
+        if not _PREFIX_RE.match(v):
+            raise ValueError("prefix must match ^[a-z][a-z0-9_-]*$ (it becomes a subject token)")
+        return v
+
+    @property
+    def stream_name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_]", "_", self.prefix).upper() + "_EVENTS"
+
+    @property
+    def dlq_stream_name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_]", "_", self.prefix).upper() + "_DLQ"
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.telemetry_path or self.home / "telemetry" / "events.jsonl"

@@ -1,0 +1,58 @@
+"""The event catalogue: every event type, its subject and its payload Struct.
+
+Subjects are derived from types: ``chora.content_generated`` travels on
+``<prefix>.content_generated``; with the default prefix ``chora`` the subject
+equals the type. Tests use their own prefix so that runs never meet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from contracts.events import ContentGenerated, GenerationRequested
+
+TYPE_PREFIX = "chora."
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    type: str
+    struct: type[msgspec.Struct]
+    description: str
+    kind: str  # "request" or "fact"
+
+    @property
+    def suffix(self) -> str:
+        return self.type.removeprefix(TYPE_PREFIX)
+
+    def subject(self, prefix: str = "chora") -> str:
+        return f"{prefix}.{self.suffix}"
+
+
+GENERATION_REQUESTED = "chora.generation.requested"
+CONTENT_GENERATED = "chora.content_generated"
+
+CATALOGUE: dict[str, EventSpec] = {
+    s.type: s
+    for s in (
+        EventSpec(GENERATION_REQUESTED, GenerationRequested, "Render one content config.", "request"),
+        EventSpec(CONTENT_GENERATED, ContentGenerated, "Outcome of a generation request.", "fact"),
+    )
+}
+
+
+def spec_for(event_type: str) -> EventSpec | None:
+    return CATALOGUE.get(event_type)
+
+
+def subject_for(event_type: str, prefix: str = "chora") -> str:
+    spec = CATALOGUE.get(event_type)
+    if spec is None:
+        raise KeyError(f"unknown event type {event_type!r}")
+    return spec.subject(prefix)
+
+
+def all_subjects(prefix: str = "chora") -> list[str]:
+    return [s.subject(prefix) for s in CATALOGUE.values()]

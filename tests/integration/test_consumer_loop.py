@@ -1,0 +1,152 @@
+"""bus/ against a real nats-server: publish, consume, ack, retry, dead letters, drain."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from bus.consumer import ConsumerLoop, Reject, Retry
+from bus.publisher import Publisher
+from bus.topology import Topology, provision
+from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
+from contracts.envelope import encode_structured, new_event
+from contracts.events import ContentGenerated, GenerationRequested
+from tests.conftest import wait_for
+
+
+def request(config_id: str = "hello-world", **ctx) -> object:
+    return new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id=config_id, context=ctx), source="test")
+
+
+@pytest.fixture
+async def js_topo(nc, settings):
+    js = nc.jetstream()
+    topo = Topology.from_settings(settings)
+    await provision(js, topo)
+    return js, topo
+
+
+async def test_provision_is_idempotent(nc, settings):
+    js = nc.jetstream()
+    topo = Topology.from_settings(settings)
+    await provision(js, topo)
+    await provision(js, topo)
+    info = await js.stream_info(topo.events_stream)
+    assert set(info.config.subjects) == {topo.subject(GENERATION_REQUESTED), topo.subject(CONTENT_GENERATED)}
+    names = {c.name for c in await js.consumers_info(topo.events_stream)}
+    assert names == {"generator", "telemetry"}
+
+
+async def test_handler_outputs_published_and_input_acked(nc, js_topo):
+    js, topo = js_topo
+    seen = []
+
+    async def handler(ev):
+        seen.append(ev.id)
+        return [new_event(CONTENT_GENERATED, ContentGenerated(request_id=ev.id, content_config_id="x", status="success"), source="t", cause=ev)]
+
+    loop = ConsumerLoop(nc, js, topo, topo.consumers["generator"], handler)
+    task = asyncio.create_task(loop.run())
+    pub = Publisher(js, topo.prefix)
+    reqs = [request(n=i) for i in range(200)]
+    await pub.publish_many(reqs)
+    await wait_for(lambda: loop.stats.acked == 200, what="200 acks")
+    await loop.stop()
+    await task
+    assert sorted(seen) == sorted(r.id for r in reqs)
+    info = await js.stream_info(topo.events_stream)
+    assert info.state.messages == 400
+    ci = await js.consumer_info(topo.events_stream, "generator")
+    assert ci.num_ack_pending == 0 and ci.num_pending == 0
+
+
+async def test_republished_output_is_dropped_as_duplicate(nc, js_topo):
+    js, topo = js_topo
+    pub = Publisher(js, topo.prefix)
+    ev = request()
+    first = await pub.publish(ev)
+    again = await pub.publish(ev)
+    assert not first.duplicate and again.duplicate
+
+
+async def test_retry_then_success_and_malformed_goes_to_dlq(nc, js_topo):
+    js, topo = js_topo
+    attempts = {}
+
+    async def handler(ev):
+        attempts[ev.id] = attempts.get(ev.id, 0) + 1
+        if ev.data.context.get("flaky") and attempts[ev.id] < 2:
+            raise Retry("not yet", delay=0.05)
+        if ev.data.context.get("never"):
+            raise Reject("NOPE", "this one can never work")
+        return []
+
+    loop = ConsumerLoop(nc, js, topo, topo.consumers["generator"], handler)
+    task = asyncio.create_task(loop.run())
+    pub = Publisher(js, topo.prefix)
+    flaky, never = request(flaky=True), request(never=True)
+    await pub.publish_many([flaky, never])
+    subject = topo.subject(GENERATION_REQUESTED)
+    await js.publish(subject, b"not json", headers={"ce-specversion": "1.0", "ce-id": "m1", "ce-source": "t", "ce-type": GENERATION_REQUESTED})
+    await js.publish(subject, b"{}", headers={"ce-id": "m2", "ce-source": "t", "ce-type": GENERATION_REQUESTED})
+    h, b = encode_structured(request())
+    await js.publish(subject, b, headers=h)
+    await wait_for(lambda: loop.stats.acked == 2 and loop.stats.dead == 3, what="2 acks and 3 dead letters")
+    await loop.stop()
+    await task
+    assert attempts[flaky.id] == 2
+    dlq = await js.pull_subscribe(f"{topo.prefix}.dlq.>", stream=topo.dlq_stream)
+    msgs = await dlq.fetch(3, timeout=2)
+    codes = sorted(m.headers["Chora-Dlq-Code"] for m in msgs)
+    assert codes == ["INVALID_JSON", "MISSING_ATTRIBUTE", "NOPE"]
+    assert all(m.headers["Chora-Dlq-Consumer"] == "generator" for m in msgs)
+
+
+async def test_a_bug_is_retried_a_bounded_number_of_times_then_dead_lettered(nc, settings):
+    js = nc.jetstream()
+    settings.max_deliver = 3
+    topo = Topology.from_settings(settings)
+    await provision(js, topo)
+    spec = topo.consumers["generator"]
+    object.__setattr__(spec, "backoff_s", (0.01,))
+    calls = []
+
+    async def handler(ev):
+        calls.append(1)
+        raise ZeroDivisionError("bug")
+
+    loop = ConsumerLoop(nc, js, topo, spec, handler)
+    task = asyncio.create_task(loop.run())
+    await Publisher(js, topo.prefix).publish(request())
+    await wait_for(lambda: loop.stats.dead == 1, what="dead letter after max_deliver")
+    await loop.stop()
+    await task
+    assert len(calls) == 3
+    info = await js.stream_info(topo.dlq_stream)
+    assert info.state.messages == 1
+
+
+async def test_stop_drains_in_flight_work(nc, js_topo):
+    js, topo = js_topo
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(ev):
+        started.set()
+        await release.wait()
+        return []
+
+    loop = ConsumerLoop(nc, js, topo, topo.consumers["generator"], handler)
+    task = asyncio.create_task(loop.run())
+    await Publisher(js, topo.prefix).publish(request())
+    await asyncio.wait_for(started.wait(), 5)
+    stopping = asyncio.create_task(loop.stop())
+    await asyncio.sleep(0)  # let stop() begin; the handler is still blocked
+    assert not stopping.done()
+    release.set()
+    await stopping
+    await task
+    assert loop.stats.acked == 1
+    ci = await js.consumer_info(topo.events_stream, "generator")
+    assert ci.num_ack_pending == 0

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 picks a free port
     trace_id: str | None = None
+    # The embedded nats-server of `chora up` (unused when NATS_URL is set); 0 = a free port.
+    nats_port: int = 4222
+    nats_http_port: int = 8222
     # Stream limits and delivery policy.
     stream_max_age_s: float = 7 * 24 * 3600
     stream_max_bytes: int = 1 << 30
@@ -70,6 +73,11 @@ class Settings(BaseSettings):
     @property
     def dlq_stream_name(self) -> str:
         return re.sub(r"[^A-Za-z0-9_]", "_", self.prefix).upper() + "_DLQ"
+
+    @property
+    def stack_file(self) -> Path:
+        """Written by `chora up`: where the running stack is (NATS URL, metrics URL, ...)."""
+        return self.home / "run" / "stack.json"
 
     @property
     def jsonl_path(self) -> Path:

@@ -1,0 +1,225 @@
+"""End-to-end benchmark: request published -> content_generated line in the JSONL.
+
+Starts the real stack (embedded nats-server, generator and telemetry as their
+own processes, exactly as `chora up` does) in a temp dir, then measures:
+
+  (a) throughput at saturation: N requests published as fast as JetStream
+      takes them; time from the first publish to the N-th content_generated
+      line in the telemetry JSONL;
+  (b) latency at a fixed offered rate (default 200/s): for each request, the
+      time from just before its publish to its content_generated line being
+      readable in the JSONL; p50/p95/p99;
+  (c) the telemetry sink's resident memory after all of it (>= 100,000 events
+      with the defaults).
+
+Prints one JSON object. Usage: python -m bench.e2e [--requests N] [--rate R] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+
+from bus.connection import connect
+from bus.publisher import Publisher
+from chora.settings import NatsSettings, Settings
+from chora.up import Stack
+from contracts.catalogue import GENERATION_REQUESTED
+from contracts.envelope import new_event
+from contracts.events import GenerationRequested
+
+
+class _Line(msgspec.Struct):
+    event_type: str
+    request_id: str | None = None
+
+
+_decode_line = msgspec.json.Decoder(_Line).decode
+
+
+class JsonlFollower:
+    """Reads new complete lines of the JSONL as they appear; records when each
+    content_generated line for a request id was first readable."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.pos = 0
+        self.buf = b""
+        self.seen: dict[str, float] = {}
+
+    def poll(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                chunk = f.read()
+        except FileNotFoundError:
+            return 0
+        if not chunk:
+            return 0
+        now = time.perf_counter()
+        self.pos += len(chunk)
+        data = self.buf + chunk
+        *lines, self.buf = data.split(b"\n")
+        n = 0
+        for ln in lines:
+            if b"content_generated" not in ln:
+                continue
+            rec = _decode_line(ln)
+            if rec.request_id and rec.request_id not in self.seen:
+                self.seen[rec.request_id] = now
+                n += 1
+        return n
+
+    async def wait_for(self, ids: set[str], timeout: float, interval: float = 0.0005) -> None:
+        deadline = time.perf_counter() + timeout
+        while not ids.issubset(self.seen.keys()):
+            if time.perf_counter() > deadline:
+                missing = len(ids - self.seen.keys())
+                raise TimeoutError(f"{missing} of {len(ids)} outcomes missing after {timeout}s")
+            if not self.poll():
+                await asyncio.sleep(interval)
+
+
+def _request(i: int, bench_run: str):
+    return new_event(
+        GENERATION_REQUESTED,
+        GenerationRequested(content_config_id="hello-world", context={"name": f"user-{i}"}),
+        source="chora://bench",
+        trace_id=bench_run,
+    )
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()}
+
+
+async def saturation(pub: Publisher, follower: JsonlFollower, n: int, run: str) -> dict:
+    events = [_request(i, run) for i in range(n)]
+    ids = {e.id for e in events}
+    t0 = time.perf_counter()
+    window = 2000
+    for i in range(0, n, window):  # pipelined publishes, at most `window` awaiting their PubAck
+        await pub.publish_many(events[i : i + window])
+        follower.poll()
+    published = time.perf_counter()
+    await follower.wait_for(ids, timeout=max(120.0, n / 200))
+    last = max(follower.seen[i] for i in ids)
+    return {
+        "requests": n,
+        "publish_rate_per_s": round(n / (published - t0)),
+        "end_to_end_per_s": round(n / (last - t0)),
+        "seconds": round(last - t0, 2),
+    }
+
+
+async def fixed_rate(pub: Publisher, follower: JsonlFollower, rate: float, seconds: float, run: str) -> dict:
+    n = int(rate * seconds)
+    sent: dict[str, float] = {}
+    start = time.perf_counter()
+    poller_stop = asyncio.Event()
+
+    async def poller():
+        while not poller_stop.is_set():
+            if not follower.poll():
+                await asyncio.sleep(0.0002)
+
+    ptask = asyncio.create_task(poller())
+    for i in range(n):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        ev = _request(i, run)
+        sent[ev.id] = time.perf_counter()
+        asyncio.ensure_future(pub.publish(ev))
+    await follower.wait_for(set(sent), timeout=60)
+    poller_stop.set()
+    await ptask
+    lat = sorted((follower.seen[i] - t) * 1000 for i, t in sent.items())
+    q = statistics.quantiles(lat, n=100, method="inclusive")
+    return {
+        "offered_per_s": rate,
+        "requests": n,
+        "p50_ms": round(q[49], 3),
+        "p95_ms": round(q[94], 3),
+        "p99_ms": round(q[98], 3),
+        "max_ms": round(lat[-1], 3),
+    }
+
+
+async def main(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="chora-bench-") as tmp:
+        settings = Settings(
+            home=Path(tmp) / "var",
+            prefix="bench",
+            nats_port=0,
+            nats_http_port=0,
+            metrics_port=0,
+            configs_dir=Path(__file__).resolve().parent.parent / "examples" / "configs",
+            nats=NatsSettings(url=None),
+        )
+        stack = Stack(settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(stack.run(stop))
+        while not settings.stack_file.exists():
+            if task.done():
+                await task
+            await asyncio.sleep(0.05)
+        nc = await connect(settings.nats, stack.url, name="chora-bench")
+        pub = Publisher(nc.jetstream(), settings.prefix)
+        follower = JsonlFollower(settings.jsonl_path)
+        run = uuid.uuid4().hex
+        try:
+            await fixed_rate(pub, follower, args.rate, 2, run)  # warm-up: imports, caches, connections
+            sat = await saturation(pub, follower, args.requests, run)
+            lat = await fixed_rate(pub, follower, args.rate, args.seconds, run)
+            events = sum(1 for _ in open(settings.jsonl_path, "rb"))
+            sink_rss = _rss_mb(stack.children["telemetry"].pid)
+            gen_rss = _rss_mb(stack.children["generator"].pid)
+        finally:
+            await nc.close()
+            stop.set()
+            await task
+        return {
+            "machine": _machine(),
+            "saturation": sat,
+            "latency": lat,
+            "sink": {"events_in_jsonl": events, "rss_mb": round(sink_rss or 0, 1)},
+            "generator": {"rss_mb": round(gen_rss or 0, 1)},
+        }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=50_000, help="requests for the saturation run")
+    ap.add_argument("--rate", type=float, default=200.0, help="offered rate for the latency run")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of the latency run")
+    print(json.dumps(asyncio.run(main(ap.parse_args())), indent=2))

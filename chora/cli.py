@@ -1,0 +1,274 @@
+"""The `chora` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from chora.settings import Settings
+
+EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 1, 2, 64
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise SystemExit(f"chora: bad settings in the environment:\n{e}") from None
+
+
+def _context(arg: str | None) -> dict:
+    if not arg:
+        return {}
+    text = arg
+    if arg.startswith("@"):
+        try:
+            text = Path(arg[1:]).read_text()
+        except OSError as e:
+            raise SystemExit(f"chora: cannot read context file {arg[1:]}: {e.strerror}") from None
+    try:
+        ctx = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"chora: --context is not valid JSON: {e}") from None
+    if not isinstance(ctx, dict):
+        raise SystemExit("chora: --context must be a JSON object")
+    return ctx
+
+
+async def _connect(settings: Settings):
+    from bus.connection import connect
+    from chora.up import stack_url
+
+    url = stack_url(settings)
+    if url is None:
+        url = "nats://127.0.0.1:4222"
+    try:
+        return await connect(settings.nats.model_copy(update={"max_reconnect_attempts": 3}), url, name="chora-cli")
+    except Exception as e:
+        raise SystemExit(
+            f"chora: cannot connect to NATS at {url} ({e}). Start the stack with `make up` (or `chora up`), "
+            "or set NATS_URL."
+        ) from None
+
+
+# ---------------------------------------------------------------------- generate
+async def generate(args: argparse.Namespace) -> int:
+    from bus.publisher import Publisher
+    from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED, subject_for
+    from contracts.envelope import EnvelopeError, decode, new_event
+    from contracts.events import GenerationRequested
+    from contracts.tracing import valid_trace_id
+
+    settings = _settings()
+    trace_id = args.trace_id or settings.trace_id
+    if trace_id and not valid_trace_id(trace_id):
+        print("chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]", file=sys.stderr)
+        return EXIT_USAGE
+    request = new_event(
+        GENERATION_REQUESTED,
+        GenerationRequested(content_config_id=args.config_id, context=_context(args.context)),
+        source="chora://cli",
+        trace_id=trace_id,
+    )
+    nc = await _connect(settings)
+    try:
+        outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def on_result(msg) -> None:
+            try:
+                ev = decode(msg.headers, msg.data)
+            except EnvelopeError:
+                return
+            if ev.data.request_id == request.id and not outcome.done():
+                outcome.set_result(ev)
+
+        sub = await nc.subscribe(subject_for(CONTENT_GENERATED, settings.prefix), cb=on_result)
+        try:
+            await Publisher(nc.jetstream(), settings.prefix).publish(request)
+        except Exception as e:
+            print(f"chora: could not publish the request: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        try:
+            ev = await asyncio.wait_for(outcome, args.timeout)
+        except asyncio.TimeoutError:
+            print(
+                f"chora: no outcome for request {request.id} within {args.timeout}s "
+                "(is the generator running? the request stays queued)",
+                file=sys.stderr,
+            )
+            return EXIT_TIMEOUT
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    data = ev.data
+    print(f"trace_id={ev.traceid} request_id={request.id}", file=sys.stderr)
+    if data.status != "success":
+        print(f"chora: generation failed: {data.error.code}: {data.error.message}", file=sys.stderr)
+        return EXIT_FAILED
+    sys.stdout.write(data.content or "")
+    if data.content and not data.content.endswith("\n"):
+        sys.stdout.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------- events
+def _matches(line: str, args: argparse.Namespace) -> bool:
+    if not (args.trace_id or args.type):
+        return True
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    if args.trace_id and doc.get("trace_id") != args.trace_id:
+        return False
+    if args.type and doc.get("event_type") not in (args.type, f"chora.{args.type}"):
+        return False
+    return True
+
+
+def events_tail(args: argparse.Namespace) -> int:
+    settings = _settings()
+    path = Path(args.file) if args.file else settings.jsonl_path
+    if not path.exists() and not args.follow:
+        print(f"chora: no events file at {path}", file=sys.stderr)
+        return EXIT_FAILED
+    pos, inode = 0, None
+    pending: list[str] = []
+    if path.exists():
+        with open(path) as f:
+            lines = [ln for ln in f if _matches(ln, args)]
+            pos, inode = f.tell(), os.fstat(f.fileno()).st_ino
+        pending = lines[-args.lines :] if args.lines else lines
+    for ln in pending:
+        sys.stdout.write(ln)
+    sys.stdout.flush()
+    if not args.follow:
+        return 0
+    buf = ""
+    try:
+        while True:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                time.sleep(0.2)
+                continue
+            if st.st_ino != inode or st.st_size < pos:  # rotated or truncated: start from the top
+                pos, inode = 0, st.st_ino
+            if st.st_size > pos:
+                with open(path) as f:
+                    f.seek(pos)
+                    buf += f.read()
+                    pos = f.tell()
+                *complete, buf = buf.split("\n")
+                for ln in complete:
+                    if ln and _matches(ln, args):
+                        sys.stdout.write(ln + "\n")
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        return 0
+
+
+# ---------------------------------------------------------------------- nats / services
+async def nats_provision(args: argparse.Namespace) -> int:
+    from bus.topology import Topology, provision
+
+    settings = _settings()
+    nc = await _connect(settings)
+    try:
+        topo = Topology.from_settings(settings, replicas=args.replicas)
+        await provision(nc.jetstream(), topo)
+        print(f"provisioned streams {topo.events_stream}, {topo.dlq_stream} and consumers {', '.join(topo.consumers)}")
+    finally:
+        await nc.close()
+    return 0
+
+
+def service_run(args: argparse.Namespace) -> int:
+    from services.runtime import run_service
+
+    asyncio.run(run_service(args.name, _settings()))
+    return 0
+
+
+def up(args: argparse.Namespace) -> int:
+    from chora.up import up as run_up
+
+    asyncio.run(run_up(_settings()))
+    return 0
+
+
+def schemas(args: argparse.Namespace) -> int:
+    from contracts import schemas as sch
+
+    for p in sch.write():
+        print(p)
+    return 0
+
+
+# ---------------------------------------------------------------------- main
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chora", description="chora-compose: event-driven content generation on NATS")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("up", help="run the whole stack (embedded nats-server unless NATS_URL is set)")
+    sp.set_defaults(func=up)
+
+    sp = sub.add_parser("generate", help="request content and print it")
+    sp.add_argument("config_id")
+    sp.add_argument("--context", help="JSON object, or @file with one")
+    sp.add_argument("--trace-id")
+    sp.add_argument("--timeout", type=float, default=30.0)
+    sp.set_defaults(func=lambda a: asyncio.run(generate(a)))
+
+    ev = sub.add_parser("events", help="read the telemetry JSONL").add_subparsers(dest="events_cmd", required=True)
+    sp = ev.add_parser("tail", help="print events, then follow new ones (one JSON object per line)")
+    sp.add_argument("--trace-id")
+    sp.add_argument("--type", help="event type, with or without the 'chora.' prefix")
+    sp.add_argument("-n", "--lines", type=int, default=0, help="only the last N matching lines (0: all)")
+    sp.add_argument("--no-follow", dest="follow", action="store_false", help="exit at the end of the file")
+    sp.add_argument("--file", help="JSONL file (default: the telemetry sink's)")
+    sp.set_defaults(func=events_tail)
+
+    nt = sub.add_parser("nats", help="NATS administration").add_subparsers(dest="nats_cmd", required=True)
+    sp = nt.add_parser("provision", help="create or update streams and consumers on NATS_URL")
+    sp.add_argument("--replicas", type=int, default=1)
+    sp.set_defaults(func=lambda a: asyncio.run(nats_provision(a)))
+
+    sv = sub.add_parser("service", help="run one service").add_subparsers(dest="service_cmd", required=True)
+    sp = sv.add_parser("run")
+    sp.add_argument("name")
+    sp.set_defaults(func=service_run)
+
+    ct = sub.add_parser("contracts", help="event contracts").add_subparsers(dest="contracts_cmd", required=True)
+    sp = ct.add_parser("schemas", help="regenerate contracts/schemas from the Structs")
+    sp.set_defaults(func=schemas)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("nats").setLevel(logging.WARNING)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""`chora up`: the whole stack on one machine.
+
+Starts the embedded nats-server (unless NATS_URL points elsewhere), provisions
+the topology, runs every service as its own process (so a service can die and
+be restarted alone, and services use both cores), restarts a service that
+dies, prints where everything is, and on Ctrl-C or SIGTERM drains the
+services and then stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bus.connection import connect
+from bus.server import EmbeddedServer, ServerError
+from bus.topology import Topology, provision
+from chora.settings import Settings
+from services.runtime import SERVICES
+
+RESTART_DELAY_S = 1.0
+
+
+def _port_free(host: str, port: int) -> bool:
+    if port == 0:
+        return True
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+class Stack:
+    def __init__(self, settings: Settings, services: list[str] | None = None):
+        self.settings = settings
+        self.services = services or list(SERVICES)
+        self.server: EmbeddedServer | None = None
+        self.url = settings.nats.url
+        self.children: dict[str, subprocess.Popen] = {}
+        self.info: dict[str, dict] = {}
+        self.logs = settings.home / "logs"
+
+    # ------------------------------------------------------------------ pieces
+    def start_server(self) -> None:
+        s = self.settings
+        for port in (s.nats_port, s.nats_http_port):
+            if not _port_free("127.0.0.1", port):
+                raise SystemExit(
+                    f"port {port} on 127.0.0.1 is in use. Set CHORA_NATS_PORT=0 and CHORA_NATS_HTTP_PORT=0 "
+                    "for free ports, or NATS_URL to use a server that is already running."
+                )
+        self.server = EmbeddedServer(
+            s.home / "nats", port=s.nats_port, http_port=s.nats_http_port, log_path=self.logs / "nats-server.log"
+        )
+        try:
+            self.server.start()
+        except ServerError as e:
+            raise SystemExit(str(e)) from None
+        self.url = self.server.url
+
+    async def provision(self) -> None:
+        nc = await connect(self.settings.nats, self.url, name="chora-up")
+        try:
+            await provision(nc.jetstream(), Topology.from_settings(self.settings))
+        finally:
+            await nc.close()
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["NATS_URL"] = self.url or ""
+        env["CHORA_HOME"] = str(self.settings.home.resolve())
+        env["CHORA_PREFIX"] = self.settings.prefix
+        env["CHORA_CONFIGS_DIR"] = str(self.settings.configs_dir.resolve())
+        env["CHORA_METRICS_PORT"] = str(self.settings.metrics_port)
+        return env
+
+    def spawn(self, name: str) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chora.cli", "service", "run", name],
+            env=self.child_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches us; we drain the children in order
+        )
+        log.close()
+        self.children[name] = proc
+        return proc
+
+    async def wait_ready(self, name: str, proc: subprocess.Popen, timeout: float = 30.0) -> dict:
+        path = self.settings.home / "run" / f"{name}.{proc.pid}.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"service {name} exited with {proc.returncode}; see {self.logs / (name + '.log')}")
+            if path.exists():
+                try:
+                    return json.loads(path.read_text())
+                except json.JSONDecodeError:
+                    pass  # being written
+            await asyncio.sleep(0.05)
+        raise SystemExit(f"service {name} not ready after {timeout}s; see {self.logs / (name + '.log')}")
+
+    def stop_children(self, timeout: float = 30.0) -> None:
+        for proc in self.children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, proc in self.children.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"service {name} did not drain in {timeout}s; killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        s.home.mkdir(parents=True, exist_ok=True)
+        if not self.url:
+            self.start_server()
+        try:
+            await self.provision()
+            for name in self.services:
+                self.info[name] = await self.wait_ready(name, self.spawn(name))
+            self.announce()
+            await self.supervise(stop)
+        finally:
+            print("chora: draining services ...", flush=True)
+            self.stop_children()
+            if self.server:
+                self.server.stop()
+            s.stack_file.unlink(missing_ok=True)
+            print("chora: stopped", flush=True)
+
+    def announce(self) -> None:
+        s = self.settings
+        stack = {
+            "nats_url": self.url,
+            "nats_monitor_url": self.server.monitor_url if self.server else None,
+            "embedded": self.server is not None,
+            "prefix": s.prefix,
+            "metrics_url": self.info.get("telemetry", {}).get("metrics_url"),
+            "jsonl_path": str(s.jsonl_path.resolve()),
+            "configs_dir": str(s.configs_dir.resolve()),
+            "logs_dir": str(self.logs.resolve()),
+            "services": {n: p.pid for n, p in self.children.items()},
+        }
+        s.stack_file.parent.mkdir(parents=True, exist_ok=True)
+        s.stack_file.write_text(json.dumps(stack, indent=2))
+        print("chora is up", flush=True)
+        for key in ("nats_url", "nats_monitor_url", "metrics_url", "jsonl_path", "configs_dir", "logs_dir"):
+            if stack[key]:
+                print(f"  {key:17} {stack[key]}", flush=True)
+        print(f"  services          {', '.join(f'{n} (pid {p})' for n, p in stack['services'].items())}", flush=True)
+        print("Try: .venv/bin/chora generate hello-world    (Ctrl-C here stops everything)", flush=True)
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Restart a service that dies; return when asked to stop."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+            if stop.is_set():
+                return
+            for name, proc in list(self.children.items()):
+                if proc.poll() is not None:
+                    print(f"chora: service {name} exited ({proc.returncode}); restarting", file=sys.stderr, flush=True)
+                    await asyncio.sleep(RESTART_DELAY_S)
+                    self.spawn(name)
+
+
+async def up(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Stack(settings).run(stop)
+
+
+def stack_url(settings: Settings) -> str | None:
+    """The NATS URL to use from the CLI: NATS_URL, else the running `chora up`."""
+    if settings.nats.url:
+        return settings.nats.url
+    try:
+        return json.loads(Path(settings.stack_file).read_text())["nats_url"]
+    except (OSError, ValueError, KeyError):
+        return None

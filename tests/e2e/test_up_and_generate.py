@@ -1,0 +1,142 @@
+"""The first flow, end to end: `chora up` as a subprocess on its embedded
+nats-server, driven by the CLI and by a plain nats-py client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import nats
+import pytest
+
+from tests.conftest import ROOT, child_env, wait_for
+
+CHORA = [sys.executable, "-m", "chora.cli"]
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """`chora up` with its own home, prefix and free ports; stopped with SIGTERM."""
+    env = child_env(
+        CHORA_HOME=str(tmp_path / "var"),
+        CHORA_PREFIX="e" + uuid.uuid4().hex[:8],
+        CHORA_NATS_PORT="0",
+        CHORA_NATS_HTTP_PORT="0",
+        CHORA_METRICS_PORT="0",
+        CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
+    )
+    proc = subprocess.Popen(CHORA + ["up"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # blocks until `chora up` has printed its readiness
+        lines.append(line)
+        if "chora is up" in line or "Try:" in line:
+            break
+    stack_file = tmp_path / "var" / "run" / "stack.json"
+    assert stack_file.exists(), "chora up did not come up:\n" + "".join(lines)
+    info = json.loads(stack_file.read_text())
+    info["env"], info["proc"], info["home"] = env, proc, tmp_path / "var"
+    yield info
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def run_cli(stack, *args, timeout=60):
+    return subprocess.run(CHORA + list(args), cwd=stack["home"].parent, env=stack["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def jsonl(stack) -> list[dict]:
+    path = Path(stack["jsonl_path"])
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+async def test_generate_from_cli_and_from_another_service(stack):
+    # 1. The CLI: request, wait for the outcome, print the content.
+    trace = "trace-" + uuid.uuid4().hex[:8]
+    r = run_cli(stack, "generate", "hello-world", "--trace-id", trace, "--context", '{"name": "Ada"}')
+    assert r.returncode == 0, r.stderr
+    assert "Ada" in r.stdout
+
+    # A missing config: an error outcome, non-zero exit, a clear message.
+    r = run_cli(stack, "generate", "no-such-config", "--timeout", "20")
+    assert r.returncode == 1
+    assert "CONFIG_NOT_FOUND" in r.stderr
+
+    # 2. Another team's service: plain nats-py, CloudEvents binary-mode headers.
+    prefix = stack["prefix"]
+    nc = await nats.connect(stack["nats_url"])
+    try:
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
+        event_id = str(uuid.uuid4())
+
+        async def on_msg(msg):
+            body = json.loads(msg.data)
+            if body.get("request_id") == event_id and not got.done():
+                got.set_result((msg.headers, body))
+
+        await nc.subscribe(f"{prefix}.content_generated", cb=on_msg)
+        js = nc.jetstream()
+        ack = await js.publish(
+            f"{prefix}.generation.requested",
+            json.dumps({"content_config_id": "hello-world", "context": {"name": "Grace"}}).encode(),
+            headers={
+                "ce-specversion": "1.0",
+                "ce-id": event_id,
+                "ce-source": "urn:team-b:docs-service",
+                "ce-type": "chora.generation.requested",
+                "ce-datacontenttype": "application/json",
+                "ce-traceid": trace,
+                "Nats-Msg-Id": event_id,
+            },
+        )
+        assert ack.seq > 0
+        headers, body = await asyncio.wait_for(got, 20)
+    finally:
+        await nc.close()
+    assert body["status"] == "success" and "Grace" in body["content"]
+    assert body["content_hash"].startswith("sha256:")
+    assert headers["ce-type"] == "chora.content_generated"
+    assert headers["ce-traceid"] == trace
+    assert headers["ce-traceparent"].startswith("00-")
+
+    # 3. Every event of this trace stands once in the JSONL: 3 requests, 3 outcomes.
+    def traced():
+        return [e for e in jsonl(stack) if e.get("trace_id") == trace]
+
+    await wait_for(lambda: len(traced()) == 6, timeout=20, what="6 traced lines in the JSONL")
+    lines = traced()
+    assert len({e["event_id"] for e in lines}) == 6
+    types = sorted(e["event_type"] for e in lines)
+    assert types == ["chora.content_generated"] * 3 + ["chora.generation.requested"] * 3
+    assert sorted(e["status"] for e in lines if e["event_type"] == "chora.content_generated") == ["error", "success", "success"]
+    assert (Path(stack["jsonl_path"]).stat().st_mode & 0o777) == 0o600
+
+    # 4. /metrics counts them.
+    metrics = urllib.request.urlopen(stack["metrics_url"], timeout=5).read().decode()
+    assert 'chora_events_total{event_type="chora.content_generated",status="success"} 2.0' in metrics
+    assert 'chora_events_total{event_type="chora.content_generated",status="error"} 1.0' in metrics
+
+    # 5. `chora events tail` filters by trace id.
+    r = run_cli(stack, "events", "tail", "--trace-id", trace, "--type", "content_generated", "--no-follow")
+    assert r.returncode == 0
+    assert len(r.stdout.splitlines()) == 3
+
+    # 6. SIGTERM: everything drains and stops; the embedded server is gone.
+    proc = stack["proc"]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    for pid in stack["services"].values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (stack["home"] / "run" / "stack.json").exists()

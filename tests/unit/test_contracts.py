@@ -1,0 +1,110 @@
+"""Contracts without a server: the CloudEvents codec, the catalogue, schemas, trace context."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+from cloudevents.core.bindings import http as ce_http
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent as SdkEvent
+
+from contracts import schemas
+from contracts.catalogue import CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED, subject_for
+from contracts.envelope import EnvelopeError, decode, encode_binary, encode_structured, new_event
+from contracts.events import ContentGenerated, GenerationRequested
+from contracts.tracing import child_traceparent, parse_traceparent, w3c_trace_id
+
+
+def req(**ctx):
+    return new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world", context=ctx), source="t")
+
+
+def test_binary_round_trip_keeps_every_attribute():
+    ev = req(name="wörld", n=3)
+    ev.subject = 'needs "quoting" 100% ü'
+    headers, body = encode_binary(ev)
+    assert headers["Nats-Msg-Id"] == ev.id
+    assert all(0x21 <= ord(c) <= 0x7E for v in headers.values() for c in v)
+    assert decode(headers, body) == ev
+
+
+def test_structured_mode_is_accepted():
+    ev = req(a=1)
+    headers, body = encode_structured(ev)
+    assert decode(headers, body) == ev
+
+
+@pytest.mark.parametrize(
+    "mutate, code",
+    [
+        (lambda h, b: (h | {"ce-specversion": "0.3"}, b), "BAD_SPECVERSION"),
+        (lambda h, b: ({k: v for k, v in h.items() if k != "ce-source"}, b), "MISSING_ATTRIBUTE"),
+        (lambda h, b: ({k: v for k, v in h.items() if k != "ce-id"}, b), "MISSING_ATTRIBUTE"),
+        (lambda h, b: (h, b"{not json"), "INVALID_JSON"),
+        (lambda h, b: (h, b'{"context": {}}'), "INVALID_DATA"),
+        (lambda h, b: (h | {"ce-datacontenttype": "text/plain"}, b), "BAD_CONTENT_TYPE"),
+        (lambda h, b: (h | {"ce-type": "chora.nope"}, b), "UNKNOWN_TYPE"),
+        (lambda h, b: (h | {"ce-subject": "%zz"}, b), "BAD_HEADER_ENCODING"),
+        (lambda h, b: (h | {"ce-subject": "%C3%28"}, b), "BAD_HEADER_ENCODING"),
+        (lambda h, b: ({}, b), "NOT_A_CLOUDEVENT"),
+        (lambda h, b: (h, b" " * (2 << 20)), "OVERSIZED"),
+        (lambda h, b: (h | {"ce-Bad_Name": "x"}, b), "BAD_ATTRIBUTE"),
+    ],
+)
+def test_malformed_events_get_a_code(mutate, code):
+    headers, body = mutate(*encode_binary(req()))
+    with pytest.raises(EnvelopeError) as e:
+        decode(headers, body)
+    assert e.value.code == code
+
+
+def test_events_from_the_official_sdk_are_accepted_in_both_modes():
+    sdk_event = SdkEvent(
+        {"id": "sdk-1", "source": "urn:sdk", "type": GENERATION_REQUESTED, "specversion": "1.0",
+         "datacontenttype": "application/json"},
+        {"content_config_id": "hello-world", "context": {"x": 1}},
+    )
+    binary = ce_http.to_binary(sdk_event, JSONFormat())
+    ev = decode(dict(binary.headers), binary.body)
+    assert ev.id == "sdk-1" and ev.data.context == {"x": 1}
+    structured = ce_http.to_structured(sdk_event, JSONFormat())
+    ev2 = decode(dict(structured.headers), structured.body)
+    assert ev2.id == "sdk-1" and ev2.data == ev.data
+
+
+def test_derived_ids_are_deterministic_and_trace_is_carried():
+    cause = req()
+    out = [new_event(CONTENT_GENERATED, ContentGenerated(request_id=cause.id, content_config_id="x", status="success"), source="g", cause=cause) for _ in range(2)]
+    assert out[0].id == out[1].id != cause.id
+    assert out[0].traceid == cause.traceid
+    parent = parse_traceparent(cause.traceparent)
+    child = parse_traceparent(out[0].traceparent)
+    assert child[0] == parent[0] and child[1] != parent[1]
+
+
+def test_trace_ids_from_outside_map_to_w3c():
+    assert w3c_trace_id("a" * 32) == "a" * 32
+    tid = w3c_trace_id("my-run-42")
+    assert len(tid) == 32 and int(tid, 16) >= 0
+    assert parse_traceparent(child_traceparent("my-run-42"))[0] == tid
+
+
+def test_catalogue_subjects_follow_types():
+    assert subject_for(CONTENT_GENERATED) == "chora.content_generated"
+    assert subject_for(GENERATION_REQUESTED, "t1") == "t1.generation.requested"
+    assert all(t.startswith("chora.") for t in CATALOGUE)
+
+
+def test_schema_files_match_the_structs():
+    expected = schemas.generate()
+    on_disk = {p.name: p.read_text() for p in schemas.SCHEMA_DIR.glob("*.json")}
+    assert on_disk == expected, "schemas drifted: run `chora contracts schemas` and commit the result"
+
+
+def test_schema_validates_what_the_struct_encodes():
+    doc = json.loads(schemas.generate()[f"{CONTENT_GENERATED}.json"])
+    assert set(doc["$defs"]["ContentGenerated"]["required"]) == {"request_id", "content_config_id", "status"}
+    payload = msgspec.json.encode(ContentGenerated(request_id="r", content_config_id="c", status="error"))
+    assert json.loads(payload)["status"] == "error"

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "single.conf"
 _LISTEN = re.compile(r"Listening for client connections on ([0-9.\[\]:a-f]+):(\d+)")
 _HTTP = re.compile(r"Starting http monitor on ([0-9.\[\]:a-f]+):(\d+)")
 
@@ -43,7 +44,7 @@ class EmbeddedServer:
         host: str = "127.0.0.1",
         port: int = 0,
         http_port: int | None = 0,
-        config: Path | str | None = None,
+        config: Path | str | None = DEFAULT_CONFIG,
         extra_args: list[str] | None = None,
         log_path: Path | str | None = None,
     ):
@@ -61,7 +62,7 @@ class EmbeddedServer:
 
     def command(self) -> list[str]:
         cmd = [server_binary()]
-        if self.config:
+        if self.config and Path(self.config).exists():
             cmd += ["-c", str(self.config)]
         cmd += ["-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port or -1)]
         if self.http_port is not None:

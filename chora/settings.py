@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     prefix: str = "chora"
     configs_dir: Path = Field(default=Path("examples/configs"))
     telemetry_path: Path | None = None  # default: <home>/telemetry/events.jsonl
+    # fsync every JSONL batch (survives a machine crash, not only a process kill); off by default.
+    telemetry_fsync: bool = False
+    # Event ids the sink remembers to keep one line per id across redeliveries (~106 B each).
+    telemetry_max_ids: int = 1_000_000
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 picks a free port
     trace_id: str | None = None

@@ -1,0 +1,178 @@
+"""TelemetryApp: handle() mirrors to JSONL and Prometheus; /metrics over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from chora.settings import Settings
+from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
+from contracts.envelope import new_event
+from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
+from services import runtime
+from services.telemetry.metrics import TelemetryMetrics, event_timestamp
+from services.telemetry.service import TelemetryApp, build
+
+
+def requested(config="welcome"):
+    return new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id=config), source="test")
+
+
+def generated(cause, status="success", **kw):
+    data = ContentGenerated(request_id=cause.id, content_config_id=cause.data.content_config_id, status=status, **kw)
+    return new_event(CONTENT_GENERATED, data, source="generator", cause=cause)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        assert r.status == 200
+        return r.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+async def app(tmp_path):
+    settings = Settings(home=tmp_path / "var", metrics_host="127.0.0.1", metrics_port=0)
+    a = build(settings)
+    await a.start()
+    yield a
+    await a.close()
+
+
+async def test_build_is_registered_and_lazy(tmp_path):
+    settings = Settings(home=tmp_path / "var", metrics_port=0)
+    a = runtime.build("telemetry", settings)
+    assert isinstance(a, TelemetryApp)
+    assert a.name == "telemetry"
+    assert not settings.jsonl_path.exists()  # nothing happens before start()
+    assert a.info()["jsonl_path"] == str(settings.jsonl_path)
+
+
+async def test_info_reports_real_port_and_path(app, tmp_path):
+    info = app.info()
+    assert info["jsonl_path"] == str(tmp_path / "var" / "telemetry" / "events.jsonl")
+    m = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/metrics", info["metrics_url"])
+    assert m and int(m.group(1)) > 0
+    assert (tmp_path / "var" / "telemetry" / "events.jsonl").exists()
+
+
+async def test_handle_mirrors_and_metrics_over_http(app):
+    req1, req2, req3 = requested("a"), requested("b"), requested("c")
+    ok1 = generated(req1, generator_type="jinja2", duration_ms=250.0)
+    ok2 = generated(req2, generator_type="jinja2", duration_ms=1500.0)
+    bad = generated(req3, status="error", generator_type="jinja2", duration_ms=3.0,
+                    error=ErrorInfo(code="TEMPLATE_ERROR", message="boom"))
+    for ev in (req1, req2, req3, ok1, ok2, bad):
+        assert await app.handle(ev) == []
+    # redeliveries: acknowledged, not written, counted as duplicates
+    assert await app.handle(ok1) == []
+    assert await app.handle(req1) == []
+
+    app.observer.handled("telemetry", CONTENT_GENERATED, "ack", 0.002)
+    app.observer.handled("telemetry", CONTENT_GENERATED, "ack", 0.004)
+    app.observer.handled("telemetry", GENERATION_REQUESTED, "retry", 0.1)
+
+    path = app.sink.path
+    assert len(path.read_text().splitlines()) == 6
+
+    text = await asyncio.to_thread(scrape, app.info()["metrics_url"])
+    s = samples(text)
+    assert s[("chora_events_total", (("event_type", CONTENT_GENERATED), ("status", "success")))] == 2
+    assert s[("chora_events_total", (("event_type", CONTENT_GENERATED), ("status", "error")))] == 1
+    assert s[("chora_events_total", (("event_type", GENERATION_REQUESTED), ("status", "ok")))] == 3
+    assert s[("chora_sink_lines_written_total", ())] == 6
+    assert s[("chora_sink_duplicates_skipped_total", ())] == 2
+    # generation duration: successes only, in seconds
+    assert s[("chora_generation_duration_seconds_count", (("generator", "jinja2"),))] == 2
+    assert s[("chora_generation_duration_seconds_sum", (("generator", "jinja2"),))] == pytest.approx(1.75)
+    assert s[("chora_generation_duration_seconds_bucket", (("generator", "jinja2"), ("le", "0.5")))] == 1
+    assert s[("chora_sink_lag_seconds_count", ())] == 6
+    assert s[("chora_consumer_handled_total",
+              (("consumer", "telemetry"), ("event_type", CONTENT_GENERATED), ("outcome", "ack")))] == 2
+    assert s[("chora_consumer_handled_total",
+              (("consumer", "telemetry"), ("event_type", GENERATION_REQUESTED), ("outcome", "retry")))] == 1
+    assert s[("chora_handler_duration_seconds_count", (("consumer", "telemetry"),))] == 3
+
+    # no ids in labels: neither event ids, request ids nor trace ids appear anywhere
+    for ev in (req1, req2, req3, ok1, ok2, bad):
+        assert ev.id not in text
+        assert ev.traceid not in text
+    allowed = {"event_type", "status", "generator", "consumer", "outcome", "le"}
+    for fam in text_string_to_metric_families(text):
+        if fam.name.startswith("chora_"):
+            for smp in fam.samples:
+                assert set(smp.labels) <= allowed, (smp.name, smp.labels)
+
+
+async def test_own_registry_not_the_global_one(app):
+    await app.handle(requested())
+    assert REGISTRY.get_sample_value("chora_sink_lines_written_total") is None
+    assert app.metrics.registry.get_sample_value("chora_sink_lines_written_total") == 1
+    # two apps in one process do not clash
+    other = TelemetryMetrics()
+    assert other.registry is not app.metrics.registry
+
+
+async def test_lag_is_write_time_minus_event_time(tmp_path):
+    metrics = TelemetryMetrics()
+    ev = requested()
+    t = event_timestamp(ev.time)
+    assert t is not None
+    metrics.written(ev, t + 2.0)
+    assert metrics.registry.get_sample_value("chora_sink_lag_seconds_sum") == pytest.approx(2.0, abs=1e-5)
+    assert metrics.registry.get_sample_value("chora_sink_lag_seconds_bucket", {"le": "1.0"}) == 0
+    assert metrics.registry.get_sample_value("chora_sink_lag_seconds_bucket", {"le": "2.5"}) == 1
+
+
+def test_event_timestamp_tolerates_garbage():
+    assert event_timestamp(None) is None
+    assert event_timestamp("not a time") is None
+    assert event_timestamp("2024-01-01T00:00:00.500000Z") == pytest.approx(1704067200.5)
+
+
+async def test_close_stops_http_server_and_closes_file(tmp_path):
+    settings = Settings(home=tmp_path / "var", metrics_port=0)
+    a = build(settings)
+    await a.start()
+    url = a.info()["metrics_url"]
+    await asyncio.to_thread(scrape, url)
+    await a.handle(requested())
+    await a.close()
+    with pytest.raises(OSError):
+        await asyncio.to_thread(scrape, url)
+    assert a.sink._fd is None
+    [line] = settings.jsonl_path.read_text().splitlines()
+    assert json.loads(line)["event_type"] == GENERATION_REQUESTED
+
+
+async def test_failed_write_propagates_so_the_message_is_redelivered(app, monkeypatch):
+    from services.telemetry import sink as sink_mod
+
+    real = sink_mod.os.write
+
+    def boom(fd, data):
+        if fd == app.sink._fd:
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(sink_mod.os, "write", boom)
+    ev = requested()
+    with pytest.raises(sink_mod.SinkError):
+        await app.handle(ev)
+    assert app.metrics.registry.get_sample_value("chora_sink_lines_written_total") == 0
+    monkeypatch.setattr(sink_mod.os, "write", real)
+    assert await app.handle(ev) == []
+    assert app.metrics.registry.get_sample_value("chora_sink_lines_written_total") == 1

@@ -67,7 +67,7 @@ async def test_generate_from_cli_and_from_another_service(stack):
     assert "Ada" in r.stdout
 
     # A missing config: an error outcome, non-zero exit, a clear message.
-    r = run_cli(stack, "generate", "no-such-config", "--timeout", "20")
+    r = run_cli(stack, "generate", "no-such-config", "--trace-id", trace, "--timeout", "20")
     assert r.returncode == 1
     assert "CONFIG_NOT_FOUND" in r.stderr
 

@@ -1,0 +1,144 @@
+"""The generator's one handler: a generation request in, exactly one outcome out.
+
+Every expected failure (a bad id, a missing or invalid config, a template
+error, a missing variable, an unknown generator, a context that is not an
+object, an output over the limit) is an outcome with ``status="error"`` and a
+stable code: an error is an event, not a crash and not a retry. Only a message
+that is not a generation request at all is rejected (dead letter).
+
+This is the hot path. For a cached config it costs one ``stat`` (two with a
+``template_file``), a merge of the default context, the render, a sha256 and
+the event; no file reads, no pydantic validation, no logging on success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import time
+import msgspec
+
+from bus.consumer import Reject, Retry
+from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
+from contracts.envelope import CloudEvent, new_event
+from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
+from services.generator.configs import ConfigStore, GenerationError
+from services.generator.generators import GeneratorRegistry
+
+log = logging.getLogger("chora.generator")
+
+MAX_OUTPUT_BYTES = 1 << 20  # rendered content larger than this (UTF-8) -> OUTPUT_TOO_LARGE
+MAX_MESSAGE_CHARS = 2000  # error messages are cut to this length
+
+_perf = time.perf_counter
+_sha256 = hashlib.sha256
+_encode_data = msgspec.json.Encoder().encode
+
+
+def _error(
+    event: CloudEvent,
+    config_id: str,
+    generator_type: str | None,
+    t0: float,
+    code: str,
+    message: str,
+    source: str,
+) -> list[CloudEvent]:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+    data = ContentGenerated(
+        request_id=event.id,
+        content_config_id=config_id,
+        status="error",
+        generator_type=generator_type,
+        duration_ms=(_perf() - t0) * 1000.0,
+        error=ErrorInfo(code=code, message=message),
+    )
+    return [new_event(CONTENT_GENERATED, data, source=source, cause=event)]
+
+
+async def handle_generation_requested(
+    event: CloudEvent,
+    store: ConfigStore,
+    registry: GeneratorRegistry,
+    source: str,
+    *,
+    max_output_bytes: int = MAX_OUTPUT_BYTES,
+    max_event_bytes: int | None = None,
+) -> list[CloudEvent]:
+    """Render the requested config; return one ``chora.content_generated`` caused by ``event``.
+
+    ``max_event_bytes``, when given, is the largest event body the bus will
+    publish: an outcome that would not fit is reported as OUTPUT_TOO_LARGE
+    instead of failing at publish time. ``content_length`` counts characters
+    (as the telemetry sink does); ``content_hash`` is over the UTF-8 bytes.
+    """
+    t0 = _perf()
+    if event.type != GENERATION_REQUESTED:
+        raise Reject("UNEXPECTED_TYPE", f"the generator handles {GENERATION_REQUESTED}, not {event.type!r}")
+    data = event.data
+    if type(data) is not GenerationRequested:
+        try:
+            data = msgspec.convert(data, GenerationRequested)
+        except (msgspec.ValidationError, TypeError) as e:
+            raise Reject("INVALID_DATA", f"data is not a {GENERATION_REQUESTED}: {e}") from None
+
+    config_id = data.content_config_id
+    if not isinstance(config_id, str):
+        config_id = repr(config_id)[:140]
+    generator_type: str | None = None
+    try:
+        config = store.get(data.content_config_id)
+        generator_type = config.spec.generator
+        generator = registry.get_generator(generator_type)
+        context = data.context
+        if not isinstance(context, dict):
+            raise GenerationError(
+                "INVALID_CONTEXT", f"context must be a JSON object, not {type(context).__name__}"
+            )
+        defaults = config.defaults
+        if defaults:
+            context = {**defaults, **context}
+        content = generator.render(config, context)
+        if type(content) is not str:
+            if inspect.isawaitable(content):
+                content = await content
+            if not isinstance(content, str):
+                raise GenerationError(
+                    "GENERATOR_FAILED", f"generator {generator_type!r} returned {type(content).__name__}, not text"
+                )
+        try:
+            raw = content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise GenerationError("INVALID_OUTPUT", f"output is not valid Unicode text at character {e.start}") from None
+        if len(raw) > max_output_bytes:
+            raise GenerationError(
+                "OUTPUT_TOO_LARGE", f"output has {len(raw)} bytes, over the limit of {max_output_bytes}"
+            )
+        out = ContentGenerated(
+            request_id=event.id,
+            content_config_id=config_id,
+            status="success",
+            generator_type=generator_type,
+            content=content,
+            content_hash="sha256:" + _sha256(raw).hexdigest(),
+            content_length=len(content),
+        )
+        # JSON escaping can grow text up to 6x; only a large output can overflow the event.
+        if max_event_bytes is not None and len(raw) * 8 > max_event_bytes:
+            size = len(_encode_data(out)) + 24  # room for the duration filled in below
+            if size > max_event_bytes:
+                raise GenerationError(
+                    "OUTPUT_TOO_LARGE",
+                    f"the outcome event would have {size} bytes, over the event limit of {max_event_bytes}",
+                )
+    except GenerationError as e:
+        return _error(event, config_id, generator_type, t0, e.code, e.message, source)
+    except (Retry, Reject):
+        raise
+    except Exception as e:  # a bug in a (possibly third-party) generator: report it, do not loop on it
+        log.exception("generator %r failed on config %r", generator_type, config_id)
+        return _error(event, config_id, generator_type, t0, "GENERATOR_FAILED", f"{type(e).__name__}: {e}", source)
+    out.duration_ms = (_perf() - t0) * 1000.0
+    return [new_event(CONTENT_GENERATED, out, source=source, cause=event)]

@@ -1,0 +1,87 @@
+"""Wiring of the generator: ``build(settings)`` -> :class:`GeneratorApp`.
+
+Nothing happens at import or build time. :meth:`GeneratorApp.start` loads the
+``chora.generators`` entry points and checks every config in the configs
+directory once, logging (not failing on) the broken ones: they still answer
+their requests with an error outcome, and a fixed file is picked up on the
+next request.
+
+Settings read: ``configs_dir`` and ``max_event_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from chora.settings import Settings
+from contracts.envelope import CloudEvent
+from services.generator.configs import ConfigError, ConfigStore
+from services.generator.generators import GeneratorRegistry
+from services.generator.handlers import MAX_OUTPUT_BYTES, handle_generation_requested
+
+log = logging.getLogger("chora.generator")
+
+SOURCE = "chora://generator"
+
+
+class GeneratorApp:
+    """The generator service app (see :class:`services.runtime.ServiceApp`)."""
+
+    name = "generator"
+
+    def __init__(
+        self,
+        store: ConfigStore,
+        registry: GeneratorRegistry | None = None,
+        *,
+        source: str = SOURCE,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+        max_event_bytes: int | None = None,
+    ):
+        self.store = store
+        self.registry = registry or GeneratorRegistry()
+        self.source = source
+        self.max_output_bytes = max_output_bytes
+        self.max_event_bytes = max_event_bytes
+        self.config_errors: dict[str, str] = {}
+
+    async def start(self) -> None:
+        self.registry.load()
+        self.config_errors = {}
+        for config_id in self.store.list():
+            try:
+                self.store.get(config_id)
+            except ConfigError as e:
+                self.config_errors[config_id] = str(e)
+                log.warning("content config %r is broken: %s", config_id, e)
+
+    async def handle(self, event: CloudEvent) -> list[CloudEvent]:
+        return await handle_generation_requested(
+            event,
+            self.store,
+            self.registry,
+            self.source,
+            max_output_bytes=self.max_output_bytes,
+            max_event_bytes=self.max_event_bytes,
+        )
+
+    async def close(self) -> None:
+        pass
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "configs_dir": str(self.store.root),
+            "configs": self.store.list(),
+            "generators": self.registry.names(),
+            "broken_configs": sorted(self.config_errors),
+        }
+
+
+def build(settings: Settings) -> GeneratorApp:
+    return GeneratorApp(
+        ConfigStore(settings.configs_dir),
+        GeneratorRegistry(),
+        source=SOURCE,
+        max_event_bytes=settings.max_event_bytes,
+    )

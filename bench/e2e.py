@@ -23,9 +23,11 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import msgspec
@@ -42,6 +44,8 @@ from contracts.events import GenerationRequested
 class _Line(msgspec.Struct):
     event_type: str
     request_id: str | None = None
+    timestamp: str | None = None  # when the sink wrote the line
+    event_time: str | None = None  # when the generator made the outcome
 
 
 _decode_line = msgspec.json.Decoder(_Line).decode
@@ -56,6 +60,7 @@ class JsonlFollower:
         self.pos = 0
         self.buf = b""
         self.seen: dict[str, float] = {}
+        self.wall: dict[str, tuple[float, float, float]] = {}  # id -> (outcome made, line written, line read)
 
     def poll(self) -> int:
         try:
@@ -67,6 +72,7 @@ class JsonlFollower:
         if not chunk:
             return 0
         now = time.perf_counter()
+        wall = time.time()
         self.pos += len(chunk)
         data = self.buf + chunk
         *lines, self.buf = data.split(b"\n")
@@ -77,6 +83,7 @@ class JsonlFollower:
             rec = _decode_line(ln)
             if rec.request_id and rec.request_id not in self.seen:
                 self.seen[rec.request_id] = now
+                self.wall[rec.request_id] = (_ts(rec.event_time), _ts(rec.timestamp), wall)
                 n += 1
         return n
 
@@ -88,6 +95,17 @@ class JsonlFollower:
                 raise TimeoutError(f"{missing} of {len(ids)} outcomes missing after {timeout}s")
             if not self.poll():
                 await asyncio.sleep(interval)
+
+
+def _ts(rfc3339: str | None) -> float:
+    if not rfc3339:
+        return float("nan")
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def _pcts(values: list[float]) -> dict:
+    q = statistics.quantiles(sorted(values), n=100, method="inclusive")
+    return {"p50_ms": round(q[49], 3), "p95_ms": round(q[94], 3), "p99_ms": round(q[98], 3)}
 
 
 def _request(i: int, bench_run: str):
@@ -143,6 +161,7 @@ async def saturation(pub: Publisher, follower: JsonlFollower, n: int, run: str) 
 async def fixed_rate(pub: Publisher, follower: JsonlFollower, rate: float, seconds: float, run: str) -> dict:
     n = int(rate * seconds)
     sent: dict[str, float] = {}
+    sent_wall: dict[str, float] = {}
     start = time.perf_counter()
     poller_stop = asyncio.Event()
 
@@ -158,20 +177,27 @@ async def fixed_rate(pub: Publisher, follower: JsonlFollower, rate: float, secon
         if delay > 0:
             await asyncio.sleep(delay)
         ev = _request(i, run)
+        sent_wall[ev.id] = time.time()
         sent[ev.id] = time.perf_counter()
         asyncio.ensure_future(pub.publish(ev))
     await follower.wait_for(set(sent), timeout=60)
     poller_stop.set()
     await ptask
     lat = sorted((follower.seen[i] - t) * 1000 for i, t in sent.items())
-    q = statistics.quantiles(lat, n=100, method="inclusive")
+    made, written, read = zip(*(follower.wall[i] for i in sent))
+    starts = [sent_wall[i] for i in sent]
     return {
         "offered_per_s": rate,
         "requests": n,
-        "p50_ms": round(q[49], 3),
-        "p95_ms": round(q[94], 3),
-        "p99_ms": round(q[98], 3),
+        **_pcts(lat),
         "max_ms": round(lat[-1], 3),
+        # where the time goes (wall clocks of one machine): publish -> generator made the outcome
+        # -> sink wrote its line -> the reader saw it
+        "stages": {
+            "publish_to_outcome": _pcts([(m - s) * 1000 for m, s in zip(made, starts)]),
+            "outcome_to_line": _pcts([(w - m) * 1000 for w, m in zip(written, made)]),
+            "line_to_reader": _pcts([(r - w) * 1000 for r, w in zip(read, written)]),
+        },
     }
 
 
@@ -186,7 +212,7 @@ async def main(args: argparse.Namespace) -> dict:
             configs_dir=Path(__file__).resolve().parent.parent / "examples" / "configs",
             nats=NatsSettings(url=None),
         )
-        stack = Stack(settings)
+        stack = Stack(settings, out=sys.stderr)
         stop = asyncio.Event()
         task = asyncio.create_task(stack.run(stop))
         while not settings.stack_file.exists():

@@ -41,8 +41,9 @@ def _port_free(host: str, port: int) -> bool:
 
 
 class Stack:
-    def __init__(self, settings: Settings, services: list[str] | None = None):
+    def __init__(self, settings: Settings, services: list[str] | None = None, *, out=None):
         self.settings = settings
+        self.out = out or sys.stdout  # where the banner and progress go
         self.services = services or list(SERVICES)
         self.server: EmbeddedServer | None = None
         self.url = settings.nats.url
@@ -138,12 +139,12 @@ class Stack:
             self.announce()
             await self.supervise(stop)
         finally:
-            print("chora: draining services ...", flush=True)
+            print("chora: draining services ...", file=self.out, flush=True)
             self.stop_children()
             if self.server:
                 self.server.stop()
             s.stack_file.unlink(missing_ok=True)
-            print("chora: stopped", flush=True)
+            print("chora: stopped", file=self.out, flush=True)
 
     def announce(self) -> None:
         s = self.settings
@@ -160,12 +161,13 @@ class Stack:
         }
         s.stack_file.parent.mkdir(parents=True, exist_ok=True)
         s.stack_file.write_text(json.dumps(stack, indent=2))
-        print("chora is up", flush=True)
+        lines = ["chora is up"]
         for key in ("nats_url", "nats_monitor_url", "metrics_url", "jsonl_path", "configs_dir", "logs_dir"):
             if stack[key]:
-                print(f"  {key:17} {stack[key]}", flush=True)
-        print(f"  services          {', '.join(f'{n} (pid {p})' for n, p in stack['services'].items())}", flush=True)
-        print("Try: .venv/bin/chora generate hello-world    (Ctrl-C here stops everything)", flush=True)
+                lines.append(f"  {key:17} {stack[key]}")
+        lines.append(f"  services          {', '.join(f'{n} (pid {p})' for n, p in stack['services'].items())}")
+        lines.append("Try: .venv/bin/chora generate hello-world    (Ctrl-C here stops everything)")
+        print("\n".join(lines), file=self.out, flush=True)
 
     async def supervise(self, stop: asyncio.Event) -> None:
         """Restart a service that dies; return when asked to stop."""

@@ -28,7 +28,7 @@ async def connect(s: NatsSettings, url: str | None = None, *, name: str = "chora
         log.warning("nats error: %s", e)
 
     async def on_disconnect() -> None:
-        log.info("nats disconnected")
+        log.debug("nats disconnected")
 
     async def on_reconnect() -> None:
         log.info("nats reconnected")

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import msgspec
 
 from contracts.catalogue import CATALOGUE
-from contracts.tracing import child_traceparent, new_trace_id
+from contracts.tracing import child_traceparent, new_trace_id, parse_traceparent
 
 SPECVERSION = "1.0"
 JSON = "application/json"
@@ -84,7 +84,11 @@ def new_event(
             event_id = str(uuid.uuid5(_ID_NAMESPACE, f"{cause.id}/{event_type}/{seq}"))
         else:
             event_id = str(uuid.uuid4())
-    traceid = (cause.traceid if cause else None) or trace_id or new_trace_id()
+    traceid = None
+    if cause is not None:
+        parsed = parse_traceparent(cause.traceparent) if cause.traceparent else None
+        traceid = cause.traceid or (parsed[0] if parsed else None)
+    traceid = traceid or trace_id or new_trace_id()
     parent = cause.traceparent if cause else None
     return CloudEvent(
         id=event_id,

@@ -140,3 +140,33 @@ async def test_generate_from_cli_and_from_another_service(stack):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not (stack["home"] / "run" / "stack.json").exists()
+
+
+def test_up_with_nats_url_starts_no_server(nats_server, tmp_path):
+    """With NATS_URL set, `chora up` uses that server; `chora nats provision` prepares it."""
+    env = child_env(
+        NATS_URL=nats_server.url,
+        CHORA_HOME=str(tmp_path / "var"),
+        CHORA_PREFIX="u" + uuid.uuid4().hex[:8],
+        CHORA_METRICS_PORT="0",
+        CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
+    )
+    r = subprocess.run(CHORA + ["nats", "provision"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "provisioned streams" in r.stdout
+    proc = subprocess.Popen(CHORA + ["up"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "Try:" in line:
+                break
+        info = json.loads((tmp_path / "var" / "run" / "stack.json").read_text())
+        assert info["embedded"] is False and info["nats_url"] == nats_server.url
+        assert not (tmp_path / "var" / "nats").exists()
+        r = subprocess.run(CHORA + ["generate", "welcome-email"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert nats_server.proc.poll() is None  # the server we gave it is still ours, still running

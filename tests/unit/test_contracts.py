@@ -84,6 +84,15 @@ def test_derived_ids_are_deterministic_and_trace_is_carried():
     assert child[0] == parent[0] and child[1] != parent[1]
 
 
+def test_a_cause_with_only_a_traceparent_keeps_its_trace():
+    cause = req()
+    cause.traceid = None
+    cause.traceparent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    out = new_event(CONTENT_GENERATED, ContentGenerated(request_id=cause.id, content_config_id="x", status="success"), source="g", cause=cause)
+    assert out.traceid == "ab" * 16
+    assert out.traceparent.startswith("00-" + "ab" * 16 + "-")
+
+
 def test_trace_ids_from_outside_map_to_w3c():
     assert w3c_trace_id("a" * 32) == "a" * 32
     tid = w3c_trace_id("my-run-42")

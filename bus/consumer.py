@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol, Sequence
 
@@ -33,6 +34,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from bus.content import ContentMissing, ContentStore
 from bus.deadletter import dead_letter
 from bus.publisher import Publisher
 from bus.topology import ConsumerSpec, Topology
@@ -52,12 +54,34 @@ class Retry(Exception):
 
 
 class Reject(Exception):
-    """Permanent failure: this message can never be handled. Goes to the dead letters."""
+    """Permanent failure: this message can never be handled. Goes to the dead letters.
 
-    def __init__(self, code: str, message: str):
+    ``events`` (e.g. a notification_failed) are published before the dead letter is stored.
+    """
+
+    def __init__(self, code: str, message: str, events: Sequence[CloudEvent] = ()):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.events = list(events)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a handler may know of the delivery it is handling (see :data:`delivery`)."""
+
+    attempt: int  # 1 for the first delivery
+    max_attempts: int
+    consumer: str
+    stream_seq: int
+
+    @property
+    def last(self) -> bool:
+        return self.attempt >= self.max_attempts
+
+
+#: The delivery being handled, set by the loop for the handler's task.
+delivery: ContextVar[Delivery] = ContextVar("chora_delivery")
 
 
 class Observer(Protocol):
@@ -95,10 +119,12 @@ class ConsumerLoop:
         heartbeat_s: float = 1.0,
         pull_expires_s: float = 10.0,
         observer: Observer | None = None,
+        content: ContentStore | None = None,
     ):
         self.nc, self.js, self.topology, self.spec = nc, js, topology, consumer
         self.handler = handler
-        self.publisher = publisher or Publisher(js, topology.prefix, max_bytes=max_event_bytes)
+        self.content = content
+        self.publisher = publisher or Publisher(js, topology.prefix, max_bytes=max_event_bytes, content=content)
         self.max_in_flight = max_in_flight
         self.pull_batch = max(1, min(pull_batch, max_in_flight))
         self.max_event_bytes = max_event_bytes
@@ -214,13 +240,27 @@ class ConsumerLoop:
                 outcome = "dead"
                 await self._dead(msg, e.code, e.message)
                 return
+            md = msg.metadata
+            delivery.set(Delivery(md.num_delivered, self.spec.max_deliver, self.spec.durable, md.sequence.stream))
             try:
+                if self.content is not None:
+                    event = await self.content.resolve(event)
                 out = await self.handler(event)
                 if out:
                     await self.publisher.publish_many(out)
                     self.stats.published += len(out)
+            except ContentMissing as e:
+                outcome = "dead"
+                await self._dead(msg, "CONTENT_MISSING", str(e))
+                return
             except Reject as e:
                 outcome = "dead"
+                try:
+                    if e.events:
+                        await self.publisher.publish_many(e.events)
+                except Exception as pe:
+                    outcome = await self._retry(msg, pe)
+                    return
                 await self._dead(msg, e.code, e.message)
                 return
             except Exception as e:  # Retry, a publish failure, or a bug: transient until proven otherwise

@@ -8,6 +8,7 @@ from typing import Iterable
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+from bus.content import ContentStore
 from contracts.catalogue import CATALOGUE
 from contracts.envelope import CloudEvent, encode_binary
 
@@ -21,8 +22,17 @@ class Publisher:
     so a re-published event (a redelivered cause handled again) is dropped by
     JetStream inside the stream's duplicate window."""
 
-    def __init__(self, js: JetStreamContext, prefix: str, *, timeout: float = 10.0, max_bytes: int = 1 << 20):
+    def __init__(
+        self,
+        js: JetStreamContext,
+        prefix: str,
+        *,
+        timeout: float = 10.0,
+        max_bytes: int = 1 << 20,
+        content: ContentStore | None = None,
+    ):
         self.js = js
+        self.content = content  # offloads large content to the Object Store
         self.prefix = prefix
         self.timeout = timeout
         self.max_bytes = max_bytes
@@ -40,6 +50,8 @@ class Publisher:
         """Publish pipelined and wait until JetStream has stored every one."""
         futures = []
         for ev in events:
+            if self.content is not None:
+                ev = await self.content.offload(ev)
             headers, body = encode_binary(ev)
             if len(body) > self.max_bytes:
                 raise PublishError(f"event {ev.id} ({ev.type}) has {len(body)} bytes, over {self.max_bytes}")

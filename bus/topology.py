@@ -16,14 +16,23 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from chora.settings import Settings
-from contracts.catalogue import CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED
+from contracts.catalogue import (
+    ARTIFACT_REQUESTED,
+    BATCH_REQUESTED,
+    CATALOGUE,
+    CONTENT_GENERATED,
+    CONTENT_VALIDATED,
+    GENERATION_REQUESTED,
+)
 
 log = logging.getLogger("chora.bus")
 
@@ -51,14 +60,19 @@ class Topology:
     duplicate_window_s: float
     replicas: int = 1
     consumers: dict[str, ConsumerSpec] = field(default_factory=dict)
+    state_bucket: str = ""  # KV: the assembler's artifact and batch state
+    content_bucket: str = ""  # Object Store: content too large to travel inline
 
     @classmethod
     def from_settings(cls, s: Settings, replicas: int = 1) -> "Topology":
         def spec(name: str, types: tuple[str, ...] | None) -> ConsumerSpec:
             return ConsumerSpec(name, types, s.ack_wait_s, s.max_deliver, max_ack_pending=max(1024, s.max_concurrency * 2))
 
+        base = s.stream_name.removesuffix("_EVENTS")
         return cls(
             prefix=s.prefix,
+            state_bucket=f"{base}_STATE",
+            content_bucket=f"{base}_CONTENT",
             events_stream=s.stream_name,
             dlq_stream=s.dlq_stream_name,
             max_age_s=s.stream_max_age_s,
@@ -68,6 +82,10 @@ class Topology:
             consumers={
                 "generator": spec("generator", (GENERATION_REQUESTED,)),
                 "telemetry": spec("telemetry", None),
+                "validator": spec("validator", (CONTENT_GENERATED,)),
+                "assembler": spec(
+                    "assembler", (ARTIFACT_REQUESTED, BATCH_REQUESTED, CONTENT_GENERATED, CONTENT_VALIDATED)
+                ),
             },
         )
 
@@ -108,6 +126,19 @@ class Topology:
             ),
         ]
 
+    def consumer_spec(self, durable: str, event_types: tuple[str, ...] | None, template: str = "generator", **overrides) -> ConsumerSpec:
+        """A consumer declared at run time (e.g. one per webhook subscription), with the delivery
+        policy of ``template`` unless overridden."""
+        base = self.consumers[template]
+        return ConsumerSpec(
+            durable,
+            event_types,
+            overrides.get("ack_wait_s", base.ack_wait_s),
+            overrides.get("max_deliver", base.max_deliver),
+            tuple(overrides.get("backoff_s", base.backoff_s)),
+            overrides.get("max_ack_pending", base.max_ack_pending),
+        )
+
     def consumer_config(self, c: ConsumerSpec) -> ConsumerConfig:
         cfg = ConsumerConfig(
             durable_name=c.durable,
@@ -130,8 +161,10 @@ class Topology:
 _STREAM_FIELDS = ("subjects", "max_age", "max_bytes", "duplicate_window", "description", "num_replicas")
 
 
-async def provision(js: JetStreamContext, topo: Topology, consumers: list[str] | None = None) -> None:
-    """Create or update the streams and the named durable consumers (all by default)."""
+async def provision(
+    js: JetStreamContext, topo: Topology, consumers: list[str] | None = None, extra: list[ConsumerSpec] = ()
+) -> None:
+    """Create or update the streams, buckets and the named durable consumers (all by default)."""
     for cfg in topo.stream_configs():
         try:
             info = await js.stream_info(cfg.name)
@@ -143,8 +176,23 @@ async def provision(js: JetStreamContext, topo: Topology, consumers: list[str] |
         if any(getattr(current, f) != getattr(cfg, f) for f in _STREAM_FIELDS):
             await js.update_stream(cfg)
             log.info("updated stream %s", cfg.name)
-    for name in consumers if consumers is not None else list(topo.consumers):
-        spec = topo.consumers[name]
+    try:
+        await js.key_value(topo.state_bucket)
+    except (NotFoundError, BucketNotFoundError):
+        await js.create_key_value(
+            KeyValueConfig(bucket=topo.state_bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas,
+                           ttl=topo.max_age_s, description="chora assembler state")
+        )
+    try:
+        await js.object_store(topo.content_bucket)
+    except (NotFoundError, BucketNotFoundError):
+        await js.create_object_store(
+            topo.content_bucket,
+            ObjectStoreConfig(storage=StorageType.FILE, replicas=topo.replicas, ttl=topo.max_age_s,
+                              description="chora large content"),
+        )
+    specs = [topo.consumers[n] for n in (consumers if consumers is not None else list(topo.consumers))]
+    for spec in [*specs, *extra]:
         await js.add_consumer(topo.events_stream, topo.consumer_config(spec))
 
 

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     max_deliver: int = 5
     max_concurrency: int = 256
     pull_batch: int = 256
+    # Content above this many UTF-8 bytes travels by reference in the Object Store.
+    content_threshold_bytes: int = 256 * 1024
     # Largest accepted event body.
     max_event_bytes: int = 1 << 20
     nats: NatsSettings = Field(default_factory=NatsSettings, validation_alias=AliasChoices("nats"))

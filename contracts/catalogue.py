@@ -11,7 +11,18 @@ from dataclasses import dataclass
 
 import msgspec
 
-from contracts.events import ContentGenerated, GenerationRequested
+from contracts.events import (
+    ArtifactAssembled,
+    ArtifactRequested,
+    BatchCompleted,
+    BatchRequested,
+    ConfigValidated,
+    ContentGenerated,
+    ContentValidated,
+    GenerationRequested,
+    NotificationDelivered,
+    NotificationFailed,
+)
 
 TYPE_PREFIX = "chora."
 
@@ -33,12 +44,28 @@ class EventSpec:
 
 GENERATION_REQUESTED = "chora.generation.requested"
 CONTENT_GENERATED = "chora.content_generated"
+CONTENT_VALIDATED = "chora.content_validated"
+CONFIG_VALIDATED = "chora.config_validated"
+ARTIFACT_REQUESTED = "chora.artifact.requested"
+ARTIFACT_ASSEMBLED = "chora.artifact_assembled"
+BATCH_REQUESTED = "chora.batch.requested"
+BATCH_COMPLETED = "chora.batch_completed"
+NOTIFICATION_DELIVERED = "chora.notification_delivered"
+NOTIFICATION_FAILED = "chora.notification_failed"
 
 CATALOGUE: dict[str, EventSpec] = {
     s.type: s
     for s in (
         EventSpec(GENERATION_REQUESTED, GenerationRequested, "Render one content config.", "request"),
         EventSpec(CONTENT_GENERATED, ContentGenerated, "Outcome of a generation request.", "fact"),
+        EventSpec(CONTENT_VALIDATED, ContentValidated, "Validation verdict on generated content.", "fact"),
+        EventSpec(CONFIG_VALIDATED, ConfigValidated, "A content config was checked (reported when invalid).", "fact"),
+        EventSpec(ARTIFACT_REQUESTED, ArtifactRequested, "Assemble an artifact from its parts.", "request"),
+        EventSpec(ARTIFACT_ASSEMBLED, ArtifactAssembled, "Outcome of an artifact request.", "fact"),
+        EventSpec(BATCH_REQUESTED, BatchRequested, "Generate many items as one batch.", "request"),
+        EventSpec(BATCH_COMPLETED, BatchCompleted, "Outcome of a batch: every item accounted for.", "fact"),
+        EventSpec(NOTIFICATION_DELIVERED, NotificationDelivered, "An event reached a webhook.", "fact"),
+        EventSpec(NOTIFICATION_FAILED, NotificationFailed, "An event could not be delivered to a webhook.", "fact"),
     )
 }
 

@@ -22,6 +22,14 @@ class ErrorInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     message: str
 
 
+class Origin(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The larger piece of work a generation belongs to; echoed by every outcome."""
+
+    kind: Literal["artifact", "batch"]
+    id: Annotated[str, Meta(description="id of the artifact.requested / batch.requested event")]
+    key: Annotated[str, Meta(description="the part id, or the item index as a string")]
+
+
 class GenerationRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Please render content config ``content_config_id`` with ``context``.
 
@@ -30,6 +38,7 @@ class GenerationRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     content_config_id: ConfigId
     context: dict[str, Any] = {}
+    origin: Origin | None = None
 
 
 class ContentGenerated(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -42,5 +51,119 @@ class ContentGenerated(msgspec.Struct, kw_only=True, omit_defaults=True):
     duration_ms: float = 0.0
     content: str | None = None
     content_hash: Annotated[str | None, Meta(description="sha256:<hex> of the UTF-8 content")] = None
-    content_length: int | None = None
+    content_length: Annotated[int | None, Meta(description="length in characters")] = None
+    content_ref: Annotated[str | None, Meta(description="Object Store name when the content travels by reference")] = None
     error: ErrorInfo | None = None
+    origin: Origin | None = None
+
+
+class ValidationIssue(msgspec.Struct, kw_only=True, omit_defaults=True):
+    rule: Annotated[str, Meta(description="rule type, e.g. length, required_sections, regex, json_schema, placeholders")]
+    severity: Literal["error", "warning"]
+    message: str
+
+
+class ContentValidated(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The validator's verdict on one successful content_generated.
+
+    ``valid`` is False when any issue has severity error. The content (or its
+    reference) is carried on, so that consumers need only this event.
+    """
+
+    request_id: str
+    content_config_id: str
+    valid: bool
+    issues: list[ValidationIssue] = []
+    content: str | None = None
+    content_hash: str | None = None
+    content_length: int | None = None
+    content_ref: str | None = None
+    origin: Origin | None = None
+
+
+class ConfigValidated(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A content config checked: reported once per config version when it is invalid."""
+
+    content_config_id: str
+    status: Status
+    config_hash: str | None = None
+    error: ErrorInfo | None = None
+
+
+class ArtifactRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Please assemble artifact config ``artifact_id`` (its id doubles as the run id)."""
+
+    artifact_id: ConfigId
+    context: dict[str, Any] = {}
+
+
+class ArtifactAssembled(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The outcome of one artifact request, published exactly once."""
+
+    request_id: str
+    artifact_id: str
+    status: Status
+    parts_count: int = 0
+    duration_ms: float = 0.0
+    content: str | None = None
+    content_hash: str | None = None
+    content_length: int | None = None
+    content_ref: str | None = None
+    omitted_parts: list[str] = []
+    failed_part: str | None = None
+    error: ErrorInfo | None = None
+
+
+class BatchItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    content_config_id: ConfigId
+    context: dict[str, Any] = {}
+
+
+class BatchRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Generate every item; the event id is the batch id."""
+
+    items: Annotated[list[BatchItem], Meta(min_length=1, max_length=100_000)]
+    context: dict[str, Any] = {}
+    continue_on_error: bool = True
+
+
+class BatchItemOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int
+    content_config_id: str
+    status: Literal["success", "error", "skipped"]
+    request_id: str | None = None
+    content_hash: str | None = None
+    error: ErrorInfo | None = None
+
+
+class BatchCompleted(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Every item has an outcome (or the batch stopped on an error). Published exactly once."""
+
+    batch_id: str
+    status: Status
+    total: int
+    successful: int
+    failed: int
+    skipped: int = 0
+    duration_ms: float = 0.0
+    items: list[BatchItemOutcome] | None = None
+    items_ref: Annotated[str | None, Meta(description="Object Store name of the JSON list of item outcomes")] = None
+    error: ErrorInfo | None = None
+
+
+class NotificationDelivered(msgspec.Struct, kw_only=True, omit_defaults=True):
+    subscription: str
+    event_id: str
+    event_type: str
+    attempts: int
+    status_code: int
+    duration_ms: float
+
+
+class NotificationFailed(msgspec.Struct, kw_only=True, omit_defaults=True):
+    subscription: str
+    event_id: str
+    event_type: str
+    attempts: int
+    error: ErrorInfo
+    dead_lettered: bool = True

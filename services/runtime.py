@@ -17,9 +17,13 @@ import signal
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+from dataclasses import dataclass
+
 from bus.connection import connect
-from bus.consumer import ConsumerLoop, Observer
-from bus.topology import Topology, provision
+from bus.consumer import ConsumerLoop, Handler, Observer
+from bus.content import ContentStore
+from bus.state import StateStore
+from bus.topology import ConsumerSpec, Topology, provision
 from chora.settings import Settings
 from contracts.envelope import CloudEvent
 
@@ -32,10 +36,21 @@ SERVICES: dict[str, str] = {
 }
 
 
+@dataclass
+class BusContext:
+    """What the runtime hands an app on start: never a connection, only
+    narrow stores (KV state with compare-and-set, large content)."""
+
+    settings: Settings
+    topology: Topology
+    state: StateStore
+    content: ContentStore
+
+
 class ServiceApp(Protocol):
     name: str
 
-    async def start(self) -> None: ...
+    async def start(self, ctx: BusContext) -> None: ...
 
     async def handle(self, event: CloudEvent) -> Sequence[CloudEvent]: ...
 
@@ -44,6 +59,9 @@ class ServiceApp(Protocol):
     def info(self) -> dict[str, Any]:
         """Facts for the readiness file (e.g. a metrics URL)."""
         ...
+
+    # Optional: def consumers(self, topology) -> list[tuple[ConsumerSpec, Handler]]
+    # for a service with more than its one durable consumer (default: [(its own, handle)]).
 
 
 def build(name: str, settings: Settings) -> ServiceApp:
@@ -60,23 +78,32 @@ def ready_file(settings: Settings, name: str) -> Path:
 async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and return."""
     app = build(name, settings)
-    await app.start()
     nc = await connect(settings.nats, name=f"chora-{name}")
     js = nc.jetstream()
     topo = Topology.from_settings(settings)
-    await provision(js, topo, consumers=[name])
-    observer: Observer | None = getattr(app, "observer", None)
-    loop = ConsumerLoop(
-        nc,
-        js,
-        topo,
-        topo.consumers[name],
-        app.handle,
-        max_in_flight=settings.max_concurrency,
-        pull_batch=settings.pull_batch,
-        max_event_bytes=settings.max_event_bytes,
-        observer=observer,
+    content = ContentStore(js, topo.content_bucket, settings.content_threshold_bytes)
+    await provision(js, topo, consumers=[])
+    await app.start(BusContext(settings, topo, StateStore(js, topo.state_bucket), content))
+    pairs: list[tuple[ConsumerSpec, Handler]] = (
+        app.consumers(topo) if hasattr(app, "consumers") else [(topo.consumers[name], app.handle)]
     )
+    await provision(js, topo, consumers=[], extra=[spec for spec, _ in pairs])
+    observer: Observer | None = getattr(app, "observer", None)
+    loops = [
+        ConsumerLoop(
+            nc,
+            js,
+            topo,
+            spec,
+            handler,
+            max_in_flight=settings.max_concurrency,
+            pull_batch=settings.pull_batch,
+            max_event_bytes=settings.max_event_bytes,
+            observer=observer,
+            content=content,
+        )
+        for spec, handler in pairs
+    ]
     stop = stop or asyncio.Event()
     aloop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,7 +111,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
             aloop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
-    run = asyncio.create_task(loop.run())
+    runs = [asyncio.create_task(loop.run()) for loop in loops]
     rf = ready_file(settings, name)
     rf.parent.mkdir(parents=True, exist_ok=True)
     rf.write_text(json.dumps({"service": name, "pid": os.getpid(), **(app.info() or {})}))
@@ -93,9 +120,9 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         await stop.wait()
     finally:
         log.info("%s draining", name)
-        await loop.stop()
-        await run
+        await asyncio.gather(*(loop.stop() for loop in loops))
+        await asyncio.gather(*runs)
         await nc.drain()
         await app.close()
         rf.unlink(missing_ok=True)
-        log.info("%s stopped: %s", name, loop.stats)
+        log.info("%s stopped: %s", name, [loop.stats for loop in loops])

@@ -54,6 +54,7 @@ def _error(
         generator_type=generator_type,
         duration_ms=(_perf() - t0) * 1000.0,
         error=ErrorInfo(code=code, message=message),
+        origin=getattr(event.data, "origin", None),
     )
     return [new_event(CONTENT_GENERATED, data, source=source, cause=event)]
 
@@ -124,6 +125,7 @@ async def handle_generation_requested(
             content=content,
             content_hash="sha256:" + _sha256(raw).hexdigest(),
             content_length=len(content),
+            origin=data.origin,
         )
         # JSON escaping can grow text up to 6x; only a large output can overflow the event.
         if max_event_bytes is not None and len(raw) * 8 > max_event_bytes:

@@ -46,7 +46,7 @@ class GeneratorApp:
         self.max_event_bytes = max_event_bytes
         self.config_errors: dict[str, str] = {}
 
-    async def start(self) -> None:
+    async def start(self, ctx=None) -> None:
         self.registry.load()
         self.config_errors = {}
         for config_id in self.store.list():

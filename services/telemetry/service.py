@@ -44,7 +44,7 @@ class TelemetryApp:
         self.metrics_host = metrics_host
         self.metrics_port = metrics_port  # None: do not serve over HTTP
 
-    async def start(self) -> None:
+    async def start(self, ctx=None) -> None:
         await self.sink.start()
         if self.metrics_port is not None:
             try:

@@ -10,7 +10,7 @@ import pytest
 from bus.consumer import ConsumerLoop, Reject, Retry
 from bus.publisher import Publisher
 from bus.topology import Topology, provision
-from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
+from contracts.catalogue import CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import encode_structured, new_event
 from contracts.events import ContentGenerated, GenerationRequested
 from tests.conftest import wait_for
@@ -34,9 +34,11 @@ async def test_provision_is_idempotent(nc, settings):
     await provision(js, topo)
     await provision(js, topo)
     info = await js.stream_info(topo.events_stream)
-    assert set(info.config.subjects) == {topo.subject(GENERATION_REQUESTED), topo.subject(CONTENT_GENERATED)}
+    assert set(info.config.subjects) == {topo.subject(t) for t in CATALOGUE}
     names = {c.name for c in await js.consumers_info(topo.events_stream)}
-    assert names == {"generator", "telemetry"}
+    assert names == set(topo.consumers)
+    assert (await js.key_value(topo.state_bucket)) is not None
+    assert (await js.object_store(topo.content_bucket)) is not None
 
 
 async def test_handler_outputs_published_and_input_acked(nc, js_topo):
@@ -150,3 +152,39 @@ async def test_stop_drains_in_flight_work(nc, js_topo):
     assert loop.stats.acked == 1
     ci = await js.consumer_info(topo.events_stream, "generator")
     assert ci.num_ack_pending == 0
+
+
+async def test_large_content_travels_by_reference_transparently(nc, js_topo):
+    from bus.content import ContentStore
+    from contracts.envelope import decode
+
+    js, topo = js_topo
+    content = ContentStore(js, topo.content_bucket, threshold=64 * 1024)
+    big = "é" * 100_000  # 200,000 UTF-8 bytes
+
+    async def generate(ev):
+        return [new_event(CONTENT_GENERATED, ContentGenerated(request_id=ev.id, content_config_id="x", status="success", content=big), source="g", cause=ev)]
+
+    received = []
+
+    async def mirror(ev):
+        if ev.type == CONTENT_GENERATED:
+            received.append(ev.data.content)
+        return []
+
+    loops = [
+        ConsumerLoop(nc, js, topo, topo.consumers["generator"], generate, content=content),
+        ConsumerLoop(nc, js, topo, topo.consumers["telemetry"], mirror, content=content),
+    ]
+    tasks = [asyncio.create_task(lp.run()) for lp in loops]
+    await Publisher(js, topo.prefix).publish(request())
+    await wait_for(lambda: len(received) == 1, what="content delivered to the second consumer")
+    for lp in loops:
+        await lp.stop()
+    await asyncio.gather(*tasks)
+    assert received == [big]
+    stored = await js.get_last_msg(topo.events_stream, topo.subject(CONTENT_GENERATED))
+    assert len(stored.data) < 2000  # the stream holds the reference, not the content
+    ev = decode(stored.headers, stored.data)
+    assert ev.data.content is None and ev.data.content_ref.startswith("obj://")
+    assert (await content.get(ev.data.content_ref)).decode() == big

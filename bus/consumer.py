@@ -173,6 +173,10 @@ class ConsumerLoop:
             done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
             for t in pending:
                 t.cancel()
+        try:
+            await self.nc.flush(timeout=5)  # the acks leave before we say we are stopped
+        except Exception:
+            pass
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()

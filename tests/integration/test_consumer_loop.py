@@ -60,8 +60,12 @@ async def test_handler_outputs_published_and_input_acked(nc, js_topo):
     assert sorted(seen) == sorted(r.id for r in reqs)
     info = await js.stream_info(topo.events_stream)
     assert info.state.messages == 400
-    ci = await js.consumer_info(topo.events_stream, "generator")
-    assert ci.num_ack_pending == 0 and ci.num_pending == 0
+
+    async def settled():
+        ci = await js.consumer_info(topo.events_stream, "generator")
+        return ci.num_ack_pending == 0 and ci.num_pending == 0 and ci.num_redelivered == 0
+
+    await wait_for(settled, timeout=10, what="all 200 acks applied, nothing redelivered")
 
 
 async def test_republished_output_is_dropped_as_duplicate(nc, js_topo):
@@ -150,8 +154,12 @@ async def test_stop_drains_in_flight_work(nc, js_topo):
     await stopping
     await task
     assert loop.stats.acked == 1
-    ci = await js.consumer_info(topo.events_stream, "generator")
-    assert ci.num_ack_pending == 0
+
+    async def settled():
+        ci = await js.consumer_info(topo.events_stream, "generator")
+        return ci.num_ack_pending == 0 and ci.num_redelivered == 0
+
+    await wait_for(settled, timeout=10, what="the ack to reach the server (ack_wait is 30 s)")
 
 
 async def test_large_content_travels_by_reference_transparently(nc, js_topo):

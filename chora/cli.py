@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -18,14 +19,18 @@ from chora.settings import Settings
 EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 1, 2, 64
 
 
-def _settings() -> Settings:
+# Modules with register(subparsers): see chora/commands/__init__.py.
+COMMAND_MODULES: list[str] = []
+
+
+def loadload_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as e:
         raise SystemExit(f"chora: bad settings in the environment:\n{e}") from None
 
 
-def _context(arg: str | None) -> dict:
+def parse_context(arg: str | None) -> dict:
     if not arg:
         return {}
     text = arg
@@ -43,7 +48,8 @@ def _context(arg: str | None) -> dict:
     return ctx
 
 
-async def _connect(settings: Settings):
+async def connect_cli(settings: Settings):
+    """A connection for a CLI command: NATS_URL, else the running `chora up`, else localhost."""
     from bus.connection import connect
     from chora.up import stack_url
 
@@ -67,18 +73,18 @@ async def generate(args: argparse.Namespace) -> int:
     from contracts.events import GenerationRequested
     from contracts.tracing import valid_trace_id
 
-    settings = _settings()
+    settings = load_settings()
     trace_id = args.trace_id or settings.trace_id
     if trace_id and not valid_trace_id(trace_id):
         print("chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]", file=sys.stderr)
         return EXIT_USAGE
     request = new_event(
         GENERATION_REQUESTED,
-        GenerationRequested(content_config_id=args.config_id, context=_context(args.context)),
+        GenerationRequested(content_config_id=args.config_id, context=parse_context(args.context)),
         source="chora://cli",
         trace_id=trace_id,
     )
-    nc = await _connect(settings)
+    nc = await connect_cli(settings)
     try:
         outcome: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -135,7 +141,7 @@ def _matches(line: str, args: argparse.Namespace) -> bool:
 
 
 def events_tail(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = load_settings()
     path = Path(args.file) if args.file else settings.jsonl_path
     if not path.exists() and not args.follow:
         print(f"chora: no events file at {path}", file=sys.stderr)
@@ -182,8 +188,8 @@ def events_tail(args: argparse.Namespace) -> int:
 async def nats_provision(args: argparse.Namespace) -> int:
     from bus.topology import Topology, provision
 
-    settings = _settings()
-    nc = await _connect(settings)
+    settings = load_settings()
+    nc = await connect_cli(settings)
     try:
         topo = Topology.from_settings(settings, replicas=args.replicas)
         await provision(nc.jetstream(), topo)
@@ -196,14 +202,14 @@ async def nats_provision(args: argparse.Namespace) -> int:
 def service_run(args: argparse.Namespace) -> int:
     from services.runtime import run_service
 
-    asyncio.run(run_service(args.name, _settings()))
+    asyncio.run(run_service(args.name, load_settings()))
     return 0
 
 
 def up(args: argparse.Namespace) -> int:
     from chora.up import up as run_up
 
-    asyncio.run(run_up(_settings()))
+    asyncio.run(run_up(load_settings()))
     return 0
 
 
@@ -253,6 +259,9 @@ def parser() -> argparse.ArgumentParser:
     ct = sub.add_parser("contracts", help="event contracts").add_subparsers(dest="contracts_cmd", required=True)
     sp = ct.add_parser("schemas", help="regenerate contracts/schemas from the Structs")
     sp.set_defaults(func=schemas)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 

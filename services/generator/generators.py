@@ -33,7 +33,7 @@ from jinja2 import StrictUndefined, Template, TemplateSyntaxError, UndefinedErro
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from services.generator.configs import GenerationError, LoadedConfig
+from chora.configs import GenerationError, LoadedConfig
 
 log = logging.getLogger("chora.generator")
 

@@ -23,7 +23,7 @@ from bus.consumer import Reject, Retry
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
-from services.generator.configs import ConfigStore, GenerationError
+from chora.configs import ConfigStore, GenerationError
 from services.generator.generators import GeneratorRegistry
 
 log = logging.getLogger("chora.generator")

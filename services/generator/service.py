@@ -16,7 +16,7 @@ from typing import Any
 
 from chora.settings import Settings
 from contracts.envelope import CloudEvent
-from services.generator.configs import ConfigError, ConfigStore
+from chora.configs import ConfigError, ConfigStore
 from services.generator.generators import GeneratorRegistry
 from services.generator.handlers import MAX_OUTPUT_BYTES, handle_generation_requested
 

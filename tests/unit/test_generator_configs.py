@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from services.generator import configs as configs_mod
-from services.generator.configs import MAX_FILE_BYTES, ConfigError, ConfigStore, ContentConfig, valid_config_id
+from chora.configs import MAX_FILE_BYTES, ConfigError, ConfigStore, ContentConfig, valid_config_id
 
 
 def write(path: Path, text: str | bytes) -> Path:

@@ -23,7 +23,7 @@ EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 1, 2, 64
 COMMAND_MODULES: list[str] = []
 
 
-def loadload_settings() -> Settings:
+def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as e:

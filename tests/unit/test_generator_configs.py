@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.generator import configs as configs_mod
+from chora import configs as configs_mod
 from chora.configs import MAX_FILE_BYTES, ConfigError, ConfigStore, ContentConfig, valid_config_id
 
 

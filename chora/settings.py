@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     max_deliver: int = 5
     max_concurrency: int = 256
     pull_batch: int = 256
+    # The notifier's webhook subscriptions (YAML or JSON); none: no webhooks.
+    notifier_config: Path | None = None
     # Content above this many UTF-8 bytes travels by reference in the Object Store.
     content_threshold_bytes: int = 256 * 1024
     # Largest accepted event body.

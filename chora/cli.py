@@ -39,9 +39,12 @@ def parse_context(arg: str | None) -> dict:
             text = Path(arg[1:]).read_text()
         except OSError as e:
             raise SystemExit(f"chora: cannot read context file {arg[1:]}: {e.strerror}") from None
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not valid JSON")
+
     try:
-        ctx = json.loads(text)
-    except json.JSONDecodeError as e:
+        ctx = json.loads(text, parse_constant=no_constants)
+    except (json.JSONDecodeError, ValueError) as e:
         raise SystemExit(f"chora: --context is not valid JSON: {e}") from None
     if not isinstance(ctx, dict):
         raise SystemExit("chora: --context must be a JSON object")

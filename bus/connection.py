@@ -23,7 +23,11 @@ def _tls(s: NatsSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-async def connect(s: NatsSettings, url: str | None = None, *, name: str = "chora") -> Client:
+async def connect(
+    s: NatsSettings, url: str | None = None, *, name: str = "chora", inbox_prefix: str = "_INBOX"
+) -> Client:
+    """Connect with reconnects. ``inbox_prefix`` lets a least-privilege user subscribe only
+    to its own replies (e.g. ``_INBOX.generator.>``)."""
     async def on_error(e: Exception) -> None:
         log.warning("nats error: %s", e)
 
@@ -44,6 +48,7 @@ async def connect(s: NatsSettings, url: str | None = None, *, name: str = "chora
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
         pending_size=64 * 1024 * 1024,
+        inbox_prefix=inbox_prefix,
     )
     if s.creds:
         opts["user_credentials"] = str(s.creds)

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 picks a free port
     trace_id: str | None = None
+    # Services create/update their own consumers on start. Off where an operator provisions
+    # with `chora nats provision` and services run with least-privilege users.
+    provision: bool = True
     # The embedded nats-server of `chora up` (unused when NATS_URL is set); 0 = a free port.
     nats_port: int = 4222
     nats_http_port: int = 8222

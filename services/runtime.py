@@ -78,16 +78,18 @@ def ready_file(settings: Settings, name: str) -> Path:
 async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and return."""
     app = build(name, settings)
-    nc = await connect(settings.nats, name=f"chora-{name}")
+    nc = await connect(settings.nats, name=f"chora-{name}", inbox_prefix=f"_INBOX.{name}")
     js = nc.jetstream()
     topo = Topology.from_settings(settings)
     content = ContentStore(js, topo.content_bucket, settings.content_threshold_bytes)
-    await provision(js, topo, consumers=[])
+    if settings.provision:
+        await provision(js, topo, consumers=[])
     await app.start(BusContext(settings, topo, StateStore(js, topo.state_bucket), content))
     pairs: list[tuple[ConsumerSpec, Handler]] = (
         app.consumers(topo) if hasattr(app, "consumers") else [(topo.consumers[name], app.handle)]
     )
-    await provision(js, topo, consumers=[], extra=[spec for spec, _ in pairs])
+    if settings.provision:
+        await provision(js, topo, consumers=[], extra=[spec for spec, _ in pairs])
     observer: Observer | None = getattr(app, "observer", None)
     loops = [
         ConsumerLoop(

@@ -64,7 +64,7 @@ class Topology:
     content_bucket: str = ""  # Object Store: content too large to travel inline
 
     @classmethod
-    def from_settings(cls, s: Settings, replicas: int = 1) -> "Topology":
+    def from_settings(cls, s: Settings, replicas: int | None = None) -> "Topology":
         def spec(name: str, types: tuple[str, ...] | None) -> ConsumerSpec:
             return ConsumerSpec(name, types, s.ack_wait_s, s.max_deliver, max_ack_pending=max(1024, s.max_concurrency * 2))
 
@@ -78,7 +78,7 @@ class Topology:
             max_age_s=s.stream_max_age_s,
             max_bytes=s.stream_max_bytes,
             duplicate_window_s=s.duplicate_window_s,
-            replicas=replicas,
+            replicas=replicas or s.replicas,
             consumers={
                 "generator": spec("generator", (GENERATION_REQUESTED,)),
                 "telemetry": spec("telemetry", None),

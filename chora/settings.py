@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     # Services create/update their own consumers on start. Off where an operator provisions
     # with `chora nats provision` and services run with least-privilege users.
     provision: bool = True
+    # Stream and bucket replicas: 3 on a 3-node cluster.
+    replicas: int = 1
     # The embedded nats-server of `chora up` (unused when NATS_URL is set); 0 = a free port.
     nats_port: int = 4222
     nats_http_port: int = 8222

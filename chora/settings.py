@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     telemetry_fsync: bool = False
     # Event ids the sink remembers to keep one line per id across redeliveries (~106 B each).
     telemetry_max_ids: int = 1_000_000
+    # Keys whose values the JSONL never shows (any depth of an event's data, case-insensitive);
+    # CHORA_TELEMETRY_REDACT_KEYS='["password","api_key","my_key"]'.
+    telemetry_redact_keys: list[str] = [
+        "password", "passwd", "secret", "token", "api_key", "apikey", "authorization", "access_token", "private_key",
+    ]
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 picks a free port
     trace_id: str | None = None

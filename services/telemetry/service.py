@@ -72,5 +72,6 @@ def build(settings: Settings) -> TelemetryApp:
         Path(settings.jsonl_path),
         fsync=settings.telemetry_fsync,
         max_ids=settings.telemetry_max_ids,
+        redact_keys=frozenset(settings.telemetry_redact_keys),
     )
     return TelemetryApp(sink, TelemetryMetrics(), metrics_host=settings.metrics_host, metrics_port=settings.metrics_port)

@@ -113,9 +113,29 @@ def id_key(event_id: str) -> bytes:
 # --------------------------------------------------------------------------- line format
 
 
-def to_record(event: CloudEvent, timestamp: str | None = None) -> dict[str, Any]:
+REDACTED = "[REDACTED]"
+DEFAULT_REDACT_KEYS = frozenset(
+    {"password", "passwd", "secret", "token", "api_key", "apikey", "authorization", "access_token", "private_key"}
+)
+
+
+def redact(value: Any, keys: frozenset[str]) -> Any:
+    """A copy of ``value`` with the value of every mapping key in ``keys`` (case-insensitive,
+    at any depth) replaced by ``[REDACTED]``."""
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and k.lower() in keys else redact(v, keys) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, keys) for v in value]
+    return value
+
+
+def to_record(
+    event: CloudEvent, timestamp: str | None = None, redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS
+) -> dict[str, Any]:
     """The JSON object mirrored for ``event`` (see the module docstring)."""
     data = msgspec.to_builtins(event.data) if event.data is not None else {}
+    if redact_keys and isinstance(data, dict):
+        data = {k: redact(v, redact_keys) if isinstance(v, (dict, list)) else v for k, v in data.items()}
     status = "ok"
     if isinstance(data, dict):
         s = data.get("status")
@@ -154,8 +174,10 @@ def to_record(event: CloudEvent, timestamp: str | None = None) -> dict[str, Any]
     return rec
 
 
-def encode_line(event: CloudEvent, timestamp: str | None = None) -> bytes:
-    return _encoder.encode(to_record(event, timestamp)) + b"\n"
+def encode_line(
+    event: CloudEvent, timestamp: str | None = None, redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS
+) -> bytes:
+    return _encoder.encode(to_record(event, timestamp, redact_keys)) + b"\n"
 
 
 # --------------------------------------------------------------------------- remembered ids
@@ -208,8 +230,10 @@ class JsonlSink:
         max_ids: int = DEFAULT_MAX_IDS,
         clock: Callable[[], float] = time.time,
         scan_chunk_bytes: int = _SCAN_CHUNK,
+        redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS,
     ):
         self.path = Path(path)
+        self.redact_keys = frozenset(k.lower() for k in redact_keys)
         self.fsync = fsync
         self.clock = clock
         self._scan_chunk = max(64, scan_chunk_bytes)
@@ -282,7 +306,7 @@ class JsonlSink:
         if key in self._written:
             self.duplicates_skipped += 1
             return False
-        line = encode_line(event, now_rfc3339(self.clock()))
+        line = encode_line(event, now_rfc3339(self.clock()), self.redact_keys)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         self._buf.append(line)

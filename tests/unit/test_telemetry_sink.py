@@ -374,3 +374,24 @@ async def test_existing_file_is_chmod_0600(tmp_path):
     await s.start()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     await s.close()
+
+
+async def test_configured_keys_are_redacted_at_any_depth(tmp_path):
+    import json as _json
+
+    from contracts.catalogue import GENERATION_REQUESTED as _GR
+    from contracts.envelope import new_event as _new
+    from contracts.events import GenerationRequested as _Req
+    from services.telemetry.sink import JsonlSink as _Sink
+
+    sink = _Sink(tmp_path / "e.jsonl", redact_keys=frozenset({"api_key", "password"}))
+    await sink.start()
+    ctx = {"name": "Ada", "API_KEY": "sk-live-123", "db": {"password": "hunter2", "host": "h"}, "list": [{"password": "p2"}]}
+    await sink.write(_new(_GR, _Req(content_config_id="c", context=ctx), source="t"))
+    await sink.close()
+    text = (tmp_path / "e.jsonl").read_text()
+    for secret in ("sk-live-123", "hunter2", "p2"):
+        assert secret not in text
+    rec = _json.loads(text)
+    assert rec["context"]["name"] == "Ada" and rec["context"]["db"]["host"] == "h"
+    assert rec["context"]["API_KEY"] == "[REDACTED]" and rec["context"]["db"]["password"] == "[REDACTED]"

@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 
 from bus.content import ContentMissing, ContentStore
 from bus.deadletter import dead_letter
+from bus.dlq import REPLAY_EXTENSION
 from bus.publisher import Publisher
 from bus.topology import ConsumerSpec, Topology
 from contracts.envelope import CloudEvent, EnvelopeError, decode
@@ -243,6 +244,12 @@ class ConsumerLoop:
             except EnvelopeError as e:
                 outcome = "dead"
                 await self._dead(msg, e.code, e.message)
+                return
+            replay_for = event.extensions.get(REPLAY_EXTENSION)
+            if replay_for is not None and replay_for != self.spec.durable:
+                # a dead letter of another consumer, replayed for that one only
+                outcome = "skipped"
+                await msg.ack()
                 return
             md = msg.metadata
             delivery.set(Delivery(md.num_delivered, self.spec.max_deliver, self.spec.durable, md.sequence.stream))

@@ -20,7 +20,7 @@ EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 1, 2, 64
 
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["chora.commands.configs", "chora.commands.dlq"]
 
 
 def load_settings() -> Settings:
@@ -203,9 +203,13 @@ async def nats_provision(args: argparse.Namespace) -> int:
 
 
 def service_run(args: argparse.Namespace) -> int:
-    from services.runtime import run_service
+    from services.runtime import ServiceStartError, run_service
 
-    asyncio.run(run_service(args.name, load_settings()))
+    try:
+        asyncio.run(run_service(args.name, load_settings()))
+    except ServiceStartError as e:
+        print(f"chora: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -251,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
 
     nt = sub.add_parser("nats", help="NATS administration").add_subparsers(dest="nats_cmd", required=True)
     sp = nt.add_parser("provision", help="create or update streams and consumers on NATS_URL")
-    sp.add_argument("--replicas", type=int, default=1)
+    sp.add_argument("--replicas", type=int, default=None, help="stream replicas (default CHORA_REPLICAS, 1)")
     sp.set_defaults(func=lambda a: asyncio.run(nats_provision(a)))
 
     sv = sub.add_parser("service", help="run one service").add_subparsers(dest="service_cmd", required=True)

@@ -33,7 +33,13 @@ log = logging.getLogger("chora.service")
 SERVICES: dict[str, str] = {
     "generator": "services.generator.service:build",
     "telemetry": "services.telemetry.service:build",
+    "notifier": "services.notifier.service:build",
+    "validator": "services.validator.service:build",
 }
+
+
+class ServiceStartError(RuntimeError):
+    """A service could not start (bad config, unreachable server, ...): a message for people."""
 
 
 @dataclass
@@ -78,18 +84,25 @@ def ready_file(settings: Settings, name: str) -> Path:
 async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and return."""
     app = build(name, settings)
-    nc = await connect(settings.nats, name=f"chora-{name}", inbox_prefix=f"_INBOX.{name}")
-    js = nc.jetstream()
-    topo = Topology.from_settings(settings)
-    content = ContentStore(js, topo.content_bucket, settings.content_threshold_bytes)
-    if settings.provision:
-        await provision(js, topo, consumers=[])
-    await app.start(BusContext(settings, topo, StateStore(js, topo.state_bucket), content))
-    pairs: list[tuple[ConsumerSpec, Handler]] = (
-        app.consumers(topo) if hasattr(app, "consumers") else [(topo.consumers[name], app.handle)]
-    )
-    if settings.provision:
-        await provision(js, topo, consumers=[], extra=[spec for spec, _ in pairs])
+    try:
+        nc = await connect(settings.nats, name=f"chora-{name}", inbox_prefix=f"_INBOX.{name}")
+    except Exception as e:
+        raise ServiceStartError(f"{name}: cannot connect to NATS: {e}") from e
+    try:
+        js = nc.jetstream()
+        topo = Topology.from_settings(settings)
+        content = ContentStore(js, topo.content_bucket, settings.content_threshold_bytes)
+        if settings.provision:
+            await provision(js, topo, consumers=[])
+        await app.start(BusContext(settings, topo, StateStore(js, topo.state_bucket), content))
+        pairs: list[tuple[ConsumerSpec, Handler]] = (
+            app.consumers(topo) if hasattr(app, "consumers") else [(topo.consumers[name], app.handle)]
+        )
+        if settings.provision:
+            await provision(js, topo, consumers=[], extra=[spec for spec, _ in pairs])
+    except Exception as e:
+        await nc.close()
+        raise ServiceStartError(f"{name} could not start: {e}") from e
     observer: Observer | None = getattr(app, "observer", None)
     loops = [
         ConsumerLoop(

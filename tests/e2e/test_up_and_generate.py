@@ -110,7 +110,10 @@ async def test_generate_from_cli_and_from_another_service(stack):
 
     # 3. Every event of this trace stands once in the JSONL: 3 requests, 3 outcomes.
     def traced():
-        return [e for e in jsonl(stack) if e.get("trace_id") == trace]
+        return [e for e in jsonl(stack) if e.get("trace_id") == trace and e["event_type"] in ("chora.generation.requested", "chora.content_generated")]
+
+    def verdicts():
+        return [e for e in jsonl(stack) if e.get("trace_id") == trace and e["event_type"] == "chora.content_validated"]
 
     await wait_for(lambda: len(traced()) == 6, timeout=20, what="6 traced lines in the JSONL")
     lines = traced()
@@ -119,6 +122,7 @@ async def test_generate_from_cli_and_from_another_service(stack):
     assert types == ["chora.content_generated"] * 3 + ["chora.generation.requested"] * 3
     assert sorted(e["status"] for e in lines if e["event_type"] == "chora.content_generated") == ["error", "success", "success"]
     assert (Path(stack["jsonl_path"]).stat().st_mode & 0o777) == 0o600
+    await wait_for(lambda: len(verdicts()) == 2, timeout=20, what="2 content_validated lines (one per success)")
 
     # 4. /metrics counts them.
     metrics = urllib.request.urlopen(stack["metrics_url"], timeout=5).read().decode()

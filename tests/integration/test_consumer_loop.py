@@ -196,3 +196,30 @@ async def test_large_content_travels_by_reference_transparently(nc, js_topo):
     ev = decode(stored.headers, stored.data)
     assert ev.data.content is None and ev.data.content_ref.startswith("obj://")
     assert (await content.get(ev.data.content_ref)).decode() == big
+
+
+async def test_a_replay_meant_for_another_consumer_is_acked_unhandled(nc, js_topo):
+    js, topo = js_topo
+    seen = []
+
+    async def handler(ev):
+        seen.append(ev.id)
+        return []
+
+    loop = ConsumerLoop(nc, js, topo, topo.consumers["generator"], handler)
+    task = asyncio.create_task(loop.run())
+    pub = Publisher(js, topo.prefix)
+    other, mine, plain = request(), request(), request()
+    other.extensions = {"chorareplayfor": "validator"}
+    mine.extensions = {"chorareplayfor": "generator"}
+    await pub.publish_many([other, mine, plain])
+    await wait_for(lambda: loop.stats.acked == 2 and len(seen) == 2, what="two handled")
+
+    async def all_acked():
+        ci = await js.consumer_info(topo.events_stream, "generator")
+        return ci.num_ack_pending == 0 and ci.num_pending == 0
+
+    await wait_for(all_acked, what="the skipped replay acked too")
+    await loop.stop()
+    await task
+    assert sorted(seen) == sorted([mine.id, plain.id])

@@ -1,0 +1,306 @@
+"""Reading and replaying dead letters (the DLQ stream).
+
+The DLQ stream holds two kinds of entries:
+
+- dead letters stored by the consumer loop (:mod:`bus.deadletter`) on
+  ``<prefix>.dlq.<consumer>``: the original headers and body plus the
+  ``Chora-Dlq-*`` headers (code, reason, consumer, stream, stream seq,
+  original subject, deliveries, time);
+- ``MAX_DELIVERIES`` advisories the server publishes on
+  ``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<events stream>.<consumer>``
+  when a consumer stops redelivering a message the loop could not settle
+  (e.g. a process that died on the last delivery). They carry only the
+  stream sequence: the original is read back from the events stream.
+
+Replay re-publishes the original body and headers (minus ``Chora-Dlq-*`` and
+``Nats-Msg-Id``) to the original subject, so the consumer that failed gets the
+message again, and deletes the DLQ entry only once JetStream has acked the
+re-publish. Two details:
+
+- Duplicate window. The event id doubles as ``Nats-Msg-Id``, so a re-publish
+  with the same id inside the events stream's duplicate window would be
+  dropped. A replay uses ``Nats-Msg-Id: <event id>:replay:<dlq seq>``: the
+  CloudEvent id (``ce-id``) is unchanged, and replaying the same DLQ entry
+  twice (a replay that crashed before deleting it) is still dropped once.
+- Who gets it. A replayed message is stored on its subject again, so every
+  consumer whose filter matches sees it, not only the one that failed. The
+  services are idempotent by event id (outputs have ids derived from their
+  cause, the telemetry sink writes one line per event id, the assembler
+  keeps compare-and-set state), so the others do no harm beyond redoing
+  work. For consumers with side effects outside NATS (the notifier's
+  webhooks), the replay adds the CloudEvent extension ``chorareplayfor:
+  <consumer>`` (header ``ce-chorareplayfor``): every other consumer loop
+  acks such a message without handling it (bus/consumer.py), and the
+  notifier strips the attribute before POSTing. ``Chora-Replayed-From: <dlq stream>:<dlq seq>`` records where the
+  message came from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
+from nats.js.errors import NotFoundError
+
+from bus.deadletter import (
+    H_CODE,
+    H_CONSUMER,
+    H_DELIVERIES,
+    H_REASON,
+    H_SEQ,
+    H_SUBJECT,
+    H_TIME,
+)
+from bus.topology import Topology
+from contracts.catalogue import CATALOGUE
+
+DLQ_HEADER_PREFIX = "Chora-Dlq-"
+ADVISORY_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
+REPLAY_EXTENSION = "chorareplayfor"
+H_REPLAY_FOR = "ce-" + REPLAY_EXTENSION
+H_REPLAYED_FROM = "Chora-Replayed-From"
+
+
+class DlqError(Exception):
+    """A dead letter could not be read or replayed; the message says which and why."""
+
+
+@dataclass
+class DeadLetter:
+    seq: int  # sequence in the DLQ stream: the id `chora dlq replay` takes
+    dlq_subject: str
+    time: float | None  # when it was dead-lettered (unix seconds)
+    consumer: str
+    subject: str | None  # the original subject
+    code: str
+    reason: str
+    event_id: str | None
+    event_type: str | None
+    stream_seq: int | None  # the original's sequence in the events stream
+    deliveries: int | None
+    advisory: bool = False
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # the original's, without Chora-Dlq-*
+    body: bytes | None = field(default=None, repr=False)  # None for an advisory whose original is gone
+
+
+@dataclass
+class Replayed:
+    seq: int  # the DLQ entry
+    subject: str
+    stream_seq: int  # the new message in the events stream
+    msg_id: str
+    duplicate: bool  # JetStream had it already (an earlier replay of this entry)
+
+
+def _header(headers: dict[str, str], name: str) -> str | None:
+    for k, v in headers.items():
+        if k.lower() == name.lower():
+            return v
+    return None
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def _get(js: JetStreamContext, stream: str, seq: int, subject: str | None = None) -> RawStreamMsg | None:
+    """The message at ``seq`` (or the first at/after it on ``subject``); None if there is none."""
+    try:
+        if subject is None:
+            return await js.get_msg(stream, seq=seq)
+        return await js.get_msg(stream, seq=seq, next=True, subject=subject)
+    except NotFoundError as e:
+        if getattr(e, "err_code", None) == 10059:  # stream not found
+            raise DlqError(f"stream {stream} does not exist (run `chora nats provision`)") from None
+        return None
+
+
+async def _from_advisory(js: JetStreamContext, topo: Topology, raw: RawStreamMsg) -> DeadLetter:
+    try:
+        adv = json.loads(raw.data or b"{}")
+    except ValueError:
+        adv = {}
+    consumer = str(adv.get("consumer") or raw.subject.rsplit(".", 1)[-1])
+    stream_seq = adv.get("stream_seq") if isinstance(adv.get("stream_seq"), int) else None
+    deliveries = adv.get("deliveries") if isinstance(adv.get("deliveries"), int) else None
+    ts = raw.time.timestamp() if raw.time else None
+    dl = DeadLetter(
+        seq=raw.seq or 0,
+        dlq_subject=raw.subject,
+        time=ts,
+        consumer=consumer,
+        subject=None,
+        code="MAX_DELIVERIES",
+        reason=f"server advisory: {consumer} gave up on stream seq {stream_seq} after {deliveries} deliveries",
+        event_id=None,
+        event_type=None,
+        stream_seq=stream_seq,
+        deliveries=deliveries,
+        advisory=True,
+    )
+    if stream_seq is not None and adv.get("stream", topo.events_stream) == topo.events_stream:
+        original = await _get(js, topo.events_stream, stream_seq)
+        if original is not None:
+            dl.subject = original.subject
+            dl.headers = {k: v for k, v in (original.headers or {}).items() if k != "Nats-Msg-Id"}
+            dl.body = original.data or b""
+            dl.event_id = _header(dl.headers, "ce-id")
+            dl.event_type = _header(dl.headers, "ce-type")
+        else:
+            dl.reason += " (the original is no longer in the events stream)"
+    return dl
+
+
+def _from_dead_letter(raw: RawStreamMsg) -> DeadLetter:
+    h = dict(raw.headers or {})
+    t = h.get(H_TIME)
+    try:
+        ts = float(t) if t else (raw.time.timestamp() if raw.time else None)
+    except ValueError:
+        ts = raw.time.timestamp() if raw.time else None
+    return DeadLetter(
+        seq=raw.seq or 0,
+        dlq_subject=raw.subject,
+        time=ts,
+        consumer=h.get(H_CONSUMER) or raw.subject.rsplit(".", 1)[-1],
+        subject=h.get(H_SUBJECT),
+        code=h.get(H_CODE, ""),
+        reason=h.get(H_REASON, ""),
+        event_id=_header(h, "ce-id"),
+        event_type=_header(h, "ce-type"),
+        stream_seq=_int(h.get(H_SEQ)),
+        deliveries=_int(h.get(H_DELIVERIES)),
+        headers={k: v for k, v in h.items() if not k.startswith(DLQ_HEADER_PREFIX) and k != "Nats-Msg-Id"},
+        body=raw.data or b"",
+    )
+
+
+async def _decode(js: JetStreamContext, topo: Topology, raw: RawStreamMsg) -> DeadLetter:
+    if raw.subject.startswith(ADVISORY_PREFIX):
+        return await _from_advisory(js, topo, raw)
+    return _from_dead_letter(raw)
+
+
+async def read(js: JetStreamContext, topo: Topology, seq: int) -> DeadLetter:
+    raw = await _get(js, topo.dlq_stream, seq)
+    if raw is None:
+        raise DlqError(f"no dead letter {seq} in {topo.dlq_stream}")
+    return await _decode(js, topo, raw)
+
+
+async def _scan(js: JetStreamContext, topo: Topology, subject: str, limit: int | None) -> list[RawStreamMsg]:
+    out: list[RawStreamMsg] = []
+    seq = 1
+    while limit is None or len(out) < limit:
+        raw = await _get(js, topo.dlq_stream, seq, subject)
+        if raw is None:
+            break
+        out.append(raw)
+        seq = (raw.seq or seq) + 1
+    return out
+
+
+def filter_subjects(topo: Topology, consumer: str | None) -> list[str]:
+    if consumer is None:
+        return [">"]
+    return [topo.dlq_subject(consumer), f"{ADVISORY_PREFIX}{topo.events_stream}.{consumer}"]
+
+
+async def list_dead_letters(
+    js: JetStreamContext, topo: Topology, *, consumer: str | None = None, limit: int | None = None
+) -> list[DeadLetter]:
+    """Dead letters (and advisories) in DLQ order, oldest first; at most ``limit``."""
+    raws: list[RawStreamMsg] = []
+    for subject in filter_subjects(topo, consumer):
+        raws.extend(await _scan(js, topo, subject, limit))
+    raws.sort(key=lambda r: r.seq or 0)
+    if limit is not None:
+        raws = raws[:limit]
+    return [await _decode(js, topo, r) for r in raws]
+
+
+def replay_msg_id(dl: DeadLetter, topo: Topology) -> str:
+    base = dl.event_id or topo.dlq_stream
+    return f"{base}:replay:{dl.seq}"
+
+
+async def replay(js: JetStreamContext, topo: Topology, dl: DeadLetter | int) -> Replayed:
+    """Re-publish one DLQ entry to its original subject, then delete it from the DLQ."""
+    if isinstance(dl, int):
+        dl = await read(js, topo, dl)
+    if dl.body is None or dl.subject is None:
+        raise DlqError(f"dead letter {dl.seq}: nothing to replay ({dl.reason})")
+    allowed = {s.subject(topo.prefix) for s in CATALOGUE.values()}
+    if dl.subject not in allowed:
+        raise DlqError(f"dead letter {dl.seq}: original subject {dl.subject!r} is not one of {topo.events_stream}'s")
+    headers = dict(dl.headers)
+    msg_id = replay_msg_id(dl, topo)
+    headers["Nats-Msg-Id"] = msg_id
+    headers[H_REPLAYED_FROM] = f"{topo.dlq_stream}:{dl.seq}"
+    if dl.consumer and any(k.lower().startswith("ce-") for k in headers):
+        headers = {k: v for k, v in headers.items() if k.lower() != H_REPLAY_FOR}
+        headers[H_REPLAY_FOR] = dl.consumer
+    try:
+        ack = await js.publish(dl.subject, dl.body, headers=headers, stream=topo.events_stream, timeout=10.0)
+    except Exception as e:
+        raise DlqError(f"dead letter {dl.seq}: re-publish to {dl.subject} failed ({e}); it stays in the DLQ") from None
+    try:
+        await js.delete_msg(topo.dlq_stream, dl.seq)
+    except NotFoundError:
+        pass  # deleted meanwhile (another replay)
+    except Exception as e:
+        raise DlqError(
+            f"dead letter {dl.seq}: re-published (stream seq {ack.seq}) but not deleted from the DLQ ({e}); "
+            "replaying it again is dropped as a duplicate within the duplicate window"
+        ) from None
+    return Replayed(dl.seq, dl.subject, ack.seq, msg_id, bool(ack.duplicate))
+
+
+async def delete(js: JetStreamContext, topo: Topology, seq: int) -> None:
+    try:
+        await js.delete_msg(topo.dlq_stream, seq)
+    except NotFoundError:
+        pass
+
+
+async def replay_all(
+    js: JetStreamContext, topo: Topology, *, consumer: str | None = None
+) -> tuple[list[Replayed], list[tuple[int, str]], list[int]]:
+    """Replay every entry (of ``consumer``), oldest first.
+
+    Returns (replayed, failures as (seq, reason), superseded advisories deleted
+    because a dead letter of the same consumer and stream seq was replayed).
+    """
+    entries = await list_dead_letters(js, topo, consumer=consumer)
+    letters = {(d.consumer, d.stream_seq) for d in entries if not d.advisory}
+    done: list[Replayed] = []
+    failed: list[tuple[int, str]] = []
+    superseded: list[int] = []
+    for dl in entries:
+        if dl.advisory and (dl.consumer, dl.stream_seq) in letters:
+            await delete(js, topo, dl.seq)
+            superseded.append(dl.seq)
+            continue
+        try:
+            done.append(await replay(js, topo, dl))
+        except DlqError as e:
+            failed.append((dl.seq, str(e)))
+    return done, failed, superseded
+
+
+__all__ = [
+    "DeadLetter",
+    "DlqError",
+    "REPLAY_EXTENSION",
+    "Replayed",
+    "delete",
+    "list_dead_letters",
+    "read",
+    "replay",
+    "replay_all",
+]

@@ -1,0 +1,202 @@
+"""`chora configs`: list content configs and check them, without NATS.
+
+``chora configs validate [PATH]`` checks every config in the configs directory
+(``CHORA_CONFIGS_DIR``), or in the directory PATH, or the one file PATH: that
+it loads (format, fields, template file, path safety) and that its
+``validation`` rules can be built (known types, compiling patterns, usable
+schemas). One line per config: ``ok`` or ``INVALID`` with every problem.
+Exit 1 if any config is invalid, else 0. A file in the directory whose name is
+not a config id is listed as ``skip`` (the services never load it) and does
+not fail the run; named explicitly, it does.
+
+With ``--render`` each loadable config is also rendered with its default
+context by its generator (which for some generators means calling out, e.g.
+to a model API) and its rules applied: an error issue makes it invalid,
+warnings are shown.
+
+``chora configs list [PATH]`` prints one line per config: id, generator,
+output format, number of rules, description (or why it is broken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_INVALID = 0, 1
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("configs", help="list and check content configs (no NATS needed)")
+    sub = p.add_subparsers(dest="configs_cmd", required=True)
+
+    sp = sub.add_parser("validate", help="check configs and their validation rules; exit 1 if any is invalid")
+    sp.add_argument("path", nargs="?", help="a config file or a directory (default: CHORA_CONFIGS_DIR)")
+    sp.add_argument(
+        "--render",
+        action="store_true",
+        help="also render each config with its default context and apply its rules",
+    )
+    sp.set_defaults(func=validate)
+
+    sp = sub.add_parser("list", help="one line per config: id, generator, format, rules, description")
+    sp.add_argument("path", nargs="?", help="a directory (default: CHORA_CONFIGS_DIR)")
+    sp.set_defaults(func=list_configs)
+
+
+# ---------------------------------------------------------------------- finding configs
+
+
+class _Target:
+    def __init__(self, store: Any, ids: list[str], skipped: list[str], bad_names: list[str], where: Path):
+        self.store, self.ids, self.skipped, self.bad_names, self.where = store, ids, skipped, bad_names, where
+
+
+def _configs_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    from chora.cli import load_settings
+
+    return Path(load_settings().configs_dir)
+
+
+def _target(path: Path) -> _Target | str:
+    """What to check at ``path``, or why there is nothing to check."""
+    from chora.configs import EXTENSIONS, ConfigStore, valid_config_id
+
+    if path.is_dir():
+        store = ConfigStore(path)
+        skipped = sorted(
+            name
+            for name in os.listdir(path)
+            if os.path.splitext(name)[1] in EXTENSIONS and not valid_config_id(os.path.splitext(name)[0])
+        )
+        return _Target(store, store.list(), skipped, [], path)
+    if path.is_file():
+        stem, ext = os.path.splitext(path.name)
+        if ext not in EXTENSIONS:
+            return f"{path} is not a content config file ({', '.join(EXTENSIONS)})"
+        if not valid_config_id(stem):
+            return _Target(None, [], [], [path.name], path.parent)
+        return _Target(ConfigStore(path.parent), [stem], [], [], path.parent)
+    if path.exists():
+        return f"{path} is neither a file nor a directory"
+    return f"{path} does not exist"
+
+
+# ---------------------------------------------------------------------- validate
+
+
+def _render(config: Any, registry: Any) -> str:
+    gen = registry.get_generator(config.generator)
+    out = gen.render(config, dict(config.defaults))
+    if inspect.isawaitable(out):
+        out = asyncio.run(_await(out))
+    if not isinstance(out, str):
+        raise TypeError(f"generator {config.generator!r} returned {type(out).__name__}, not text")
+    return out
+
+
+async def _await(aw: Any) -> Any:
+    return await aw
+
+
+def check_config(store: Any, config_id: str, cache: Any, registry: Any = None) -> tuple[bool, str]:
+    """(ok, what to print after the status) for one config id."""
+    from chora.configs import ConfigError, GenerationError
+    from services.validator.rules import RulesError, is_valid
+
+    try:
+        config = store.get(config_id)
+    except ConfigError as e:
+        return False, f"{e.code}: {e.message}"
+    _, rules = cache.for_config(config)
+    if isinstance(rules, RulesError):
+        return False, f"{rules.code}: " + "; ".join(rules.problems)
+    n = len(rules)
+    summary = f"{n} rule{'' if n == 1 else 's'}"
+    if registry is None:
+        return True, summary
+    try:
+        content = _render(config, registry)
+    except GenerationError as e:
+        return False, f"rendering with the default context failed: {e.code}: {e.message}"
+    except Exception as e:
+        return False, f"rendering with the default context failed: {type(e).__name__}: {e}"
+    issues = rules.apply(content)
+    if not issues:
+        return True, f"{summary}, rendered content passes"
+    shown = "; ".join(f"{i.severity} {i.rule}: {i.message}" for i in issues)
+    if is_valid(issues):
+        return True, f"{summary}, rendered content passes with warnings: {shown}"
+    return False, f"rendered content fails its rules: {shown}"
+
+
+def validate(args: argparse.Namespace) -> int:
+    from services.validator.rules import RuleCache
+
+    target = _target(_configs_dir(args.path))
+    if isinstance(target, str):
+        print(f"chora: {target}", file=sys.stderr)
+        return EXIT_INVALID
+    registry = None
+    if args.render:
+        from services.generator.generators import GeneratorRegistry
+
+        registry = GeneratorRegistry()
+        registry.load()
+    cache = RuleCache()
+    width = max([len(i) for i in target.ids + target.skipped + target.bad_names] or [0])
+    ok = invalid = 0
+    for name in target.bad_names:
+        invalid += 1
+        print(f"INVALID  {name:<{width}}  the file name is not a config id (^[a-z][a-z0-9-]*$): it is never loaded")
+    for config_id in target.ids:
+        good, what = check_config(target.store, config_id, cache, registry)
+        if good:
+            ok += 1
+        else:
+            invalid += 1
+        print(f"{'ok' if good else 'INVALID':<7}  {config_id:<{width}}  {what}")
+    for name in target.skipped:
+        print(f"{'skip':<7}  {name:<{width}}  the file name is not a config id (^[a-z][a-z0-9-]*$): never loaded")
+    total = ok + invalid
+    if total == 0:
+        print(f"chora: no content configs in {target.where}", file=sys.stderr)
+    else:
+        print(f"chora: {total} config{'s' if total != 1 else ''}: {ok} ok, {invalid} invalid", file=sys.stderr)
+    return EXIT_INVALID if invalid else EXIT_OK
+
+
+# ---------------------------------------------------------------------- list
+
+
+def list_configs(args: argparse.Namespace) -> int:
+    from chora.configs import ConfigError, ConfigStore
+
+    path = _configs_dir(args.path)
+    if not path.is_dir():
+        print(f"chora: {path} is not a directory", file=sys.stderr)
+        return EXIT_INVALID
+    store = ConfigStore(path)
+    rows = []
+    for config_id in store.list():
+        try:
+            c = store.get(config_id)
+        except ConfigError as e:
+            rows.append((config_id, "BROKEN", "", "", f"{e.code}: {e.message}"))
+            continue
+        n = len(c.spec.validation)
+        rows.append((config_id, c.generator, c.output_format, f"{n} rule{'' if n == 1 else 's'}", c.spec.description))
+    if not rows:
+        print(f"chora: no content configs in {path}", file=sys.stderr)
+        return EXIT_OK
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(f"{r[i]:<{widths[i]}}" for i in range(4)) + "  " + " ".join(r[4].split()))
+    return EXIT_OK

@@ -1,0 +1,248 @@
+"""One webhook POST: the CloudEvents HTTP binding, a signature, a verdict.
+
+:class:`WebhookSender` turns a chora :class:`~contracts.envelope.CloudEvent`
+into an HTTP request in CloudEvents *binary* mode with the official SDK
+(``cloudevents.core.bindings.http.to_binary``: attributes in ``ce-*``
+headers, ``datacontenttype`` as ``Content-Type``, the data as the body), adds
+
+- ``X-Chora-Timestamp`` / ``X-Chora-Signature`` (see :mod:`.signing`),
+- ``Idempotency-Key: <event id>:<subscription>`` (the same on every attempt),
+
+POSTs it with its own ``httpx.AsyncClient`` (one per subscription, the
+subscription's timeout, no redirects) and classifies the answer:
+
+- ``delivered``: 2xx;
+- ``transient``: connection error, timeout, 5xx, 408, 429 (with the
+  ``Retry-After`` of a 429 or 503, in seconds or as an HTTP date);
+- ``permanent``: anything else (other 4xx, 3xx: redirects are not followed).
+
+The HMAC secret only ever goes into :func:`.signing.signature`; it is not an
+attribute of anything printable and is never part of a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Literal
+
+try:  # the maintained continuation of httpx (what anthropic installs), else httpx itself
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx  # type: ignore[no-redef]
+
+import msgspec
+from cloudevents.core.bindings.http import to_binary
+from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
+
+from bus.dlq import REPLAY_EXTENSION
+from contracts.envelope import CloudEvent
+from services.notifier.config import Backoff, Subscription
+from services.notifier.signing import signature_headers
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+USER_AGENT = "chora-notifier/0.1"
+#: ce extensions for chora's own use, not sent to webhooks: the replay marker of `chora dlq replay`.
+INTERNAL_EXTENSIONS = frozenset({REPLAY_EXTENSION})
+TRANSIENT_STATUS = frozenset({408, 429})
+RETRY_AFTER_STATUS = frozenset({429, 503})
+MAX_SNIPPET = 200
+
+_format = JSONFormat()
+_encode = msgspec.json.Encoder().encode
+
+
+class UndeliverableEvent(ValueError):
+    """The event cannot be expressed as an SDK CloudEvent (e.g. an unparsable time)."""
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def backoff_delay(attempt: int, cfg: Backoff, rng: random.Random | None = None) -> float:
+    """The delay before retrying after failed attempt ``attempt`` (1-based), with jitter.
+
+    Always within ``[base * (1 - jitter), min(max_s, base * (1 + jitter))]`` where
+    ``base = min(max_s, initial_s * multiplier ** (attempt - 1))``.
+    """
+    n = max(1, attempt)
+    try:
+        base = cfg.initial_s * cfg.multiplier ** (n - 1)
+    except OverflowError:
+        base = cfg.max_s
+    base = min(cfg.max_s, base)
+    if cfg.jitter:
+        base *= (rng or random).uniform(1.0 - cfg.jitter, 1.0 + cfg.jitter)
+    return max(0.0, min(cfg.max_s, base))
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date); None if absent
+    or unreadable. A date in the past is 0."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+# --------------------------------------------------------------------------- the request
+
+
+def to_sdk_event(event: CloudEvent) -> SdkCloudEvent:
+    """Our envelope as the CloudEvents SDK's v1 event; the data stays the exact JSON bytes."""
+    attrs: dict = {"id": event.id, "source": event.source, "type": event.type, "specversion": event.specversion}
+    if event.time:
+        try:
+            t = datetime.fromisoformat(event.time)
+        except ValueError:
+            raise UndeliverableEvent(f"attribute time {event.time!r} is not RFC 3339") from None
+        attrs["time"] = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    for name in ("datacontenttype", "subject", "dataschema", "traceid", "traceparent"):
+        value = getattr(event, name)
+        if value:
+            attrs[name] = value
+    for name, value in event.extensions.items():
+        if name not in INTERNAL_EXTENSIONS:
+            attrs[name] = value
+    data = None if event.data is None else _encode(event.data)
+    try:
+        return SdkCloudEvent(attrs, data)
+    except BaseCloudEventException as e:
+        raise UndeliverableEvent(f"not a valid CloudEvent for HTTP: {e}") from None
+
+
+def build_request(
+    event: CloudEvent, subscription: str, secret: bytes, *, now: float | None = None
+) -> tuple[dict[str, str], bytes]:
+    """Headers and body of the POST for ``event`` (binary mode, signed)."""
+    msg = to_binary(to_sdk_event(event), _format)
+    headers = dict(msg.headers)
+    headers.setdefault("Content-Type", "application/json")
+    headers.update(signature_headers(secret, msg.body, now))
+    headers[IDEMPOTENCY_HEADER] = f"{event.id}:{subscription}"
+    return headers, msg.body
+
+
+# --------------------------------------------------------------------------- sending
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    outcome: Literal["delivered", "transient", "permanent"]
+    status_code: int | None
+    duration_ms: float
+    code: str = ""  # why it failed: CONNECT_ERROR, TIMEOUT, TRANSPORT_ERROR, HTTP_<status>
+    message: str = ""
+    retry_after_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "delivered"
+
+    @property
+    def endpoint_failed(self) -> bool:
+        """Whether this counts against the endpoint's availability (circuit breaker)."""
+        return self.outcome == "transient"
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else " " for ch in text)[:MAX_SNIPPET]
+
+
+class WebhookSender:
+    """Delivers events to one subscription's URL."""
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        secret: bytes,
+        *,
+        client: "httpx.AsyncClient | None" = None,
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        self.subscription = subscription
+        self._secret = secret
+        self.wall_clock = wall_clock
+        self.client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(subscription.timeout_s),
+            limits=httpx.Limits(
+                max_connections=subscription.max_in_flight,
+                max_keepalive_connections=min(subscription.max_in_flight, 16),
+            ),
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT},
+        )
+
+    def __repr__(self) -> str:  # never the secret
+        return f"WebhookSender({self.subscription.name!r})"
+
+    def request(self, event: CloudEvent) -> tuple[dict[str, str], bytes]:
+        return build_request(event, self.subscription.name, self._secret, now=self.wall_clock())
+
+    async def send(self, event: CloudEvent) -> DeliveryResult:
+        """POST ``event``; never raises for a network or HTTP problem (only UndeliverableEvent)."""
+        headers, body = self.request(event)
+        sub = self.subscription
+        t0 = time.perf_counter()
+
+        def ms() -> float:
+            return round((time.perf_counter() - t0) * 1000.0, 3)
+
+        try:
+            async with asyncio.timeout(sub.timeout_s):
+                req = self.client.build_request("POST", sub.url, headers=headers, content=body)
+                resp = await self.client.send(req, stream=True)
+                try:
+                    snippet = b""
+                    if not 200 <= resp.status_code < 300:
+                        async for chunk in resp.aiter_bytes():
+                            snippet += chunk
+                            if len(snippet) >= MAX_SNIPPET:
+                                break
+                finally:
+                    await resp.aclose()
+        except (TimeoutError, httpx.TimeoutException):
+            return DeliveryResult("transient", None, ms(), "TIMEOUT", f"no answer within {sub.timeout_s}s")
+        except httpx.ConnectError as e:
+            return DeliveryResult("transient", None, ms(), "CONNECT_ERROR", f"cannot connect: {_printable(str(e)) or type(e).__name__}")
+        except httpx.HTTPError as e:  # read/write/protocol errors: the endpoint may be fine next time
+            return DeliveryResult("transient", None, ms(), "TRANSPORT_ERROR", f"{type(e).__name__}: {_printable(str(e))}")
+        except OSError as e:
+            return DeliveryResult("transient", None, ms(), "TRANSPORT_ERROR", f"{type(e).__name__}: {_printable(str(e))}")
+        except Exception as e:  # anything else the client raises: retried, then dead-lettered, never a loop
+            return DeliveryResult("transient", None, ms(), "CLIENT_ERROR", f"{type(e).__name__}: {_printable(str(e))}")
+
+        status = resp.status_code
+        if 200 <= status < 300:
+            return DeliveryResult("delivered", status, ms())
+        text = _printable(snippet.decode("utf-8", "replace")).strip()
+        message = f"HTTP {status}" + (f": {text}" if text else "")
+        code = f"HTTP_{status}"
+        if status >= 500 or status in TRANSIENT_STATUS:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After")) if status in RETRY_AFTER_STATUS else None
+            return DeliveryResult("transient", status, ms(), code, message, retry_after)
+        if 300 <= status < 400:
+            message += " (redirects are not followed: point the subscription at the final URL)"
+        return DeliveryResult("permanent", status, ms(), code, message)
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,121 @@
+"""Wiring of the notifier: ``build(settings)`` -> :class:`NotifierApp`.
+
+Nothing happens at import or build time. :meth:`NotifierApp.start` loads the
+subscriptions from ``settings.notifier_config`` (``CHORA_NOTIFIER_CONFIG``)
+and their secrets from the environment; a bad file or a missing secret stops
+the start with a :class:`~services.notifier.config.NotifierConfigError`
+naming the subscription. Without a config file the notifier runs with no
+subscriptions (and logs so).
+
+Each subscription gets its own durable consumer ``notify-<name>`` (via
+:meth:`NotifierApp.consumers`), filtered on the subjects of the event types
+its patterns match, with ``max_deliver = max_attempts + circuit.max_deferrals``:
+a dead or slow endpoint only holds back its own subscription. Each also gets
+its own HTTP client and circuit breaker.
+
+Settings read: ``notifier_config``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from bus.consumer import Reject
+from bus.topology import ConsumerSpec, Topology
+from chora.settings import Settings
+from contracts.envelope import CloudEvent
+from services.notifier.circuit import CircuitBreaker
+from services.notifier.config import NotifierConfig, load_config, load_secrets
+from services.notifier.delivery import WebhookSender
+from services.notifier.handlers import SOURCE, Target, notify
+
+log = logging.getLogger("chora.notifier")
+
+ACK_WAIT_MARGIN_S = 10.0
+
+
+class NotifierApp:
+    """The notifier service app (see :class:`services.runtime.ServiceApp`)."""
+
+    name = "notifier"
+
+    def __init__(self, config_path: Path | None, *, environ: dict[str, str] | None = None, source: str = SOURCE):
+        self.config_path = config_path
+        self.environ = environ
+        self.source = source
+        self.config = NotifierConfig()
+        self.targets: dict[str, Target] = {}
+
+    async def start(self, ctx=None) -> None:
+        config = load_config(self.config_path)
+        secrets = load_secrets(config, self.environ)
+        self.config = config
+        self.targets = {}
+        for sub in config.subscriptions:
+            circuit = CircuitBreaker(
+                sub.circuit,
+                busy_retry_s=sub.timeout_s,
+                on_transition=lambda a, b, name=sub.name: log.warning("subscription %s: circuit %s -> %s", name, a, b),
+            )
+            self.targets[sub.name] = Target(sub, WebhookSender(sub, secrets[sub.name]), circuit, source=self.source)
+        if not self.targets:
+            log.info(
+                "notifier: no subscriptions (%s); set CHORA_NOTIFIER_CONFIG to a subscriptions file",
+                f"{self.config_path} lists none" if self.config_path else "no config file",
+            )
+        else:
+            for t in self.targets.values():
+                log.info("subscription %s: %s -> %s", t.subscription.name, ", ".join(t.subscription.event_types), t.subscription.safe_url)
+
+    def consumers(self, topology: Topology) -> list[tuple[ConsumerSpec, Any]]:
+        pairs = []
+        for t in self.targets.values():
+            sub = t.subscription
+            base = topology.consumers["generator"]
+            spec = topology.consumer_spec(
+                sub.durable,
+                sub.event_types,
+                template="generator",
+                max_deliver=t.max_deliver,
+                max_ack_pending=sub.max_in_flight,
+                ack_wait_s=max(base.ack_wait_s, sub.timeout_s + ACK_WAIT_MARGIN_S),
+            )
+
+            async def handler(event: CloudEvent, t: Target = t) -> list[CloudEvent]:
+                return await notify(event, t)
+
+            pairs.append((spec, handler))
+        return pairs
+
+    async def handle(self, event: CloudEvent) -> list[CloudEvent]:
+        raise Reject("NOT_ROUTED", "the notifier consumes through its per-subscription consumers (notify-<name>)")
+
+    async def close(self) -> None:
+        for t in self.targets.values():
+            try:
+                await t.sender.close()
+            except Exception:  # closing a client must not hide the others
+                log.exception("closing the HTTP client of %s", t.subscription.name)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "config": str(self.config_path) if self.config_path else None,
+            "subscriptions": {
+                name: {
+                    "consumer": t.subscription.durable,
+                    "events": list(t.subscription.event_types),
+                    "circuit": t.circuit.state,
+                }
+                for name, t in self.targets.items()
+            },
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Live figures per subscription (circuit state and transitions, counters)."""
+        return {name: {**t.circuit.snapshot(), **t.stats} for name, t in self.targets.items()}
+
+
+def build(settings: Settings) -> NotifierApp:
+    return NotifierApp(settings.notifier_config)

@@ -1,0 +1,228 @@
+"""Dead letters against a real nats-server: list, replay, advisories, and the `chora dlq` command."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from bus.consumer import ConsumerLoop, Reject
+from bus.dlq import DlqError, list_dead_letters, read, replay
+from bus.publisher import Publisher
+from bus.topology import Topology, provision
+from chora.commands.dlq import run_list, run_replay
+from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
+from contracts.envelope import decode, new_event
+from contracts.events import GenerationRequested
+from tests.conftest import child_env, wait_for
+from tests.integration.test_notifier_webhooks import Notifier, Webhook, generated, publish, subscription
+
+
+def request(config_id: str) -> object:
+    return new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id=config_id), source="test")
+
+
+@pytest.fixture
+async def topo(nc, settings) -> Topology:
+    t = Topology.from_settings(settings)
+    await provision(nc.jetstream(), t, consumers=["generator"])
+    return t
+
+
+class Picky:
+    """A generator-like handler that rejects configs named in ``refuse``, and records what it handled."""
+
+    def __init__(self, *refuse: str):
+        self.refuse = set(refuse)
+        self.handled: list = []
+
+    async def __call__(self, ev):
+        if ev.data.content_config_id in self.refuse:
+            raise Reject("CONFIG_BROKEN", f"cannot render {ev.data.content_config_id}")
+        self.handled.append(ev)
+        return []
+
+
+async def dead_letters_from_a_loop(nc, topo, handler, *events):
+    loop = ConsumerLoop(nc, nc.jetstream(), topo, topo.consumers["generator"], handler)
+    task = asyncio.create_task(loop.run())
+    await Publisher(nc.jetstream(), topo.prefix).publish_many(events)
+    return loop, task
+
+
+async def test_list_then_replay_one_to_the_consumer_that_failed(nc, settings, topo):
+    js = nc.jetstream()
+    picky = Picky("broken")
+    bad1, good, bad2 = request("broken"), request("fine"), request("broken")
+    loop, task = await dead_letters_from_a_loop(nc, topo, picky, bad1, good, bad2)
+    try:
+        await wait_for(lambda: loop.stats.dead == 2 and loop.stats.acked == 1, 10, "2 dead letters, 1 ack")
+        entries = await list_dead_letters(js, topo)
+        assert [(d.consumer, d.code, d.event_id, d.event_type) for d in entries] == [
+            ("generator", "CONFIG_BROKEN", bad1.id, GENERATION_REQUESTED),
+            ("generator", "CONFIG_BROKEN", bad2.id, GENERATION_REQUESTED),
+        ]
+        first = entries[0]
+        assert first.subject == topo.subject(GENERATION_REQUESTED) and first.deliveries == 1
+        assert "cannot render broken" in first.reason and first.time is not None
+        assert not any(k.startswith("Chora-Dlq-") for k in first.headers)
+        assert [d.seq for d in await list_dead_letters(js, topo, limit=1)] == [first.seq]
+        assert await list_dead_letters(js, topo, consumer="validator") == []
+
+        out = io.StringIO()
+        assert await run_list(nc, settings, out=out) == 0
+        lines = out.getvalue().splitlines()
+        assert len(lines) == 2
+        fields = lines[0].split("  ")
+        assert fields[0] == str(first.seq) and fields[2:7] == [
+            "generator", first.subject, "CONFIG_BROKEN", GENERATION_REQUESTED, bad1.id
+        ]
+
+        picky.refuse.clear()  # "fixed"
+        # Replaying the same id twice inside the duplicate window would be dropped: the replay has its own msg id.
+        r = await replay(js, topo, first.seq)
+        assert r.msg_id == f"{bad1.id}:replay:{first.seq}" and not r.duplicate
+        await wait_for(lambda: any(e.id == bad1.id for e in picky.handled), 10, "the replayed request handled")
+        replayed = next(e for e in picky.handled if e.id == bad1.id)
+        assert replayed.data.content_config_id == "broken"
+        assert replayed.extensions == {"chorareplayfor": "generator"}
+
+        stored = await js.get_msg(topo.events_stream, r.stream_seq)
+        assert stored.headers["ce-id"] == bad1.id and stored.headers["Nats-Msg-Id"] == r.msg_id
+        assert stored.headers["Chora-Replayed-From"] == f"{topo.dlq_stream}:{first.seq}"
+        assert [d.seq for d in await list_dead_letters(js, topo)] == [entries[1].seq]  # deleted after the ack
+        with pytest.raises(DlqError, match=f"no dead letter {first.seq}"):
+            await replay(js, topo, first.seq)
+    finally:
+        await loop.stop()
+        await task
+
+
+async def test_replay_all_for_one_consumer(nc, settings, topo):
+    js = nc.jetstream()
+    picky = Picky("a", "b")
+    reqs = [request("a"), request("b")]
+    loop, task = await dead_letters_from_a_loop(nc, topo, picky, *reqs)
+    try:
+        await wait_for(lambda: loop.stats.dead == 2, 10, "2 dead letters")
+        # a dead letter of another consumer stays where it is
+        await js.publish(topo.dlq_subject("validator"), b"{}", headers={"Chora-Dlq-Code": "X", "Chora-Dlq-Consumer": "validator"})
+        picky.refuse.clear()
+        out = io.StringIO()
+        assert await run_replay(nc, settings, all_=True, consumer="generator", out=out) == 0
+        assert out.getvalue().count("replayed ") == 2
+        await wait_for(lambda: {e.id for e in picky.handled} == {r.id for r in reqs}, 10, "both handled")
+        left = await list_dead_letters(js, topo)
+        assert [d.consumer for d in left] == ["validator"]
+        # that one has no original subject: replay says so and leaves it
+        assert await run_replay(nc, settings, ids=[left[0].seq], out=io.StringIO()) == 1
+        assert len(await list_dead_letters(js, topo)) == 1
+    finally:
+        await loop.stop()
+        await task
+
+
+async def test_max_deliveries_advisory_is_listed_and_replayed_from_the_events_stream(nc, settings, topo):
+    js = nc.jetstream()
+    ev = generated()
+    await Publisher(js, topo.prefix).publish(ev)
+    # A consumer that gives up after 2 deliveries without the loop (as when a process dies on the last one).
+    await js.add_consumer(
+        topo.events_stream,
+        ConsumerConfig(durable_name="raw", max_deliver=2, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
+                       filter_subject=topo.subject(CONTENT_GENERATED)),
+    )
+    sub = await js.pull_subscribe_bind("raw", stream=topo.events_stream)
+    for _ in range(2):
+        [msg] = await sub.fetch(1, timeout=5)
+        await msg.nak()
+
+    async def advisory():
+        try:
+            await sub.fetch(1, timeout=0.2)  # a pending pull lets the server notice max deliveries
+        except Exception:
+            pass
+        return await list_dead_letters(js, topo, consumer="raw")
+
+    [adv] = await wait_for(advisory, 10, "the MAX_DELIVERIES advisory in the DLQ")
+    assert adv.advisory and adv.code == "MAX_DELIVERIES" and adv.deliveries == 2
+    assert (adv.event_id, adv.event_type, adv.subject) == (ev.id, CONTENT_GENERATED, topo.subject(CONTENT_GENERATED))
+    assert (await read(js, topo, adv.seq)).stream_seq == adv.stream_seq
+
+    r = await replay(js, topo, adv.seq)
+    assert r.msg_id == f"{ev.id}:replay:{adv.seq}"
+    [again] = await sub.fetch(1, timeout=5)  # the consumer that gave up gets it again
+    await again.ack()
+    assert decode(again.headers, again.data).id == ev.id
+    assert again.metadata.sequence.stream == r.stream_seq
+    assert await list_dead_letters(js, topo) == []
+
+
+async def test_replayed_notification_is_delivered_once_the_endpoint_is_back(nc, settings, tmp_path, monkeypatch):
+    healthy = {"up": False}
+    with Webhook(lambda n: (200, {}) if healthy["up"] else (500, {})) as flaky, Webhook() as other:
+        subs = [subscription("flaky", flaky.url, max_attempts=2), subscription("other", other.url)]
+        async with Notifier(nc, settings, tmp_path, monkeypatch, subs) as n:
+            js = nc.jetstream()
+            ev = generated()
+            await publish(nc, settings, ev)
+            await wait_for(lambda: n.failed("flaky") and n.delivered("other"), 10, "a failure and a delivery")
+            [dl] = await wait_for(lambda: list_dead_letters(js, n.topo, consumer="notify-flaky"), 10, "the dead letter")
+            assert (dl.code, dl.event_id, dl.event_type) == ("MAX_ATTEMPTS", ev.id, CONTENT_GENERATED)
+            assert "HTTP_500" in dl.reason
+
+            healthy["up"] = True
+            out = io.StringIO()
+            assert await run_replay(nc, settings, ids=[dl.seq], out=out) == 0
+            await wait_for(lambda: n.delivered("flaky"), 10, "the replayed notification delivered")
+            [d] = n.delivered("flaky")
+            assert d.event_id == ev.id and d.status_code == 200
+            last = flaky.received[-1].headers
+            assert last["ce-id"] == ev.id and last["Idempotency-Key"] == f"{ev.id}:flaky"
+            assert "ce-chorareplayfor" not in {k.lower() for k in last}
+            # The other subscription saw the replayed message too, and left it alone.
+            await wait_for(lambda: n.settled("notify-other"), 10, "notify-other to settle")
+            ci = await js.consumer_info(n.topo.events_stream, "notify-other")
+            assert ci.delivered.stream_seq > dl.stream_seq  # it was offered the replay
+            assert len(other.received) == 1 and len(n.delivered("other")) == 1
+            assert await list_dead_letters(js, n.topo) == []
+
+
+def test_the_dlq_command(nats_server, settings, tmp_path):
+    async def make_dead_letter() -> str:
+        import nats
+
+        nc = await nats.connect(nats_server.url)
+        try:
+            topo = Topology.from_settings(settings)
+            await provision(nc.jetstream(), topo, consumers=["generator"])
+            req = request("broken")
+            loop, task = await dead_letters_from_a_loop(nc, topo, Picky("broken"), req)
+            await wait_for(lambda: loop.stats.dead == 1, 10, "a dead letter")
+            await loop.stop()
+            await task
+            return req.id
+        finally:
+            await nc.close()
+
+    event_id = asyncio.run(make_dead_letter())
+    env = child_env(NATS_URL=nats_server.url, CHORA_PREFIX=settings.prefix, CHORA_HOME=str(tmp_path / "var"))
+
+    def chora(*args):
+        return subprocess.run([sys.executable, "-m", "chora.cli", "dlq", *args], env=env, capture_output=True, text=True, timeout=60)
+
+    listed = chora("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [entry] = [json.loads(ln) for ln in listed.stdout.splitlines()]
+    assert entry["event_id"] == event_id and entry["consumer"] == "generator" and entry["code"] == "CONFIG_BROKEN"
+    assert chora("replay").returncode == 64  # neither ids nor --all
+    replayed = chora("replay", "--all")
+    assert replayed.returncode == 0, replayed.stderr
+    assert f"replayed {entry['seq']} -> " in replayed.stdout
+    empty = chora("list")
+    assert empty.returncode == 0 and empty.stdout == "" and "no dead letters" in empty.stderr

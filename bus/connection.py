@@ -53,9 +53,9 @@ async def connect(
     if s.creds:
         opts["user_credentials"] = str(s.creds)
     if s.user:
-        opts["user"], opts["password"] = s.user, s.password or ""
+        opts["user"], opts["password"] = s.user, s.password.get_secret_value() if s.password else ""
     if s.token:
-        opts["token"] = s.token
+        opts["token"] = s.token.get_secret_value()
     if (tls := _tls(s)) is not None:
         opts["tls"] = tls
     return await nats.connect(**opts)

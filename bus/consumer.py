@@ -150,8 +150,13 @@ class ConsumerLoop:
         inbox = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(inbox, cb=self._on_msg)
         self._inbox = inbox
+        reconnects = self.nc.stats.get("reconnects", 0)
         try:
             while not self._stopping:
+                if self.nc.stats.get("reconnects", 0) != reconnects:
+                    # A new connection: the server holds none of our pull requests any more.
+                    reconnects = self.nc.stats.get("reconnects", 0)
+                    self._outstanding = 0
                 await self._pull_if_room()
                 self._wake.clear()
                 try:

@@ -26,7 +26,9 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from chora.settings import Settings
 from contracts.catalogue import (
+    ARTIFACT_ASSEMBLED,
     ARTIFACT_REQUESTED,
+    BATCH_COMPLETED,
     BATCH_REQUESTED,
     CATALOGUE,
     CONTENT_GENERATED,
@@ -86,6 +88,8 @@ class Topology:
                 "assembler": spec(
                     "assembler", (ARTIFACT_REQUESTED, BATCH_REQUESTED, CONTENT_GENERATED, CONTENT_VALIDATED)
                 ),
+                # the assembler reads its own completions back: "finished" means "stored in the stream"
+                "assembler-completions": spec("assembler-completions", (BATCH_COMPLETED, ARTIFACT_ASSEMBLED)),
             },
         )
 

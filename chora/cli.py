@@ -20,7 +20,7 @@ EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 1, 2, 64
 
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
-COMMAND_MODULES: list[str] = ["chora.commands.configs", "chora.commands.dlq"]
+COMMAND_MODULES: list[str] = ["chora.commands.configs", "chora.commands.dlq", "chora.commands.assembly"]
 
 
 def load_settings() -> Settings:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
@@ -23,8 +23,8 @@ class NatsSettings(BaseSettings):
     url: str | None = None
     creds: Path | None = Field(default=None, description="a .creds file (JWT + nkey)")
     user: str | None = None
-    password: str | None = None
-    token: str | None = None
+    password: SecretStr | None = None  # SecretStr: never shown in a repr, a log or an error
+    token: SecretStr | None = None
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -35,6 +35,7 @@ SERVICES: dict[str, str] = {
     "telemetry": "services.telemetry.service:build",
     "notifier": "services.notifier.service:build",
     "validator": "services.validator.service:build",
+    "assembler": "services.assembler.service:build",
 }
 
 

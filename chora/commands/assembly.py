@@ -1,0 +1,344 @@
+"""`chora assemble`, `chora batch run`, `chora batch status`: artifacts and batches from the command line.
+
+- ``chora assemble ARTIFACT_ID [--context JSON|@file] [--output FILE] [--timeout S]``
+  publishes a ``chora.artifact.requested``, waits for its ``artifact_assembled``
+  and prints the content (or writes it to ``--output``). Exit 1 on an error
+  outcome, 2 on timeout.
+- ``chora batch run FILE [--timeout S]``: FILE (YAML or JSON) is
+  ``{items: [{content_config_id, context}], context, continue_on_error}``;
+  publishes a ``chora.batch.requested``, shows a progress bar following the
+  batch's ``content_generated`` events, and a summary when its
+  ``batch_completed`` arrives. Exit 0 if every item succeeded, 1 otherwise,
+  2 on timeout.
+- ``chora batch status ID``: the batch's progress, read from its KV record.
+
+The subscriptions are opened before the request is published, so the outcome
+cannot be missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from chora.cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context
+
+
+# ---------------------------------------------------------------------- assemble
+async def assemble(args: argparse.Namespace) -> int:
+    from bus.content import ContentMissing, ContentStore
+    from bus.publisher import Publisher
+    from bus.topology import Topology
+    from contracts.catalogue import ARTIFACT_ASSEMBLED, ARTIFACT_REQUESTED, subject_for
+    from contracts.envelope import EnvelopeError, decode, new_event
+    from contracts.events import ArtifactRequested
+    from contracts.tracing import valid_trace_id
+
+    settings = load_settings()
+    trace_id = args.trace_id or settings.trace_id
+    if trace_id and not valid_trace_id(trace_id):
+        print("chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        data = msgspec.convert({"artifact_id": args.artifact_id, "context": parse_context(args.context)}, ArtifactRequested)
+    except msgspec.ValidationError as e:
+        print(f"chora: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    request = new_event(ARTIFACT_REQUESTED, data, source="chora://cli", trace_id=trace_id)
+    nc = await connect_cli(settings)
+    try:
+        outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def on_result(msg) -> None:
+            try:
+                ev = decode(msg.headers, msg.data, max_bytes=settings.max_event_bytes)
+            except EnvelopeError:
+                return
+            if ev.data.request_id == request.id and not outcome.done():
+                outcome.set_result(ev)
+
+        sub = await nc.subscribe(subject_for(ARTIFACT_ASSEMBLED, settings.prefix), cb=on_result)
+        js = nc.jetstream()
+        try:
+            await Publisher(js, settings.prefix).publish(request)
+        except Exception as e:
+            print(f"chora: could not publish the request: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        try:
+            ev = await asyncio.wait_for(outcome, args.timeout)
+        except asyncio.TimeoutError:
+            print(
+                f"chora: no outcome for artifact request {request.id} within {args.timeout}s "
+                "(are the assembler, generator and validator running? the request stays queued)",
+                file=sys.stderr,
+            )
+            return EXIT_TIMEOUT
+        await sub.unsubscribe()
+        out = ev.data
+        content = out.content
+        if out.status == "success" and content is None and out.content_ref:
+            try:
+                content = (await ContentStore(js, Topology.from_settings(settings).content_bucket).get(out.content_ref)).decode("utf-8")
+            except ContentMissing as e:
+                print(f"chora: the artifact's content is gone: {e}", file=sys.stderr)
+                return EXIT_FAILED
+    finally:
+        await nc.close()
+    print(f"trace_id={ev.traceid} request_id={request.id}", file=sys.stderr)
+    if out.omitted_parts:
+        print(f"chora: omitted optional parts: {', '.join(out.omitted_parts)}", file=sys.stderr)
+    if out.status != "success":
+        where = f" (part {out.failed_part})" if out.failed_part else ""
+        err = out.error
+        print(f"chora: assembly failed{where}: {err.code}: {err.message}" if err else f"chora: assembly failed{where}", file=sys.stderr)
+        return EXIT_FAILED
+    content = content or ""
+    if args.output:
+        try:
+            Path(args.output).write_text(content)
+        except OSError as e:
+            print(f"chora: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"chora: wrote {len(content)} characters to {args.output}", file=sys.stderr)
+        return 0
+    sys.stdout.write(content)
+    if content and not content.endswith("\n"):
+        sys.stdout.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------- batch run
+def load_batch_file(path: str):
+    """The BatchRequested in FILE (YAML or JSON); SystemExit with the reason if it is not one."""
+    import yaml
+
+    from contracts.events import BatchRequested
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"chora: cannot read batch file {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise SystemExit(f"chora: batch file {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    if not isinstance(doc, dict):
+        raise SystemExit(f"chora: batch file {path} must hold a mapping with 'items'")
+    try:
+        return msgspec.convert(doc, BatchRequested)
+    except msgspec.ValidationError as e:
+        raise SystemExit(f"chora: batch file {path}: {e}") from None
+
+
+async def batch_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bus.content import ContentMissing, ContentStore
+    from bus.publisher import Publisher
+    from bus.topology import Topology
+    from contracts.catalogue import BATCH_COMPLETED, BATCH_REQUESTED, CONTENT_GENERATED, subject_for
+    from contracts.envelope import EnvelopeError, decode, new_event
+    from contracts.events import BatchItemOutcome
+
+    from contracts.tracing import valid_trace_id
+
+    settings = load_settings()
+    trace_id = args.trace_id or settings.trace_id
+    if trace_id and not valid_trace_id(trace_id):
+        print("chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]", file=sys.stderr)
+        return EXIT_USAGE
+    data = load_batch_file(args.file)
+    request = new_event(BATCH_REQUESTED, data, source="chora://cli", trace_id=trace_id)
+    total = len(data.items)
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    nc = await connect_cli(settings)
+    seen: set[str] = set()
+    counts = {"success": 0, "error": 0}
+    try:
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        progress = Progress(
+            TextColumn("[bold]batch[/bold] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
+        )
+        task = progress.add_task(request.id[:8], total=total, failed=0)
+
+        async def on_generated(msg) -> None:
+            try:
+                ev = decode(msg.headers, msg.data, max_bytes=settings.max_event_bytes)
+            except EnvelopeError:
+                return
+            o = ev.data.origin
+            if o is None or o.kind != "batch" or o.id != request.id or o.key in seen:
+                return
+            seen.add(o.key)
+            counts[ev.data.status] = counts.get(ev.data.status, 0) + 1
+            progress.update(task, completed=len(seen), failed=counts["error"])
+
+        async def on_completed(msg) -> None:
+            try:
+                ev = decode(msg.headers, msg.data, max_bytes=settings.max_event_bytes)
+            except EnvelopeError:
+                return
+            if ev.data.batch_id == request.id and not done.done():
+                done.set_result(ev)
+
+        subs = [
+            await nc.subscribe(subject_for(CONTENT_GENERATED, settings.prefix), cb=on_generated),
+            await nc.subscribe(subject_for(BATCH_COMPLETED, settings.prefix), cb=on_completed),
+        ]
+        js = nc.jetstream()
+        try:
+            await Publisher(js, settings.prefix, max_bytes=settings.max_event_bytes).publish(request)
+        except Exception as e:
+            print(f"chora: could not publish the batch: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        err.print(f"batch {request.id}: {total} items")
+        progress.start()
+        try:
+            ev = await asyncio.wait_for(done, args.timeout)
+        except asyncio.TimeoutError:
+            progress.stop()
+            print(
+                f"chora: batch {request.id} not completed within {args.timeout}s ({len(seen)}/{total} outcomes seen); "
+                f"it goes on: `chora batch status {request.id}`",
+                file=sys.stderr,
+            )
+            return EXIT_TIMEOUT
+        c = ev.data
+        progress.update(task, completed=c.total - c.skipped, failed=c.failed)
+        progress.stop()
+        for s in subs:
+            await s.unsubscribe()
+        items = c.items
+        if items is None and c.items_ref:
+            try:
+                raw = await ContentStore(js, Topology.from_settings(settings).content_bucket).get(c.items_ref)
+                items = msgspec.json.decode(raw, type=list[BatchItemOutcome])
+            except (ContentMissing, msgspec.DecodeError) as e:
+                print(f"chora: the item outcomes are not readable: {e}", file=sys.stderr)
+                items = None
+    finally:
+        await nc.close()
+    print_summary(out, c, items)
+    return 0 if c.status == "success" else EXIT_FAILED
+
+
+def print_summary(console, completed, items, max_failed: int = 50) -> None:
+    from rich.table import Table
+
+    c = completed
+    console.print(f"batch {c.batch_id}: {c.status}")
+    t = Table(show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("status", c.status)
+    t.add_row("total", str(c.total))
+    t.add_row("successful", str(c.successful))
+    t.add_row("failed", str(c.failed))
+    t.add_row("skipped", str(c.skipped))
+    t.add_row("duration", f"{c.duration_ms / 1000:.2f} s")
+    console.print(t)
+    failed = [i for i in (items or []) if i.status == "error"]
+    if failed:
+        ft = Table(title=f"failed items ({len(failed)})")
+        ft.add_column("index", justify="right")
+        ft.add_column("content config")
+        ft.add_column("error code")
+        ft.add_column("message", overflow="fold")
+        for i in failed[:max_failed]:
+            ft.add_row(str(i.index), i.content_config_id, i.error.code if i.error else "", (i.error.message if i.error else "")[:200])
+        console.print(ft)
+        if len(failed) > max_failed:
+            console.print(f"... and {len(failed) - max_failed} more")
+    if c.error:
+        console.print(f"{c.error.code}: {c.error.message}")
+
+
+# ---------------------------------------------------------------------- batch status
+async def read_batch_status(nc, settings, batch_id: str) -> dict[str, Any] | None:
+    """The batch's progress from its KV record, or None if there is none."""
+    from bus.state import StateStore
+    from bus.topology import Topology
+    from services.assembler.state import batch_key, decode_batch
+
+    got = await StateStore(nc.jetstream(), Topology.from_settings(settings).state_bucket).get(batch_key(batch_id))
+    if got is None:
+        return None
+    r = decode_batch(got[0])
+    done = r.successful + r.failed
+    return {
+        "batch_id": batch_id,
+        "total": r.total,
+        "done": done,
+        "successful": r.successful,
+        "failed": r.failed,
+        "skipped": r.skipped,
+        "closed": r.closed,
+        "finished": r.finished,
+        "continue_on_error": r.continue_on_error,
+        "started_at": r.started_at,
+        "elapsed_s": round((r.closed_at or time.time()) - r.started_at, 3),
+    }
+
+
+async def batch_status(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    nc = await connect_cli(settings)
+    try:
+        st = await read_batch_status(nc, settings, args.batch_id)
+    finally:
+        await nc.close()
+    if st is None:
+        print(f"chora: no batch {args.batch_id} (unknown, or expired)", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(st))
+        return 0
+    state = "finished" if st["finished"] else ("closing" if st["closed"] else "running")
+    print(f"batch {st['batch_id']}: {state}")
+    print(f"  done        {st['done']}/{st['total']}")
+    print(f"  successful  {st['successful']}")
+    print(f"  failed      {st['failed']}")
+    if st["closed"]:
+        print(f"  skipped     {st['skipped']}")
+    print(f"  finished    {'yes' if st['finished'] else 'no'}")
+    print(f"  elapsed     {st['elapsed_s']:.2f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------- registration
+def register(sub) -> None:
+    sp = sub.add_parser("assemble", help="assemble an artifact from its parts and print it")
+    sp.add_argument("artifact_id")
+    sp.add_argument("--context", help="JSON object, or @file with one (over the artifact's defaults)")
+    sp.add_argument("--output", "-o", help="write the content to this file instead of stdout")
+    sp.add_argument("--trace-id")
+    sp.add_argument("--timeout", type=float, default=60.0)
+    sp.set_defaults(func=lambda a: asyncio.run(assemble(a)))
+
+    bt = sub.add_parser("batch", help="generate many items as one batch").add_subparsers(dest="batch_cmd", required=True)
+    sp = bt.add_parser("run", help="run the batch in FILE (YAML or JSON) with a progress bar")
+    sp.add_argument("file")
+    sp.add_argument("--trace-id")
+    sp.add_argument("--timeout", type=float, default=600.0)
+    sp.set_defaults(func=lambda a: asyncio.run(batch_run(a)))
+
+    sp = bt.add_parser("status", help="progress of a batch, from its state record")
+    sp.add_argument("batch_id")
+    sp.add_argument("--json", action="store_true", help="one JSON object")
+    sp.set_defaults(func=lambda a: asyncio.run(batch_status(a)))

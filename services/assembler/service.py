@@ -1,0 +1,77 @@
+"""Wiring of the assembler: ``build(settings)`` -> :class:`AssemblerApp`.
+
+Nothing happens at import or build time. :meth:`AssemblerApp.start` takes the
+KV state and the Object Store from the runtime's :class:`BusContext`. The app
+runs two durable consumers (see :meth:`AssemblerApp.consumers`):
+
+- ``assembler`` (declared in the topology): artifact and batch requests and
+  the outcomes of their generations;
+- ``assembler-completions`` (declared here, at run time): the assembler's own
+  ``batch_completed`` / ``artifact_assembled``, read back from the stream to
+  mark their records finished (see :mod:`services.assembler`).
+
+Settings read: ``configs_dir`` (content configs, and artifact configs in its
+``artifacts/``), ``max_event_bytes``, and through the topology ``duplicate_window_s`` and ``ack_wait_s``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chora.artifacts import ArtifactStore
+from chora.configs import ConfigStore
+from chora.settings import Settings
+from contracts.envelope import CloudEvent
+from services.assembler.handlers import COMPLETIONS_CONSUMER, SOURCE, Deps, handle
+
+
+class AssemblerApp:
+    """The assembler service app (see :class:`services.runtime.ServiceApp`)."""
+
+    name = "assembler"
+
+    def __init__(self, configs_dir, *, source: str = SOURCE, max_event_bytes: int = 1 << 20):
+        self.max_event_bytes = max_event_bytes
+        self.configs = ConfigStore(configs_dir)
+        self.artifacts = ArtifactStore(configs_dir)
+        self.source = source
+        self.deps: Deps | None = None
+
+    async def start(self, ctx) -> None:
+        topo = ctx.topology
+        self.deps = Deps(
+            state=ctx.state,
+            content=ctx.content,
+            configs=self.configs,
+            artifacts=self.artifacts,
+            source=self.source,
+            duplicate_window_s=topo.duplicate_window_s,
+            ack_wait_s=topo.consumers["assembler"].ack_wait_s,
+            max_event_bytes=self.max_event_bytes,
+        )
+
+    def consumers(self, topology) -> list[tuple[Any, Any]]:
+        return [
+            (topology.consumers["assembler"], self.handle),
+            (topology.consumers[COMPLETIONS_CONSUMER], self.handle),
+        ]
+
+    async def handle(self, event: CloudEvent) -> list[CloudEvent]:
+        if self.deps is None:
+            raise RuntimeError("the assembler was not started")
+        return await handle(event, self.deps)
+
+    async def close(self) -> None:
+        if self.deps is not None:
+            await self.deps.committers.close()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "configs_dir": str(self.configs.root),
+            "artifacts": self.artifacts.list(),
+            "consumers": ["assembler", COMPLETIONS_CONSUMER],
+        }
+
+
+def build(settings: Settings) -> AssemblerApp:
+    return AssemblerApp(settings.configs_dir, max_event_bytes=settings.max_event_bytes)

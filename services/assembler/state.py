@@ -1,0 +1,390 @@
+"""The assembler's KV records, their keys and codecs, and the group committer.
+
+Keys (in the state bucket; KV keys allow ``[-/_=.A-Za-z0-9]``):
+
+- ``batch.<id>``                 :class:`BatchRecord`, updated with compare-and-set
+- ``batch.<id>.item.<index>``    one :class:`~contracts.events.BatchItemOutcome`, written (put) before
+                                 the bitmap update that counts it
+- ``batch.<id>.spec``            the items' content config ids (zlib JSON), only for
+                                 ``continue_on_error: false`` (skipped items are listed with them)
+- ``artifact.<run>``             :class:`ArtifactRun`, updated with compare-and-set
+- ``artifact.<run>.part.<part>`` :class:`PartContent` of a done part, written before the update
+                                 that marks it done
+
+``<id>`` is the event id of the request when it is a safe key token, else a
+hash of it (:func:`key_id`): a foreign producer may use any CloudEvent id.
+
+Records are msgpack (msgspec): a 5,000-item batch record is about 700 bytes.
+
+:class:`Committer` serialises the updates of one record within a process and
+folds every update that queued up while the previous compare-and-set was in
+flight into one (group commit); a lost compare-and-set (another instance
+changed the record) re-reads and re-folds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
+
+import msgspec
+
+from contracts.events import BatchItemOutcome, ErrorInfo
+
+log = logging.getLogger("chora.assembler")
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+def key_id(request_id: str) -> str:
+    """The key token for a request id: itself when safe, else ``h`` + 32 hex of its sha256."""
+    if _SAFE.fullmatch(request_id):
+        return request_id
+    return "h" + hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def batch_key(batch_id: str) -> str:
+    return f"batch.{key_id(batch_id)}"
+
+
+def batch_item_prefix(batch_id: str) -> str:
+    return f"{batch_key(batch_id)}.item"
+
+
+def batch_item_key(batch_id: str, index: int) -> str:
+    return f"{batch_item_prefix(batch_id)}.{index}"
+
+
+def batch_spec_key(batch_id: str) -> str:
+    return f"{batch_key(batch_id)}.spec"
+
+
+def artifact_key(run_id: str) -> str:
+    return f"artifact.{key_id(run_id)}"
+
+
+def part_key(run_id: str, part_id: str) -> str:
+    return f"{artifact_key(run_id)}.part.{part_id}"
+
+
+# --------------------------------------------------------------------------- bitmaps
+
+
+def new_bitmap(n: int) -> bytes:
+    return bytes((n + 7) // 8)
+
+
+def bit_is_set(bitmap: bytes, i: int) -> bool:
+    return bool(bitmap[i >> 3] & (1 << (i & 7)))
+
+
+def set_bit(bitmap: bytearray, i: int) -> bool:
+    """Set bit ``i``; True if it was not set before."""
+    mask = 1 << (i & 7)
+    if bitmap[i >> 3] & mask:
+        return False
+    bitmap[i >> 3] |= mask
+    return True
+
+
+def popcount(bitmap: bytes) -> int:
+    return int.from_bytes(bitmap, "little").bit_count()
+
+
+def unset_bits(bitmap: bytes, n: int) -> list[int]:
+    """The indexes in ``range(n)`` whose bit is not set."""
+    out = []
+    for byte_i, b in enumerate(bitmap):
+        if b == 0xFF:
+            continue
+        base = byte_i * 8
+        for j in range(8):
+            i = base + j
+            if i < n and not b & (1 << j):
+                out.append(i)
+    return out
+
+
+# --------------------------------------------------------------------------- records
+
+
+class BatchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One batch: counters and the bitmap of items that have an outcome."""
+
+    v: int = 1
+    total: int
+    started_at: float
+    continue_on_error: bool = True
+    successful: int = 0
+    failed: int = 0
+    bitmap: bytes = b""
+    closed: bool = False  # the outcome is decided: every item has one, or the batch stopped on an error
+    closed_at: float | None = None
+    closed_by: str | None = None  # id of the event whose update closed the batch: it announces the completion
+    stopped_by_index: int | None = None  # continue_on_error false: the failed item that stopped the batch
+    finished: bool = False  # the batch_completed is in the stream (set by the completions consumer)
+
+    @property
+    def done(self) -> int:
+        """Items with an outcome (each set bit counted one of the two counters)."""
+        return self.successful + self.failed
+
+    @property
+    def skipped(self) -> int:
+        return self.total - self.done if self.closed else 0
+
+
+class PartPlan(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    id: str
+    content_config_id: str
+    context: dict[str, Any] = {}
+    required: bool = True
+    depends_on: list[str] = []
+
+
+class PartState(msgspec.Struct, kw_only=True, omit_defaults=True):
+    # pending -> requested -> done | failed | omitted  (failed: a required part; omitted: an optional one)
+    status: str = "pending"
+    requested_by: str | None = None  # id of the event whose handling requested it
+    settled_by: str | None = None  # id of the event that made it terminal
+    error: ErrorInfo | None = None
+
+
+class ArtifactRun(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One artifact request: the plan (frozen at request time) and the state of each part."""
+
+    v: int = 1
+    run_id: str
+    artifact_id: str
+    started_at: float
+    context: dict[str, Any] = {}  # artifact defaults < request context
+    parts: list[PartPlan] = []  # composition order
+    strategy: str = "concat"
+    separator: str = "\n\n"
+    layout: str | None = None
+    layout_name: str = "<inline layout>"
+    state: dict[str, PartState] = {}
+    closed: bool = False
+    closed_at: float | None = None
+    closed_by: str | None = None
+    status: str | None = None  # success | error, once closed
+    failed_part: str | None = None
+    error: ErrorInfo | None = None
+    finished: bool = False  # the artifact_assembled is in the stream
+
+    def omitted(self) -> list[str]:
+        return [p.id for p in self.parts if self.state[p.id].status == "omitted"]
+
+    def plan(self, part_id: str) -> PartPlan | None:
+        for p in self.parts:
+            if p.id == part_id:
+                return p
+        return None
+
+
+class PartContent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    content: str | None = None
+    content_ref: str | None = None  # large content stays in the Object Store
+    content_hash: str | None = None
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec_batch = msgspec.msgpack.Decoder(BatchRecord)
+_dec_run = msgspec.msgpack.Decoder(ArtifactRun)
+_dec_item = msgspec.msgpack.Decoder(BatchItemOutcome)
+_dec_part = msgspec.msgpack.Decoder(PartContent)
+
+
+def encode(record: msgspec.Struct) -> bytes:
+    return _enc.encode(record)
+
+
+def decode_batch(raw: bytes) -> BatchRecord:
+    return _dec_batch.decode(raw)
+
+
+def decode_run(raw: bytes) -> ArtifactRun:
+    return _dec_run.decode(raw)
+
+
+def decode_item(raw: bytes) -> BatchItemOutcome:
+    return _dec_item.decode(raw)
+
+
+def decode_part(raw: bytes) -> PartContent:
+    return _dec_part.decode(raw)
+
+
+def encode_spec(config_ids: Sequence[str]) -> bytes:
+    return zlib.compress(json.dumps(list(config_ids), separators=(",", ":")).encode(), 6)
+
+
+def decode_spec(raw: bytes) -> list[str]:
+    return json.loads(zlib.decompress(raw))
+
+
+# --------------------------------------------------------------------------- the group committer
+
+
+class State(Protocol):
+    """What the assembler needs of :class:`bus.state.StateStore`."""
+
+    async def get(self, key: str) -> tuple[bytes, int] | None: ...
+    async def create(self, key: str, value: bytes) -> int | None: ...
+    async def update(self, key: str, value: bytes, revision: int) -> int | None: ...
+    async def put(self, key: str, value: bytes) -> int: ...
+    async def items(self, prefix: str) -> dict[str, bytes]: ...
+
+
+R = TypeVar("R")
+Op = TypeVar("Op")
+Res = TypeVar("Res")
+
+# fold(record, ops) -> (the new record, or None when nothing changed; one result per op)
+Fold = Callable[[R, Sequence[Op]], tuple[R | None, list[Res]]]
+
+
+class CommitConflict(Exception):
+    """The record kept changing under us (many instances): retry the message later."""
+
+
+@dataclass
+class Committed(Generic[R, Res]):
+    record: R
+    result: Res
+
+
+class Committer(Generic[R, Op, Res]):
+    """Compare-and-set updates of one key, grouped.
+
+    ``submit(op)`` queues ``op``; one task at a time reads the record (cached
+    with its revision after the first read), applies *every* queued op with
+    ``fold`` and writes the result with one ``update(key, value, revision)``.
+    Ops that queue meanwhile go into the next round. A lost compare-and-set
+    drops the cache and folds the same ops again on a fresh read, so an op is
+    applied exactly once per successful write. ``fold`` must be pure: it gets
+    a private copy of the record, which it may change and return.
+    """
+
+    MAX_ATTEMPTS = 50
+
+    def __init__(self, state: State, key: str, decode: Callable[[bytes], R], fold: Fold):
+        self.state, self.key, self.decode, self.fold = state, key, decode, fold
+        self._cached: tuple[R, int] | None = None
+        self._pending: list[tuple[Op, asyncio.Future]] = []
+        self._task: asyncio.Task | None = None
+        self.writes = 0  # successful updates (for tests and stats)
+        self.conflicts = 0
+
+    async def read(self, fresh: bool = False) -> R | None:
+        """The record (the cached copy unless ``fresh``), or None if it does not exist."""
+        if fresh or self._cached is None:
+            got = await self.state.get(self.key)
+            if got is None:
+                self._cached = None
+                return None
+            self._cached = (self.decode(got[0]), got[1])
+        return self._cached[0]
+
+    def prime(self, record: R, revision: int) -> None:
+        """Cache a record this process just created."""
+        self._cached = (record, revision)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or (self._task is not None and not self._task.done())
+
+    async def submit(self, op: Op) -> Committed[R, Res]:
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.append((op, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return await fut
+
+    async def _run(self) -> None:
+        while self._pending:
+            group, self._pending = self._pending, []
+            try:
+                record, results = await self._commit([op for op, _ in group])
+            except asyncio.CancelledError:
+                for _, f in group:
+                    if not f.done():
+                        f.set_exception(CommitConflict("assembler stopping"))
+                raise
+            except Exception as e:  # noqa: BLE001 - handed to every waiter, who will be retried
+                self._cached = None  # the write may have landed (a lost reply): read again next time
+                for _, f in group:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for (_, f), res in zip(group, results):
+                if not f.done():
+                    f.set_result(Committed(record, res))
+
+    async def _commit(self, ops: list[Op]) -> tuple[R, list[Res]]:
+        for _ in range(self.MAX_ATTEMPTS):
+            if self._cached is None:
+                got = await self.state.get(self.key)
+                if got is None:
+                    raise KeyError(f"{self.key} does not exist")
+                self._cached = (self.decode(got[0]), got[1])
+            record, revision = self._cached
+            new, results = self.fold(self.decode(encode(record)), ops)  # a private copy
+            if new is None:
+                return record, results
+            rev = await self.state.update(self.key, encode(new), revision)
+            if rev is not None:
+                self._cached = (new, rev)
+                self.writes += 1
+                return new, results
+            self.conflicts += 1
+            self._cached = None  # another instance won: read again and fold again
+        raise CommitConflict(f"{self.key}: {self.MAX_ATTEMPTS} compare-and-set attempts lost in a row")
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+class Committers:
+    """One :class:`Committer` per key, created on demand; idle ones are dropped beyond ``limit``."""
+
+    def __init__(self, state: State, limit: int = 4096):
+        self.state = state
+        self.limit = limit
+        self._by_key: dict[str, Committer] = {}
+
+    def get(self, key: str, decode: Callable[[bytes], Any], fold: Fold) -> Committer:
+        c = self._by_key.get(key)
+        if c is None:
+            if len(self._by_key) >= self.limit:
+                self._evict()
+            c = self._by_key[key] = Committer(self.state, key, decode, fold)
+        return c
+
+    def forget(self, key: str) -> None:
+        c = self._by_key.get(key)
+        if c is not None and not c.busy:
+            del self._by_key[key]
+
+    def _evict(self) -> None:
+        for key in [k for k, c in self._by_key.items() if not c.busy][: max(1, self.limit // 4)]:
+            del self._by_key[key]
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    async def close(self) -> None:
+        for c in list(self._by_key.values()):
+            await c.close()
+        self._by_key.clear()

@@ -17,7 +17,9 @@ A dead letter is always stored before the original is terminated; if it
 cannot be stored, the message is nak'ed instead, so nothing is lost.
 
 Stopping drains: no new pulls, messages that still arrive are nak'ed at once
-for another instance, in-flight work finishes and is acked.
+for another instance, in-flight work finishes and is acked. A message the
+server sends in the instant between our last nak and the unsubscribe reaches
+no one and comes back after ack_wait: delivery is at least once, never lost.
 """
 
 from __future__ import annotations

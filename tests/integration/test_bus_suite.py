@@ -138,27 +138,35 @@ async def test_no_progress_past_max_ack_pending_without_acks(bus):
     await wait_for(lambda: loop.stats.acked == 50, what="all 50 once acks flow")
 
 
+# A message in flight at the moment a subscriber closes comes back after ack_wait:
+# the closing tests use a short one so that such a message is seen again within the test.
+def short_ack_wait(topo):
+    return replace(topo.consumers["generator"], ack_wait_s=2.0)
+
+
 async def test_continue_after_subscriber_closes(bus):
     js, topo, pub, start = bus
+    await provision(js, topo, consumers=[], extra=[short_ack_wait(topo)])
     rec = Recorder()
-    first = start(rec, max_in_flight=10, pull_batch=10)
+    first = start(rec, spec=short_ack_wait(topo), max_in_flight=10, pull_batch=10)
     events = [req(i) for i in range(500)]
     await publish_all(pub, events)
     await wait_for(lambda: first.stats.acked >= 100, what="first subscriber makes progress")
     await first.stop()
-    start(rec)
+    start(rec, spec=short_ack_wait(topo))
     await wait_for(lambda: set(rec.counts) == {e.id for e in events}, what="second subscriber finishes the rest")
 
 
 async def test_subscribers_closing_concurrently(bus):
     js, topo, pub, start = bus
+    await provision(js, topo, consumers=[], extra=[short_ack_wait(topo)])
     rec = Recorder()
-    loops = [start(rec, max_in_flight=8, pull_batch=8) for _ in range(5)]
+    loops = [start(rec, spec=short_ack_wait(topo), max_in_flight=8, pull_batch=8) for _ in range(5)]
     events = [req(i) for i in range(1000)]
     await publish_all(pub, events)
     await wait_for(lambda: sum(lp.stats.acked for lp in loops) >= 200, what="progress before closing")
     await asyncio.gather(*(lp.stop() for lp in loops))
-    start(rec)
+    start(rec, spec=short_ack_wait(topo))
     await wait_for(lambda: set(rec.counts) == {e.id for e in events}, what="a new subscriber finishes the rest")
 
 

@@ -145,6 +145,7 @@ class ConsumerLoop:
         self._stopped = asyncio.Event()
         self._last_seen = 0.0
         self._sub = None
+        self._working: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, started)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -153,6 +154,7 @@ class ConsumerLoop:
         self._sub = await self.nc.subscribe(inbox, cb=self._on_msg)
         self._inbox = inbox
         reconnects = self.nc.stats.get("reconnects", 0)
+        keepalive = asyncio.create_task(self._keepalive())
         try:
             while not self._stopping:
                 if self.nc.stats.get("reconnects", 0) != reconnects:
@@ -171,6 +173,8 @@ class ConsumerLoop:
                     self._outstanding = 0
         finally:
             self._stopped.set()
+            # keep long work alive while stop() drains it
+            self._keepalive_task = keepalive
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Drain: stop pulling, finish and ack what is in flight, then unsubscribe."""
@@ -181,6 +185,9 @@ class ConsumerLoop:
             done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
             for t in pending:
                 t.cancel()
+        task = getattr(self, "_keepalive_task", None)
+        if task is not None:
+            task.cancel()
         try:
             await self.nc.flush(timeout=5)  # the acks leave before we say we are stopped
         except Exception:
@@ -239,9 +246,21 @@ class ConsumerLoop:
             log.info("%s: pull status 409 %s", self.spec.durable, headers.get("Description", ""))
         self._wake.set()
 
+    async def _keepalive(self) -> None:
+        """Tell the server we are still working on messages that take long (``+WPI``), so
+        ack_wait can stay short: after a crash, what the dead process held comes back soon."""
+        period = max(0.05, self.spec.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for msg, started in list(self._working.values()):
+                if now - started >= period:
+                    await self._safe(msg.in_progress())
+
     # ------------------------------------------------------------------ handling
     async def _process(self, msg: Msg) -> None:
         start = time.perf_counter()
+        self._working[id(msg)] = (msg, time.monotonic())
         event_type = "unknown"
         outcome = "ack"
         try:
@@ -290,6 +309,7 @@ class ConsumerLoop:
             log.exception("%s: failed to settle message", self.spec.durable)
             outcome = "error"
         finally:
+            self._working.pop(id(msg), None)
             self._in_flight -= 1
             self.observer.handled(self.spec.durable, event_type, outcome, time.perf_counter() - start)
             if self._in_flight + self._outstanding <= self.max_in_flight - self.pull_batch // 2:

@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     stream_max_age_s: float = 7 * 24 * 3600
     stream_max_bytes: int = 1 << 30
     duplicate_window_s: float = 120.0
-    ack_wait_s: float = 30.0
+    # Short, because the consumer loop sends +WPI for work that takes longer: what a crashed
+    # process held is redelivered after this long.
+    ack_wait_s: float = 10.0
     max_deliver: int = 5
     max_concurrency: int = 256
     pull_batch: int = 256

@@ -27,6 +27,8 @@ class ProcStack:
         self.url = urls or (server.url if server else None)
         self.prefix = "f" + uuid.uuid4().hex[:8]
         self.procs: dict[str, list[subprocess.Popen]] = {}
+        self._pos = 0
+        self._counts: Counter = Counter()
         self.env = child_env(
             NATS_URL=self.url,
             CHORA_HOME=str(self.home),
@@ -95,17 +97,21 @@ class ProcStack:
         return out
 
     def count(self, event_type: str, batch_id: str | None = None) -> int:
-        n = 0
-        needle = event_type.encode()
-        if not self.jsonl.exists():
-            return 0
-        with open(self.jsonl, "rb") as f:
-            for raw in f:
-                if needle in raw and (batch_id is None or batch_id.encode() in raw):
-                    rec = json.loads(raw)
-                    if rec["event_type"] == event_type:
-                        n += 1
-        return n
+        """Lines of ``event_type`` (for one batch: by origin or batch_id), read incrementally
+        so that polling costs only the new lines."""
+        if self.jsonl.exists():
+            with open(self.jsonl, "rb") as f:
+                f.seek(self._pos)
+                chunk = f.read()
+            end = chunk.rfind(b"\n") + 1
+            self._pos += end
+            for raw in chunk[:end].splitlines():
+                rec = json.loads(raw)
+                key = (rec.get("origin") or {}).get("id") or rec.get("batch_id")
+                self._counts[(rec["event_type"], None)] += 1
+                if key:
+                    self._counts[(rec["event_type"], key)] += 1
+        return self._counts[(event_type, batch_id)]
 
 
 def batch_report(lines: list[dict], batch_id: str) -> dict:

@@ -64,11 +64,8 @@ async def test_kill_the_stream_leader_mid_batch(cluster, tmp_path):
 
         await wait_for(new_leader, timeout=60, what="a new stream leader")
         elected = time.monotonic() - t0
-        before = stack.count("chora.content_generated", batch_id)
-        await wait_for(lambda: stack.count("chora.content_generated", batch_id) > before, timeout=60, what="progress under the new leader")
-        recovery = time.monotonic() - t0
-        print(f"stream leader {leader} killed: new leader after {elected:.2f}s, progress after {recovery:.2f}s")
-        await finish_and_check(stack, batch_id, f"kill -9 the R3 stream leader ({ITEMS} items, 3-node cluster)", recovery)
+        print(f"stream leader {leader} killed: new leader after {elected:.2f}s")
+        await finish_and_check(stack, batch_id, f"kill -9 the R3 stream leader (3-node cluster; new leader after {elected:.1f}s)", t0)
     finally:
         stack.stop_all()
         await nc.close()

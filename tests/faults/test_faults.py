@@ -1,7 +1,8 @@
 """Faults across the services: processes and servers die mid-batch, and the
 JSONL must still hold every item's outcome exactly once and one batch_completed.
 
-Each test records a row (fault, items, lost, duplicated, recovery seconds); with
+Each test records a row (fault, items, lost, duplicated, and recovery: seconds from
+the fault to batch_completed, restart included); with
 CHORA_RELIABILITY_REPORT=path the rows are appended there as JSON lines (the
 README's reliability table is made from such a run).
 """
@@ -68,8 +69,10 @@ async def quiescent(stack: ProcStack) -> bool:
         await nc.close()
 
 
-async def finish_and_check(stack: ProcStack, batch_id: str, fault: str, recovery_s: float | None) -> dict:
+async def finish_and_check(stack: ProcStack, batch_id: str, fault: str, fault_at: float | None) -> dict:
+    """Wait for the batch, check exactly-once, record the time from the fault to batch_completed."""
     await wait_for(lambda: stack.count("chora.batch_completed", batch_id) >= 1, timeout=240, what="batch_completed")
+    recovery_s = None if fault_at is None else time.monotonic() - fault_at
     await wait_for(lambda: quiescent(stack), timeout=120, what="all consumers drained")
     rep = batch_report(stack.lines(), batch_id)
     record(fault, ITEMS, rep, recovery_s)
@@ -102,8 +105,7 @@ async def test_kill9_a_service_mid_batch_then_restart(stack, victim):
     t0 = time.monotonic()
     stack.kill9(victim)
     stack.spawn(victim)
-    recovery = time.monotonic() - t0
-    await finish_and_check(stack, batch_id, f"kill -9 {victim} mid-batch, restart", recovery)
+    await finish_and_check(stack, batch_id, f"kill -9 {victim} mid-batch, restart", t0)
 
 
 async def test_kill9_nats_server_mid_batch_then_restart(stack, nats_server):
@@ -114,10 +116,7 @@ async def test_kill9_nats_server_mid_batch_then_restart(stack, nats_server):
     t0 = time.monotonic()
     nats_server.kill()
     nats_server.restart()
-    before = stack.count("chora.content_generated", batch_id)
-    await wait_for(lambda: stack.count("chora.content_generated", batch_id) > before, timeout=60, what="progress after restart")
-    recovery = time.monotonic() - t0
-    await finish_and_check(stack, batch_id, "kill -9 nats-server (file store) mid-batch, restart", recovery)
+    await finish_and_check(stack, batch_id, "kill -9 nats-server (file store) mid-batch, restart", t0)
 
 
 async def test_sigterm_during_load_finishes_in_flight_work(stack):
@@ -138,7 +137,7 @@ async def test_sigterm_during_load_finishes_in_flight_work(stack):
     t0 = time.monotonic()
     for name in ("generator", "assembler", "telemetry"):
         stack.spawn(name)
-    await finish_and_check(stack, batch_id, "SIGTERM generator, assembler, telemetry under load", time.monotonic() - t0)
+    await finish_and_check(stack, batch_id, "SIGTERM generator, assembler, telemetry under load, restart", t0)
 
 
 async def test_two_instances_of_every_service(stack):

@@ -223,3 +223,27 @@ async def test_a_replay_meant_for_another_consumer_is_acked_unhandled(nc, js_top
     await loop.stop()
     await task
     assert sorted(seen) == sorted([mine.id, plain.id])
+
+
+async def test_work_longer_than_ack_wait_is_kept_alive_not_redelivered(nc, js_topo):
+    from dataclasses import replace as _replace
+
+    js, topo = js_topo
+    spec = _replace(topo.consumers["generator"], ack_wait_s=0.6)
+    await provision(js, topo, consumers=[], extra=[spec])
+    calls = []
+
+    async def slow(ev):
+        calls.append(ev.id)
+        await asyncio.sleep(2.0)  # the work itself takes over three ack_waits
+        return []
+
+    loop = ConsumerLoop(nc, js, topo, spec, slow)
+    task = asyncio.create_task(loop.run())
+    await Publisher(js, topo.prefix).publish(request())
+    await wait_for(lambda: loop.stats.acked == 1, timeout=10, what="the slow message acked")
+    await loop.stop()
+    await task
+    assert len(calls) == 1, "redelivered while still being worked on"
+    ci = await js.consumer_info(topo.events_stream, "generator")
+    assert ci.num_redelivered == 0

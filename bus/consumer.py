@@ -20,6 +20,8 @@ Stopping drains: no new pulls, messages that still arrive are nak'ed at once
 for another instance, in-flight work finishes and is acked. A message the
 server sends in the instant between our last nak and the unsubscribe reaches
 no one and comes back after ack_wait: delivery is at least once, never lost.
+(What was already delivered when we unsubscribe is nak'ed: the subscription is
+drained, not dropped.)
 """
 
 from __future__ import annotations
@@ -188,15 +190,18 @@ class ConsumerLoop:
         task = getattr(self, "_keepalive_task", None)
         if task is not None:
             task.cancel()
-        try:
-            await self.nc.flush(timeout=5)  # the acks leave before we say we are stopped
-        except Exception:
-            pass
         if self._sub is not None:
             try:
-                await self._sub.unsubscribe()
-            except Exception:  # connection already closed
+                # UNSUB, a round trip, then our callback (which naks while stopping) runs on
+                # whatever was already delivered: a plain unsubscribe would drop those messages,
+                # leaving them unacknowledged until ack_wait.
+                await self._sub.drain()
+            except Exception:  # connection already closed or draining
                 pass
+        try:
+            await self.nc.flush(timeout=5)  # the acks and naks leave before we say we are stopped
+        except Exception:
+            pass
 
     # ------------------------------------------------------------------ pulling
     async def _pull_if_room(self) -> None:

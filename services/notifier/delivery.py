@@ -26,6 +26,7 @@ import asyncio
 import email.utils
 import random
 import time
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Literal
@@ -168,6 +169,21 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else " " for ch in text)[:MAX_SNIPPET]
 
 
+def split_credentials(url: str) -> tuple[str, "httpx.BasicAuth | None"]:
+    """The URL without its userinfo, and that userinfo as basic auth (or None)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    clean = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    return clean, httpx.BasicAuth(user, password)
+
+
 class WebhookSender:
     """Delivers events to one subscription's URL."""
 
@@ -182,7 +198,10 @@ class WebhookSender:
         self.subscription = subscription
         self._secret = secret
         self.wall_clock = wall_clock
+        # user:password in the URL travel as basic auth, never in the URL: HTTP clients log URLs.
+        self.url, auth = split_credentials(subscription.url)
         self.client = client or httpx.AsyncClient(
+            auth=auth,
             timeout=httpx.Timeout(subscription.timeout_s),
             limits=httpx.Limits(
                 max_connections=subscription.max_in_flight,
@@ -209,7 +228,7 @@ class WebhookSender:
 
         try:
             async with asyncio.timeout(sub.timeout_s):
-                req = self.client.build_request("POST", sub.url, headers=headers, content=body)
+                req = self.client.build_request("POST", self.url, headers=headers, content=body)
                 resp = await self.client.send(req, stream=True)
                 try:
                     snippet = b""

@@ -114,3 +114,15 @@ def test_event_the_sdk_cannot_express_is_undeliverable():
 def test_the_secret_is_not_in_the_request_except_as_hmac():
     headers, body = build_request(batch_event(), "batches", SECRET)
     assert SECRET.decode() not in json.dumps(headers) and SECRET not in body
+
+
+def test_url_credentials_become_basic_auth_and_leave_the_url():
+    import base64
+
+    from services.notifier.delivery import split_credentials
+
+    url, auth = split_credentials("https://hooks:p%40ss@example.test:8443/in?x=1")
+    assert url == "https://example.test:8443/in?x=1"
+    request = next(auth.auth_flow(__import__("httpx2").Request("POST", url)))
+    assert request.headers["Authorization"] == "Basic " + base64.b64encode(b"hooks:p@ss").decode()
+    assert split_credentials("http://127.0.0.1:9/x") == ("http://127.0.0.1:9/x", None)

@@ -60,7 +60,12 @@ async def connect_cli(settings: Settings):
     if url is None:
         url = "nats://127.0.0.1:4222"
     try:
-        return await connect(settings.nats.model_copy(update={"max_reconnect_attempts": 3}), url, name="chora-cli")
+        return await connect(
+            settings.nats.model_copy(update={"max_reconnect_attempts": 3}),
+            url,
+            name="chora-cli",
+            inbox_prefix=settings.nats.inbox_prefix,
+        )
     except Exception as e:
         raise SystemExit(
             f"chora: cannot connect to NATS at {url} ({e}). Start the stack with `make up` (or `chora up`), "

@@ -28,6 +28,8 @@ class NatsSettings(BaseSettings):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Reply subjects of this connection; with least-privilege users, e.g. _INBOX.client.
+    inbox_prefix: str = "_INBOX"
     connect_timeout: float = 5.0
     max_reconnect_attempts: int = -1  # forever: a service waits for its server
 

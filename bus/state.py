@@ -7,8 +7,10 @@ never both win a state change.
 
 from __future__ import annotations
 
-import nats.errors
+import asyncio
+
 from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -52,18 +54,36 @@ class StateStore:
         return await (await self.kv()).put(key, value)
 
     async def items(self, prefix: str, timeout: float = 30.0) -> dict[str, bytes]:
-        """Every current key under ``prefix.`` (one ordered consumer, not one request per key)."""
-        kv = await self.kv()
-        watcher = await kv.watch(f"{prefix}.>", ignore_deletes=True)
+        """Every current key under ``prefix.``, read with one ordered consumer (last value per
+        key) until a message says nothing is pending: not one request per key, and not the
+        client's watch marker, which can arrive before the last entry."""
+        kv_stream = f"KV_{self.bucket}"
+        subject = f"$KV.{self.bucket}.{prefix}.>"
+        strip = len(f"$KV.{self.bucket}.")
         out: dict[str, bytes] = {}
+        done = asyncio.get_running_loop().create_future()
+
+        async def on_msg(msg) -> None:
+            op = (msg.headers or {}).get("KV-Operation")
+            key = msg.subject[strip:]
+            if op in ("DEL", "PURGE"):
+                out.pop(key, None)
+            else:
+                out[key] = msg.data
+            if msg.metadata.num_pending == 0 and not done.done():
+                done.set_result(None)
+
+        sub = await self.js.subscribe(
+            subject, stream=kv_stream, cb=on_msg, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT
+        )
         try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout)
-                except nats.errors.TimeoutError:
-                    raise TimeoutError(f"reading {prefix}.> from {self.bucket} timed out") from None
-                if entry is None:
-                    return out
-                out[entry.key] = entry.value
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and info.delivered.stream_seq == 0 and not out:
+                return out  # nothing under the prefix
+            try:
+                await asyncio.wait_for(done, timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"reading {subject} from {kv_stream} timed out") from None
+            return out
         finally:
-            await watcher.stop()
+            await sub.unsubscribe()

@@ -78,7 +78,7 @@ class StateStore:
         )
         try:
             info = await sub.consumer_info()
-            if info.num_pending == 0 and info.delivered.stream_seq == 0 and not out:
+            if info.num_pending == 0 and info.delivered.consumer_seq == 0:
                 return out  # nothing under the prefix
             try:
                 await asyncio.wait_for(done, timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import Any
@@ -59,3 +60,20 @@ async def connect(
     if (tls := _tls(s)) is not None:
         opts["tls"] = tls
     return await nats.connect(**opts)
+
+
+async def settle(nc: Client, timeout: float = 5.0) -> None:
+    """Write everything buffered (acks, naks, UNSUBs), then wait for a round trip.
+
+    nats-py 2.16's ``flush()`` writes its PING straight to the socket, ahead of the
+    commands still buffered, and ``close()`` cancels the flusher without waiting: so
+    neither proves that the acks written just before reached the server. Forcing the
+    buffer out first (the client's own ``_flush_pending``) makes the PONG mean it.
+    """
+    try:
+        flush_pending = getattr(nc, "_flush_pending", None)
+        if flush_pending is not None:
+            await asyncio.wait_for(flush_pending(force_flush=True), timeout)
+        await nc.flush(timeout=timeout)
+    except Exception as e:  # closed or disconnected: redelivery covers what did not leave
+        log.debug("settle: %s", e)

@@ -38,6 +38,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from bus.connection import settle
 from bus.content import ContentMissing, ContentStore
 from bus.deadletter import dead_letter
 from bus.dlq import REPLAY_EXTENSION
@@ -148,6 +149,7 @@ class ConsumerLoop:
         self._last_seen = 0.0
         self._sub = None
         self._working: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, started)
+        self._backlog = 0  # messages pending for the consumer, as of the last delivery
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -183,6 +185,16 @@ class ConsumerLoop:
         self._stopping = True
         self._wake.set()
         await self._stopped.wait()
+        # With a backlog, the server fills our outstanding pull requests at once: take those
+        # deliveries (we nak them) before unsubscribing, or they would reach no one and wait
+        # out ack_wait. Idle, nothing comes to fill them, so there is nothing to wait for.
+        deadline = time.monotonic() + 2.0
+        while self._outstanding > 0 and self._backlog > 0 and self.nc.is_connected and time.monotonic() < deadline:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
             for t in pending:
@@ -190,6 +202,7 @@ class ConsumerLoop:
         task = getattr(self, "_keepalive_task", None)
         if task is not None:
             task.cancel()
+        await settle(self.nc)  # the acks and naks are at the server before the UNSUB
         if self._sub is not None:
             try:
                 # UNSUB, a round trip, then our callback (which naks while stopping) runs on
@@ -198,10 +211,7 @@ class ConsumerLoop:
                 await self._sub.drain()
             except Exception:  # connection already closed or draining
                 pass
-        try:
-            await self.nc.flush(timeout=5)  # the acks and naks leave before we say we are stopped
-        except Exception:
-            pass
+        await settle(self.nc)  # and the naks of the drained ones before we say we are stopped
 
     # ------------------------------------------------------------------ pulling
     async def _pull_if_room(self) -> None:
@@ -230,6 +240,10 @@ class ConsumerLoop:
             self._on_status(headers)
             return
         self._outstanding = max(0, self._outstanding - 1)
+        try:
+            self._backlog = msg.metadata.num_pending
+        except Exception:
+            pass
         if self._stopping:
             await self._safe(msg.nak())
             return
@@ -245,6 +259,8 @@ class ConsumerLoop:
         pending = headers.get("Nats-Pending-Messages")
         if pending is not None:
             self._outstanding = max(0, self._outstanding - int(pending))
+            if code in ("404", "408"):
+                self._backlog = 0  # the request ran out unfilled: nothing was pending
         elif code == "409":
             # leadership change, consumer deleted, ...: the server dropped our requests
             self._outstanding = 0

@@ -7,9 +7,7 @@ import asyncio
 import importlib
 import json
 import logging
-import os
 import sys
-import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -20,7 +18,7 @@ EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 1, 2, 64
 
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
-COMMAND_MODULES: list[str] = ["chora.commands.configs", "chora.commands.dlq", "chora.commands.assembly"]
+COMMAND_MODULES: list[str] = ["chora.commands.configs", "chora.commands.dlq", "chora.commands.assembly", "chora.commands.events"]
 
 
 def load_settings() -> Settings:
@@ -133,65 +131,6 @@ async def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------- events
-def _matches(line: str, args: argparse.Namespace) -> bool:
-    if not (args.trace_id or args.type):
-        return True
-    try:
-        doc = json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    if args.trace_id and doc.get("trace_id") != args.trace_id:
-        return False
-    if args.type and doc.get("event_type") not in (args.type, f"chora.{args.type}"):
-        return False
-    return True
-
-
-def events_tail(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    path = Path(args.file) if args.file else settings.jsonl_path
-    if not path.exists() and not args.follow:
-        print(f"chora: no events file at {path}", file=sys.stderr)
-        return EXIT_FAILED
-    pos, inode = 0, None
-    pending: list[str] = []
-    if path.exists():
-        with open(path) as f:
-            lines = [ln for ln in f if _matches(ln, args)]
-            pos, inode = f.tell(), os.fstat(f.fileno()).st_ino
-        pending = lines[-args.lines :] if args.lines else lines
-    for ln in pending:
-        sys.stdout.write(ln)
-    sys.stdout.flush()
-    if not args.follow:
-        return 0
-    buf = ""
-    try:
-        while True:
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                time.sleep(0.2)
-                continue
-            if st.st_ino != inode or st.st_size < pos:  # rotated or truncated: start from the top
-                pos, inode = 0, st.st_ino
-            if st.st_size > pos:
-                with open(path) as f:
-                    f.seek(pos)
-                    buf += f.read()
-                    pos = f.tell()
-                *complete, buf = buf.split("\n")
-                for ln in complete:
-                    if ln and _matches(ln, args):
-                        sys.stdout.write(ln + "\n")
-                sys.stdout.flush()
-            else:
-                time.sleep(0.2)
-    except KeyboardInterrupt:
-        return 0
-
-
 # ---------------------------------------------------------------------- nats / services
 async def nats_provision(args: argparse.Namespace) -> int:
     from bus.topology import Topology, provision
@@ -248,15 +187,6 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--trace-id")
     sp.add_argument("--timeout", type=float, default=30.0)
     sp.set_defaults(func=lambda a: asyncio.run(generate(a)))
-
-    ev = sub.add_parser("events", help="read the telemetry JSONL").add_subparsers(dest="events_cmd", required=True)
-    sp = ev.add_parser("tail", help="print events, then follow new ones (one JSON object per line)")
-    sp.add_argument("--trace-id")
-    sp.add_argument("--type", help="event type, with or without the 'chora.' prefix")
-    sp.add_argument("-n", "--lines", type=int, default=0, help="only the last N matching lines (0: all)")
-    sp.add_argument("--no-follow", dest="follow", action="store_false", help="exit at the end of the file")
-    sp.add_argument("--file", help="JSONL file (default: the telemetry sink's)")
-    sp.set_defaults(func=events_tail)
 
     nt = sub.add_parser("nats", help="NATS administration").add_subparsers(dest="nats_cmd", required=True)
     sp = nt.add_parser("provision", help="create or update streams and consumers on NATS_URL")

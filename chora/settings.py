@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     telemetry_redact_keys: list[str] = [
         "password", "passwd", "secret", "token", "api_key", "apikey", "authorization", "access_token", "private_key",
     ]
+    # Rotate events.jsonl when a batch would take it past this many bytes (0: never), and at UTC midnight.
+    telemetry_rotate_bytes: int = 64 << 20
+    telemetry_rotate_daily: bool = True
+    # Rotated (gzipped) files kept next to events.jsonl; the oldest beyond this are deleted.
+    telemetry_retention_files: int = 30
+    # How often the telemetry sink reads JetStream figures (consumer lag, stream sizes).
+    monitor_interval_s: float = 5.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 picks a free port
     trace_id: str | None = None

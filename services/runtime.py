@@ -19,7 +19,7 @@ from typing import Any, Protocol, Sequence
 
 from dataclasses import dataclass
 
-from bus.connection import connect
+from bus.connection import connect, settle
 from bus.consumer import ConsumerLoop, Handler, Observer
 from bus.content import ContentStore
 from bus.state import StateStore
@@ -138,6 +138,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         log.info("%s draining", name)
         await asyncio.gather(*(loop.stop() for loop in loops))
         await asyncio.gather(*runs)
+        await settle(nc)
         await nc.drain()
         await app.close()
         rf.unlink(missing_ok=True)

@@ -1,34 +1,85 @@
 """Prometheus metrics of the telemetry sink, in a registry of its own.
 
-Labels only ever hold values from small, closed sets (event types of the
-catalogue, statuses, generator names, consumer names, outcomes): never an
-event id, a trace id or a request id.
+Labels only ever hold values from small, bounded sets (event types of the
+catalogue, statuses, generator names, validation rule names, configured
+subscription names, stream and consumer names): never an event id, a trace
+id or a request id. Each label keeps at most ``MAX_LABEL_VALUES`` distinct
+values per metric; later newcomers are counted under ``other``.
+
+From events (the sink sees every one):
 
     chora_events_total{event_type,status}                 events mirrored (duplicates not counted)
     chora_generation_duration_seconds{generator}          content_generated duration_ms, successes only
+    chora_generation_errors_total{code}                   content_generated with status error, by error code
+    chora_validations_total{result}                       content_validated, result valid|invalid
+    chora_validation_issues_total{rule,severity}          issues of content_validated
+    chora_batch_size                                      histogram of batch_completed total
+    chora_batch_duration_seconds                          histogram of batch_completed duration_ms
+    chora_batch_items_total{outcome}                      batch items by outcome success|error|skipped
+    chora_artifacts_assembled_total{status}               artifact_assembled by status
+    chora_artifact_duration_seconds                       histogram of artifact_assembled duration_ms
+    chora_webhook_deliveries_total{subscription,outcome}  notification_delivered (delivered) / _failed (failed)
+    chora_webhook_delivery_duration_seconds{subscription} notification_delivered duration_ms
+    chora_webhook_circuit_open{subscription}              1 after a CIRCUIT_OPEN failure, 0 after a delivery
     chora_sink_lag_seconds                                line written minus event time
     chora_sink_lines_written_total                        lines appended to the JSONL file
     chora_sink_duplicates_skipped_total                   events already written (redeliveries)
-    chora_consumer_handled_total{consumer,event_type,outcome}   from the consumer loop's observer hook
-    chora_handler_duration_seconds{consumer}              handling time, from the same hook
+    chora_build_info{version,python}                      always 1
+
+From the consumer loop of the telemetry process (observer hook):
+
+    chora_consumer_handled_total{consumer,event_type,outcome}
+    chora_handler_duration_seconds{consumer}
+
+From JetStream (the last :class:`bus.monitor.JetStreamSnapshot`, polled by the app):
+
+    chora_consumer_pending_messages{stream,consumer}      not yet delivered
+    chora_consumer_ack_pending_messages{stream,consumer}  delivered, not acknowledged
+    chora_consumer_redelivered_messages{stream,consumer}  redelivered, not acknowledged
+    chora_consumer_waiting_pulls{stream,consumer}         pull requests waiting
+    chora_stream_messages{stream} / chora_stream_bytes{stream}
+    chora_dead_letters{stream}                            messages in the dead-letter stream
+    chora_jetstream_memory_bytes, chora_jetstream_storage_bytes,
+    chora_jetstream_streams, chora_jetstream_consumers    the account's JetStream usage
+    chora_jetstream_monitor_up                            1 if the last poll succeeded
+    chora_jetstream_monitor_errors_total                  failed polls
+    chora_jetstream_monitor_last_success_timestamp_seconds
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import threading
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from contracts.catalogue import CONTENT_GENERATED
+from bus.monitor import JetStreamSnapshot
+from contracts.catalogue import (
+    ARTIFACT_ASSEMBLED,
+    CATALOGUE,
+    BATCH_COMPLETED,
+    CONTENT_GENERATED,
+    CONTENT_VALIDATED,
+    NOTIFICATION_DELIVERED,
+    NOTIFICATION_FAILED,
+)
 from contracts.envelope import CloudEvent
 
 GENERATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000)
+BATCH_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+WEBHOOK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 HANDLER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 _MAX_LABEL = 64
+MAX_LABEL_VALUES = 100  # distinct values of one label of one metric; then "other"
+OTHER = "other"
 
 
 def _label(value: Any, default: str = "unknown") -> str:
@@ -36,6 +87,15 @@ def _label(value: Any, default: str = "unknown") -> str:
         return default
     s = str(value)
     return s if len(s) <= _MAX_LABEL else s[:_MAX_LABEL]
+
+
+_BATCH_OUTCOME = {"successful": "success", "failed": "error", "skipped": "skipped"}
+
+
+def _seconds(ms: Any) -> float | None:
+    if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not ms >= 0:
+        return None
+    return ms / 1000.0
 
 
 def event_timestamp(value: str | None) -> float | None:
@@ -46,6 +106,85 @@ def event_timestamp(value: str | None) -> float | None:
         return datetime.fromisoformat(value).timestamp()
     except (ValueError, TypeError):
         return None
+
+
+def build_version() -> str:
+    try:
+        return importlib.metadata.version("chora-compose")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Bounded:
+    """Keeps at most ``limit`` distinct values of one label; others become ``other``."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES):
+        self.limit = limit
+        self.seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: Any, default: str = "unknown") -> str:
+        v = _label(value, default)
+        if v in self.seen:
+            return v
+        with self._lock:
+            if len(self.seen) < self.limit:
+                self.seen.add(v)
+                return v
+        return OTHER
+
+
+class JetStreamCollector(Collector):
+    """Renders the last JetStream snapshot at scrape time (a consumer that is
+    gone from the server is gone from the metrics too)."""
+
+    def __init__(self) -> None:
+        self.snapshot: JetStreamSnapshot | None = None
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        snap = self.snapshot
+        if snap is None:
+            return
+        pending = GaugeMetricFamily(
+            "chora_consumer_pending_messages", "Messages of the stream not yet delivered to the consumer.",
+            labels=["stream", "consumer"])
+        ack_pending = GaugeMetricFamily(
+            "chora_consumer_ack_pending_messages", "Messages delivered to the consumer and not yet acknowledged.",
+            labels=["stream", "consumer"])
+        redelivered = GaugeMetricFamily(
+            "chora_consumer_redelivered_messages", "Messages redelivered to the consumer and not yet acknowledged.",
+            labels=["stream", "consumer"])
+        waiting = GaugeMetricFamily(
+            "chora_consumer_waiting_pulls", "Pull requests of the consumer waiting on the server.",
+            labels=["stream", "consumer"])
+        for c in snap.consumers:
+            labels = [_label(c.stream), _label(c.consumer)]
+            pending.add_metric(labels, c.pending)
+            ack_pending.add_metric(labels, c.ack_pending)
+            redelivered.add_metric(labels, c.redelivered)
+            waiting.add_metric(labels, c.waiting)
+        messages = GaugeMetricFamily("chora_stream_messages", "Messages stored in the stream.", labels=["stream"])
+        size = GaugeMetricFamily("chora_stream_bytes", "Bytes stored in the stream.", labels=["stream"])
+        for s in snap.streams:
+            messages.add_metric([_label(s.stream)], s.messages)
+            size.add_metric([_label(s.stream)], s.bytes)
+        yield from (pending, ack_pending, redelivered, waiting, messages, size)
+        if snap.dead_letters is not None:
+            dl = GaugeMetricFamily("chora_dead_letters", "Messages in the dead-letter stream.", labels=["stream"])
+            dl.add_metric([_label(snap.dlq_stream)], snap.dead_letters)
+            yield dl
+        if snap.account is not None:
+            a = snap.account
+            for name, doc, value in (
+                ("chora_jetstream_memory_bytes", "JetStream memory storage used by the account.", a.memory_bytes),
+                ("chora_jetstream_storage_bytes", "JetStream file storage used by the account.", a.storage_bytes),
+                ("chora_jetstream_streams", "Streams of the account.", a.streams),
+                ("chora_jetstream_consumers", "Consumers of the account.", a.consumers),
+            ):
+                yield GaugeMetricFamily(name, doc, value=value)
 
 
 class TelemetryMetrics:
@@ -75,10 +214,83 @@ class TelemetryMetrics:
         self.handler_duration = Histogram(
             "chora_handler_duration_seconds", "Time to handle and settle one message.", ["consumer"], buckets=HANDLER_BUCKETS, registry=r
         )
+        self.generation_errors = Counter(
+            "chora_generation_errors", "content_generated events with status error, by error code.", ["code"], registry=r
+        )
+        self.validations = Counter(
+            "chora_validations", "content_validated events by result (valid or invalid).", ["result"], registry=r
+        )
+        self.validation_issues = Counter(
+            "chora_validation_issues", "Issues reported by content_validated events.", ["rule", "severity"], registry=r
+        )
+        self.batch_size = Histogram(
+            "chora_batch_size", "Items per completed batch (batch_completed total).", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_duration = Histogram(
+            "chora_batch_duration_seconds", "Duration of completed batches (batch_completed duration_ms).",
+            buckets=BATCH_DURATION_BUCKETS, registry=r,
+        )
+        self.batch_items = Counter(
+            "chora_batch_items", "Items of completed batches by outcome.", ["outcome"], registry=r
+        )
+        self.artifacts = Counter(
+            "chora_artifacts_assembled", "artifact_assembled events by status.", ["status"], registry=r
+        )
+        self.artifact_duration = Histogram(
+            "chora_artifact_duration_seconds", "Duration of artifact assembly (artifact_assembled duration_ms).",
+            buckets=BATCH_DURATION_BUCKETS, registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "chora_webhook_deliveries", "Webhook notifications by subscription and outcome (delivered or failed).",
+            ["subscription", "outcome"], registry=r,
+        )
+        self.webhook_duration = Histogram(
+            "chora_webhook_delivery_duration_seconds", "Duration of the successful webhook call.",
+            ["subscription"], buckets=WEBHOOK_BUCKETS, registry=r,
+        )
+        self.webhook_circuit_open = Gauge(
+            "chora_webhook_circuit_open",
+            "1 when the subscription's last outcome was a CIRCUIT_OPEN failure, 0 after a delivery (as told by events).",
+            ["subscription"], registry=r,
+        )
+        self.build_info = Gauge("chora_build_info", "Always 1; the labels tell the build.", ["version", "python"], registry=r)
+        self.build_info.labels(build_version(), platform.python_version()).set(1)
+        self.monitor_up = Gauge(
+            "chora_jetstream_monitor_up", "1 if the last poll of the JetStream figures succeeded, else 0.", registry=r
+        )
+        self.monitor_errors = Counter(
+            "chora_jetstream_monitor_errors", "Polls of the JetStream figures that failed.", registry=r
+        )
+        self.monitor_last_success = Gauge(
+            "chora_jetstream_monitor_last_success_timestamp_seconds", "When the JetStream figures were last read.",
+            registry=r,
+        )
+        self._zero_known_series()
+        self.jetstream = JetStreamCollector()
+        r.register(self.jetstream)
+        self._subscription = _Bounded()
+        self._generator = _Bounded()
+        self._code = _Bounded()
+        self._rule = _Bounded()
         self._server = None
         self._thread: threading.Thread | None = None
         self.host: str | None = None
         self.port: int | None = None
+
+    def _zero_known_series(self) -> None:
+        """Create the series of closed label sets at 0, so that the first event of a kind is
+        an increase that rate() sees, and ratios have a denominator from the start."""
+        for event_type, spec in CATALOGUE.items():
+            fields = getattr(spec.struct, "__struct_fields__", ())
+            statuses = ("success", "error") if "status" in fields else ("ok",)
+            for status in statuses:
+                self.events.labels(event_type, status)
+        for result in ("valid", "invalid"):
+            self.validations.labels(result)
+        for status in ("success", "error"):
+            self.artifacts.labels(status)
+        for outcome in _BATCH_OUTCOME.values():
+            self.batch_items.labels(outcome)
 
     # ------------------------------------------------------------------ recording
     def written(self, event: CloudEvent, written_at: float) -> None:
@@ -90,10 +302,63 @@ class TelemetryMetrics:
         t = event_timestamp(event.time)
         if t is not None:
             self.sink_lag.observe(max(0.0, written_at - t))
-        if event.type == CONTENT_GENERATED and status == "success":
-            ms = getattr(data, "duration_ms", None)
-            if isinstance(ms, (int, float)) and ms >= 0:
-                self.generation_duration.labels(_label(getattr(data, "generator_type", None))).observe(ms / 1000.0)
+        kind = event.type
+        if kind == CONTENT_GENERATED:
+            if status == "success":
+                s = _seconds(getattr(data, "duration_ms", None))
+                if s is not None:
+                    self.generation_duration.labels(self._generator(getattr(data, "generator_type", None))).observe(s)
+            elif status == "error":
+                err = getattr(data, "error", None)
+                self.generation_errors.labels(self._code(getattr(err, "code", None))).inc()
+        elif kind == CONTENT_VALIDATED:
+            self.validations.labels("valid" if getattr(data, "valid", False) else "invalid").inc()
+            for issue in getattr(data, "issues", None) or ():
+                self.validation_issues.labels(
+                    self._rule(getattr(issue, "rule", None)), _label(getattr(issue, "severity", None))
+                ).inc()
+        elif kind == BATCH_COMPLETED:
+            total = getattr(data, "total", None)
+            if isinstance(total, int) and total >= 0:
+                self.batch_size.observe(total)
+            s = _seconds(getattr(data, "duration_ms", None))
+            if s is not None:
+                self.batch_duration.observe(s)
+            for outcome in ("successful", "failed", "skipped"):
+                n = getattr(data, outcome, None)
+                if isinstance(n, int) and n > 0:
+                    self.batch_items.labels(_BATCH_OUTCOME[outcome]).inc(n)
+        elif kind == ARTIFACT_ASSEMBLED:
+            self.artifacts.labels(_label(status)).inc()
+            s = _seconds(getattr(data, "duration_ms", None))
+            if s is not None:
+                self.artifact_duration.observe(s)
+        elif kind == NOTIFICATION_DELIVERED:
+            sub = self._subscription(getattr(data, "subscription", None))
+            self.webhook_deliveries.labels(sub, "delivered").inc()
+            s = _seconds(getattr(data, "duration_ms", None))
+            if s is not None:
+                self.webhook_duration.labels(sub).observe(s)
+            self.webhook_circuit_open.labels(sub).set(0)
+        elif kind == NOTIFICATION_FAILED:
+            sub = self._subscription(getattr(data, "subscription", None))
+            self.webhook_deliveries.labels(sub, "failed").inc()
+            code = getattr(getattr(data, "error", None), "code", None)
+            gauge = self.webhook_circuit_open.labels(sub)  # creates the series at 0
+            if code == "CIRCUIT_OPEN":
+                gauge.set(1)
+
+    # ------------------------------------------------------------------ JetStream
+    def jetstream_polled(self, snapshot: JetStreamSnapshot) -> None:
+        """A successful poll of :class:`bus.monitor.JetStreamMonitor`."""
+        self.jetstream.snapshot = snapshot
+        self.monitor_up.set(1)
+        self.monitor_last_success.set(snapshot.taken_at)
+
+    def jetstream_failed(self) -> None:
+        """A failed poll: the last figures stay, marked stale by ``chora_jetstream_monitor_up 0``."""
+        self.monitor_errors.inc()
+        self.monitor_up.set(0)
 
     def duplicate(self, event: CloudEvent) -> None:
         self.duplicates_skipped.inc()

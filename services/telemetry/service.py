@@ -5,21 +5,39 @@ JSONL file (repairing a torn last line, remembering the ids already written)
 and starts the ``/metrics`` HTTP server.
 
 Settings read: ``jsonl_path``, ``metrics_host``, ``metrics_port`` (0 picks a
-free port; :meth:`TelemetryApp.info` reports the real one), ``telemetry_fsync``
-and ``telemetry_max_ids``.
+free port; :meth:`TelemetryApp.info` reports the real one), ``telemetry_fsync``,
+``telemetry_max_ids`` and, when present, ``monitor_interval_s`` (default 5).
+
+JetStream figures (consumer lag, stream sizes, dead letters) come from a plain
+async callable returning a :class:`bus.monitor.JetStreamSnapshot`: the one the
+app was built with, else ``ctx.monitor`` if the runtime hands one over, else a
+:class:`bus.monitor.JetStreamMonitor` over the context's JetStream stores. A
+background task calls it every ``monitor_interval_s``; a failed poll is
+logged once per outage, counted, and flips ``chora_jetstream_monitor_up`` to 0;
+the figures of the last good poll stay. Neither the handler nor this module
+touches NATS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
+from bus.monitor import JetStreamMonitor, JetStreamSnapshot
 from chora.settings import Settings
 from contracts.envelope import CloudEvent
 from services.telemetry.handlers import mirror
 from services.telemetry.metrics import TelemetryMetrics
 from services.telemetry.sink import JsonlSink
+
+
+log = logging.getLogger("chora.telemetry")
+
+DEFAULT_MONITOR_INTERVAL_S = 5.0
+
+Monitor = Callable[[], Awaitable[JetStreamSnapshot]]
 
 
 class TelemetryApp:
@@ -37,8 +55,15 @@ class TelemetryApp:
         *,
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = 0,
+        monitor: Monitor | None = None,
+        monitor_interval_s: float = DEFAULT_MONITOR_INTERVAL_S,
     ):
         self.sink = sink
+        self.monitor = monitor
+        self.monitor_interval_s = monitor_interval_s
+        self._monitor_task: asyncio.Task | None = None
+        self._monitor_wake: asyncio.Event | None = None
+        self._monitor_failing = False
         self.metrics = metrics or TelemetryMetrics()
         self.observer = self.metrics
         self.metrics_host = metrics_host
@@ -52,11 +77,61 @@ class TelemetryApp:
             except BaseException:
                 await self.sink.close()
                 raise
+        if self.monitor is None and ctx is not None:
+            self.monitor = getattr(ctx, "monitor", None)
+            if self.monitor is None:
+                try:
+                    self.monitor = JetStreamMonitor.from_context(ctx).snapshot
+                except (ValueError, AttributeError) as e:
+                    log.warning("telemetry: no JetStream figures (%s)", e)
+        if self.monitor is not None and self.monitor_interval_s > 0:
+            self._monitor_wake = asyncio.Event()
+            self._monitor_task = asyncio.create_task(self._poll_loop(), name="telemetry-jetstream-monitor")
+
+    async def poll_once(self) -> bool:
+        """Read the JetStream figures once; True if that worked."""
+        if self.monitor is None:
+            return False
+        try:
+            snap = await asyncio.wait_for(self.monitor(), timeout=max(1.0, self.monitor_interval_s * 2))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not self._monitor_failing:
+                log.warning("telemetry: reading JetStream figures failed: %s", e)
+            self._monitor_failing = True
+            self.metrics.jetstream_failed()
+            return False
+        if self._monitor_failing:
+            log.info("telemetry: JetStream figures readable again")
+        self._monitor_failing = False
+        self.metrics.jetstream_polled(snap)
+        return True
+
+    async def _poll_loop(self) -> None:
+        wake = self._monitor_wake
+        assert wake is not None
+        while True:
+            await self.poll_once()
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=self.monitor_interval_s)
+            except asyncio.TimeoutError:
+                continue
+            return  # woken: closing
 
     async def handle(self, event: CloudEvent) -> list[CloudEvent]:
         return await mirror(event, sink=self.sink, metrics=self.metrics)
 
     async def close(self) -> None:
+        task, self._monitor_task = self._monitor_task, None
+        if task is not None:
+            if self._monitor_wake is not None:
+                self._monitor_wake.set()
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
         try:
             await self.sink.close()
         finally:
@@ -73,5 +148,14 @@ def build(settings: Settings) -> TelemetryApp:
         fsync=settings.telemetry_fsync,
         max_ids=settings.telemetry_max_ids,
         redact_keys=frozenset(settings.telemetry_redact_keys),
+        rotate_bytes=settings.telemetry_rotate_bytes,
+        rotate_daily=settings.telemetry_rotate_daily,
+        retention_files=settings.telemetry_retention_files,
     )
-    return TelemetryApp(sink, TelemetryMetrics(), metrics_host=settings.metrics_host, metrics_port=settings.metrics_port)
+    return TelemetryApp(
+        sink,
+        TelemetryMetrics(),
+        metrics_host=settings.metrics_host,
+        metrics_port=settings.metrics_port,
+        monitor_interval_s=settings.monitor_interval_s,
+    )

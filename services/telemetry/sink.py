@@ -2,6 +2,7 @@
 
 Line format (one JSON object per line, keys in this order)::
 
+    schema_version  1: the version of this line format (bumped on an incompatible change)
     timestamp    when the line was produced (RFC3339 UTC)
     event_time   the CloudEvent ``time``
     event_id     the CloudEvent ``id``
@@ -18,6 +19,19 @@ Line format (one JSON object per line, keys in this order)::
                  payload field whose name clashes with one above is kept as
                  ``data_<name>``.
 
+Rotation and retention
+----------------------
+Before a batch is written the sink rotates the live file when the batch would
+take it past ``rotate_bytes`` (0: never), or, with ``rotate_daily``, when the
+UTC day (by ``clock``) differs from the day of the file's first line. The file
+is renamed to ``events-<UTC day of its first line>-<seq>.jsonl`` and a new
+``events.jsonl`` (0600) is opened at once; the renamed file is gzipped in a
+thread (never on the event loop, one at a time), then the oldest rotated files
+beyond ``retention_files`` are deleted. See :mod:`services.telemetry.rotation`
+for the names and the crash-safe compression. A file is larger than
+``rotate_bytes`` only when a single batch is. A line produced just before
+midnight may land in the next day's file (the day is checked per batch).
+
 Any event type is mirrored the same way: nothing here knows the catalogue.
 
 Exactly one line per event id
@@ -26,6 +40,15 @@ The sink remembers the ids it has written (as 16-byte BLAKE2b digests, to keep
 memory low) and acknowledges an event it has already written without writing
 it again. On :meth:`JsonlSink.start` the memory is rebuilt from the tail of the
 existing file, so a restarted sink still recognises what it wrote before.
+
+Rotation does not touch the memory. On start, when the live file holds fewer
+than ``max_ids`` lines (it was rotated recently: always the case just after a
+rotation), the newest rotated files are read too, newest first, until
+``max_ids`` ids are remembered or the next older file was last written before
+the redelivery horizon (``dedupe_horizon_s``, default 1 h, judged by the file's
+mtime, which compression preserves). An event whose line is older than that
+cannot be redelivered (see below), so reading further would only cost
+start-up time (a 64 MiB file holds ~200,000 lines).
 
 The memory is bounded (``max_ids``, default 1,000,000; the oldest are forgotten
 first). That is safe because duplicates only reach the sink in two ways:
@@ -68,6 +91,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime as _dt
 import hashlib
 import logging
 import os
@@ -79,15 +103,22 @@ from typing import Any, Callable
 import msgspec
 
 from contracts.envelope import CloudEvent, now_rfc3339
+from services.telemetry import rotation
 
 log = logging.getLogger("chora.telemetry")
 
 DEFAULT_MAX_IDS = 1_000_000
+DEFAULT_ROTATE_BYTES = 64 << 20
+DEFAULT_RETENTION_FILES = 30
+DEFAULT_DEDUPE_HORIZON_S = 3600.0
+_ROTATE_RETRY_S = 60.0
 _SCAN_CHUNK = 1 << 20
 
 # Envelope keys of a line; a payload field with one of these names becomes data_<name>.
+SCHEMA_VERSION = 1
+
 _HEAD_KEYS = frozenset(
-    ("timestamp", "event_time", "event_id", "trace_id", "traceparent", "event_type", "source", "subject", "status")
+    ("schema_version", "timestamp", "event_time", "event_id", "trace_id", "traceparent", "event_type", "source", "subject", "status")
 )
 
 
@@ -99,6 +130,10 @@ class _IdOnly(msgspec.Struct):
     """Decodes just the id of a stored line (every other key is skipped)."""
 
     event_id: str
+
+
+class _TimestampOnly(msgspec.Struct):
+    timestamp: str
 
 
 _id_decoder = msgspec.json.Decoder(_IdOnly)
@@ -142,6 +177,7 @@ def to_record(
         if s is not None:
             status = s
     rec: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
         "timestamp": timestamp or now_rfc3339(),
         "event_time": event.time,
         "event_id": event.id,
@@ -231,8 +267,16 @@ class JsonlSink:
         clock: Callable[[], float] = time.time,
         scan_chunk_bytes: int = _SCAN_CHUNK,
         redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS,
+        rotate_bytes: int = DEFAULT_ROTATE_BYTES,
+        rotate_daily: bool = True,
+        retention_files: int = DEFAULT_RETENTION_FILES,
+        dedupe_horizon_s: float = DEFAULT_DEDUPE_HORIZON_S,
     ):
         self.path = Path(path)
+        self.rotate_bytes = max(0, int(rotate_bytes or 0))
+        self.rotate_daily = rotate_daily
+        self.retention_files = retention_files
+        self.dedupe_horizon_s = dedupe_horizon_s
         self.redact_keys = frozenset(k.lower() for k in redact_keys)
         self.fsync = fsync
         self.clock = clock
@@ -243,6 +287,10 @@ class JsonlSink:
         self._batch: list[tuple[bytes, asyncio.Future]] = []
         self._fd: int | None = None
         self._size = 0
+        self._day: str | None = None  # UTC day of the live file's first line
+        self._rotate_retry_at = 0.0
+        self._bg: set[asyncio.Task] = set()
+        self._compress_lock: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
         self._flusher: asyncio.Task | None = None
         self._closing = False
@@ -250,6 +298,8 @@ class JsonlSink:
         self.duplicates_skipped = 0
         self.batches = 0
         self.repaired_bytes = 0
+        self.rotations = 0
+        self.compress_errors = 0
 
     @property
     def max_ids(self) -> int:
@@ -264,6 +314,7 @@ class JsonlSink:
         if self._fd is not None:
             return
         await asyncio.to_thread(self._open)
+        self._compress_lock = asyncio.Lock()
         self._closing = False
         self._wake = asyncio.Event()
         self._flusher = asyncio.create_task(self._flush_loop(), name=f"jsonl-flusher:{self.path.name}")
@@ -275,8 +326,9 @@ class JsonlSink:
             await asyncio.gather(*(asyncio.shield(f) for f in pending), return_exceptions=True)
 
     async def close(self) -> None:
-        """Write what is pending, stop the flusher, close the file."""
+        """Write what is pending, stop the flusher, close the file, finish compressing."""
         if self._fd is None:
+            await self.wait_compressed()
             return
         self._closing = True
         if self._wake is not None:
@@ -291,6 +343,12 @@ class JsonlSink:
             except OSError:
                 pass
         os.close(fd)
+        await self.wait_compressed()
+
+    async def wait_compressed(self) -> None:
+        """Wait until every rotated file handed over so far is compressed (or failed)."""
+        while self._bg:
+            await asyncio.gather(*list(self._bg), return_exceptions=True)
 
     # ------------------------------------------------------------------ writing
     async def write(self, event: CloudEvent) -> bool:
@@ -330,11 +388,12 @@ class JsonlSink:
             self._buf, self._batch = [], []
             data = b"".join(buf)
             del buf
+            rotated: list[Path] = []
             try:
                 if self.fsync:
-                    await asyncio.to_thread(self._append, data)
+                    await asyncio.to_thread(self._write_batch, data, rotated)
                 else:
-                    self._append(data)
+                    self._write_batch(data, rotated)
             except Exception as e:
                 log.error("telemetry sink: writing %d lines to %s failed: %s", len(batch), self.path, e)
                 err = SinkError(f"writing to {self.path} failed: {e}")
@@ -351,9 +410,74 @@ class JsonlSink:
                         fut.set_result(None)
                 self.lines_written += len(batch)
                 self.batches += 1
+            for plain in rotated:
+                self._compress_later(plain)
             # Lines enqueued while we were writing, or a close waiting: go round again.
             if self._buf or self._closing:
                 wake.set()
+
+    def _write_batch(self, data: bytes, rotated: list[Path]) -> None:
+        """Rotate first if needed (the renamed file goes into ``rotated``), then append."""
+        now = self.clock()
+        if self._size > 0 and now >= self._rotate_retry_at:
+            day = rotation.utc_day(now)
+            if (self.rotate_bytes and self._size + len(data) > self.rotate_bytes) or (
+                self.rotate_daily and self._day is not None and day != self._day
+            ):
+                try:
+                    rotated.append(self._rotate())
+                except OSError as e:
+                    # Keep writing to the file we have; nothing is lost. Try again later.
+                    self._rotate_retry_at = now + _ROTATE_RETRY_S
+                    log.error("telemetry sink: rotating %s failed (retrying in %ds): %s", self.path, _ROTATE_RETRY_S, e)
+        self._append(data)
+        if self._day is None:
+            self._day = rotation.utc_day(now)
+
+    def _rotate(self) -> Path:
+        """Rename the live file to its rotated name and open a new one. Blocking, but only
+        metadata operations (plus an fsync in fsync mode)."""
+        old_fd = self._fd
+        assert old_fd is not None and self._day is not None
+        if self.fsync:
+            os.fsync(old_fd)
+        target = rotation.rotated_name(self.path, self._day, rotation.next_seq(self.path, self._day))
+        os.rename(self.path, target)
+        try:
+            new_fd = self._create()
+        except OSError:
+            try:
+                os.rename(target, self.path)
+            except OSError as e:  # lines keep going to the renamed file; recover() picks it up
+                log.error("telemetry sink: could not rename %s back to %s: %s", target, self.path, e)
+            raise
+        os.close(old_fd)
+        self._fd, self._size, self._day = new_fd, 0, None
+        self.rotations += 1
+        log.info("telemetry sink: rotated %s to %s", self.path, target.name)
+        return target
+
+    def _compress_later(self, plain: Path) -> None:
+        task = asyncio.get_running_loop().create_task(self._compress(plain), name=f"jsonl-gzip:{plain.name}")
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _compress(self, plain: Path) -> None:
+        assert self._compress_lock is not None
+        async with self._compress_lock:  # one at a time: retention sees a settled directory
+            try:
+                await asyncio.to_thread(self._compress_and_retain, plain)
+            except Exception as e:
+                self.compress_errors += 1
+                log.error("telemetry sink: compressing %s failed (kept as it is): %s", plain, e)
+
+    def _compress_and_retain(self, plain: Path) -> None:
+        try:
+            rotation.compress(plain, fsync=self.fsync)
+        except FileNotFoundError:
+            pass  # retention already deleted it
+        finally:
+            rotation.apply_retention(self.path, self.retention_files)
 
     def _append(self, data: bytes) -> None:
         fd = self._fd
@@ -375,20 +499,44 @@ class JsonlSink:
         self._size += len(data)
 
     # ------------------------------------------------------------------ opening
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _create(self) -> int:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            st = os.fstat(fd)
-            if stat.S_IMODE(st.st_mode) != 0o600:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
                 os.fchmod(fd, 0o600)
-            size = self._repair(fd, st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A crash may have left a rotated file uncompressed or a half-written .gz.tmp.
+        rotation.recover(self.path, fsync=self.fsync)
+        rotation.apply_retention(self.path, self.retention_files)
+        fd = self._create()
+        try:
+            size = self._repair(fd, os.fstat(fd).st_size)
+            self._day = self._first_day(size)
             self._load_ids(size)
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
         self._size = size
+
+    def _first_day(self, size: int) -> str | None:
+        """The UTC day of the live file's first line (its mtime's day if that line is unreadable)."""
+        if size == 0:
+            return None
+        with open(self.path, "rb") as f:
+            first = f.readline(1 << 16)
+        try:
+            ts = msgspec.json.decode(first, type=_TimestampOnly).timestamp
+            _dt.date.fromisoformat(ts[:10])
+            return ts[:10]
+        except (msgspec.DecodeError, ValueError):
+            return rotation.utc_day(os.stat(self.path).st_mtime)
 
     def _repair(self, fd: int, size: int) -> int:
         """Cut a torn last line off; return the new size."""
@@ -443,8 +591,63 @@ class JsonlSink:
         if bad:
             log.warning("telemetry sink: %d unreadable lines in %s were skipped", bad, self.path)
         keys_in_order = [k for chunk in reversed(found) for k in chunk]
+        if count < limit:
+            keys_in_order = self._rotated_ids(limit - count) + keys_in_order
         for k in keys_in_order[-limit:]:
             self._written.add(k)
+
+    def _rotated_ids(self, wanted: int) -> list[bytes]:
+        """Up to ``wanted`` of the newest ids in the rotated files, oldest first (see the
+        module docstring for where this stops)."""
+        # A rotated file's mtime is the time of its last write (compression keeps it). Real
+        # time, not ``clock``: the horizon is about how long ago the process wrote.
+        horizon = time.time() - self.dedupe_horizon_s
+        per_file: list[list[bytes]] = []
+        got = 0
+        for r in reversed(rotation.list_rotated(self.path)):
+            if got >= wanted:
+                break
+            try:
+                if os.stat(r.path).st_mtime < horizon:
+                    break
+            except FileNotFoundError:
+                continue
+            try:
+                keys = _ids_of_file(r.path, self._scan_chunk)
+            except (OSError, EOFError) as e:
+                log.warning("telemetry sink: could not read ids from %s: %s", r.path, e)
+                keys = []
+            per_file.append(keys[-(wanted - got):])
+            got += len(per_file[-1])
+        return [k for keys in reversed(per_file) for k in keys]
+
+
+def _ids_of_file(path: Path, chunk: int) -> list[bytes]:
+    """Keys of every line of a (possibly gzipped) file, oldest first."""
+    keys: list[bytes] = []
+    bad = 0
+    carry = b""
+    with rotation.open_lines(path) as f:
+        while True:
+            buf = f.read(max(chunk, 1 << 16))
+            if not buf:
+                break
+            buf = carry + buf
+            nl = buf.rfind(b"\n")
+            if nl < 0:
+                carry = buf
+                continue
+            carry = buf[nl + 1 :]
+            k, b = _ids_of(buf[: nl + 1])
+            keys.extend(k)
+            bad += b
+    if carry.strip():
+        k, b = _ids_of(carry)
+        keys.extend(k)
+        bad += b
+    if bad:
+        log.warning("telemetry sink: %d unreadable lines in %s were skipped", bad, path)
+    return keys
 
 
 def _ids_of(buf: bytes) -> tuple[list[bytes], int]:

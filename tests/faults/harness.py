@@ -172,3 +172,20 @@ class LocalCluster:
     def stop(self) -> None:
         for n in self.nodes:
             n.stop()
+
+
+async def js_ready(urls: str) -> bool:
+    """JetStream answers on (one of) ``urls``: a cluster has elected its meta leader."""
+    import nats
+
+    try:
+        nc = await nats.connect(urls.split(","), connect_timeout=2, max_reconnect_attempts=1)
+    except Exception:
+        return False
+    try:
+        await nc.jetstream().account_info()
+        return True
+    except Exception:
+        return False
+    finally:
+        await nc.close()

@@ -12,7 +12,7 @@ import pytest
 from bus.topology import Topology, provision
 from chora.settings import NatsSettings, Settings
 from tests.conftest import wait_for
-from tests.faults.harness import SERVICES, LocalCluster, ProcStack
+from tests.faults.harness import SERVICES, LocalCluster, ProcStack, js_ready
 from tests.faults.test_faults import ITEMS, finish_and_check, progress, publish_batch
 
 
@@ -21,20 +21,6 @@ def cluster(tmp_path):
     c = LocalCluster(tmp_path / "cluster").start()
     yield c
     c.stop()
-
-
-async def js_ready(urls: str) -> bool:
-    try:
-        nc = await nats.connect(urls.split(","), connect_timeout=2, max_reconnect_attempts=1)
-    except Exception:
-        return False
-    try:
-        await nc.jetstream().account_info()
-        return True
-    except Exception:
-        return False
-    finally:
-        await nc.close()
 
 
 async def test_kill_the_stream_leader_mid_batch(cluster, tmp_path):

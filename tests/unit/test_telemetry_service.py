@@ -110,7 +110,7 @@ async def test_handle_mirrors_and_metrics_over_http(app):
     for ev in (req1, req2, req3, ok1, ok2, bad):
         assert ev.id not in text
         assert ev.traceid not in text
-    allowed = {"event_type", "status", "generator", "consumer", "outcome", "le"}
+    allowed = {"event_type", "status", "generator", "consumer", "outcome", "le", "code", "result", "rule", "severity", "subscription", "stream", "version", "python"}
     for fam in text_string_to_metric_families(text):
         if fam.name.startswith("chora_"):
             for smp in fam.samples:

@@ -57,9 +57,10 @@ async def test_success_line_content(sink):
     )
     assert await sink.write(ev) is True
     [line] = lines(sink.path)
-    assert list(line)[:8] == [
-        "timestamp", "event_time", "event_id", "trace_id", "traceparent", "event_type", "source", "status",
+    assert list(line)[:9] == [
+        "schema_version", "timestamp", "event_time", "event_id", "trace_id", "traceparent", "event_type", "source", "status",
     ]
+    assert line["schema_version"] == 1
     assert line["event_id"] == ev.id
     assert line["event_time"] == ev.time
     assert line["trace_id"] == ev.traceid == req.traceid

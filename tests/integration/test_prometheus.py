@@ -1,0 +1,350 @@
+"""The dashboard and the alert rules against a real Prometheus scraping a real stack.
+
+The five services run in-process (:func:`services.runtime.run_service`) on a
+real nats-server, the notifier posts to two real local HTTP endpoints (one
+accepts, one rejects), and a real ``prometheus`` (Debian's package) scrapes
+the telemetry sink's ``/metrics`` every second with ``dashboards/alerts.yml``
+as its rule file. Under load (a batch with failing items, failing requests,
+content that fails validation, an artifact, a malformed message) every panel
+query of ``dashboards/chora-compose.json`` and every alert expression must
+parse and return data through Prometheus' HTTP API.
+
+An alert expression is a comparison that returns data only while it fires,
+so each is checked twice: as written it must parse (status success), and in
+its ``bool`` form (``x > bool 5``: one 0/1 sample per watched series) it must
+return data, which proves it watches series that exist with the labels it
+groups by. Two alerts that this load really triggers (dead letters growing,
+error ratio high) must also return data as written.
+
+Skipped only when the prometheus binary is absent outside CI; under CI=true
+a missing binary fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bus.publisher import Publisher
+from contracts.catalogue import ARTIFACT_REQUESTED, BATCH_REQUESTED, GENERATION_REQUESTED, subject_for
+from contracts.envelope import new_event
+from contracts.events import ArtifactRequested, BatchItem, BatchRequested, GenerationRequested
+from services.runtime import ready_file, run_service
+from tests.conftest import ROOT, wait_for
+
+DASHBOARD = ROOT / "dashboards" / "chora-compose.json"
+ALERTS = ROOT / "dashboards" / "alerts.yml"
+PROM_CONFIG = ROOT / "dashboards" / "prometheus.yml"
+RATE_INTERVAL = "10s"
+SERVICES = ("generator", "validator", "assembler", "notifier", "telemetry")
+
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("prometheus is not installed (CI must install it: apt-get install -y prometheus)")
+        pytest.skip("prometheus binary not installed")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def panel_queries(dashboard: dict) -> list[tuple[str, str]]:
+    """(panel title, expr) of every target, with Grafana's variables resolved."""
+    out = []
+    for panel in dashboard["panels"]:
+        for t in panel.get("targets", []):
+            assert t["datasource"]["uid"] == "${datasource}"  # resolved: it is this Prometheus
+            out.append((panel["title"], t["expr"].replace("$__rate_interval", RATE_INTERVAL)))
+    return out
+
+
+def alert_rules() -> list[dict]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+
+
+_COMPARISONS = ("==", "!=", ">=", "<=", ">", "<")
+
+
+def bool_form(expr: str) -> str:
+    """``expr`` with ``bool`` after every comparison operator outside label
+    matchers and strings: ``a > 5`` -> ``a > bool 5`` (0 or 1 per series of a)."""
+    out, i, depth, quote = [], 0, 0, None
+    while i < len(expr):
+        c = expr[i]
+        if quote:
+            out.append(c)
+            if c == "\\":
+                out.append(expr[i + 1])
+                i += 2
+                continue
+            if c == quote:
+                quote = None
+            i += 1
+            continue
+        if c in "\"'`":
+            quote = c
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        elif depth == 0:
+            op = next((o for o in _COMPARISONS if expr.startswith(o, i)), None)
+            if op and not expr.startswith("=~", i) and not expr.startswith("!~", i):
+                out.append(op)
+                i += len(op)
+                if not expr[i:].lstrip().startswith("bool"):
+                    out.append(" bool")
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def test_bool_form():
+    assert bool_form('up{job=~"chora.*"} == 0') == 'up{job=~"chora.*"} == bool 0'
+    assert bool_form('a{x!="y"} > 1 and b > 0') == 'a{x!="y"} > bool 1 and b > bool 0'
+    assert bool_form("a >= bool 3") == "a >= bool 3"
+    assert bool_form('a{l="x>1"} < 2') == 'a{l="x>1"} < bool 2'
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Prometheus:
+    def __init__(self, binary: str, workdir: Path, port: int):
+        self.binary, self.workdir, self.port = binary, workdir, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / "prometheus.log"
+
+    def start(self, config: Path) -> None:
+        self._log = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def get(self, path: str, **params) -> dict:
+        url = f"{self.url}{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:  # a bad query answers 400 with a JSON error
+            return json.loads(e.read())
+
+    def ready(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+
+class Endpoint(BaseHTTPRequestHandler):
+    """/ok answers 200, anything else 400 (a permanent refusal)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200 if self.path == "/ok" else 400)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+# --------------------------------------------------------------------------- the test
+
+
+async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, tmp_path, monkeypatch):
+    binary = prometheus_binary()
+    promtool = shutil.which("promtool")
+    if promtool:
+        for args in (["check", "rules", str(ALERTS)], ["check", "config", str(PROM_CONFIG)]):
+            r = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stdout + r.stderr
+
+    # webhook endpoints and the notifier config
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{http.server_address[1]}"
+    monkeypatch.setenv("PROM_TEST_HOOK_SECRET", "s3cret-for-the-test")
+    notifier_config = tmp_path / "notifier.yaml"
+    notifier_config.write_text(
+        yaml.safe_dump(
+            {
+                "subscriptions": [
+                    {"name": "done-hook", "events": ["chora.batch_completed", "chora.artifact_assembled"],
+                     "url": f"{base}/ok", "secret_env": "PROM_TEST_HOOK_SECRET"},
+                    {"name": "errors-hook", "events": ["chora.content_generated"], "filters": {"status": ["error"]},
+                     "url": f"{base}/reject", "secret_env": "PROM_TEST_HOOK_SECRET", "max_attempts": 1},
+                ]
+            }
+        )
+    )
+    settings = settings.model_copy(update={"notifier_config": notifier_config, "metrics_port": 0})
+
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(run_service(name, settings, stop=stop), name=name) for name in SERVICES]
+    prom = Prometheus(binary, tmp_path / "prometheus", free_port())
+    prom.workdir.mkdir()
+    try:
+        def all_ready() -> bool:
+            for t in tasks:
+                if t.done():
+                    t.result()  # raise the service's start error
+            return all(ready_file(settings, n).exists() for n in SERVICES)
+
+        await wait_for(all_ready, 30, "every service ready")
+        metrics_url = json.loads(ready_file(settings, "telemetry").read_text())["metrics_url"]
+        target = urllib.parse.urlsplit(metrics_url).netloc
+
+        config = prom.workdir / "prometheus.yml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(ALERTS)],
+                    "scrape_configs": [
+                        {"job_name": "chora-telemetry", "static_configs": [{"targets": [target]}]},
+                    ],
+                }
+            )
+        )
+        if promtool:
+            r = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stdout + r.stderr
+        prom.start(config)
+        await wait_for(prom.ready, 30, "prometheus ready")
+
+        async def query(expr: str) -> dict:
+            return await asyncio.to_thread(prom.get, "/api/v1/query", query=expr)
+
+        # The dead-letter figure must be scraped at its starting value first, so that "growing" can be seen.
+        async def dlq_scraped() -> bool:
+            r = await query("chora_dead_letters")
+            return r["status"] == "success" and bool(r["data"]["result"])
+
+        await wait_for(dlq_scraped, 30, "chora_dead_letters scraped")
+
+        # load: a batch with failing items, failing requests, invalid content, an artifact, a malformed message
+        js = nc.jetstream()
+        pub = Publisher(js, settings.prefix)
+        items = [BatchItem(content_config_id=c) for c in ["hello-world", "welcome-email", "no-such-config"] * 4]
+        await pub.publish(new_event(BATCH_REQUESTED, BatchRequested(items=items), source="test"))
+        events = [
+            new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id="missing-config"), source="test")
+            for _ in range(5)
+        ]
+        events += [
+            new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world",
+                                                                context={"name": "two\nlines"}), source="test")
+            for _ in range(3)
+        ]
+        events.append(new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id="welcome-pack"), source="test"))
+        await pub.publish_many(events)
+        await js.publish(subject_for(GENERATION_REQUESTED, settings.prefix), b"not a cloudevent")
+
+        queries = panel_queries(json.loads(DASHBOARD.read_text()))
+        alerts = alert_rules()
+        assert queries and alerts
+        checks: list[tuple[str, str]] = list(queries)
+        for rule in alerts:
+            checks.append((f"alert {rule['alert']} (bool form)", bool_form(rule["expr"])))
+        firing = {"ChoraDeadLettersGrowing", "ChoraGenerationErrorRatioHigh"}
+        checks += [(f"alert {r['alert']}", r["expr"]) for r in alerts if r["alert"] in firing]
+
+        # every expression as written must parse
+        for rule in alerts:
+            r = await query(rule["expr"])
+            assert r["status"] == "success", (rule["alert"], r)
+
+        missing: dict[str, str] = {}
+
+        async def every_check_has_data() -> bool:
+            missing.clear()
+            for title, expr in checks:
+                r = await query(expr)
+                assert r["status"] == "success", (title, expr, r)  # a parse error never heals
+                if not r["data"]["result"]:
+                    missing[title] = expr
+            return not missing
+
+        try:
+            await wait_for(every_check_has_data, 90, "every panel query and alert expression returning data")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; still empty: {json.dumps(missing, indent=1)}") from None
+
+        # Prometheus evaluates the rule file itself without errors
+        async def rules_evaluated() -> bool:
+            r = await asyncio.to_thread(prom.get, "/api/v1/rules")
+            rules = [x for g in r["data"]["groups"] for x in g["rules"]]
+            assert {x["name"] for x in rules} == {a["alert"] for a in alerts}
+            assert all(x["health"] != "err" for x in rules), [x.get("lastError") for x in rules]
+            return all(x["health"] == "ok" for x in rules)
+
+        await wait_for(rules_evaluated, 30, "alert rules evaluated")
+
+        # a few figures are what the load made them
+        async def value(expr: str) -> float:
+            r = await query(expr)
+            res = r["data"]["result"]
+            return float(res[0]["value"][1]) if res else -1.0
+
+        assert await value('sum(chora_events_total{event_type="chora.batch_completed"})') == 1
+        assert await value('sum(chora_batch_items_total{outcome="error"})') == 4
+        assert await value('sum(chora_webhook_deliveries_total{subscription="errors-hook",outcome="failed"})') >= 5
+        assert await value('sum(chora_validation_issues_total{severity="error"})') >= 3
+        assert await value("sum(chora_dead_letters)") >= 1
+        assert await value('count(chora_consumer_pending_messages{consumer="generator"})') == 1
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        prom.stop()
+        http.shutdown()
+        http.server_close()

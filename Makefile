@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test bench install clean
+.PHONY: up test bench install clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,13 @@ install: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/chora up
 
-test: $(STAMP)
+# tests/integration/test_prometheus.py evaluates the dashboards against a real Prometheus
+# (Debian's package); it is installed here when missing and apt-get is at hand.
+prometheus:
+	@command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
+
+test: $(STAMP) prometheus
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP)

@@ -38,6 +38,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from bus import tracing
 from bus.connection import settle
 from bus.content import ContentMissing, ContentStore
 from bus.deadletter import dead_letter
@@ -212,6 +213,7 @@ class ConsumerLoop:
             except Exception:  # connection already closed or draining
                 pass
         await settle(self.nc)  # and the naks of the drained ones before we say we are stopped
+        await tracing.aflush()  # spans of what this loop handled (nothing when tracing is off)
 
     # ------------------------------------------------------------------ pulling
     async def _pull_if_room(self) -> None:
@@ -303,10 +305,11 @@ class ConsumerLoop:
             try:
                 if self.content is not None:
                     event = await self.content.resolve(event)
-                out = await self.handler(event)
-                if out:
-                    await self.publisher.publish_many(out)
-                    self.stats.published += len(out)
+                with tracing.span_for(event, self.spec.durable, msg.subject) as span:
+                    out = span.adopt(await self.handler(event))
+                    if out:
+                        await self.publisher.publish_many(out)
+                        self.stats.published += len(out)
             except ContentMissing as e:
                 outcome = "dead"
                 await self._dead(msg, "CONTENT_MISSING", str(e))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator, model_validator
 
 ID_PATTERN = r"^[a-z][a-z0-9-]*$"
 ID_MAX_LENGTH = 128
@@ -80,6 +80,19 @@ class ContentConfig(BaseModel):
     output_format: Literal["markdown", "text", "json", "code"] = "markdown"
     # Rules for the validator service; kept as written, not interpreted here.
     validation: list[dict[str, Any]] = []
+
+    @field_validator("template_file")
+    @classmethod
+    def _a_file_name(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if "\x00" in v:
+            raise ValueError("must not contain a NUL byte (it cannot name a file)")
+        try:
+            os.fsencode(v)
+        except UnicodeError:
+            raise ValueError("cannot be encoded as a file name (a lone surrogate?)") from None
+        return v
 
     @model_validator(mode="after")
     def _one_template(self) -> "ContentConfig":
@@ -227,7 +240,10 @@ class ConfigStore:
     # ------------------------------------------------------------------ loading
     def _inside(self, path: Path, what: str) -> Path:
         """``path`` with symlinks resolved, or PATH_OUTSIDE_CONFIGS if it leaves the root."""
-        real = path.resolve()
+        try:
+            real = path.resolve()
+        except ValueError as e:  # a NUL byte, an unencodable name: it cannot name a file
+            raise ConfigError("CONFIG_INVALID", f"{what} is not a valid file name: {e}") from None
         if real != self.root and not real.is_relative_to(self.root):
             raise ConfigError("PATH_OUTSIDE_CONFIGS", f"{what} resolves outside the configs directory")
         return real
@@ -297,6 +313,10 @@ class ConfigStore:
             treal = self._inside(tpath, f"{path.name}: template_file {spec.template_file!r}")
             try:
                 tst = os.stat(tpath)
+            except ValueError as e:
+                raise ConfigError(
+                    "CONFIG_INVALID", f"{path.name}: template_file {spec.template_file!r} is not a valid file name: {e}"
+                ) from None
             except OSError:
                 raise ConfigError(
                     "TEMPLATE_NOT_FOUND", f"{path.name}: template_file {spec.template_file!r} does not exist"

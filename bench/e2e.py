@@ -202,6 +202,9 @@ async def fixed_rate(pub: Publisher, follower: JsonlFollower, rate: float, secon
 
 
 async def main(args: argparse.Namespace) -> dict:
+    # The follower reads one file: no size rotation in the sink (rotation is tested elsewhere).
+    # The services are child processes and take their settings from the environment.
+    os.environ["CHORA_TELEMETRY_ROTATE_BYTES"] = "0"
     with tempfile.TemporaryDirectory(prefix="chora-bench-") as tmp:
         settings = Settings(
             home=Path(tmp) / "var",
@@ -212,7 +215,7 @@ async def main(args: argparse.Namespace) -> dict:
             configs_dir=Path(__file__).resolve().parent.parent / "examples" / "configs",
             nats=NatsSettings(url=None),
         )
-        stack = Stack(settings, out=sys.stderr)
+        stack = Stack(settings, services=args.services.split(",") if args.services else None, out=sys.stderr)
         stop = asyncio.Event()
         task = asyncio.create_task(stack.run(stop))
         while not settings.stack_file.exists():
@@ -230,12 +233,14 @@ async def main(args: argparse.Namespace) -> dict:
             events = sum(1 for _ in open(settings.jsonl_path, "rb"))
             sink_rss = _rss_mb(stack.children["telemetry"].pid)
             gen_rss = _rss_mb(stack.children["generator"].pid)
+            services = sorted(stack.children)
         finally:
             await nc.close()
             stop.set()
             await task
         return {
             "machine": _machine(),
+            "services": services,
             "saturation": sat,
             "latency": lat,
             "sink": {"events_in_jsonl": events, "rss_mb": round(sink_rss or 0, 1)},
@@ -248,4 +253,5 @@ if __name__ == "__main__":
     ap.add_argument("--requests", type=int, default=50_000, help="requests for the saturation run")
     ap.add_argument("--rate", type=float, default=200.0, help="offered rate for the latency run")
     ap.add_argument("--seconds", type=float, default=15.0, help="length of the latency run")
+    ap.add_argument("--services", default="", help="comma-separated services to run (default: all of them)")
     print(json.dumps(asyncio.run(main(ap.parse_args())), indent=2))

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from chora.configs import (
     EXTENSIONS,
+    candidates,
     ID_MAX_LENGTH,
     ID_PATTERN,
     ConfigError,
@@ -230,14 +231,7 @@ class ArtifactStore:
             raise ArtifactError(
                 "INVALID_ARTIFACT_ID", f"artifact id {shown} must match {ID_PATTERN} and have at most {ID_MAX_LENGTH} characters"
             )
-        found = []
-        for ext in EXTENSIONS:
-            p = self.dir / f"{artifact_id}{ext}"
-            try:
-                p.lstat()
-            except OSError:
-                continue
-            found.append(p)
+        found = candidates(self.dir, artifact_id)
         if not found:
             raise ArtifactError(
                 "ARTIFACT_NOT_FOUND", f"no artifact config {artifact_id!r} ({ARTIFACTS_SUBDIR}/{artifact_id}.json|.yaml|.yml)"

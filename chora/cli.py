@@ -28,6 +28,17 @@ def load_settings() -> Settings:
         raise SystemExit(f"chora: bad settings in the environment:\n{e}") from None
 
 
+def trace_id_or_exit(args: argparse.Namespace, settings: Settings) -> str | None:
+    """--trace-id, else CHORA_TRACE_ID, checked; a bad one ends the command with a usage error."""
+    from contracts.tracing import valid_trace_id
+
+    trace_id = getattr(args, "trace_id", None) or settings.trace_id
+    if trace_id and not valid_trace_id(trace_id):
+        print("chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    return trace_id
+
+
 def parse_context(arg: str | None) -> dict:
     if not arg:
         return {}
@@ -77,13 +88,9 @@ async def generate(args: argparse.Namespace) -> int:
     from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED, subject_for
     from contracts.envelope import EnvelopeError, decode, new_event
     from contracts.events import GenerationRequested
-    from contracts.tracing import valid_trace_id
 
     settings = load_settings()
-    trace_id = args.trace_id or settings.trace_id
-    if trace_id and not valid_trace_id(trace_id):
-        print("chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]", file=sys.stderr)
-        return EXIT_USAGE
+    trace_id = trace_id_or_exit(args, settings)
     request = new_event(
         GENERATION_REQUESTED,
         GenerationRequested(content_config_id=args.config_id, context=parse_context(args.context)),

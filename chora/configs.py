@@ -56,6 +56,19 @@ class ConfigError(GenerationError):
     """A content config that cannot be loaded."""
 
 
+def candidates(directory: Path, config_id: str) -> list[Path]:
+    """The files ``<id>.json|.yaml|.yml`` that exist in ``directory`` (links included, unresolved)."""
+    found = []
+    for ext in EXTENSIONS:
+        p = directory / f"{config_id}{ext}"
+        try:
+            p.lstat()
+        except OSError:
+            continue
+        found.append(p)
+    return found
+
+
 def valid_config_id(config_id: object) -> bool:
     return isinstance(config_id, str) and _ID_RE.fullmatch(config_id) is not None
 
@@ -249,14 +262,7 @@ class ConfigStore:
         return real
 
     def _find(self, config_id: str) -> Path:
-        found = []
-        for ext in EXTENSIONS:
-            p = self.root / f"{config_id}{ext}"
-            try:
-                p.lstat()
-            except OSError:
-                continue
-            found.append(p)
+        found = candidates(self.root, config_id)
         if not found:
             raise ConfigError("CONFIG_NOT_FOUND", f"no content config {config_id!r} ({config_id}.json|.yaml|.yml)")
         if len(found) > 1:

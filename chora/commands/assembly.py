@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from chora.cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context
+from chora.cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context, trace_id_or_exit
 
 
 # ---------------------------------------------------------------------- assemble
@@ -39,13 +39,9 @@ async def assemble(args: argparse.Namespace) -> int:
     from contracts.catalogue import ARTIFACT_ASSEMBLED, ARTIFACT_REQUESTED, subject_for
     from contracts.envelope import EnvelopeError, decode, new_event
     from contracts.events import ArtifactRequested
-    from contracts.tracing import valid_trace_id
 
     settings = load_settings()
-    trace_id = args.trace_id or settings.trace_id
-    if trace_id and not valid_trace_id(trace_id):
-        print("chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]", file=sys.stderr)
-        return EXIT_USAGE
+    trace_id = trace_id_or_exit(args, settings)
     try:
         data = msgspec.convert({"artifact_id": args.artifact_id, "context": parse_context(args.context)}, ArtifactRequested)
     except msgspec.ValidationError as e:
@@ -149,13 +145,9 @@ async def batch_run(args: argparse.Namespace) -> int:
     from contracts.envelope import EnvelopeError, decode, new_event
     from contracts.events import BatchItemOutcome
 
-    from contracts.tracing import valid_trace_id
 
     settings = load_settings()
-    trace_id = args.trace_id or settings.trace_id
-    if trace_id and not valid_trace_id(trace_id):
-        print("chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]", file=sys.stderr)
-        return EXIT_USAGE
+    trace_id = trace_id_or_exit(args, settings)
     data = load_batch_file(args.file)
     request = new_event(BATCH_REQUESTED, data, source="chora://cli", trace_id=trace_id)
     total = len(data.items)

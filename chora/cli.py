@@ -82,11 +82,43 @@ async def connect_cli(settings: Settings):
         ) from None
 
 
+async def request_and_wait(nc, settings: Settings, request, outcome_type: str, timeout: float):
+    """Publish ``request`` and return the ``outcome_type`` event whose ``request_id`` is its id,
+    or None after ``timeout``. The subscription is made before the publish, so the outcome
+    cannot slip past; a request that cannot be stored exits with a message."""
+    from bus.publisher import Publisher
+    from contracts.catalogue import subject_for
+    from contracts.envelope import EnvelopeError, decode
+
+    outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_result(msg) -> None:
+        try:
+            ev = decode(msg.headers, msg.data, max_bytes=settings.max_event_bytes)
+        except EnvelopeError:
+            return
+        if getattr(ev.data, "request_id", None) == request.id and not outcome.done():
+            outcome.set_result(ev)
+
+    sub = await nc.subscribe(subject_for(outcome_type, settings.prefix), cb=on_result)
+    try:
+        try:
+            await Publisher(nc.jetstream(), settings.prefix, max_bytes=settings.max_event_bytes).publish(request)
+        except Exception as e:
+            print(f"chora: could not publish the request: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_FAILED) from None
+        try:
+            return await asyncio.wait_for(outcome, timeout)
+        except asyncio.TimeoutError:
+            return None
+    finally:
+        await sub.unsubscribe()
+
+
 # ---------------------------------------------------------------------- generate
 async def generate(args: argparse.Namespace) -> int:
-    from bus.publisher import Publisher
-    from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED, subject_for
-    from contracts.envelope import EnvelopeError, decode, new_event
+    from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
+    from contracts.envelope import new_event
     from contracts.events import GenerationRequested
 
     settings = load_settings()
@@ -99,32 +131,14 @@ async def generate(args: argparse.Namespace) -> int:
     )
     nc = await connect_cli(settings)
     try:
-        outcome: asyncio.Future = asyncio.get_running_loop().create_future()
-
-        async def on_result(msg) -> None:
-            try:
-                ev = decode(msg.headers, msg.data)
-            except EnvelopeError:
-                return
-            if ev.data.request_id == request.id and not outcome.done():
-                outcome.set_result(ev)
-
-        sub = await nc.subscribe(subject_for(CONTENT_GENERATED, settings.prefix), cb=on_result)
-        try:
-            await Publisher(nc.jetstream(), settings.prefix).publish(request)
-        except Exception as e:
-            print(f"chora: could not publish the request: {e}", file=sys.stderr)
-            return EXIT_FAILED
-        try:
-            ev = await asyncio.wait_for(outcome, args.timeout)
-        except asyncio.TimeoutError:
+        ev = await request_and_wait(nc, settings, request, CONTENT_GENERATED, args.timeout)
+        if ev is None:
             print(
                 f"chora: no outcome for request {request.id} within {args.timeout}s "
                 "(is the generator running? the request stays queued)",
                 file=sys.stderr,
             )
             return EXIT_TIMEOUT
-        await sub.unsubscribe()
     finally:
         await nc.close()
     data = ev.data

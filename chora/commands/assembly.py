@@ -28,16 +28,15 @@ from typing import Any
 
 import msgspec
 
-from chora.cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context, trace_id_or_exit
+from chora.cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context, request_and_wait, trace_id_or_exit
 
 
 # ---------------------------------------------------------------------- assemble
 async def assemble(args: argparse.Namespace) -> int:
     from bus.content import ContentMissing, ContentStore
-    from bus.publisher import Publisher
     from bus.topology import Topology
-    from contracts.catalogue import ARTIFACT_ASSEMBLED, ARTIFACT_REQUESTED, subject_for
-    from contracts.envelope import EnvelopeError, decode, new_event
+    from contracts.catalogue import ARTIFACT_ASSEMBLED, ARTIFACT_REQUESTED
+    from contracts.envelope import new_event
     from contracts.events import ArtifactRequested
 
     settings = load_settings()
@@ -50,33 +49,15 @@ async def assemble(args: argparse.Namespace) -> int:
     request = new_event(ARTIFACT_REQUESTED, data, source="chora://cli", trace_id=trace_id)
     nc = await connect_cli(settings)
     try:
-        outcome: asyncio.Future = asyncio.get_running_loop().create_future()
-
-        async def on_result(msg) -> None:
-            try:
-                ev = decode(msg.headers, msg.data, max_bytes=settings.max_event_bytes)
-            except EnvelopeError:
-                return
-            if ev.data.request_id == request.id and not outcome.done():
-                outcome.set_result(ev)
-
-        sub = await nc.subscribe(subject_for(ARTIFACT_ASSEMBLED, settings.prefix), cb=on_result)
         js = nc.jetstream()
-        try:
-            await Publisher(js, settings.prefix).publish(request)
-        except Exception as e:
-            print(f"chora: could not publish the request: {e}", file=sys.stderr)
-            return EXIT_FAILED
-        try:
-            ev = await asyncio.wait_for(outcome, args.timeout)
-        except asyncio.TimeoutError:
+        ev = await request_and_wait(nc, settings, request, ARTIFACT_ASSEMBLED, args.timeout)
+        if ev is None:
             print(
                 f"chora: no outcome for artifact request {request.id} within {args.timeout}s "
                 "(are the assembler, generator and validator running? the request stays queued)",
                 file=sys.stderr,
             )
             return EXIT_TIMEOUT
-        await sub.unsubscribe()
         out = ev.data
         content = out.content
         if out.status == "success" and content is None and out.content_ref:

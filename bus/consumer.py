@@ -92,13 +92,22 @@ delivery: ContextVar[Delivery] = ContextVar("chora_delivery")
 
 
 class Observer(Protocol):
-    """Hooks for metrics; every method is optional to implement meaningfully."""
+    """Hooks for metrics (see services.metrics.ServiceMetrics), called on the event loop.
+
+    ``handled``: a message was settled; outcome is ack, retry, dead, skipped or error.
+    ``published``: a handler's outcome events were stored (their PubAcks are in).
+    """
 
     def handled(self, consumer: str, event_type: str, outcome: str, seconds: float) -> None: ...
+
+    def published(self, consumer: str, events: Sequence[CloudEvent]) -> None: ...
 
 
 class _NullObserver:
     def handled(self, consumer: str, event_type: str, outcome: str, seconds: float) -> None:
+        pass
+
+    def published(self, consumer: str, events: Sequence[CloudEvent]) -> None:
         pass
 
 
@@ -310,6 +319,7 @@ class ConsumerLoop:
                     if out:
                         await self.publisher.publish_many(out)
                         self.stats.published += len(out)
+                        self.observer.published(self.spec.durable, out)
             except ContentMissing as e:
                 outcome = "dead"
                 await self._dead(msg, "CONTENT_MISSING", str(e))
@@ -319,6 +329,8 @@ class ConsumerLoop:
                 try:
                     if e.events:
                         await self.publisher.publish_many(e.events)
+                        self.stats.published += len(e.events)
+                        self.observer.published(self.spec.durable, e.events)
                 except Exception as pe:
                     outcome = await self._retry(msg, pe)
                     return

@@ -59,8 +59,10 @@ class Settings(BaseSettings):
     telemetry_retention_files: int = 30
     # How often the telemetry sink reads JetStream figures (consumer lag, stream sizes).
     monitor_interval_s: float = 5.0
+    # Every service process serves its own /metrics here; 0 picks a free port, -1 serves none.
+    # `chora up` gives telemetry this port and the other services the four after it.
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9464  # 0 picks a free port
+    metrics_port: int = 9464
     trace_id: str | None = None
     # Services create/update their own consumers on start. Off where an operator provisions
     # with `chora nats provision` and services run with least-privilege users.

@@ -5,6 +5,13 @@ the topology, runs every service as its own process (so a service can die and
 be restarted alone, and services use both cores), restarts a service that
 dies, prints where everything is, and on Ctrl-C or SIGTERM drains the
 services and then stops the server.
+
+Every service serves its own ``/metrics``: telemetry on ``CHORA_METRICS_PORT``
+(9464), the others on the ports after it (generator +1, validator +2,
+assembler +3, notifier +4), or each on a free port when it is 0. The stack
+keeps ``<home>/run/prometheus-targets.json`` (Prometheus file_sd, with a
+``service`` label per target) up to date across restarts, which
+dashboards/prometheus.yml reads.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 from bus.connection import connect
@@ -26,6 +34,41 @@ from chora.settings import Settings
 from services.runtime import SERVICES
 
 RESTART_DELAY_S = 1.0
+# where each service's /metrics goes, after CHORA_METRICS_PORT
+METRICS_PORT_ORDER = ("telemetry", "generator", "validator", "assembler", "notifier")
+
+
+def metrics_port(base: int, name: str) -> int:
+    """The /metrics port of ``name`` under `chora up`: 0 (a free one) and negative (none) as is."""
+    if base <= 0:
+        return base
+    order = list(METRICS_PORT_ORDER) + sorted(set(SERVICES) - set(METRICS_PORT_ORDER))
+    return base + order.index(name)
+
+
+def prometheus_targets(infos: dict[str, dict]) -> list[dict]:
+    """file_sd target groups from the services' readiness facts: one per service with a
+    metrics URL, labelled ``service`` (a wildcard bind address becomes 127.0.0.1)."""
+    groups = []
+    for name, info in sorted(infos.items()):
+        url = info.get("metrics_url")
+        if not url:
+            continue
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or "127.0.0.1"
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        target = f"[{host}]:{parts.port}" if ":" in host else f"{host}:{parts.port}"
+        groups.append({"targets": [target], "labels": {"service": name}})
+    return groups
+
+
+def write_prometheus_targets(path: Path, infos: dict[str, dict]) -> None:
+    """Replace ``path`` atomically (Prometheus watches it and must never read half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(prometheus_targets(infos), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -50,8 +93,20 @@ class Stack:
         self.children: dict[str, subprocess.Popen] = {}
         self.info: dict[str, dict] = {}
         self.logs = settings.home / "logs"
+        self.restarted: dict[str, subprocess.Popen] = {}  # not ready yet since their restart
 
     # ------------------------------------------------------------------ pieces
+    def check_metrics_ports(self) -> None:
+        s = self.settings
+        for name in self.services:
+            port = metrics_port(s.metrics_port, name)
+            if port > 0 and not _port_free(s.metrics_host, port):
+                raise SystemExit(
+                    f"port {port} on {s.metrics_host} (/metrics of {name}) is in use. Set CHORA_METRICS_PORT "
+                    "to another base port (the services use it and the four after it), 0 for free ports, "
+                    "or -1 for no metrics endpoints."
+                )
+
     def start_server(self) -> None:
         s = self.settings
         for port in (s.nats_port, s.nats_http_port):
@@ -76,21 +131,26 @@ class Stack:
         finally:
             await nc.close()
 
-    def child_env(self) -> dict[str, str]:
+    def child_env(self, name: str) -> dict[str, str]:
         env = dict(os.environ)
         env["NATS_URL"] = self.url or ""
         env["CHORA_HOME"] = str(self.settings.home.resolve())
         env["CHORA_PREFIX"] = self.settings.prefix
         env["CHORA_CONFIGS_DIR"] = str(self.settings.configs_dir.resolve())
-        env["CHORA_METRICS_PORT"] = str(self.settings.metrics_port)
+        env["CHORA_METRICS_HOST"] = self.settings.metrics_host
+        env["CHORA_METRICS_PORT"] = str(metrics_port(self.settings.metrics_port, name))
         return env
+
+    @property
+    def targets_file(self) -> Path:
+        return self.settings.home / "run" / "prometheus-targets.json"
 
     def spawn(self, name: str) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "chora.cli", "service", "run", name],
-            env=self.child_env(),
+            env=self.child_env(name),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us; we drain the children in order
@@ -130,12 +190,14 @@ class Stack:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         s.home.mkdir(parents=True, exist_ok=True)
+        self.check_metrics_ports()
         if not self.url:
             self.start_server()
         try:
             await self.provision()
             for name in self.services:
                 self.info[name] = await self.wait_ready(name, self.spawn(name))
+            write_prometheus_targets(self.targets_file, self.info)
             self.announce()
             await self.supervise(stop)
         finally:
@@ -144,9 +206,10 @@ class Stack:
             if self.server:
                 self.server.stop()
             s.stack_file.unlink(missing_ok=True)
+            self.targets_file.unlink(missing_ok=True)
             print("chora: stopped", file=self.out, flush=True)
 
-    def announce(self) -> None:
+    def announce(self, quiet: bool = False) -> None:
         s = self.settings
         stack = {
             "nats_url": self.url,
@@ -154,6 +217,8 @@ class Stack:
             "embedded": self.server is not None,
             "prefix": s.prefix,
             "metrics_url": self.info.get("telemetry", {}).get("metrics_url"),
+            "metrics_urls": {n: i.get("metrics_url") for n, i in self.info.items()},
+            "prometheus_targets": str(self.targets_file.resolve()),
             "jsonl_path": str(s.jsonl_path.resolve()),
             "configs_dir": str(s.configs_dir.resolve()),
             "logs_dir": str(self.logs.resolve()),
@@ -161,8 +226,11 @@ class Stack:
         }
         s.stack_file.parent.mkdir(parents=True, exist_ok=True)
         s.stack_file.write_text(json.dumps(stack, indent=2))
+        if quiet:
+            return
         lines = ["chora is up"]
-        for key in ("nats_url", "nats_monitor_url", "metrics_url", "jsonl_path", "configs_dir", "logs_dir"):
+        for key in ("nats_url", "nats_monitor_url", "metrics_url", "prometheus_targets", "jsonl_path", "configs_dir",
+                    "logs_dir"):
             if stack[key]:
                 lines.append(f"  {key:17} {stack[key]}")
         lines.append(f"  services          {', '.join(f'{n} (pid {p})' for n, p in stack['services'].items())}")
@@ -182,7 +250,26 @@ class Stack:
                 if proc.poll() is not None:
                     print(f"chora: service {name} exited ({proc.returncode}); restarting", file=sys.stderr, flush=True)
                     await asyncio.sleep(RESTART_DELAY_S)
-                    self.spawn(name)
+                    self.restarted[name] = self.spawn(name)
+            self.note_restarts()
+
+    def note_restarts(self) -> None:
+        """Take in the readiness facts of restarted services (a free metrics port changes)."""
+        changed = False
+        for name, proc in list(self.restarted.items()):
+            if proc.poll() is not None:
+                del self.restarted[name]  # died again: supervise restarts it
+                continue
+            path = self.settings.home / "run" / f"{name}.{proc.pid}.json"
+            try:
+                self.info[name] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # not ready yet
+            del self.restarted[name]
+            changed = True
+        if changed:
+            write_prometheus_targets(self.targets_file, self.info)
+            self.announce(quiet=True)
 
 
 async def up(settings: Settings) -> None:

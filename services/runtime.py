@@ -3,7 +3,9 @@
 A service app is plain: ``start()``, ``handle(event) -> events``, ``close()``
 and a ``name`` (which is also its durable consumer in the topology). It never
 touches NATS; this module connects, provisions its consumer, runs the
-consumer loop, writes a readiness file and drains on SIGTERM/SIGINT.
+consumer loop, serves the process's ``/metrics`` (:mod:`services.metrics`,
+with the app's own ``metrics_registry`` when it has one), writes a readiness file and
+drains on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from typing import Any, Protocol, Sequence
 from dataclasses import dataclass
 
 from bus.connection import connect, settle
-from bus.consumer import ConsumerLoop, Handler, Observer
+from bus.consumer import ConsumerLoop, Handler
 from bus.content import ContentStore
 from bus.state import StateStore
 from bus.topology import ConsumerSpec, Topology, provision
 from chora.settings import Settings
 from contracts.envelope import CloudEvent
+from services.metrics import ServiceMetrics
 
 log = logging.getLogger("chora.service")
 
@@ -64,11 +67,13 @@ class ServiceApp(Protocol):
     async def close(self) -> None: ...
 
     def info(self) -> dict[str, Any]:
-        """Facts for the readiness file (e.g. a metrics URL)."""
+        """Facts for the readiness file (e.g. where its JSONL is)."""
         ...
 
     # Optional: def consumers(self, topology) -> list[tuple[ConsumerSpec, Handler]]
     # for a service with more than its one durable consumer (default: [(its own, handle)]).
+    # Optional: metrics_registry (a prometheus_client CollectorRegistry) of the app's own metrics,
+    # served on the process's /metrics; read after start().
 
 
 def build(name: str, settings: Settings) -> ServiceApp:
@@ -104,7 +109,22 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
     except Exception as e:
         await nc.close()
         raise ServiceStartError(f"{name} could not start: {e}") from e
-    observer: Observer | None = getattr(app, "observer", None)
+    metrics = ServiceMetrics()
+    app_registry = getattr(app, "metrics_registry", None)
+    if app_registry is not None:
+        metrics.include(app_registry)
+    for spec, _ in pairs:
+        metrics.consumer(spec.durable, spec.event_types)
+    if settings.metrics_port >= 0:
+        try:
+            metrics.serve(settings.metrics_host, settings.metrics_port)
+        except OSError as e:
+            await app.close()
+            await nc.close()
+            raise ServiceStartError(
+                f"{name}: cannot serve /metrics on {settings.metrics_host}:{settings.metrics_port}: {e}. "
+                "Set CHORA_METRICS_PORT to a free port (0 picks one, -1 serves none)."
+            ) from e
     loops = [
         ConsumerLoop(
             nc,
@@ -115,7 +135,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
             max_in_flight=settings.max_concurrency,
             pull_batch=settings.pull_batch,
             max_event_bytes=settings.max_event_bytes,
-            observer=observer,
+            observer=metrics,
             content=content,
         )
         for spec, handler in pairs
@@ -130,7 +150,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
     runs = [asyncio.create_task(loop.run()) for loop in loops]
     rf = ready_file(settings, name)
     rf.parent.mkdir(parents=True, exist_ok=True)
-    rf.write_text(json.dumps({"service": name, "pid": os.getpid(), **(app.info() or {})}))
+    rf.write_text(json.dumps({"service": name, "pid": os.getpid(), **(app.info() or {}), "metrics_url": metrics.url}))
     log.info("%s ready", name)
     try:
         await stop.wait()
@@ -141,5 +161,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         await settle(nc)
         await nc.drain()
         await app.close()
+        # shutdown() waits for the server thread's poll loop: not on the event loop.
+        await asyncio.to_thread(metrics.stop)
         rf.unlink(missing_ok=True)
         log.info("%s stopped: %s", name, [loop.stats for loop in loops])

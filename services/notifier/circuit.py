@@ -15,7 +15,8 @@ cannot close or reopen it afterwards: only outcomes of the current phase count.
 408, 429); an endpoint that answers, even with a 4xx, is available.
 
 The clock is injected (monotonic seconds), so the transitions are tested
-without sleeping. ``state`` and ``transitions`` are there for metrics.
+without sleeping. ``peek()``, ``transitions`` and ``on_transition`` are there
+for metrics.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ class CircuitBreaker:
             self._move(HALF_OPEN)
             self._trials = 0
         return self._state
+
+    def peek(self) -> str:
+        """The state as :attr:`state` tells it, without moving it: safe to call from
+        another thread (a metrics scrape) while the event loop uses the breaker."""
+        state, opened_at = self._state, self._opened_at
+        if state == OPEN and self.clock() - opened_at >= self.config.reset_timeout_s:
+            return HALF_OPEN
+        return state
 
     @property
     def consecutive_failures(self) -> int:

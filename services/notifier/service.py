@@ -30,6 +30,7 @@ from services.notifier.circuit import CircuitBreaker
 from services.notifier.config import NotifierConfig, load_config, load_secrets
 from services.notifier.delivery import WebhookSender
 from services.notifier.handlers import SOURCE, Target, notify
+from services.notifier.metrics import NotifierMetrics
 
 log = logging.getLogger("chora.notifier")
 
@@ -47,19 +48,23 @@ class NotifierApp:
         self.source = source
         self.config = NotifierConfig()
         self.targets: dict[str, Target] = {}
+        self.metrics = NotifierMetrics()
+        self.metrics_registry = self.metrics.registry  # served on the process's /metrics by the runtime
 
     async def start(self, ctx=None) -> None:
         config = load_config(self.config_path)
         secrets = load_secrets(config, self.environ)
         self.config = config
-        self.targets = {}
+        targets: dict[str, Target] = {}
         for sub in config.subscriptions:
             circuit = CircuitBreaker(
                 sub.circuit,
                 busy_retry_s=sub.timeout_s,
-                on_transition=lambda a, b, name=sub.name: log.warning("subscription %s: circuit %s -> %s", name, a, b),
+                on_transition=lambda a, b, name=sub.name: self._transition(name, a, b),
             )
-            self.targets[sub.name] = Target(sub, WebhookSender(sub, secrets[sub.name]), circuit, source=self.source)
+            targets[sub.name] = Target(sub, WebhookSender(sub, secrets[sub.name]), circuit, source=self.source)
+        self.targets = targets
+        self.metrics.watch(targets)
         if not self.targets:
             log.info(
                 "notifier: no subscriptions (%s); set CHORA_NOTIFIER_CONFIG to a subscriptions file",
@@ -68,6 +73,10 @@ class NotifierApp:
         else:
             for t in self.targets.values():
                 log.info("subscription %s: %s -> %s", t.subscription.name, ", ".join(t.subscription.event_types), t.subscription.safe_url)
+
+    def _transition(self, subscription: str, frm: str, to: str) -> None:
+        log.warning("subscription %s: circuit %s -> %s", subscription, frm, to)
+        self.metrics.transition(subscription, frm, to)
 
     def consumers(self, topology: Topology) -> list[tuple[ConsumerSpec, Any]]:
         pairs = []

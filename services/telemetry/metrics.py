@@ -20,16 +20,14 @@ From events (the sink sees every one):
     chora_artifact_duration_seconds                       histogram of artifact_assembled duration_ms
     chora_webhook_deliveries_total{subscription,outcome}  notification_delivered (delivered) / _failed (failed)
     chora_webhook_delivery_duration_seconds{subscription} notification_delivered duration_ms
-    chora_webhook_circuit_open{subscription}              1 after a CIRCUIT_OPEN failure, 0 after a delivery
     chora_sink_lag_seconds                                line written minus event time
     chora_sink_lines_written_total                        lines appended to the JSONL file
     chora_sink_duplicates_skipped_total                   events already written (redeliveries)
-    chora_build_info{version,python}                      always 1
 
-From the consumer loop of the telemetry process (observer hook):
-
-    chora_consumer_handled_total{consumer,event_type,outcome}
-    chora_handler_duration_seconds{consumer}
+The live state of the circuit breakers comes from the notifier process itself
+(:mod:`services.notifier.metrics`), and the consumer loop's own figures from
+every service process (:mod:`services.metrics`); the runtime serves this
+registry on the telemetry process's ``/metrics`` together with those.
 
 From JetStream (the last :class:`bus.monitor.JetStreamSnapshot`, polled by the app):
 
@@ -48,13 +46,10 @@ From JetStream (the last :class:`bus.monitor.JetStreamSnapshot`, polled by the a
 
 from __future__ import annotations
 
-import importlib.metadata
-import platform
-import threading
 from datetime import datetime
 from typing import Any, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -69,26 +64,14 @@ from contracts.catalogue import (
     NOTIFICATION_FAILED,
 )
 from contracts.envelope import CloudEvent
+from services.metrics import Bounded as _Bounded
+from services.metrics import label as _label
 
 GENERATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000)
 BATCH_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 WEBHOOK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-HANDLER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
-
-_MAX_LABEL = 64
-MAX_LABEL_VALUES = 100  # distinct values of one label of one metric; then "other"
-OTHER = "other"
-
-
-def _label(value: Any, default: str = "unknown") -> str:
-    if value is None or value == "":
-        return default
-    s = str(value)
-    return s if len(s) <= _MAX_LABEL else s[:_MAX_LABEL]
-
-
 _BATCH_OUTCOME = {"successful": "success", "failed": "error", "skipped": "skipped"}
 
 
@@ -106,32 +89,6 @@ def event_timestamp(value: str | None) -> float | None:
         return datetime.fromisoformat(value).timestamp()
     except (ValueError, TypeError):
         return None
-
-
-def build_version() -> str:
-    try:
-        return importlib.metadata.version("chora-compose")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-class _Bounded:
-    """Keeps at most ``limit`` distinct values of one label; others become ``other``."""
-
-    def __init__(self, limit: int = MAX_LABEL_VALUES):
-        self.limit = limit
-        self.seen: set[str] = set()
-        self._lock = threading.Lock()
-
-    def __call__(self, value: Any, default: str = "unknown") -> str:
-        v = _label(value, default)
-        if v in self.seen:
-            return v
-        with self._lock:
-            if len(self.seen) < self.limit:
-                self.seen.add(v)
-                return v
-        return OTHER
 
 
 class JetStreamCollector(Collector):
@@ -188,7 +145,7 @@ class JetStreamCollector(Collector):
 
 
 class TelemetryMetrics:
-    """The sink's metrics; also the consumer loop's observer (:meth:`handled`)."""
+    """The sink's metrics, in a registry of their own (``registry``)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -207,12 +164,6 @@ class TelemetryMetrics:
         self.lines_written = Counter("chora_sink_lines_written", "Lines appended to the telemetry JSONL file.", registry=r)
         self.duplicates_skipped = Counter(
             "chora_sink_duplicates_skipped", "Events not written again because their id was already written.", registry=r
-        )
-        self.consumer_handled = Counter(
-            "chora_consumer_handled", "Messages settled by a consumer loop.", ["consumer", "event_type", "outcome"], registry=r
-        )
-        self.handler_duration = Histogram(
-            "chora_handler_duration_seconds", "Time to handle and settle one message.", ["consumer"], buckets=HANDLER_BUCKETS, registry=r
         )
         self.generation_errors = Counter(
             "chora_generation_errors", "content_generated events with status error, by error code.", ["code"], registry=r
@@ -248,13 +199,6 @@ class TelemetryMetrics:
             "chora_webhook_delivery_duration_seconds", "Duration of the successful webhook call.",
             ["subscription"], buckets=WEBHOOK_BUCKETS, registry=r,
         )
-        self.webhook_circuit_open = Gauge(
-            "chora_webhook_circuit_open",
-            "1 when the subscription's last outcome was a CIRCUIT_OPEN failure, 0 after a delivery (as told by events).",
-            ["subscription"], registry=r,
-        )
-        self.build_info = Gauge("chora_build_info", "Always 1; the labels tell the build.", ["version", "python"], registry=r)
-        self.build_info.labels(build_version(), platform.python_version()).set(1)
         self.monitor_up = Gauge(
             "chora_jetstream_monitor_up", "1 if the last poll of the JetStream figures succeeded, else 0.", registry=r
         )
@@ -272,10 +216,6 @@ class TelemetryMetrics:
         self._generator = _Bounded()
         self._code = _Bounded()
         self._rule = _Bounded()
-        self._server = None
-        self._thread: threading.Thread | None = None
-        self.host: str | None = None
-        self.port: int | None = None
 
     def _zero_known_series(self) -> None:
         """Create the series of closed label sets at 0, so that the first event of a kind is
@@ -339,14 +279,9 @@ class TelemetryMetrics:
             s = _seconds(getattr(data, "duration_ms", None))
             if s is not None:
                 self.webhook_duration.labels(sub).observe(s)
-            self.webhook_circuit_open.labels(sub).set(0)
         elif kind == NOTIFICATION_FAILED:
             sub = self._subscription(getattr(data, "subscription", None))
             self.webhook_deliveries.labels(sub, "failed").inc()
-            code = getattr(getattr(data, "error", None), "code", None)
-            gauge = self.webhook_circuit_open.labels(sub)  # creates the series at 0
-            if code == "CIRCUIT_OPEN":
-                gauge.set(1)
 
     # ------------------------------------------------------------------ JetStream
     def jetstream_polled(self, snapshot: JetStreamSnapshot) -> None:
@@ -362,37 +297,3 @@ class TelemetryMetrics:
 
     def duplicate(self, event: CloudEvent) -> None:
         self.duplicates_skipped.inc()
-
-    def handled(self, consumer: str, event_type: str, outcome: str, seconds: float) -> None:
-        """The consumer loop's :class:`bus.consumer.Observer` hook."""
-        self.consumer_handled.labels(_label(consumer), _label(event_type), _label(outcome)).inc()
-        self.handler_duration.labels(_label(consumer)).observe(max(0.0, seconds))
-
-    # ------------------------------------------------------------------ serving
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Serve ``/metrics`` over HTTP from a daemon thread; return the real port."""
-        if self._server is not None:
-            return self.port  # type: ignore[return-value]
-        result = start_http_server(port, addr=host, registry=self.registry)
-        server, thread = result if isinstance(result, tuple) else (result, None)
-        self._server, self._thread = server, thread
-        self.host = host
-        self.port = server.server_address[1]
-        return self.port
-
-    @property
-    def url(self) -> str | None:
-        if self.port is None:
-            return None
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None

@@ -1,12 +1,11 @@
 """Wiring of the telemetry sink: ``build(settings)`` -> :class:`TelemetryApp`.
 
 Nothing happens at import or build time; :meth:`TelemetryApp.start` opens the
-JSONL file (repairing a torn last line, remembering the ids already written)
-and starts the ``/metrics`` HTTP server.
+JSONL file (repairing a torn last line, remembering the ids already written).
+Its metrics live in ``app.metrics_registry``, which the runtime serves on the
+process's ``/metrics`` (:mod:`services.metrics`).
 
-Settings read: ``jsonl_path``, ``metrics_host``, ``metrics_port`` (0 picks a
-free port; :meth:`TelemetryApp.info` reports the real one), ``telemetry_fsync``,
-``telemetry_max_ids`` and, when present, ``monitor_interval_s`` (default 5).
+Settings read: ``jsonl_path``, ``telemetry_*`` and ``monitor_interval_s``.
 
 JetStream figures (consumer lag, stream sizes, dead letters) come from a plain
 async callable returning a :class:`bus.monitor.JetStreamSnapshot`: the one the
@@ -41,10 +40,7 @@ Monitor = Callable[[], Awaitable[JetStreamSnapshot]]
 
 
 class TelemetryApp:
-    """The telemetry service app (see :class:`services.runtime.ServiceApp`).
-
-    ``observer`` is the consumer loop's metrics hook (``handled(...)``).
-    """
+    """The telemetry service app (see :class:`services.runtime.ServiceApp`)."""
 
     name = "telemetry"
 
@@ -53,8 +49,6 @@ class TelemetryApp:
         sink: JsonlSink,
         metrics: TelemetryMetrics | None = None,
         *,
-        metrics_host: str = "127.0.0.1",
-        metrics_port: int | None = 0,
         monitor: Monitor | None = None,
         monitor_interval_s: float = DEFAULT_MONITOR_INTERVAL_S,
     ):
@@ -65,18 +59,10 @@ class TelemetryApp:
         self._monitor_wake: asyncio.Event | None = None
         self._monitor_failing = False
         self.metrics = metrics or TelemetryMetrics()
-        self.observer = self.metrics
-        self.metrics_host = metrics_host
-        self.metrics_port = metrics_port  # None: do not serve over HTTP
+        self.metrics_registry = self.metrics.registry  # served on the process's /metrics by the runtime
 
     async def start(self, ctx=None) -> None:
         await self.sink.start()
-        if self.metrics_port is not None:
-            try:
-                self.metrics.serve(self.metrics_host, self.metrics_port)
-            except BaseException:
-                await self.sink.close()
-                raise
         if self.monitor is None and ctx is not None:
             self.monitor = getattr(ctx, "monitor", None)
             if self.monitor is None:
@@ -132,14 +118,10 @@ class TelemetryApp:
                 await task
             except asyncio.CancelledError:
                 pass
-        try:
-            await self.sink.close()
-        finally:
-            # shutdown() waits for the server thread's poll loop: not on the event loop.
-            await asyncio.to_thread(self.metrics.stop)
+        await self.sink.close()
 
     def info(self) -> dict[str, Any]:
-        return {"metrics_url": self.metrics.url, "jsonl_path": str(self.sink.path)}
+        return {"jsonl_path": str(self.sink.path)}
 
 
 def build(settings: Settings) -> TelemetryApp:
@@ -155,7 +137,5 @@ def build(settings: Settings) -> TelemetryApp:
     return TelemetryApp(
         sink,
         TelemetryMetrics(),
-        metrics_host=settings.metrics_host,
-        metrics_port=settings.metrics_port,
         monitor_interval_s=settings.monitor_interval_s,
     )

@@ -128,6 +128,18 @@ async def test_generate_from_cli_and_from_another_service(stack):
     metrics = urllib.request.urlopen(stack["metrics_url"], timeout=5).read().decode()
     assert 'chora_events_total{event_type="chora.content_generated",status="success"} 2.0' in metrics
     assert 'chora_events_total{event_type="chora.content_generated",status="error"} 1.0' in metrics
+    # ... and every service serves its own, listed for Prometheus in the file_sd targets
+    assert set(stack["metrics_urls"]) == {"generator", "validator", "assembler", "notifier", "telemetry"}
+    targets = json.loads(Path(stack["prometheus_targets"]).read_text())
+    assert {g["labels"]["service"]: g["targets"] for g in targets} == {
+        name: [url.split("/")[2]] for name, url in stack["metrics_urls"].items()
+    }
+    generator = urllib.request.urlopen(stack["metrics_urls"]["generator"], timeout=5).read().decode()
+    assert ('chora_events_consumed_total{consumer="generator",event_type="chora.generation.requested",'
+            'outcome="ack"} 3.0') in generator
+    assert ('chora_events_published_total{consumer="generator",event_type="chora.content_generated",'
+            'status="success"} 2.0') in generator
+    assert "process_resident_memory_bytes" in generator
 
     # 5. `chora events tail` filters by trace id.
     r = run_cli(stack, "events", "tail", "--trace-id", trace, "--type", "content_generated", "--no-follow")
@@ -144,6 +156,28 @@ async def test_generate_from_cli_and_from_another_service(stack):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not (stack["home"] / "run" / "stack.json").exists()
+    assert not Path(stack["prometheus_targets"]).exists()
+
+
+async def test_a_restarted_service_gets_its_new_metrics_port_into_the_targets(stack):
+    """With free ports (CHORA_METRICS_PORT=0) a restart moves a service's /metrics:
+    `chora up` rewrites the file_sd targets, so Prometheus follows it."""
+    targets_file = Path(stack["prometheus_targets"])
+
+    def target_of(name: str) -> str | None:
+        try:
+            groups = json.loads(targets_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return next((g["targets"][0] for g in groups if g["labels"]["service"] == name), None)
+
+    old = target_of("validator")
+    assert old == stack["metrics_urls"]["validator"].split("/")[2]
+    os.kill(stack["services"]["validator"], signal.SIGKILL)
+    await wait_for(lambda: target_of("validator") not in (None, old), timeout=30, what="a new validator target")
+    text = urllib.request.urlopen(f"http://{target_of('validator')}/metrics", timeout=5).read().decode()
+    assert "chora_events_consumed_total" in text
+    assert target_of("generator") == stack["metrics_urls"]["generator"].split("/")[2]  # the others stay
 
 
 def test_up_with_nats_url_starts_no_server(nats_server, tmp_path):

@@ -427,23 +427,25 @@ def prom_config(services) -> tuple[dict, Path]:
     return yaml.safe_load(path.read_text()), path
 
 
-def test_prometheus_scrapes_every_telemetry_replica_on_the_metrics_port(prom_config, services):
+def test_prometheus_scrapes_every_replica_of_every_service_on_its_metrics_port(prom_config, services):
     cfg, _ = prom_config
-    telemetry_env = env_of(services["telemetry"])
-    metrics_port = int(telemetry_env.get("CHORA_METRICS_PORT", Settings.model_fields["metrics_port"].default))
-    assert telemetry_env["CHORA_METRICS_HOST"] == "0.0.0.0", "bound to loopback, /metrics is unreachable from Prometheus"
-    assert str(metrics_port) in [str(e) for e in services["telemetry"].get("expose", [])]
-    targets = []
+    by_host: dict[str, tuple[str, int, dict]] = {}
     for job in cfg["scrape_configs"]:
         for sd in job.get("dns_sd_configs") or []:
-            targets += [(job["job_name"], n, sd["port"]) for n in sd["names"]]
-        for sc in job.get("static_configs") or []:
-            targets += [(job["job_name"], *host_port(t)) for t in sc["targets"]]
-    chora_targets = [t for t in targets if t[1] not in ("localhost", "127.0.0.1")]
-    assert chora_targets, targets
-    for job, host, port in chora_targets:
-        assert host in services, f"job {job} scrapes {host}, not a compose service"
-        assert host == "telemetry" and port == metrics_port, (job, host, port)
+            assert sd["type"] == "A", "one A record per replica: every replica is a target"
+            for n in sd["names"]:
+                by_host[n] = (job["job_name"], sd["port"], job)
+    assert set(by_host) == set(CHORA_SERVICES), by_host.keys()
+    for name in CHORA_SERVICES:
+        job_name, port, job = by_host[name]
+        env = env_of(services[name])
+        metrics_port = int(env.get("CHORA_METRICS_PORT", Settings.model_fields["metrics_port"].default))
+        assert env["CHORA_METRICS_HOST"] == "0.0.0.0", f"{name}: bound to loopback, /metrics is unreachable"
+        assert port == metrics_port, (name, port, metrics_port)
+        assert str(metrics_port) in [str(e) for e in services[name].get("expose", [])], name
+        assert job_name == "chora", "dashboards and alerts select job=\"chora\""
+        # the DNS name becomes the service label, as chora up's file_sd labels do
+        assert {"source_labels": ["__meta_dns_name"], "target_label": "service"} in job["relabel_configs"]
 
 
 def test_prometheus_has_the_jobs_of_dashboards_prometheus_yml(prom_config):

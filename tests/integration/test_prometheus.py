@@ -1,10 +1,12 @@
 """The dashboard and the alert rules against a real Prometheus scraping a real stack.
 
 The five services run in-process (:func:`services.runtime.run_service`) on a
-real nats-server, the notifier posts to two real local HTTP endpoints (one
-accepts, one rejects), and a real ``prometheus`` (Debian's package) scrapes
-the telemetry sink's ``/metrics`` every second with ``dashboards/alerts.yml``
-as its rule file. Under load (a batch with failing items, failing requests,
+real nats-server, each serving its own ``/metrics``; the notifier posts to two
+real local HTTP endpoints (one accepts, one rejects) and to a port where
+nobody listens (its circuit opens). A real ``prometheus`` (Debian's package)
+runs with ``dashboards/prometheus.yml`` as shipped, except for the scrape
+interval and the path of the file_sd targets, which are written the way
+`chora up` writes them; ``dashboards/alerts.yml`` is its rule file. Under load (a batch with failing items, failing requests,
 content that fails validation, an artifact, a malformed message) every panel
 query of ``dashboards/chora-compose.json`` and every alert expression must
 parse and return data through Prometheus' HTTP API.
@@ -42,6 +44,7 @@ from bus.publisher import Publisher
 from contracts.catalogue import ARTIFACT_REQUESTED, BATCH_REQUESTED, GENERATION_REQUESTED, subject_for
 from contracts.envelope import new_event
 from contracts.events import ArtifactRequested, BatchItem, BatchRequested, GenerationRequested
+from chora.up import write_prometheus_targets
 from services.runtime import ready_file, run_service
 from tests.conftest import ROOT, wait_for
 
@@ -223,6 +226,9 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, tmp_pa
                      "url": f"{base}/ok", "secret_env": "PROM_TEST_HOOK_SECRET"},
                     {"name": "errors-hook", "events": ["chora.content_generated"], "filters": {"status": ["error"]},
                      "url": f"{base}/reject", "secret_env": "PROM_TEST_HOOK_SECRET", "max_attempts": 1},
+                    {"name": "down-hook", "events": ["chora.content_generated"], "filters": {"status": ["error"]},
+                     "url": f"http://127.0.0.1:{free_port()}/nobody-listens", "secret_env": "PROM_TEST_HOOK_SECRET",
+                     "max_attempts": 1, "circuit": {"failure_threshold": 2, "reset_timeout_s": 600}},
                 ]
             }
         )
@@ -241,21 +247,19 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, tmp_pa
             return all(ready_file(settings, n).exists() for n in SERVICES)
 
         await wait_for(all_ready, 30, "every service ready")
-        metrics_url = json.loads(ready_file(settings, "telemetry").read_text())["metrics_url"]
-        target = urllib.parse.urlsplit(metrics_url).netloc
+        infos = {n: json.loads(ready_file(settings, n).read_text()) for n in SERVICES}
+        targets_file = prom.workdir / "targets" / "prometheus-targets.json"
+        write_prometheus_targets(targets_file, infos)
 
+        shipped = yaml.safe_load(PROM_CONFIG.read_text())
+        [job] = shipped["scrape_configs"]
+        [sd] = job["file_sd_configs"]
+        assert [Path(f).name for f in sd["files"]] == [targets_file.name]
+        sd["files"] = [str(targets_file)]
+        shipped["global"].update(scrape_interval="1s", evaluation_interval="1s")
+        shipped["rule_files"] = [str(ALERTS)]
         config = prom.workdir / "prometheus.yml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "rule_files": [str(ALERTS)],
-                    "scrape_configs": [
-                        {"job_name": "chora-telemetry", "static_configs": [{"targets": [target]}]},
-                    ],
-                }
-            )
-        )
+        config.write_text(yaml.safe_dump(shipped))
         if promtool:
             r = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
             assert r.returncode == 0, r.stdout + r.stderr
@@ -296,7 +300,7 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, tmp_pa
         checks: list[tuple[str, str]] = list(queries)
         for rule in alerts:
             checks.append((f"alert {rule['alert']} (bool form)", bool_form(rule["expr"])))
-        firing = {"ChoraDeadLettersGrowing", "ChoraGenerationErrorRatioHigh"}
+        firing = {"ChoraDeadLettersGrowing", "ChoraGenerationErrorRatioHigh", "ChoraWebhookCircuitOpen"}
         checks += [(f"alert {r['alert']}", r["expr"]) for r in alerts if r["alert"] in firing]
 
         # every expression as written must parse
@@ -330,18 +334,49 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, tmp_pa
 
         await wait_for(rules_evaluated, 30, "alert rules evaluated")
 
-        # a few figures are what the load made them
+        # a few figures are what the load made them (waiting for the load to be done and scraped)
         async def value(expr: str) -> float:
             r = await query(expr)
             res = r["data"]["result"]
             return float(res[0]["value"][1]) if res else -1.0
 
-        assert await value('sum(chora_events_total{event_type="chora.batch_completed"})') == 1
-        assert await value('sum(chora_batch_items_total{outcome="error"})') == 4
-        assert await value('sum(chora_webhook_deliveries_total{subscription="errors-hook",outcome="failed"})') >= 5
-        assert await value('sum(chora_validation_issues_total{severity="error"})') >= 3
-        assert await value("sum(chora_dead_letters)") >= 1
-        assert await value('count(chora_consumer_pending_messages{consumer="generator"})') == 1
+        async def expect(expr: str, op: str, want: float) -> None:
+            got: list[float] = []
+
+            async def reached() -> bool:
+                got.append(await value(expr))
+                return got[-1] == want if op == "==" else got[-1] >= want
+
+            try:
+                await wait_for(reached, 30, expr)
+            except AssertionError:
+                raise AssertionError(f"{expr}: {got[-1] if got else None}, expected {op} {want}") from None
+
+        generator = f'service="generator",consumer="generator",event_type="{GENERATION_REQUESTED}"'
+        figures = [
+            ('sum(chora_events_total{event_type="chora.batch_completed"})', "==", 1),
+            ('sum(chora_batch_items_total{outcome="error"})', "==", 4),
+            ('sum(chora_webhook_deliveries_total{subscription="errors-hook",outcome="failed"})', ">=", 5),
+            ('sum(chora_validation_issues_total{severity="error"})', ">=", 3),
+            ("sum(chora_dead_letters)", ">=", 1),
+            ('count(chora_consumer_pending_messages{consumer="generator"})', "==", 1),
+            # every service process is a target of its own, labelled with its service
+            ('count(up{job="chora"} == 1)', "==", len(SERVICES)),
+            ("count(count by (service) (chora_build_info))", "==", len(SERVICES)),
+            # per service: what its consumer loops consumed and published
+            (f'sum(chora_events_consumed_total{{{generator},outcome="ack"}})', ">=", 8 + len(items)),
+            ('sum(chora_events_published_total{service="generator",event_type="chora.content_generated",'
+             'status="error"})', ">=", 5 + 4),
+            ('sum(chora_events_consumed_total{service="telemetry",outcome="dead"})', "==", 1),
+            ('sum(chora_handler_duration_seconds_count{service="validator"})', ">=", 1),
+            # the breaker's live state, straight from the notifier
+            ('chora_webhook_circuit_state{subscription="down-hook",state="open"}', "==", 1),
+            ('chora_webhook_circuit_state{subscription="done-hook",state="closed"}', "==", 1),
+            ('sum(chora_webhook_circuit_transitions_total{subscription="down-hook",to_state="open"})', "==", 1),
+            ('sum(chora_notifier_events_total{subscription="down-hook",outcome="failed"})', ">=", 2),
+        ]
+        for expr, op, want in figures:
+            await expect(expr, op, want)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)

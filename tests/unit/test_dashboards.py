@@ -24,7 +24,7 @@ PROM = ROOT / "dashboards" / "prometheus.yml"
 # Grafana's own variables, always defined
 BUILTIN_VARS = {"__rate_interval", "__interval", "__interval_ms", "__range", "__range_s", "__range_ms", "__name", "__dashboard", "__from", "__to"}
 VAR_RE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
-METRIC_RE = re.compile(r"\b(chora_[a-z0-9_]+)")
+METRIC_RE = re.compile(r"\b((?:chora|process)_[a-z0-9_]+)")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,12 @@ def test_required_panels_present(dashboard):
         "chora_dead_letters",
         "chora_consumer_pending_messages",
         "chora_consumer_ack_pending_messages",
-        "chora_webhook_circuit_open",
+        "chora_webhook_circuit_state",
+        "chora_events_consumed_total",
+        "chora_events_published_total",
+        "chora_handler_duration_seconds_bucket",
+        "process_resident_memory_bytes",
+        'up{job="chora"}',
         "chora_jetstream_",
         "chora_stream_messages",
     ):
@@ -123,7 +128,8 @@ def test_required_panels_present(dashboard):
 
 
 def exposed_text() -> str:
-    """The telemetry sink's /metrics text once every kind of figure exists."""
+    """What the five services' /metrics show together once every kind of figure exists:
+    the consumer loop's and process figures (every service), the telemetry sink's, the notifier's."""
     from contracts.catalogue import (
         ARTIFACT_ASSEMBLED, BATCH_COMPLETED, CONTENT_GENERATED, CONTENT_VALIDATED,
         NOTIFICATION_DELIVERED, NOTIFICATION_FAILED,
@@ -152,7 +158,21 @@ def exposed_text() -> str:
                                                           error=ErrorInfo(code="CIRCUIT_OPEN", message="m")), source="t"),
     ):
         m.written(ev, 0.0)
-    m.handled("telemetry", CONTENT_GENERATED, "ack", 0.001)
+    from types import SimpleNamespace
+
+    from services.metrics import ServiceMetrics
+    from services.notifier.circuit import CircuitBreaker
+    from services.notifier.metrics import NotifierMetrics
+
+    service = ServiceMetrics()
+    service.consumer("generator", [CONTENT_GENERATED])
+    service.handled("generator", CONTENT_GENERATED, "ack", 0.001)
+    service.published("generator", [new_event(CONTENT_GENERATED, ContentGenerated(
+        request_id="r", content_config_id="c", status="success"), source="t")])
+    notifier = NotifierMetrics()
+    notifier.watch({"s": SimpleNamespace(circuit=CircuitBreaker(), stats={"delivered": 1})})
+    service.include(notifier.registry)
+    service.include(m.registry)
     m.jetstream_polled(JetStreamSnapshot(
         1.0, "E", "D",
         streams=[StreamFigures("E", 10, 100, 2), StreamFigures("D", 1, 10, 0)],
@@ -160,7 +180,7 @@ def exposed_text() -> str:
         account=AccountFigures(0, 110, 2, 2),
     ))
     m.jetstream_failed()
-    return generate_latest(m.registry).decode()
+    return generate_latest(service.registry).decode()
 
 
 def exposed_metric_names() -> set[str]:
@@ -185,14 +205,14 @@ def test_exposed_labels_carry_no_ids():
     from prometheus_client.parser import text_string_to_metric_families
 
     allowed = {"event_type", "status", "generator", "code", "result", "rule", "severity", "outcome",
-               "subscription", "consumer", "stream", "version", "python", "le"}
+               "subscription", "consumer", "stream", "version", "python", "le", "state", "from_state", "to_state"}
     seen = set()
     for fam in text_string_to_metric_families(exposed_text()):
         for smp in fam.samples:
             seen |= set(smp.labels)
             assert not any("id" in k.split("_") for k in smp.labels), smp
     assert seen <= allowed, seen - allowed
-    assert {"stream", "consumer", "subscription", "rule", "severity"} <= seen
+    assert {"stream", "consumer", "subscription", "rule", "severity", "state"} <= seen
 
 
 def test_alert_rules_shape():
@@ -208,11 +228,19 @@ def test_alert_rules_shape():
     assert any("up" in r["expr"] and "== 0" in r["expr"] for r in rules)
 
 
-def test_prometheus_config_scrapes_telemetry_and_loads_the_alerts():
+def test_prometheus_config_scrapes_the_targets_chora_up_writes_and_loads_the_alerts(tmp_path):
+    """dashboards/prometheus.yml reads the file_sd targets of a `chora up` started from the
+    repository root with the default CHORA_HOME (paths are relative to the config file)."""
+    from chora.settings import Settings
+    from chora.up import Stack
+
     doc = yaml.safe_load(PROM.read_text())
     assert doc["rule_files"] == ["alerts.yml"]
     jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
-    assert jobs["chora-telemetry"]["static_configs"][0]["targets"] == ["127.0.0.1:9464"]
+    [files] = [sd["files"] for sd in jobs["chora"]["file_sd_configs"]]
+    default_home = Settings.model_fields["home"].default
+    stack = Stack(Settings(_env_file=None, home=default_home))
+    assert (PROM.parent / files[0]).resolve() == (ROOT / stack.targets_file).resolve()
 
 
 async def test_jetstream_figures_poll_failure_keeps_last_and_flags_it(tmp_path):
@@ -230,7 +258,7 @@ async def test_jetstream_figures_poll_failure_keeps_last_and_flags_it(tmp_path):
         return JetStreamSnapshot(float(len(calls)), "E", "D", streams=[StreamFigures("D", len(calls), 1, 0)],
                                  consumers=[ConsumerFigures("E", "generator", 7, 1, 0, 0)])
 
-    app = TelemetryApp(JsonlSink(tmp_path / "e.jsonl"), metrics_port=None, monitor=monitor, monitor_interval_s=0)
+    app = TelemetryApp(JsonlSink(tmp_path / "e.jsonl"), monitor=monitor, monitor_interval_s=0)
     await app.start()
     try:
         reg = app.metrics.registry

@@ -1,4 +1,5 @@
-"""TelemetryApp: handle() mirrors to JSONL and Prometheus; /metrics over real HTTP."""
+"""TelemetryApp: handle() mirrors to JSONL and Prometheus; /metrics over real HTTP
+(served the way the runtime serves it: the process's ServiceMetrics with the app's registry)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
 from services import runtime
+from services.metrics import ServiceMetrics
 from services.telemetry.metrics import TelemetryMetrics, event_timestamp
 from services.telemetry.service import TelemetryApp, build
 
@@ -48,8 +50,12 @@ async def app(tmp_path):
     settings = Settings(home=tmp_path / "var", metrics_host="127.0.0.1", metrics_port=0)
     a = build(settings)
     await a.start()
+    a.process = ServiceMetrics()
+    a.process.include(a.metrics_registry)
+    a.process.serve("127.0.0.1", 0)
     yield a
     await a.close()
+    a.process.stop()
 
 
 async def test_build_is_registered_and_lazy(tmp_path):
@@ -61,10 +67,10 @@ async def test_build_is_registered_and_lazy(tmp_path):
     assert a.info()["jsonl_path"] == str(settings.jsonl_path)
 
 
-async def test_info_reports_real_port_and_path(app, tmp_path):
+async def test_info_reports_path_and_the_served_url_is_real(app, tmp_path):
     info = app.info()
     assert info["jsonl_path"] == str(tmp_path / "var" / "telemetry" / "events.jsonl")
-    m = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/metrics", info["metrics_url"])
+    m = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/metrics", app.process.url)
     assert m and int(m.group(1)) > 0
     assert (tmp_path / "var" / "telemetry" / "events.jsonl").exists()
 
@@ -81,14 +87,14 @@ async def test_handle_mirrors_and_metrics_over_http(app):
     assert await app.handle(ok1) == []
     assert await app.handle(req1) == []
 
-    app.observer.handled("telemetry", CONTENT_GENERATED, "ack", 0.002)
-    app.observer.handled("telemetry", CONTENT_GENERATED, "ack", 0.004)
-    app.observer.handled("telemetry", GENERATION_REQUESTED, "retry", 0.1)
+    app.process.handled("telemetry", CONTENT_GENERATED, "ack", 0.002)
+    app.process.handled("telemetry", CONTENT_GENERATED, "ack", 0.004)
+    app.process.handled("telemetry", GENERATION_REQUESTED, "retry", 0.1)
 
     path = app.sink.path
     assert len(path.read_text().splitlines()) == 6
 
-    text = await asyncio.to_thread(scrape, app.info()["metrics_url"])
+    text = await asyncio.to_thread(scrape, app.process.url)
     s = samples(text)
     assert s[("chora_events_total", (("event_type", CONTENT_GENERATED), ("status", "success")))] == 2
     assert s[("chora_events_total", (("event_type", CONTENT_GENERATED), ("status", "error")))] == 1
@@ -100,9 +106,9 @@ async def test_handle_mirrors_and_metrics_over_http(app):
     assert s[("chora_generation_duration_seconds_sum", (("generator", "jinja2"),))] == pytest.approx(1.75)
     assert s[("chora_generation_duration_seconds_bucket", (("generator", "jinja2"), ("le", "0.5")))] == 1
     assert s[("chora_sink_lag_seconds_count", ())] == 6
-    assert s[("chora_consumer_handled_total",
+    assert s[("chora_events_consumed_total",
               (("consumer", "telemetry"), ("event_type", CONTENT_GENERATED), ("outcome", "ack")))] == 2
-    assert s[("chora_consumer_handled_total",
+    assert s[("chora_events_consumed_total",
               (("consumer", "telemetry"), ("event_type", GENERATION_REQUESTED), ("outcome", "retry")))] == 1
     assert s[("chora_handler_duration_seconds_count", (("consumer", "telemetry"),))] == 3
 
@@ -143,16 +149,21 @@ def test_event_timestamp_tolerates_garbage():
     assert event_timestamp("2024-01-01T00:00:00.500000Z") == pytest.approx(1704067200.5)
 
 
-async def test_close_stops_http_server_and_closes_file(tmp_path):
+async def test_close_closes_file_and_stop_stops_http_server(tmp_path):
     settings = Settings(home=tmp_path / "var", metrics_port=0)
     a = build(settings)
     await a.start()
-    url = a.info()["metrics_url"]
+    process = ServiceMetrics()
+    process.include(a.metrics_registry)
+    process.serve("127.0.0.1", 0)
+    url = process.url
     await asyncio.to_thread(scrape, url)
     await a.handle(requested())
     await a.close()
+    await asyncio.to_thread(process.stop)
     with pytest.raises(OSError):
         await asyncio.to_thread(scrape, url)
+    assert process.url is None
     assert a.sink._fd is None
     [line] = settings.jsonl_path.read_text().splitlines()
     assert json.loads(line)["event_type"] == GENERATION_REQUESTED

@@ -24,12 +24,25 @@ def _tls(s: NatsSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+class TLSConnectError(ConnectionError):
+    """The TLS handshake of the first connection failed (e.g. an untrusted server certificate)."""
+
+
 async def connect(
     s: NatsSettings, url: str | None = None, *, name: str = "chora", inbox_prefix: str = "_INBOX"
 ) -> Client:
     """Connect with reconnects. ``inbox_prefix`` lets a least-privilege user subscribe only
-    to its own replies (e.g. ``_INBOX.generator.>``)."""
+    to its own replies (e.g. ``_INBOX.generator.>``).
+
+    A failed TLS handshake on the first connection raises :class:`TLSConnectError` at once:
+    nats-py 2.x reports it to the error callback and then never returns from connect()
+    (nats-io/nats.py#718), which would leave a service with a wrong CA hanging silently.
+    """
+    handshake_failed: asyncio.Future = asyncio.get_running_loop().create_future()
+
     async def on_error(e: Exception) -> None:
+        if isinstance(e, ssl.SSLError) and not handshake_failed.done():
+            handshake_failed.set_result(e)
         log.warning("nats error: %s", e)
 
     async def on_disconnect() -> None:
@@ -59,7 +72,23 @@ async def connect(
         opts["token"] = s.token.get_secret_value()
     if (tls := _tls(s)) is not None:
         opts["tls"] = tls
-    return await nats.connect(**opts)
+    connecting = asyncio.ensure_future(nats.connect(**opts))
+    await asyncio.wait({connecting, handshake_failed}, return_when=asyncio.FIRST_COMPLETED)
+    if connecting.done():
+        if not handshake_failed.done():
+            handshake_failed.cancel()  # later TLS errors (on a reconnect) are only logged
+        return connecting.result()
+    connecting.cancel()
+    try:
+        await connecting
+    except BaseException:  # cancelled (or failed on its own meanwhile): the TLS error is the story
+        pass
+    servers = ", ".join(opts["servers"])
+    raise TLSConnectError(
+        f"TLS handshake with {servers} failed: {handshake_failed.result()}. "
+        "Check NATS_TLS_CA (the CA that signed the server's certificate) and that the certificate "
+        "names the host in NATS_URL."
+    )
 
 
 async def settle(nc: Client, timeout: float = 5.0) -> None:

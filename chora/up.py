@@ -232,8 +232,8 @@ class Stack:
         for key in ("nats_url", "nats_monitor_url", "metrics_url", "prometheus_targets", "jsonl_path", "configs_dir",
                     "logs_dir"):
             if stack[key]:
-                lines.append(f"  {key:17} {stack[key]}")
-        lines.append(f"  services          {', '.join(f'{n} (pid {p})' for n, p in stack['services'].items())}")
+                lines.append(f"  {key:18} {stack[key]}")
+        lines.append(f"  services           {', '.join(f'{n} (pid {p})' for n, p in stack['services'].items())}")
         lines.append("Try: .venv/bin/chora generate hello-world    (Ctrl-C here stops everything)")
         print("\n".join(lines), file=self.out, flush=True)
 

@@ -150,16 +150,25 @@ def test_the_nats_config_reader_reads_what_the_files_say():
     assert read_nats_conf(NATS_DIR / "single-auth.conf")["authorization"]["users"][0]["user"] == "admin"
 
 
+@pytest.fixture(scope="module")
+def tls_env(tmp_path_factory) -> dict[str, str]:
+    """A server certificate for tls.conf (which reads its paths from the environment)."""
+    from tests.integration.test_nats_tls import write_pki
+
+    pki = write_pki(tmp_path_factory.mktemp("pki"))
+    return {"CHORA_NATS_TLS_CERT": str(pki["server-cert"]), "CHORA_NATS_TLS_KEY": str(pki["server-key"])}
+
+
 @pytest.mark.parametrize("conf", nats_confs(), ids=lambda p: str(p.relative_to(NATS_DIR)))
-def test_nats_server_accepts_every_config(conf: Path):
-    env = child_env(**password_env())
+def test_nats_server_accepts_every_config(conf: Path, tls_env):
+    env = child_env(**password_env(), **tls_env)
     r = subprocess.run([server_binary(), "-t", "-c", str(conf)], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, f"nats-server -t -c {conf.relative_to(ROOT)}:\n{r.stdout}{r.stderr}"
 
 
 def test_the_configs_cover_single_cluster_and_compose_cluster():
     names = {str(p.relative_to(NATS_DIR)) for p in nats_confs()}
-    assert {"single.conf", "auth.conf", "single-auth.conf"} <= names
+    assert {"single.conf", "auth.conf", "single-auth.conf", "tls.conf"} <= names
     assert {f"cluster/node-{n}.conf" for n in (1, 2, 3)} <= names
     assert {f"cluster-compose/node-{n}.conf" for n in (1, 2, 3)} <= names
 

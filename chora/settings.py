@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     telemetry_retention_files: int = 30
     # How often the telemetry sink reads JetStream figures (consumer lag, stream sizes).
     monitor_interval_s: float = 5.0
+    # nats-server monitoring URLs (comma-separated, one per node, e.g. http://nats-1:8222): the
+    # telemetry sink reads each one's /varz for the NATS server figures. `chora up` sets it.
+    nats_monitor_url: str | None = None
     # Every service process serves its own /metrics here; 0 picks a free port, -1 serves none.
     # `chora up` gives telemetry this port and the other services the four after it.
     metrics_host: str = "127.0.0.1"

@@ -138,6 +138,8 @@ class Stack:
         env["CHORA_PREFIX"] = self.settings.prefix
         env["CHORA_CONFIGS_DIR"] = str(self.settings.configs_dir.resolve())
         env["CHORA_METRICS_HOST"] = self.settings.metrics_host
+        if self.server is not None and self.server.monitor_url:
+            env["CHORA_NATS_MONITOR_URL"] = self.server.monitor_url  # the NATS server panels
         env["CHORA_METRICS_PORT"] = str(metrics_port(self.settings.metrics_port, name))
         return env
 

@@ -42,6 +42,14 @@ From JetStream (the last :class:`bus.monitor.JetStreamSnapshot`, polled by the a
     chora_jetstream_monitor_up                            1 if the last poll succeeded
     chora_jetstream_monitor_errors_total                  failed polls
     chora_jetstream_monitor_last_success_timestamp_seconds
+
+From each nats-server's /varz (when CHORA_NATS_MONITOR_URL is set), labelled by the
+host:port of its monitoring URL:
+
+    chora_nats_server_up{server}                          1 if /varz answered at the last poll
+    chora_nats_server_connections, _subscriptions, _routes, _memory_bytes, _cpu_percent{server}
+    chora_nats_server_messages_received_total, _messages_sent_total,
+    chora_nats_server_received_bytes_total, _sent_bytes_total, _slow_consumers_total{server}
 """
 
 from __future__ import annotations
@@ -50,10 +58,10 @@ from datetime import datetime
 from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from bus.monitor import JetStreamSnapshot
+from bus.monitor import JetStreamSnapshot, ServerFigures
 from contracts.catalogue import (
     ARTIFACT_ASSEMBLED,
     CATALOGUE,
@@ -97,11 +105,13 @@ class JetStreamCollector(Collector):
 
     def __init__(self) -> None:
         self.snapshot: JetStreamSnapshot | None = None
+        self.servers: list[ServerFigures] = []
 
     def describe(self) -> Iterable[Any]:
         return []
 
     def collect(self) -> Iterable[Any]:
+        yield from self._servers(self.servers)
         snap = self.snapshot
         if snap is None:
             return
@@ -142,6 +152,48 @@ class JetStreamCollector(Collector):
                 ("chora_jetstream_consumers", "Consumers of the account.", a.consumers),
             ):
                 yield GaugeMetricFamily(name, doc, value=value)
+
+
+    @staticmethod
+    def _servers(servers: list[ServerFigures]) -> Iterable[Any]:
+        if not servers:
+            return
+        gauges = {
+            "up": GaugeMetricFamily("chora_nats_server_up", "1 if the server's /varz answered at the last poll.",
+                                    labels=["server"]),
+            "connections": GaugeMetricFamily("chora_nats_server_connections", "Client connections.", labels=["server"]),
+            "subscriptions": GaugeMetricFamily("chora_nats_server_subscriptions", "Subscriptions.", labels=["server"]),
+            "routes": GaugeMetricFamily("chora_nats_server_routes", "Cluster routes.", labels=["server"]),
+            "memory_bytes": GaugeMetricFamily("chora_nats_server_memory_bytes", "Resident memory of the server.",
+                                              labels=["server"]),
+            "cpu_percent": GaugeMetricFamily("chora_nats_server_cpu_percent", "CPU use of the server (100 = one core).",
+                                             labels=["server"]),
+        }
+        counters = {
+            "in_msgs": CounterMetricFamily("chora_nats_server_messages_received", "Messages the server received.",
+                                           labels=["server"]),
+            "out_msgs": CounterMetricFamily("chora_nats_server_messages_sent", "Messages the server sent.",
+                                            labels=["server"]),
+            "in_bytes": CounterMetricFamily("chora_nats_server_received_bytes", "Bytes the server received.",
+                                            labels=["server"]),
+            "out_bytes": CounterMetricFamily("chora_nats_server_sent_bytes", "Bytes the server sent.",
+                                             labels=["server"]),
+            "slow_consumers": CounterMetricFamily("chora_nats_server_slow_consumers",
+                                                  "Clients the server cut off for not reading fast enough.",
+                                                  labels=["server"]),
+        }
+        for s in servers:
+            labels = [_label(s.server)]
+            gauges["up"].add_metric(labels, 1.0 if s.up else 0.0)
+            if not s.up:
+                continue  # no figures rather than zeros: a rate over a dead server's counters stays honest
+            for key, fam in gauges.items():
+                if key != "up":
+                    fam.add_metric(labels, getattr(s, key))
+            for key, fam in counters.items():
+                fam.add_metric(labels, getattr(s, key))
+        yield from gauges.values()
+        yield from counters.values()
 
 
 class TelemetryMetrics:
@@ -287,13 +339,17 @@ class TelemetryMetrics:
     def jetstream_polled(self, snapshot: JetStreamSnapshot) -> None:
         """A successful poll of :class:`bus.monitor.JetStreamMonitor`."""
         self.jetstream.snapshot = snapshot
+        self.jetstream.servers = list(snapshot.servers)
         self.monitor_up.set(1)
         self.monitor_last_success.set(snapshot.taken_at)
 
-    def jetstream_failed(self) -> None:
-        """A failed poll: the last figures stay, marked stale by ``chora_jetstream_monitor_up 0``."""
+    def jetstream_failed(self, servers: list[ServerFigures] | None = None) -> None:
+        """A failed poll: the last JetStream figures stay, marked stale by
+        ``chora_jetstream_monitor_up 0``; the servers' figures read meanwhile replace theirs."""
         self.monitor_errors.inc()
         self.monitor_up.set(0)
+        if servers is not None:
+            self.jetstream.servers = list(servers)
 
     def duplicate(self, event: CloudEvent) -> None:
         self.duplicates_skipped.inc()

@@ -86,7 +86,7 @@ class TelemetryApp:
             if not self._monitor_failing:
                 log.warning("telemetry: reading JetStream figures failed: %s", e)
             self._monitor_failing = True
-            self.metrics.jetstream_failed()
+            self.metrics.jetstream_failed(getattr(e, "servers", None))
             return False
         if self._monitor_failing:
             log.info("telemetry: JetStream figures readable again")

@@ -128,6 +128,8 @@ async def test_generate_from_cli_and_from_another_service(stack):
     metrics = urllib.request.urlopen(stack["metrics_url"], timeout=5).read().decode()
     assert 'chora_events_total{event_type="chora.content_generated",status="success"} 2.0' in metrics
     assert 'chora_events_total{event_type="chora.content_generated",status="error"} 1.0' in metrics
+    # the embedded server's /varz, for the NATS server panels
+    assert f'chora_nats_server_up{{server="{stack["nats_monitor_url"].split("//")[1]}"}} 1.0' in metrics
     # ... and every service serves its own, listed for Prometheus in the file_sd targets
     assert set(stack["metrics_urls"]) == {"generator", "validator", "assembler", "notifier", "telemetry"}
     targets = json.loads(Path(stack["prometheus_targets"]).read_text())

@@ -379,6 +379,12 @@ def test_the_nats_nodes_mount_their_config_and_agree_with_it(services):
         check = " ".join(services[node]["healthcheck"]["test"])
         assert f":{host_port(conf['http'])[1]}/healthz" in check, (node, check)
 
+    # The telemetry sink reads every node's /varz on the monitoring port its config opens.
+    monitors = [urlsplit(u) for u in env_of(services["telemetry"])["CHORA_NATS_MONITOR_URL"].split(",")]
+    assert sorted(u.hostname for u in monitors) == sorted(NODES)
+    for u in monitors:
+        assert u.scheme == "http" and u.port == host_port(confs[u.hostname]["http"])[1], u.geturl()
+
     # NATS_URL of every chora container names the three nodes on their client ports.
     for name, svc in chora_services(services).items():
         urls = [urlsplit(u) for u in env_of(svc)["NATS_URL"].split(",")]

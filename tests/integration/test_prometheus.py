@@ -204,7 +204,7 @@ class Endpoint(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------- the test
 
 
-async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, tmp_path, monkeypatch):
+async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, nats_server, tmp_path, monkeypatch):
     binary = prometheus_binary()
     promtool = shutil.which("promtool")
     if promtool:
@@ -233,7 +233,14 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, tmp_pa
             }
         )
     )
-    settings = settings.model_copy(update={"notifier_config": notifier_config, "metrics_port": 0})
+    # the NATS server panels read /varz: of the real server, and of a node that is down
+    dead_node = f"127.0.0.1:{free_port()}"
+    settings = settings.model_copy(update={
+        "notifier_config": notifier_config,
+        "metrics_port": 0,
+        "nats_monitor_url": f"{nats_server.monitor_url},http://{dead_node}",
+        "monitor_interval_s": 1.0,
+    })
 
     stop = asyncio.Event()
     tasks = [asyncio.create_task(run_service(name, settings, stop=stop), name=name) for name in SERVICES]
@@ -300,7 +307,8 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, tmp_pa
         checks: list[tuple[str, str]] = list(queries)
         for rule in alerts:
             checks.append((f"alert {rule['alert']} (bool form)", bool_form(rule["expr"])))
-        firing = {"ChoraDeadLettersGrowing", "ChoraGenerationErrorRatioHigh", "ChoraWebhookCircuitOpen"}
+        firing = {"ChoraDeadLettersGrowing", "ChoraGenerationErrorRatioHigh", "ChoraWebhookCircuitOpen",
+                  "ChoraNatsServerDown"}
         checks += [(f"alert {r['alert']}", r["expr"]) for r in alerts if r["alert"] in firing]
 
         # every expression as written must parse
@@ -374,6 +382,11 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, tmp_pa
             ('chora_webhook_circuit_state{subscription="done-hook",state="closed"}', "==", 1),
             ('sum(chora_webhook_circuit_transitions_total{subscription="down-hook",to_state="open"})', "==", 1),
             ('sum(chora_notifier_events_total{subscription="down-hook",outcome="failed"})', ">=", 2),
+            # the NATS servers: the real one answers and carries the load, the dead node is down
+            (f'chora_nats_server_up{{server="{nats_server.monitor_url.split("//")[1]}"}}', "==", 1),
+            (f'chora_nats_server_up{{server="{dead_node}"}}', "==", 0),
+            ("sum(chora_nats_server_messages_received_total)", ">=", 100),
+            ("sum(chora_nats_server_connections)", ">=", len(SERVICES)),
         ]
         for expr, op, want in figures:
             await expect(expr, op, want)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from bus.monitor import AccountFigures, ConsumerFigures, JetStreamSnapshot, StreamFigures
+from bus.monitor import AccountFigures, ConsumerFigures, JetStreamSnapshot, ServerFigures, StreamFigures
 from services.telemetry.metrics import TelemetryMetrics
 from tests.conftest import ROOT
 
@@ -123,6 +123,8 @@ def test_required_panels_present(dashboard):
         'up{job="chora"}',
         "chora_jetstream_",
         "chora_stream_messages",
+        "chora_nats_server_up",
+        "chora_nats_server_messages_received_total",
     ):
         assert needle in exprs, needle
 
@@ -178,6 +180,8 @@ def exposed_text() -> str:
         streams=[StreamFigures("E", 10, 100, 2), StreamFigures("D", 1, 10, 0)],
         consumers=[ConsumerFigures("E", "generator", 3, 2, 1, 0)],
         account=AccountFigures(0, 110, 2, 2),
+        servers=[ServerFigures("127.0.0.1:8222", True, connections=5, in_msgs=10, slow_consumers=0),
+                 ServerFigures("nats-2:8222", False)],
     ))
     m.jetstream_failed()
     return generate_latest(service.registry).decode()
@@ -205,7 +209,8 @@ def test_exposed_labels_carry_no_ids():
     from prometheus_client.parser import text_string_to_metric_families
 
     allowed = {"event_type", "status", "generator", "code", "result", "rule", "severity", "outcome",
-               "subscription", "consumer", "stream", "version", "python", "le", "state", "from_state", "to_state"}
+               "subscription", "consumer", "stream", "version", "python", "le", "state", "from_state", "to_state",
+               "server"}
     seen = set()
     for fam in text_string_to_metric_families(exposed_text()):
         for smp in fam.samples:

@@ -155,13 +155,23 @@ async def generate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- nats / services
 async def nats_provision(args: argparse.Namespace) -> int:
     from bus.topology import Topology, provision
+    from services.notifier.config import NotifierConfigError, load_config
+    from services.notifier.service import subscription_consumers
 
     settings = load_settings()
+    topo = Topology.from_settings(settings, replicas=args.replicas)
+    extra = []
+    if settings.notifier_config:  # the webhook subscriptions' durables too (secrets are not needed)
+        try:
+            extra = subscription_consumers(load_config(settings.notifier_config), topo)
+        except NotifierConfigError as e:
+            print(f"chora: {e}", file=sys.stderr)
+            return EXIT_USAGE
     nc = await connect_cli(settings)
     try:
-        topo = Topology.from_settings(settings, replicas=args.replicas)
-        await provision(nc.jetstream(), topo)
-        print(f"provisioned streams {topo.events_stream}, {topo.dlq_stream} and consumers {', '.join(topo.consumers)}")
+        await provision(nc.jetstream(), topo, extra=extra)
+        consumers = [*topo.consumers, *(spec.durable for spec in extra)]
+        print(f"provisioned streams {topo.events_stream}, {topo.dlq_stream} and consumers {', '.join(consumers)}")
     finally:
         await nc.close()
     return 0

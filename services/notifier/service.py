@@ -79,23 +79,14 @@ class NotifierApp:
         self.metrics.transition(subscription, frm, to)
 
     def consumers(self, topology: Topology) -> list[tuple[ConsumerSpec, Any]]:
+        specs = {spec.durable: spec for spec in subscription_consumers(self.config, topology)}
         pairs = []
         for t in self.targets.values():
-            sub = t.subscription
-            base = topology.consumers["generator"]
-            spec = topology.consumer_spec(
-                sub.durable,
-                sub.event_types,
-                template="generator",
-                max_deliver=t.max_deliver,
-                max_ack_pending=sub.max_in_flight,
-                ack_wait_s=max(base.ack_wait_s, sub.timeout_s + ACK_WAIT_MARGIN_S),
-            )
 
             async def handler(event: CloudEvent, t: Target = t) -> list[CloudEvent]:
                 return await notify(event, t)
 
-            pairs.append((spec, handler))
+            pairs.append((specs[t.subscription.durable], handler))
         return pairs
 
     async def handle(self, event: CloudEvent) -> list[CloudEvent]:
@@ -124,6 +115,24 @@ class NotifierApp:
     def status(self) -> dict[str, Any]:
         """Live figures per subscription (circuit state and transitions, counters)."""
         return {name: {**t.circuit.snapshot(), **t.stats} for name, t in self.targets.items()}
+
+
+def subscription_consumers(config: NotifierConfig, topology: Topology) -> list[ConsumerSpec]:
+    """The durable consumer of each subscription (``notify-<name>``), from the config alone:
+    what the notifier provisions on start, and `chora nats provision` with
+    ``CHORA_NOTIFIER_CONFIG`` set (where the notifier's user may not create consumers)."""
+    base = topology.consumers["generator"]
+    return [
+        topology.consumer_spec(
+            sub.durable,
+            sub.event_types,
+            template="generator",
+            max_deliver=sub.max_attempts + sub.circuit.max_deferrals,
+            max_ack_pending=sub.max_in_flight,
+            ack_wait_s=max(base.ack_wait_s, sub.timeout_s + ACK_WAIT_MARGIN_S),
+        )
+        for sub in config.subscriptions
+    ]
 
 
 def build(settings: Settings) -> NotifierApp:

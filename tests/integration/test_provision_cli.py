@@ -1,0 +1,57 @@
+"""`chora nats provision` as an operator runs it: with CHORA_NOTIFIER_CONFIG it also
+creates each webhook subscription's durable, which the least-privilege notifier user
+may not create itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+from bus.topology import Topology
+from chora.settings import NatsSettings, Settings
+from contracts.catalogue import subject_for
+from tests.conftest import ROOT, child_env
+
+CHORA = [sys.executable, "-m", "chora.cli"]
+NOTIFIER_CONFIG = ROOT / "examples" / "notifier.yaml"
+
+
+def provision(nats_server, prefix: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        CHORA + ["nats", "provision"],
+        env=child_env(NATS_URL=nats_server.url, CHORA_PREFIX=prefix, **env),
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+async def test_provision_creates_the_subscriptions_durables(nats_server, nc):
+    prefix = "p" + uuid.uuid4().hex[:8]
+    r = provision(nats_server, prefix, CHORA_NOTIFIER_CONFIG=str(NOTIFIER_CONFIG))
+    assert r.returncode == 0, r.stderr
+    assert "notify-release-hook" in r.stdout and "notify-failures-to-n8n" in r.stdout
+
+    topo = Topology.from_settings(Settings(_env_file=None, prefix=prefix, nats=NatsSettings(url=nats_server.url)))
+    js = nc.jetstream()
+    release = await js.consumer_info(topo.events_stream, "notify-release-hook")
+    assert sorted(release.config.filter_subjects or [release.config.filter_subject]) == sorted(
+        subject_for(t, prefix) for t in ("chora.artifact_assembled", "chora.batch_completed")
+    )
+    failures = await js.consumer_info(topo.events_stream, "notify-failures-to-n8n")
+    assert failures.config.max_deliver == 6 + 120  # max_attempts + circuit.max_deferrals
+    assert failures.config.max_ack_pending == 64
+    # the services' own durables as before
+    for durable in topo.consumers:
+        await js.consumer_info(topo.events_stream, durable)
+
+
+async def test_a_broken_subscriptions_file_is_a_clear_error_and_creates_nothing(nats_server, nc, tmp_path):
+    bad = tmp_path / "notifier.yaml"
+    bad.write_text("subscriptions:\n  - name: Not A Name\n    events: [chora.batch_completed]\n    url: ftp://x\n")
+    prefix = "p" + uuid.uuid4().hex[:8]
+    r = provision(nats_server, prefix, CHORA_NOTIFIER_CONFIG=str(bad))
+    assert r.returncode == 64, (r.stdout, r.stderr)
+    assert str(bad) in r.stderr and "Traceback" not in r.stderr
+    topo = Topology.from_settings(Settings(_env_file=None, prefix=prefix, nats=NatsSettings(url=nats_server.url)))
+    names = [s.config.name for s in await nc.jetstream().streams_info()]
+    assert topo.events_stream not in names

@@ -184,6 +184,9 @@ class JetStreamMonitor:
             await self._jetstream(snap)
         except Exception as e:
             raise SnapshotError(e, list(await servers)) from e
+        except BaseException:  # cancelled (the sink is closing): no reading is waited for
+            servers.cancel()
+            raise
         snap.servers = list(await servers)
         return snap
 

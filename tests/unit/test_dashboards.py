@@ -94,6 +94,41 @@ def test_every_target_uses_the_datasource_variable(dashboard):
     assert len(refids) == len(set(refids))
 
 
+# Grafana's core panel types (what a stock Grafana 10/11 renders without plugins)
+CORE_PANELS = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "state-timeline", "status-history",
+               "barchart", "piechart", "heatmap", "histogram", "text", "logs", "nodeGraph", "alertlist"}
+MAPPING_TYPES = {"value", "range", "regex", "special"}
+
+
+def test_panels_follow_grafanas_panel_model(dashboard):
+    """The parts of Grafana's dashboard schema these panels use, field by field: a panel type
+    Grafana ships, a title, fieldConfig {defaults, overrides[]}, options {}, value mappings
+    of a known type whose entries carry a text, unique refIds, boolean range flags."""
+    for p in all_panels(dashboard):
+        where = f"panel {p.get('id')} {p.get('title')!r}"
+        assert p["type"] in CORE_PANELS, where
+        assert isinstance(p["title"], str) and p["title"].strip(), where
+        assert isinstance(p["id"], int) and p["id"] > 0, where
+        if p["type"] == "row":
+            assert isinstance(p.get("panels", []), list) and isinstance(p.get("collapsed", False), bool), where
+            continue
+        fc = p["fieldConfig"]
+        assert isinstance(fc["defaults"], dict) and isinstance(fc["overrides"], list), where
+        assert isinstance(p.get("options", {}), dict), where
+        for m in fc["defaults"].get("mappings", []):
+            assert m["type"] in MAPPING_TYPES, where
+            if m["type"] == "value":
+                assert m["options"] and all(isinstance(k, str) and "text" in v for k, v in m["options"].items()), where
+        thresholds = fc["defaults"].get("thresholds")
+        if thresholds:
+            assert thresholds["mode"] in ("absolute", "percentage"), where
+            assert thresholds["steps"][0]["value"] is None, f"{where}: the first step is the base (value null)"
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), where
+        for t in p["targets"]:
+            assert isinstance(t.get("range", True), bool) and isinstance(t.get("legendFormat", ""), str), where
+
+
 def test_referenced_variables_are_defined(dashboard):
     defined = {v["name"] for v in dashboard["templating"]["list"]} | BUILTIN_VARS
     text = json.dumps(dashboard["panels"])

@@ -175,9 +175,22 @@ async def test_a_restarted_service_gets_its_new_metrics_port_into_the_targets(st
 
     old = target_of("validator")
     assert old == stack["metrics_urls"]["validator"].split("/")[2]
-    os.kill(stack["services"]["validator"], signal.SIGKILL)
-    await wait_for(lambda: target_of("validator") not in (None, old), timeout=30, what="a new validator target")
-    text = urllib.request.urlopen(f"http://{target_of('validator')}/metrics", timeout=5).read().decode()
+    old_pid = stack["services"]["validator"]
+    os.kill(old_pid, signal.SIGKILL)
+    stack_file = stack["home"] / "run" / "stack.json"
+
+    def restarted() -> dict | None:
+        """stack.json once `chora up` took in the restarted validator's readiness facts."""
+        try:
+            info = json.loads(stack_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return info if info["services"]["validator"] != old_pid and info["metrics_urls"]["validator"] else None
+
+    await wait_for(lambda: restarted() is not None, timeout=30, what="the validator restarted and ready")
+    new = restarted()["metrics_urls"]["validator"]
+    assert target_of("validator") == new.split("/")[2]  # written before stack.json
+    text = urllib.request.urlopen(new, timeout=5).read().decode()
     assert "chora_events_consumed_total" in text
     assert target_of("generator") == stack["metrics_urls"]["generator"].split("/")[2]  # the others stay
 

@@ -154,7 +154,7 @@ def test_a_plain_text_client_is_refused_before_it_sends_a_password(tls_server, p
             pass
     assert b"PONG" not in answer  # never served
     with urllib.request.urlopen(f"{tls_server.monitor_url}/connz", timeout=5) as r:
-        assert json.loads(r.read())["num_connections"] == 0
+        assert json.loads(r.read())["num_connections"] == 0  # the server hung up: nobody was admitted
 
 
 async def test_a_client_that_does_not_trust_the_ca_refuses_the_server_with_a_clear_error(

@@ -72,5 +72,8 @@ async def test_a_metrics_port_in_use_is_a_clear_start_error(settings, nats_serve
     assert f"127.0.0.1:{port}" in msg and "CHORA_METRICS_PORT" in msg and msg.startswith("validator")
     assert not ready_file(busy, "validator").exists()
     # its connection was closed: the server has no client left
-    with urllib.request.urlopen(f"{nats_server.monitor_url}/connz", timeout=5) as r:
-        assert json.loads(r.read())["num_connections"] == 0
+    def no_connections() -> bool:
+        with urllib.request.urlopen(f"{nats_server.monitor_url}/connz", timeout=5) as r:
+            return json.loads(r.read())["num_connections"] == 0
+
+    await wait_for(no_connections, 10, "the validator's connection closed")

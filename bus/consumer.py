@@ -31,7 +31,7 @@ import logging
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -71,6 +71,23 @@ class Reject(Exception):
         self.code = code
         self.message = message
         self.events = list(events)
+
+
+T = TypeVar("T")
+
+
+def expect(event: CloudEvent, event_type: str, struct: type[T], who: str) -> T:
+    """The data of ``event`` as ``struct``, for a handler of one event type; otherwise
+    :class:`Reject` with UNEXPECTED_TYPE (another type) or INVALID_DATA (data not of that shape)."""
+    if event.type != event_type:
+        raise Reject("UNEXPECTED_TYPE", f"the {who} handles {event_type}, not {event.type!r}")
+    data = event.data
+    if type(data) is struct:
+        return data
+    try:
+        return msgspec.convert(data, struct)
+    except (msgspec.ValidationError, TypeError) as e:
+        raise Reject("INVALID_DATA", f"data is not a {event_type}: {e}") from None
 
 
 @dataclass(frozen=True)

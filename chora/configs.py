@@ -157,29 +157,37 @@ def _loc(loc: tuple[Any, ...]) -> str:
             out += f"[{part}]"
         else:
             out += ("." if out else "") + str(part)
-    return out or "(top level)"
+    return out
 
 
-def readable_validation_error(err: ValidationError) -> str:
-    """``field: what is wrong`` for every problem, joined by ``; ``."""
+def validation_problems(err: ValidationError, *, drop: str | None = None) -> list[str]:
+    """``field: what is wrong`` for every problem (config files, validation rules); ``drop``:
+    a first location part not to show (the tag of a tagged union)."""
     parts = []
     for e in err.errors(include_url=False):
-        where = _loc(e.get("loc", ()))
+        loc = tuple(e.get("loc", ()))
+        if drop is not None and loc and loc[0] == drop:
+            loc = loc[1:]
         kind = e.get("type", "")
+        msg = e.get("msg", "invalid")
         if kind == "extra_forbidden":
             what = "unknown field (a typo?)"
         elif kind == "missing":
             what = "required field is missing"
         elif kind == "string_pattern_mismatch":
-            what = f"must match {ID_PATTERN}, got {e.get('input')!r}"
+            what = f"must match {(e.get('ctx') or {}).get('pattern', ID_PATTERN)}, got {e.get('input')!r}"
         elif kind == "literal_error":
-            what = f"{e.get('msg')}, got {e.get('input')!r}"
+            what = f"{msg}, got {e.get('input')!r}"
         else:
-            what = e.get("msg", "invalid")
-            if what.startswith("Value error, "):
-                what = what[len("Value error, ") :]
-        parts.append(f"{where}: {what}")
-    return "; ".join(parts)
+            what = msg.removeprefix("Value error, ")
+        where = _loc(loc)
+        parts.append(f"{where}: {what}" if where else what)
+    return parts
+
+
+def readable_validation_error(err: ValidationError) -> str:
+    """:func:`validation_problems` joined by ``; ``."""
+    return "; ".join(validation_problems(err))
 
 
 # --------------------------------------------------------------------------- the store

@@ -19,7 +19,7 @@ import logging
 import time
 import msgspec
 
-from bus.consumer import Reject, Retry
+from bus.consumer import Reject, Retry, expect
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
@@ -76,14 +76,7 @@ async def handle_generation_requested(
     (as the telemetry sink does); ``content_hash`` is over the UTF-8 bytes.
     """
     t0 = _perf()
-    if event.type != GENERATION_REQUESTED:
-        raise Reject("UNEXPECTED_TYPE", f"the generator handles {GENERATION_REQUESTED}, not {event.type!r}")
-    data = event.data
-    if type(data) is not GenerationRequested:
-        try:
-            data = msgspec.convert(data, GenerationRequested)
-        except (msgspec.ValidationError, TypeError) as e:
-            raise Reject("INVALID_DATA", f"data is not a {GENERATION_REQUESTED}: {e}") from None
+    data = expect(event, GENERATION_REQUESTED, GenerationRequested, "generator")
 
     config_id = data.content_config_id
     if not isinstance(config_id, str):

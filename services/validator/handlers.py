@@ -56,7 +56,7 @@ from typing import Protocol
 
 import msgspec
 
-from bus.consumer import Reject, Retry
+from bus.consumer import Reject, Retry, expect
 from chora.configs import ConfigError, ConfigStore, valid_config_id
 from contracts.catalogue import CONFIG_VALIDATED, CONTENT_GENERATED, CONTENT_VALIDATED
 from contracts.envelope import CloudEvent, new_event
@@ -135,14 +135,7 @@ async def handle_content_generated(
     source: str = SOURCE,
 ) -> list[CloudEvent]:
     """Validate one content_generated; see the module docstring for what is returned."""
-    if event.type != CONTENT_GENERATED:
-        raise Reject("UNEXPECTED_TYPE", f"the validator handles {CONTENT_GENERATED}, not {event.type!r}")
-    data = event.data
-    if type(data) is not ContentGenerated:
-        try:
-            data = msgspec.convert(data, ContentGenerated)
-        except (msgspec.ValidationError, TypeError) as e:
-            raise Reject("INVALID_DATA", f"data is not a {CONTENT_GENERATED}: {e}") from None
+    data = expect(event, CONTENT_GENERATED, ContentGenerated, "validator")
     if data.status != "success":
         return []
     text = data.content

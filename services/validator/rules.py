@@ -67,6 +67,7 @@ from typing import Annotated, Any, Iterable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
+from chora.configs import validation_problems
 from contracts.events import ValidationIssue
 
 Severity = Literal["error", "warning"]
@@ -666,36 +667,6 @@ class RulesError(ValueError):
         self.message = "; ".join(problems)
 
 
-def _loc(loc: Iterable[Any]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
-    return out
-
-
-def _explain(err: ValidationError, tag: str) -> list[str]:
-    out = []
-    for e in err.errors(include_url=False):
-        loc = tuple(e.get("loc", ()))
-        if loc and loc[0] == tag:
-            loc = loc[1:]
-        where = _loc(loc)
-        kind = e.get("type", "")
-        msg = e.get("msg", "invalid")
-        if kind == "extra_forbidden":
-            what = "unknown field (a typo?)"
-        elif kind == "missing":
-            what = "required field is missing"
-        elif kind == "literal_error":
-            what = f"{msg}, got {e.get('input')!r}"
-        elif kind == "value_error":
-            what = msg.removeprefix("Value error, ")
-        else:
-            what = msg
-        out.append(f"{where}: {what}" if where else what)
-    return out
-
-
 def parse_rule(raw: Any, index: int) -> tuple[Any | None, list[str]]:
     """(the rule, []) or (None, problems naming ``validation[index]``)."""
     head = f"validation[{index}]"
@@ -710,7 +681,7 @@ def parse_rule(raw: Any, index: int) -> tuple[Any | None, list[str]]:
     try:
         return _rule_adapter.validate_python(raw), []
     except ValidationError as e:
-        return None, [f"{head} ({kind}): {p}" for p in _explain(e, kind)]
+        return None, [f"{head} ({kind}): {p}" for p in validation_problems(e, drop=kind)]
 
 
 class RuleSet:

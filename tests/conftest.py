@@ -4,6 +4,7 @@ its own subject prefix and stream names, and settings pointing at both."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from pathlib import Path
@@ -70,6 +71,13 @@ async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: flo
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def write(path: Path, doc) -> Path:
+    """A config file for a test: ``doc`` as is if it is text, else as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return path
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -122,22 +122,29 @@ async def run_replay(
     return 1 if failed else 0
 
 
-def _list(args: argparse.Namespace) -> int:
+def _connected(run) -> int:
+    """``run(nc, settings)`` on a connection from the CLI's settings, closed afterwards."""
     from chora.cli import connect_cli, load_settings
 
     async def main() -> int:
         settings = load_settings()
         nc = await connect_cli(settings)
         try:
-            return await run_list(nc, settings, consumer=args.consumer, limit=args.limit, as_json_lines=args.json)
+            return await run(nc, settings)
         finally:
             await nc.close()
 
     return asyncio.run(main())
 
 
+def _list(args: argparse.Namespace) -> int:
+    return _connected(
+        lambda nc, settings: run_list(nc, settings, consumer=args.consumer, limit=args.limit, as_json_lines=args.json)
+    )
+
+
 def _replay(args: argparse.Namespace) -> int:
-    from chora.cli import EXIT_USAGE, connect_cli, load_settings
+    from chora.cli import EXIT_USAGE
 
     if bool(args.ids) == bool(args.all):
         print("chora: give dead letter ids, or --all", file=sys.stderr)
@@ -145,16 +152,7 @@ def _replay(args: argparse.Namespace) -> int:
     if args.consumer and not args.all:
         print("chora: --consumer goes with --all", file=sys.stderr)
         return EXIT_USAGE
-
-    async def main() -> int:
-        settings = load_settings()
-        nc = await connect_cli(settings)
-        try:
-            return await run_replay(nc, settings, ids=args.ids, all_=args.all, consumer=args.consumer)
-        finally:
-            await nc.close()
-
-    return asyncio.run(main())
+    return _connected(lambda nc, settings: run_replay(nc, settings, ids=args.ids, all_=args.all, consumer=args.consumer))
 
 
 def _positive(text: str) -> int:

@@ -219,16 +219,20 @@ def assembled_data(run: ArtifactRun, contents: Mapping[str, str]) -> ArtifactAss
     """The outcome of a closed run; ``contents`` holds the done parts' contents."""
     omitted = run.omitted()
     duration = round(((run.closed_at or run.started_at) - run.started_at) * 1000.0, 3)
-    if run.status != "success":
+
+    def failed(error: ErrorInfo | None, failed_part: str | None = None) -> ArtifactAssembled:
         return ArtifactAssembled(
             request_id=run.run_id,
             artifact_id=run.artifact_id,
             status="error",
             duration_ms=duration,
             omitted_parts=omitted,
-            failed_part=run.failed_part,
-            error=run.error,
+            failed_part=failed_part,
+            error=error,
         )
+
+    if run.status != "success":
+        return failed(run.error, run.failed_part)
     order = [p.id for p in run.parts]
     try:
         content = compose(
@@ -243,14 +247,7 @@ def assembled_data(run: ArtifactRun, contents: Mapping[str, str]) -> ArtifactAss
             artifact_id=run.artifact_id,
         )
     except ComposeError as e:
-        return ArtifactAssembled(
-            request_id=run.run_id,
-            artifact_id=run.artifact_id,
-            status="error",
-            duration_ms=duration,
-            omitted_parts=omitted,
-            error=ErrorInfo(code=e.code, message=e.message),
-        )
+        return failed(ErrorInfo(code=e.code, message=e.message))
     raw = content.encode("utf-8", "surrogatepass")
     return ArtifactAssembled(
         request_id=run.run_id,

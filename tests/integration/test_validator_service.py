@@ -21,7 +21,7 @@ from contracts.events import ContentGenerated, GenerationRequested
 from services.runtime import run_service
 from services.validator.handlers import config_report_id, handle_content_generated
 from services.validator.rules import RuleCache
-from tests.conftest import wait_for
+from tests.conftest import wait_for, write
 
 REPORT = {
     "id": "report",
@@ -40,11 +40,6 @@ BROKEN = {
     "template": "Some text.",
     "validation": [{"type": "contains", "value": "x"}, {"type": "regex", "pattern": "(unclosed"}],
 }
-
-
-def write(path: Path, doc) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from chora.configs import ConfigStore
 from services.generator.generators import GeneratorRegistry
 from services.generator.handlers import MAX_MESSAGE_CHARS, MAX_OUTPUT_BYTES, handle_generation_requested
 from services.generator.service import SOURCE, GeneratorApp, build
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write
 
 EXAMPLES = ROOT / "examples" / "configs"
 
@@ -26,12 +26,6 @@ EXAMPLES = ROOT / "examples" / "configs"
 def request(config_id="greet", context=None, *, trace_id="trace-1"):
     data = GenerationRequested(content_config_id=config_id, context={} if context is None else context)
     return new_event(GENERATION_REQUESTED, data, source="urn:test", trace_id=trace_id)
-
-
-def write(path: Path, doc) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    return path
 
 
 @pytest.fixture

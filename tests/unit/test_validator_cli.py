@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +10,9 @@ import pytest
 
 from chora.cli import main
 from chora.configs import ConfigStore
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT, child_env, write
 
 EXAMPLES = ROOT / "examples" / "configs"
-
-
-def write(path: Path, doc) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    return path
 
 
 @pytest.fixture

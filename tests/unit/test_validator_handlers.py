@@ -26,7 +26,7 @@ from services.validator.handlers import (
 )
 from services.validator.rules import RuleCache
 from services.validator.service import ValidatorApp, build
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write
 
 EXAMPLES = ROOT / "examples" / "configs"
 
@@ -58,12 +58,6 @@ class BrokenState:
 
     async def get(self, key):
         raise ConnectionError("no KV")
-
-
-def write(path: Path, doc) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    return path
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ subscriptions:
     max_in_flight: 64                  # unacked events (sending or waiting to retry) and HTTP connections
     backoff: {initial_s: 0.5, max_s: 60, multiplier: 2, jitter: 0.2}
     circuit: {failure_threshold: 5, reset_timeout_s: 30, half_open_max_calls: 1, max_deferrals: 120}
+    start: new                         # new (default) | all | 2026-01-01T00:00:00Z: where a new consumer starts
 ```
 
 The secret itself is never in the file: only the name of the environment
@@ -29,11 +30,12 @@ import fnmatch
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -108,6 +110,11 @@ class Subscription(BaseModel):
     max_in_flight: int = Field(64, ge=1, le=1024)
     backoff: Backoff = Backoff()
     circuit: CircuitConfig = CircuitConfig()
+    # Where the subscription's consumer starts when it is created: "new" (events from now on),
+    # "all" (the stream's history, up to its max age) or a time with its zone (events since
+    # then). Not set: "new", and an existing consumer goes on from where it is. An existing
+    # consumer cannot move: a `start` other than the one it was created with stops the start.
+    start: Literal["new", "all"] | AwareDatetime | None = None
 
     @field_validator("url")
     @classmethod

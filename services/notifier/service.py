@@ -130,6 +130,7 @@ def subscription_consumers(config: NotifierConfig, topology: Topology) -> list[C
             max_deliver=sub.max_attempts + sub.circuit.max_deferrals,
             max_ack_pending=sub.max_in_flight,
             ack_wait_s=max(base.ack_wait_s, sub.timeout_s + ACK_WAIT_MARGIN_S),
+            start=sub.start,
         )
         for sub in config.subscriptions
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import pytest
 
@@ -92,6 +93,8 @@ def test_filters_match_fields_the_event_has_and_never_a_missing_one():
         ({"filters": {"Status": ["error"]}}, "filters.0.Status"),
         ({"filters": [{"status": ["error"]}, "valid"]}, "filters.1"),
         ({"surprise": 1}, "surprise"),
+        ({"start": "latest"}, "subscription 'hook': start"),
+        ({"start": "2026-01-01T00:00:00"}, "timezone"),
     ],
 )
 def test_invalid_entries_are_named(entry, expected):
@@ -102,6 +105,17 @@ def test_invalid_entries_are_named(entry, expected):
     assert expected in str(e.value)
     if "name" not in entry:
         assert "subscription 'hook'" in str(e.value)
+
+
+def test_start_is_new_all_or_a_time_with_its_zone():
+    def start(value: str):
+        doc = f"subscriptions: [{{name: a, events: [chora.batch_completed], url: 'http://h/', secret_env: S, {value}}}]"
+        return parse_config(doc, "s.yaml").subscriptions[0].start
+
+    assert start("") is None  # "new" for a new consumer; an existing one goes on from where it is
+    assert start("start: new") == "new" and start("start: all") == "all"
+    assert start("start: 2026-01-01T10:00:00+02:00") == datetime(2026, 1, 1, 8, 0, tzinfo=timezone.utc)
+    assert start("start: '2026-01-01T08:00:00Z'") == datetime(2026, 1, 1, 8, 0, tzinfo=timezone.utc)
 
 
 def test_duplicate_names_and_bad_documents():

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
-import uuid
 
 import pytest
 
 from chora.settings import Settings
 from chora.up import Stack
-from tests.conftest import ROOT, child_env, write
-
-CHORA = [sys.executable, "-m", "chora.cli"]
+from tests.conftest import write
+from tests.e2e.test_up_and_generate import CHORA, up_env
 
 
 def test_a_missing_webhook_secret_is_named_on_the_chora_up_terminal(tmp_path):
@@ -22,15 +19,7 @@ def test_a_missing_webhook_secret_is_named_on_the_chora_up_terminal(tmp_path):
         "subscriptions:\n  - {name: release-hook, events: [chora.batch_completed], url: 'http://127.0.0.1:9/x',"
         " secret_env: CHORA_TEST_UNSET_HOOK_SECRET}\n",
     )
-    env = child_env(
-        CHORA_HOME=str(tmp_path / "var"),
-        CHORA_PREFIX="e" + uuid.uuid4().hex[:8],
-        CHORA_NATS_PORT="0",
-        CHORA_NATS_HTTP_PORT="0",
-        CHORA_METRICS_PORT="-1",
-        CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
-        CHORA_NOTIFIER_CONFIG=str(config),
-    )
+    env = up_env(tmp_path, CHORA_METRICS_PORT="-1", CHORA_NOTIFIER_CONFIG=str(config))
     r = subprocess.run(CHORA + ["up"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "chora: service notifier exited with 1:" in r.stderr

@@ -8,6 +8,8 @@ batch fetch). Idle heartbeats tell a live pull request from one the server
 forgot (restart, leader change); a forgotten one is re-issued.
 
 Per message:
+  - a replay for another consumer (header ``Chora-Replay-For``, see bus.dlq) -> ack,
+    before decoding: it is that consumer's to handle, however malformed;
   - decode the CloudEvent; if it is malformed -> dead letter, then term;
   - run the handler, publish what it returns (waiting for the PubAcks), ack;
   - ``Retry`` or an unexpected exception -> nak with a delay (backoff); on the

@@ -163,6 +163,7 @@ class Stack:
         log.close()
         self.children[name] = proc
         self.log_start[proc.pid] = offset
+        start_error_file(self.settings, name, proc.pid).unlink(missing_ok=True)  # an old process's, same pid
         return proc
 
     def why_exited(self, name: str, proc: subprocess.Popen) -> str:

@@ -143,8 +143,9 @@ class Subscription(BaseModel):
     @field_validator("filters")
     @classmethod
     def _check_filters(cls, v: list[Filter], info: ValidationInfo) -> list[Filter]:
-        patterns = info.data.get("events") or []  # absent when the events were invalid (reported already)
-        check(v, tuple(t for t in CATALOGUE if any(t in _types_for(p) for p in patterns)))
+        patterns = info.data.get("events")
+        if patterns:  # absent when the events were invalid (reported already)
+            check(v, tuple(t for t in CATALOGUE if any(t in _types_for(p) for p in patterns)))
         return v
 
     @property

@@ -8,6 +8,8 @@ batch fetch). Idle heartbeats tell a live pull request from one the server
 forgot (restart, leader change); a forgotten one is re-issued.
 
 Per message:
+  - a replay for another consumer (header ``Chora-Replay-For``, see bus.dlq) -> ack,
+    before decoding: it is that consumer's to handle, however malformed;
   - decode the CloudEvent; if it is malformed -> dead letter, then term;
   - run the handler, publish what it returns (waiting for the PubAcks), ack;
   - ``Retry`` or an unexpected exception -> nak with a delay (backoff); on the
@@ -41,8 +43,7 @@ from nats.js import JetStreamContext
 from bus import tracing
 from bus.connection import settle
 from bus.content import ContentMissing, ContentStore
-from bus.deadletter import dead_letter
-from bus.dlq import REPLAY_EXTENSION
+from bus.deadletter import H_REPLAY_FOR, dead_letter
 from bus.publisher import Publisher
 from bus.topology import ConsumerSpec, Topology
 from contracts.envelope import CloudEvent, EnvelopeError, decode
@@ -313,18 +314,19 @@ class ConsumerLoop:
         event_type = "unknown"
         outcome = "ack"
         try:
+            replay_for = (msg.headers or {}).get(H_REPLAY_FOR)
+            if replay_for is not None and replay_for != self.spec.durable:
+                # a dead letter of another consumer, replayed for that one only: not ours to
+                # decode (it may be the very message that consumer could not decode)
+                outcome = "skipped"
+                await msg.ack()
+                return
             try:
                 event = decode(msg.headers, msg.data, max_bytes=self.max_event_bytes)
                 event_type = event.type
             except EnvelopeError as e:
                 outcome = "dead"
                 await self._dead(msg, e.code, e.message)
-                return
-            replay_for = event.extensions.get(REPLAY_EXTENSION)
-            if replay_for is not None and replay_for != self.spec.durable:
-                # a dead letter of another consumer, replayed for that one only
-                outcome = "skipped"
-                await msg.ack()
                 return
             md = msg.metadata
             delivery.set(Delivery(md.num_delivered, self.spec.max_deliver, self.spec.durable, md.sequence.stream))

@@ -13,9 +13,9 @@ The DLQ stream holds two kinds of entries:
   stream sequence: the original is read back from the events stream.
 
 Replay re-publishes the original body and headers (minus ``Chora-Dlq-*`` and
-``Nats-Msg-Id``) to the original subject, so the consumer that failed gets the
-message again, and deletes the DLQ entry only once JetStream has acked the
-re-publish. Two details:
+JetStream's ``Nats-*`` control headers) to the original subject, so the
+consumer that failed gets the message again, and deletes the DLQ entry only
+once JetStream has acked the re-publish. Three details:
 
 - Duplicate window. The event id doubles as ``Nats-Msg-Id``, so a re-publish
   with the same id inside the events stream's duplicate window would be
@@ -23,16 +23,15 @@ re-publish. Two details:
   CloudEvent id (``ce-id``) is unchanged, and replaying the same DLQ entry
   twice (a replay that crashed before deleting it) is still dropped once.
 - Who gets it. A replayed message is stored on its subject again, so every
-  consumer whose filter matches sees it, not only the one that failed. The
-  services are idempotent by event id (outputs have ids derived from their
-  cause, the telemetry sink writes one line per event id, the assembler
-  keeps compare-and-set state), so the others do no harm beyond redoing
-  work. For consumers with side effects outside NATS (the notifier's
-  webhooks), the replay adds the CloudEvent extension ``chorareplayfor:
-  <consumer>`` (header ``ce-chorareplayfor``): every other consumer loop
-  acks such a message without handling it (bus/consumer.py), and the
-  notifier strips the attribute before POSTing. ``Chora-Replayed-From: <dlq stream>:<dlq seq>`` records where the
-  message came from.
+  consumer whose filter matches is offered it. The replay carries the header
+  ``Chora-Replay-For: <consumer>`` (a NATS header, not part of the event):
+  every other consumer loop acks it unhandled *before* decoding it
+  (bus/consumer.py), so a message only its own consumer could not decode is
+  not dead-lettered again by the others, and webhooks never see the mark.
+- Where it came from. ``Chora-Replayed-From: <dlq stream>:<dlq seq>``. If the
+  replay fails again, the consumer stores one new dead letter with the new
+  code and reason and ``Chora-Dlq-Replay-Of`` naming that entry
+  (:attr:`DeadLetter.replay_of`).
 """
 
 from __future__ import annotations
@@ -49,18 +48,18 @@ from bus.deadletter import (
     H_CONSUMER,
     H_DELIVERIES,
     H_REASON,
+    H_REPLAY_FOR,
+    H_REPLAY_OF,
+    H_REPLAYED_FROM,
     H_SEQ,
     H_SUBJECT,
     H_TIME,
+    original_headers,
 )
 from bus.topology import Topology
 from contracts.catalogue import CATALOGUE
 
-DLQ_HEADER_PREFIX = "Chora-Dlq-"
 ADVISORY_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
-REPLAY_EXTENSION = "chorareplayfor"
-H_REPLAY_FOR = "ce-" + REPLAY_EXTENSION
-H_REPLAYED_FROM = "Chora-Replayed-From"
 
 
 class DlqError(Exception):
@@ -81,7 +80,8 @@ class DeadLetter:
     stream_seq: int | None  # the original's sequence in the events stream
     deliveries: int | None
     advisory: bool = False
-    headers: dict[str, str] = field(default_factory=dict, repr=False)  # the original's, without Chora-Dlq-*
+    replay_of: str | None = None  # "<dlq stream>:<dlq seq>" when a replay of that entry failed again
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # the original's (see original_headers)
     body: bytes | None = field(default=None, repr=False)  # None for an advisory whose original is gone
 
 
@@ -147,7 +147,8 @@ async def _from_advisory(js: JetStreamContext, topo: Topology, raw: RawStreamMsg
         original = await _get(js, topo.events_stream, stream_seq)
         if original is not None:
             dl.subject = original.subject
-            dl.headers = {k: v for k, v in (original.headers or {}).items() if k != "Nats-Msg-Id"}
+            dl.headers = original_headers(original.headers)
+            dl.replay_of = (original.headers or {}).get(H_REPLAYED_FROM)
             dl.body = original.data or b""
             dl.event_id = _header(dl.headers, "ce-id")
             dl.event_type = _header(dl.headers, "ce-type")
@@ -175,7 +176,8 @@ def _from_dead_letter(raw: RawStreamMsg) -> DeadLetter:
         event_type=_header(h, "ce-type"),
         stream_seq=_int(h.get(H_SEQ)),
         deliveries=_int(h.get(H_DELIVERIES)),
-        headers={k: v for k, v in h.items() if not k.startswith(DLQ_HEADER_PREFIX) and k != "Nats-Msg-Id"},
+        replay_of=h.get(H_REPLAY_OF),
+        headers=original_headers(h),
         body=raw.data or b"",
     )
 
@@ -242,8 +244,7 @@ async def replay(js: JetStreamContext, topo: Topology, dl: DeadLetter | int) -> 
     msg_id = replay_msg_id(dl, topo)
     headers["Nats-Msg-Id"] = msg_id
     headers[H_REPLAYED_FROM] = f"{topo.dlq_stream}:{dl.seq}"
-    if dl.consumer and any(k.lower().startswith("ce-") for k in headers):
-        headers = {k: v for k, v in headers.items() if k.lower() != H_REPLAY_FOR}
+    if dl.consumer:
         headers[H_REPLAY_FOR] = dl.consumer
     try:
         ack = await js.publish(dl.subject, dl.body, headers=headers, stream=topo.events_stream, timeout=10.0)
@@ -296,7 +297,6 @@ async def replay_all(
 __all__ = [
     "DeadLetter",
     "DlqError",
-    "REPLAY_EXTENSION",
     "Replayed",
     "delete",
     "list_dead_letters",

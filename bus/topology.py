@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -47,6 +48,10 @@ class ConsumerSpec:
     max_deliver: int
     backoff_s: tuple[float, ...] = (1.0, 5.0, 30.0)
     max_ack_pending: int = 1024
+    # Where a new consumer starts: "all" (the stream's history), "new" (what is stored from
+    # now on) or a datetime (what was stored since then). None: "new", and an existing
+    # consumer keeps the start it was created with. See provision() for an existing one.
+    start: str | datetime | None = "all"
 
     def nak_delay(self, num_delivered: int) -> float:
         return self.backoff_s[min(max(num_delivered, 1), len(self.backoff_s)) - 1]
@@ -141,18 +146,22 @@ class Topology:
             overrides.get("max_deliver", base.max_deliver),
             tuple(overrides.get("backoff_s", base.backoff_s)),
             overrides.get("max_ack_pending", base.max_ack_pending),
+            overrides.get("start", base.start),
         )
 
     def consumer_config(self, c: ConsumerSpec) -> ConsumerConfig:
+        start = "new" if c.start is None else c.start
         cfg = ConsumerConfig(
             durable_name=c.durable,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.ALL if start == "all" else DeliverPolicy.NEW,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=c.ack_wait_s,
             max_deliver=c.max_deliver,
             max_ack_pending=c.max_ack_pending,
             max_waiting=512,
         )
+        if isinstance(start, datetime):
+            cfg.deliver_policy, cfg.opt_start_time = DeliverPolicy.BY_START_TIME, start
         if c.event_types is not None:
             subjects = [self.subject(t) for t in c.event_types]
             if len(subjects) == 1:
@@ -160,6 +169,37 @@ class Topology:
             else:
                 cfg.filter_subjects = subjects
         return cfg
+
+
+class ProvisionError(RuntimeError):
+    """The server's topology cannot be made to match the declared one; the message says why."""
+
+
+def _start(cfg: ConsumerConfig) -> str:
+    """Where ``cfg`` starts, as the config file says it (the server answers policies as plain str)."""
+    if cfg.deliver_policy == DeliverPolicy.BY_START_TIME and cfg.opt_start_time is not None:
+        return cfg.opt_start_time.astimezone(timezone.utc).isoformat()
+    return DeliverPolicy(cfg.deliver_policy).value
+
+
+async def _add_consumer(js: JetStreamContext, stream: str, spec: ConsumerSpec, cfg: ConsumerConfig) -> None:
+    """Create the consumer, or update an existing one, which keeps its position: JetStream
+    cannot change where a consumer starts, so a ``start`` other than the one it was created
+    with is an error, unless ``spec.start`` is None (whatever it was created with)."""
+    try:
+        current = (await js.consumer_info(stream, spec.durable)).config
+    except NotFoundError:
+        current = None
+    if current is not None and _start(current) != _start(cfg):
+        if spec.start is not None:
+            raise ProvisionError(
+                f"consumer {spec.durable} already exists and started from {_start(current)}; "
+                f"start: {_start(cfg)} applies only to a new consumer (JetStream cannot move an existing "
+                f"one, which keeps its position). Set start back to {_start(current)} (or remove it) to go "
+                "on from where it is, or use a new name: a new consumer starts from start."
+            )
+        cfg.deliver_policy, cfg.opt_start_time = current.deliver_policy, current.opt_start_time
+    await js.add_consumer(stream, cfg)
 
 
 _STREAM_FIELDS = ("subjects", "max_age", "max_bytes", "duplicate_window", "description", "num_replicas")
@@ -197,7 +237,7 @@ async def provision(
         )
     specs = [topo.consumers[n] for n in (consumers if consumers is not None else list(topo.consumers))]
     for spec in [*specs, *extra]:
-        await js.add_consumer(topo.events_stream, topo.consumer_config(spec))
+        await _add_consumer(js, topo.events_stream, spec, topo.consumer_config(spec))
 
 
-__all__ = ["ConsumerSpec", "Topology", "provision", "CONTENT_GENERATED", "GENERATION_REQUESTED"]
+__all__ = ["ConsumerSpec", "ProvisionError", "Topology", "provision", "CONTENT_GENERATED", "GENERATION_REQUESTED"]

@@ -154,7 +154,7 @@ async def generate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- nats / services
 async def nats_provision(args: argparse.Namespace) -> int:
-    from bus.topology import Topology, provision
+    from bus.topology import ProvisionError, Topology, provision
     from services.notifier.config import NotifierConfigError, load_config
     from services.notifier.service import subscription_consumers
 
@@ -169,7 +169,11 @@ async def nats_provision(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     nc = await connect_cli(settings)
     try:
-        await provision(nc.jetstream(), topo, extra=extra)
+        try:
+            await provision(nc.jetstream(), topo, extra=extra)
+        except ProvisionError as e:
+            print(f"chora: {e}", file=sys.stderr)
+            return EXIT_FAILED
         consumers = [*topo.consumers, *(spec.durable for spec in extra)]
         print(f"provisioned streams {topo.events_stream}, {topo.dlq_stream} and consumers {', '.join(consumers)}")
     finally:

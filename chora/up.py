@@ -31,9 +31,10 @@ from bus.connection import connect
 from bus.server import EmbeddedServer, ServerError
 from bus.topology import Topology, provision
 from chora.settings import Settings
-from services.runtime import SERVICES
+from services.runtime import SERVICES, start_error_file
 
 RESTART_DELAY_S = 1.0
+LOG_TAIL_LINES = 10
 # where each service's /metrics goes, after CHORA_METRICS_PORT
 METRICS_PORT_ORDER = ("telemetry", "generator", "validator", "assembler", "notifier")
 
@@ -94,6 +95,7 @@ class Stack:
         self.info: dict[str, dict] = {}
         self.logs = settings.home / "logs"
         self.restarted: dict[str, subprocess.Popen] = {}  # not ready yet since their restart
+        self.log_start: dict[int, int] = {}  # pid -> size of its log when it was spawned
 
     # ------------------------------------------------------------------ pieces
     def check_metrics_ports(self) -> None:
@@ -150,6 +152,7 @@ class Stack:
     def spawn(self, name: str) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")
+        offset = log.tell()
         proc = subprocess.Popen(
             [sys.executable, "-m", "chora.cli", "service", "run", name],
             env=self.child_env(name),
@@ -159,14 +162,34 @@ class Stack:
         )
         log.close()
         self.children[name] = proc
+        self.log_start[proc.pid] = offset
+        start_error_file(self.settings, name, proc.pid).unlink(missing_ok=True)  # an old process's, same pid
         return proc
+
+    def why_exited(self, name: str, proc: subprocess.Popen) -> str:
+        """Why ``proc`` ended: the reason it left when it could not start, else the last lines
+        it wrote to its log."""
+        path = start_error_file(self.settings, name, proc.pid)
+        try:
+            reason = path.read_text().strip()
+            path.unlink()
+        except OSError:
+            try:
+                with open(self.logs / f"{name}.log", "rb") as f:
+                    f.seek(self.log_start.get(proc.pid, 0))
+                    lines = f.read().decode("utf-8", "replace").splitlines()[-LOG_TAIL_LINES:]
+            except OSError:
+                lines = []
+            reason = "\n".join(lines) or "(it wrote nothing)"
+        reason = "\n".join("  " + line for line in reason.splitlines())
+        return f"service {name} exited with {proc.returncode}:\n{reason}\n(log: {self.logs / (name + '.log')})"
 
     async def wait_ready(self, name: str, proc: subprocess.Popen, timeout: float = 30.0) -> dict:
         path = self.settings.home / "run" / f"{name}.{proc.pid}.json"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise SystemExit(f"service {name} exited with {proc.returncode}; see {self.logs / (name + '.log')}")
+                raise SystemExit("chora: " + self.why_exited(name, proc))
             if path.exists():
                 try:
                     return json.loads(path.read_text())
@@ -250,7 +273,7 @@ class Stack:
                 return
             for name, proc in list(self.children.items()):
                 if proc.poll() is not None:
-                    print(f"chora: service {name} exited ({proc.returncode}); restarting", file=sys.stderr, flush=True)
+                    print(f"chora: {self.why_exited(name, proc)}\nchora: restarting {name}", file=sys.stderr, flush=True)
                     await asyncio.sleep(RESTART_DELAY_S)
                     self.restarted[name] = self.spawn(name)
             self.note_restarts()

@@ -5,7 +5,9 @@ and a ``name`` (which is also its durable consumer in the topology). It never
 touches NATS; this module connects, provisions its consumer, runs the
 consumer loop, serves the process's ``/metrics`` (:mod:`services.metrics`,
 with the app's own ``metrics_registry`` when it has one), writes a readiness file and
-drains on SIGTERM/SIGINT.
+drains on SIGTERM/SIGINT. A service that cannot start (bad config, missing
+secret, unreachable server) leaves the reason in ``<home>/run/<name>.<pid>.error``
+as well as on stderr, so `chora up` can print it where its user looks.
 """
 
 from __future__ import annotations
@@ -87,13 +89,28 @@ def ready_file(settings: Settings, name: str) -> Path:
     return settings.home / "run" / f"{name}.{os.getpid()}.json"
 
 
+def start_error_file(settings: Settings, name: str, pid: int | None = None) -> Path:
+    """Where a service that could not start leaves the reason, for `chora up` to show it."""
+    return settings.home / "run" / f"{name}.{pid or os.getpid()}.error"
+
+
+def _cannot_start(settings: Settings, name: str, message: str) -> ServiceStartError:
+    path = start_error_file(settings, name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(message + "\n")
+    except OSError as e:  # the reason still reaches stderr (the log) through the caller
+        log.warning("cannot write %s: %s", path, e)
+    return ServiceStartError(message)
+
+
 async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and return."""
     app = build(name, settings)
     try:
         nc = await connect(settings.nats, name=f"chora-{name}", inbox_prefix=f"_INBOX.{name}")
     except Exception as e:
-        raise ServiceStartError(f"{name}: cannot connect to NATS: {e}") from e
+        raise _cannot_start(settings, name, f"{name}: cannot connect to NATS: {e}") from e
     try:
         js = nc.jetstream()
         topo = Topology.from_settings(settings)
@@ -108,7 +125,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
             await provision(js, topo, consumers=[], extra=[spec for spec, _ in pairs])
     except Exception as e:
         await nc.close()
-        raise ServiceStartError(f"{name} could not start: {e}") from e
+        raise _cannot_start(settings, name, f"{name} could not start: {e}") from e
     metrics = ServiceMetrics()
     app_registry = getattr(app, "metrics_registry", None)
     if app_registry is not None:
@@ -121,7 +138,9 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         except OSError as e:
             await app.close()
             await nc.close()
-            raise ServiceStartError(
+            raise _cannot_start(
+                settings,
+                name,
                 f"{name}: cannot serve /metrics on {settings.metrics_host}:{settings.metrics_port}: {e}. "
                 "Set CHORA_METRICS_PORT to a free port (0 picks one, -1 serves none)."
             ) from e

@@ -37,6 +37,8 @@ def _when(ts: float | None) -> str:
 
 def format_line(dl) -> str:
     reason = " ".join(dl.reason.split())
+    if dl.replay_of:
+        reason += f" (replay of {dl.replay_of})"
     return "  ".join(
         [
             str(dl.seq),
@@ -64,6 +66,7 @@ def as_json(dl) -> dict:
         "stream_seq": dl.stream_seq,
         "deliveries": dl.deliveries,
         "advisory": dl.advisory,
+        "replay_of": dl.replay_of,
     }
 
 

@@ -4,7 +4,7 @@
 subscriptions:
   - name: release-hook                 # ^[a-z][a-z0-9-]*$, unique; durable consumer notify-<name>
     events: ["chora.batch_completed", "chora.content_*"]   # shell-style patterns over the catalogue
-    filters: {status: [error]}         # optional; see Subscription.matches
+    filters: {status: [error]}         # optional, or a list (any of); see services.notifier.filters
     url: https://hooks.example.com/chora
     secret_env: RELEASE_HOOK_SECRET    # the NAME of the variable holding the HMAC secret
     timeout_s: 5
@@ -12,6 +12,7 @@ subscriptions:
     max_in_flight: 64                  # unacked events (sending or waiting to retry) and HTTP connections
     backoff: {initial_s: 0.5, max_s: 60, multiplier: 2, jitter: 0.2}
     circuit: {failure_threshold: 5, reset_timeout_s: 30, half_open_max_calls: 1, max_deferrals: 120}
+    start: new                         # new (default) | all | 2026-01-01T00:00:00Z: where a new consumer starts
 ```
 
 The secret itself is never in the file: only the name of the environment
@@ -29,13 +30,24 @@ import fnmatch
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from contracts.catalogue import CATALOGUE, NOTIFICATION_DELIVERED, NOTIFICATION_FAILED
+from services.notifier.filters import Filter, check, matches
 
 NAME_PATTERN = r"^[a-z][a-z0-9-]*$"
 NAME_MAX_LENGTH = 64
@@ -84,32 +96,12 @@ class CircuitConfig(BaseModel):
     max_deferrals: int = Field(120, ge=0)
 
 
-class Filters(BaseModel):
-    """Allowed values of data fields. A filter applies to events whose data has that
-    field (not None); an event without the field is not filtered out by it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    status: list[str] | None = None
-    content_config_id: list[str] | None = None
-
-    def matches(self, data: Any) -> bool:
-        for field in ("status", "content_config_id"):
-            allowed = getattr(self, field)
-            if allowed is None:
-                continue
-            value = data.get(field) if isinstance(data, Mapping) else getattr(data, field, None)
-            if value is not None and value not in allowed:
-                return False
-        return True
-
-
 class Subscription(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=NAME_MAX_LENGTH)]
     events: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)]
-    filters: Filters = Filters()
+    filters: list[Filter] = []  # any of them; see services.notifier.filters
     url: str
     secret_env: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
     timeout_s: float = Field(5.0, gt=0, le=300)
@@ -118,6 +110,11 @@ class Subscription(BaseModel):
     max_in_flight: int = Field(64, ge=1, le=1024)
     backoff: Backoff = Backoff()
     circuit: CircuitConfig = CircuitConfig()
+    # Where the subscription's consumer starts when it is created: "new" (events from now on),
+    # "all" (the stream's history, up to its max age) or a time with its zone (events since
+    # then). Not set: "new", and an existing consumer goes on from where it is. An existing
+    # consumer cannot move: a `start` other than the one it was created with stops the start.
+    start: Literal["new", "all"] | AwareDatetime | None = None
 
     @field_validator("url")
     @classmethod
@@ -136,6 +133,19 @@ class Subscription(BaseModel):
                     f"event pattern {pattern!r} matches no event type of the catalogue "
                     f"({', '.join(sorted(CATALOGUE))})"
                 )
+        return v
+
+    @field_validator("filters", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, Mapping) else v
+
+    @field_validator("filters")
+    @classmethod
+    def _check_filters(cls, v: list[Filter], info: ValidationInfo) -> list[Filter]:
+        patterns = info.data.get("events")
+        if patterns:  # absent when the events were invalid (reported already)
+            check(v, tuple(t for t in CATALOGUE if any(t in _types_for(p) for p in patterns)))
         return v
 
     @property
@@ -163,7 +173,7 @@ class Subscription(BaseModel):
 
     def matches(self, event_type: str, data: Any) -> bool:
         """Whether an event of ``event_type`` with ``data`` is to be delivered."""
-        return event_type in self.event_types and self.filters.matches(data)
+        return event_type in self.event_types and matches(self.filters, data)
 
 
 def _types_for(pattern: str) -> list[str]:

@@ -42,15 +42,12 @@ from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
 
-from bus.dlq import REPLAY_EXTENSION
 from contracts.envelope import CloudEvent
 from services.notifier.config import Backoff, Subscription
 from services.notifier.signing import signature_headers
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 USER_AGENT = "chora-notifier/0.1"
-#: ce extensions for chora's own use, not sent to webhooks: the replay marker of `chora dlq replay`.
-INTERNAL_EXTENSIONS = frozenset({REPLAY_EXTENSION})
 TRANSIENT_STATUS = frozenset({408, 429})
 RETRY_AFTER_STATUS = frozenset({429, 503})
 MAX_SNIPPET = 200
@@ -121,9 +118,7 @@ def to_sdk_event(event: CloudEvent) -> SdkCloudEvent:
         value = getattr(event, name)
         if value:
             attrs[name] = value
-    for name, value in event.extensions.items():
-        if name not in INTERNAL_EXTENSIONS:
-            attrs[name] = value
+    attrs.update(event.extensions)
     data = None if event.data is None else _encode(event.data)
     try:
         return SdkCloudEvent(attrs, data)

@@ -5,8 +5,9 @@ The consumer loop runs it once per delivery of the subscription's durable
 consumer ``notify-<name>`` and settles the message from what it returns or
 raises:
 
-- the event is not for this subscription (type, filters, a replay meant for
-  another consumer, a notification about a notification): ``[]`` (ack);
+- the event is not for this subscription (type, filters, a notification
+  about a notification): ``[]`` (ack); a replay meant for another consumer
+  never gets here (the consumer loop acks it);
 - 2xx: ``[notification_delivered]`` (ack);
 - transient failure: :class:`~bus.consumer.Retry` with the backoff delay for
   this attempt, or the endpoint's ``Retry-After`` (both capped at

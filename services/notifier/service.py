@@ -10,8 +10,10 @@ subscriptions (and logs so).
 Each subscription gets its own durable consumer ``notify-<name>`` (via
 :meth:`NotifierApp.consumers`), filtered on the subjects of the event types
 its patterns match, with ``max_deliver = max_attempts + circuit.max_deferrals``:
-a dead or slow endpoint only holds back its own subscription. Each also gets
-its own HTTP client and circuit breaker.
+a dead or slow endpoint only holds back its own subscription, and starting
+where the subscription's ``start`` says (new events by default; see
+bus.topology.provision for an existing consumer). Each also gets its own HTTP
+client and circuit breaker.
 
 Settings read: ``notifier_config``.
 """
@@ -130,6 +132,7 @@ def subscription_consumers(config: NotifierConfig, topology: Topology) -> list[C
             max_deliver=sub.max_attempts + sub.circuit.max_deferrals,
             max_ack_pending=sub.max_in_flight,
             ack_wait_s=max(base.ack_wait_s, sub.timeout_s + ACK_WAIT_MARGIN_S),
+            start=sub.start,
         )
         for sub in config.subscriptions
     ]

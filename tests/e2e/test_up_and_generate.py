@@ -21,10 +21,9 @@ from tests.conftest import ROOT, child_env, wait_for
 CHORA = [sys.executable, "-m", "chora.cli"]
 
 
-@pytest.fixture
-def stack(tmp_path):
-    """`chora up` with its own home, prefix and free ports; stopped with SIGTERM."""
-    env = child_env(
+def up_env(tmp_path, **extra: str) -> dict[str, str]:
+    """The environment of a `chora up` with its own home, prefix and free ports."""
+    defaults = dict(
         CHORA_HOME=str(tmp_path / "var"),
         CHORA_PREFIX="e" + uuid.uuid4().hex[:8],
         CHORA_NATS_PORT="0",
@@ -32,6 +31,13 @@ def stack(tmp_path):
         CHORA_METRICS_PORT="0",
         CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
     )
+    return child_env(**{**defaults, **extra})
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """`chora up` with its own home, prefix and free ports; stopped with SIGTERM."""
+    env = up_env(tmp_path)
     proc = subprocess.Popen(CHORA + ["up"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # blocks until `chora up` has printed its readiness

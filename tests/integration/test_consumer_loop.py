@@ -8,10 +8,11 @@ import msgspec
 import pytest
 
 from bus.consumer import ConsumerLoop, Reject, Retry
+from bus.deadletter import H_REPLAY_FOR
 from bus.publisher import Publisher
 from bus.topology import Topology, provision
 from contracts.catalogue import CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED
-from contracts.envelope import encode_structured, new_event
+from contracts.envelope import encode_binary, encode_structured, new_event
 from contracts.events import ContentGenerated, GenerationRequested
 from tests.conftest import wait_for
 
@@ -208,11 +209,14 @@ async def test_a_replay_meant_for_another_consumer_is_acked_unhandled(nc, js_top
 
     loop = ConsumerLoop(nc, js, topo, topo.consumers["generator"], handler)
     task = asyncio.create_task(loop.run())
-    pub = Publisher(js, topo.prefix)
     other, mine, plain = request(), request(), request()
-    other.extensions = {"chorareplayfor": "validator"}
-    mine.extensions = {"chorareplayfor": "generator"}
-    await pub.publish_many([other, mine, plain])
+    for ev, target in ((other, "validator"), (mine, "generator"), (plain, None)):
+        headers, body = encode_binary(ev)
+        if target:
+            headers[H_REPLAY_FOR] = target
+        await js.publish(topo.subject(GENERATION_REQUESTED), body, headers=headers)
+    # not even decoded when it is not ours: garbage replayed for another consumer is acked, not dead-lettered
+    await js.publish(topo.subject(GENERATION_REQUESTED), b"\xff not an event", headers={H_REPLAY_FOR: "validator"})
     await wait_for(lambda: loop.stats.acked == 2 and len(seen) == 2, what="two handled")
 
     async def all_acked():
@@ -223,6 +227,7 @@ async def test_a_replay_meant_for_another_consumer_is_acked_unhandled(nc, js_top
     await loop.stop()
     await task
     assert sorted(seen) == sorted([mine.id, plain.id])
+    assert loop.stats.dead == 0
 
 
 async def test_work_longer_than_ack_wait_is_kept_alive_not_redelivered(nc, js_topo):

@@ -17,7 +17,7 @@ from bus.publisher import Publisher
 from bus.topology import Topology, provision
 from chora.commands.dlq import run_list, run_replay
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
-from contracts.envelope import decode, new_event
+from contracts.envelope import decode, encode_binary, new_event
 from contracts.events import GenerationRequested
 from tests.conftest import child_env, wait_for
 from tests.integration.test_notifier_webhooks import Notifier, Webhook, generated, publish, subscription
@@ -35,15 +35,19 @@ async def topo(nc, settings) -> Topology:
 
 
 class Picky:
-    """A generator-like handler that rejects configs named in ``refuse``, and records what it handled."""
+    """A generator-like handler that rejects configs named in ``refuse`` with ``code``, and records
+    every call and what it handled."""
 
-    def __init__(self, *refuse: str):
+    def __init__(self, *refuse: str, code: str = "CONFIG_BROKEN"):
         self.refuse = set(refuse)
+        self.code = code
+        self.calls: list = []
         self.handled: list = []
 
     async def __call__(self, ev):
+        self.calls.append(ev)
         if ev.data.content_config_id in self.refuse:
-            raise Reject("CONFIG_BROKEN", f"cannot render {ev.data.content_config_id}")
+            raise Reject(self.code, f"cannot render {ev.data.content_config_id}")
         self.handled.append(ev)
         return []
 
@@ -90,11 +94,12 @@ async def test_list_then_replay_one_to_the_consumer_that_failed(nc, settings, to
         await wait_for(lambda: any(e.id == bad1.id for e in picky.handled), 10, "the replayed request handled")
         replayed = next(e for e in picky.handled if e.id == bad1.id)
         assert replayed.data.content_config_id == "broken"
-        assert replayed.extensions == {"chorareplayfor": "generator"}
+        assert replayed.extensions == {}  # the replay marks are NATS headers, not part of the event
 
         stored = await js.get_msg(topo.events_stream, r.stream_seq)
         assert stored.headers["ce-id"] == bad1.id and stored.headers["Nats-Msg-Id"] == r.msg_id
         assert stored.headers["Chora-Replayed-From"] == f"{topo.dlq_stream}:{first.seq}"
+        assert stored.headers["Chora-Replay-For"] == "generator"
         assert [d.seq for d in await list_dead_letters(js, topo)] == [entries[1].seq]  # deleted after the ack
         with pytest.raises(DlqError, match=f"no dead letter {first.seq}"):
             await replay(js, topo, first.seq)
@@ -184,7 +189,7 @@ async def test_replayed_notification_is_delivered_once_the_endpoint_is_back(nc, 
             assert d.event_id == ev.id and d.status_code == 200
             last = flaky.received[-1].headers
             assert last["ce-id"] == ev.id and last["Idempotency-Key"] == f"{ev.id}:flaky"
-            assert "ce-chorareplayfor" not in {k.lower() for k in last}
+            assert not {k.lower() for k in last} & {"chora-replay-for", "chora-replayed-from"}
             # The other subscription saw the replayed message too, and left it alone.
             await wait_for(lambda: n.settled("notify-other"), 10, "notify-other to settle")
             ci = await js.consumer_info(n.topo.events_stream, "notify-other")
@@ -226,3 +231,104 @@ def test_the_dlq_command(nats_server, settings, tmp_path):
     assert f"replayed {entry['seq']} -> " in replayed.stdout
     empty = chora("list")
     assert empty.returncode == 0 and empty.stdout == "" and "no dead letters" in empty.stderr
+
+
+async def dead_letters_except(js, topo, seq: int) -> list:
+    return [d for d in await list_dead_letters(js, topo) if d.seq != seq]
+
+
+async def test_a_replay_that_fails_again_is_one_new_dead_letter_with_its_code_and_a_link(nc, settings, topo):
+    js = nc.jetstream()
+    picky = Picky("broken")
+    bad = request("broken")
+    loop, task = await dead_letters_from_a_loop(nc, topo, picky, bad)
+    try:
+        [first] = await wait_for(lambda: list_dead_letters(js, topo), 10, "the first dead letter")
+        picky.code = "STILL_BROKEN"  # fails again, for another reason
+        r = await replay(js, topo, first.seq)
+        assert "Nats-Expected-Stream" in (await js.get_msg(topo.events_stream, r.stream_seq)).headers
+
+        [again] = await wait_for(lambda: dead_letters_except(js, topo, first.seq), 10, "the replay's dead letter")
+        assert (again.code, again.event_id, again.stream_seq, again.deliveries) == ("STILL_BROKEN", bad.id, r.stream_seq, 1)
+        assert "cannot render broken" in again.reason
+        assert again.replay_of == f"{topo.dlq_stream}:{first.seq}"
+        raw = await js.get_msg(topo.dlq_stream, again.seq)
+        assert not [k for k in raw.headers if k.startswith("Nats-") and k != "Nats-Msg-Id"]
+        assert "Chora-Replay-For" not in raw.headers and "Chora-Replayed-From" not in raw.headers
+
+        async def settled():
+            ci = await js.consumer_info(topo.events_stream, "generator")
+            return ci.num_pending == 0 and ci.num_ack_pending == 0 and ci
+
+        ci = await wait_for(settled, 10, "the generator consumer to settle")
+        assert ci.num_redelivered == 0 and loop.stats.naked == 0
+        assert len(picky.calls) == 2  # the original and the replay, once each
+        assert [d.seq for d in await list_dead_letters(js, topo)] == [again.seq]
+
+        out = io.StringIO()
+        assert await run_list(nc, settings, as_json_lines=True, out=out) == 0
+        assert json.loads(out.getvalue())["replay_of"] == again.replay_of
+    finally:
+        await loop.stop()
+        await task
+
+
+async def test_a_replay_of_an_undecodable_message_reaches_only_the_consumer_it_targets(nc, settings, topo):
+    js = nc.jetstream()
+    await provision(js, topo, consumers=["telemetry"])
+    seen_by_telemetry = []
+
+    async def telemetry(ev):
+        seen_by_telemetry.append(ev)
+        return []
+
+    gen = ConsumerLoop(nc, js, topo, topo.consumers["generator"], Picky())
+    tel = ConsumerLoop(nc, js, topo, topo.consumers["telemetry"], telemetry)
+    tasks = [asyncio.create_task(loop.run()) for loop in (gen, tel)]
+    try:
+        headers, _ = encode_binary(request("x"))
+        await js.publish(topo.subject(GENERATION_REQUESTED), b"{not json", headers=headers)
+        await wait_for(lambda: gen.stats.dead == 1 and tel.stats.dead == 1, 10, "a dead letter from each consumer")
+        [mine] = await list_dead_letters(js, topo, consumer="generator")
+        [theirs] = await list_dead_letters(js, topo, consumer="telemetry")
+
+        r = await replay(js, topo, mine.seq)
+
+        async def telemetry_past_the_replay():
+            ci = await js.consumer_info(topo.events_stream, "telemetry")
+            return ci.delivered.stream_seq >= r.stream_seq and ci.num_ack_pending == 0
+
+        await wait_for(lambda: gen.stats.dead == 2, 10, "the generator to dead-letter the replay")
+        await wait_for(telemetry_past_the_replay, 10, "telemetry to ack the replay")
+        assert tel.stats.dead == 1 and seen_by_telemetry == []
+        entries = await list_dead_letters(js, topo)
+        assert [(d.seq, d.consumer, d.replay_of) for d in entries[:1]] == [(theirs.seq, "telemetry", None)]
+        assert len(entries) == 2  # telemetry's own, and exactly one new one for the replay
+        assert (entries[1].consumer, entries[1].code, entries[1].replay_of) == (
+            "generator", mine.code, f"{topo.dlq_stream}:{mine.seq}"
+        )
+    finally:
+        for loop in (gen, tel):
+            await loop.stop()
+        await asyncio.gather(*tasks)
+
+
+async def test_a_replayed_notification_rejected_again_is_posted_once_and_dead_lettered_once(
+    nc, settings, tmp_path, monkeypatch
+):
+    with Webhook(lambda n: (400, {})) as hook:
+        async with Notifier(nc, settings, tmp_path, monkeypatch, [subscription("strict", hook.url)]) as n:
+            js = nc.jetstream()
+            ev = generated()
+            await publish(nc, settings, ev)
+            [first] = await wait_for(lambda: list_dead_letters(js, n.topo), 10, "the first dead letter")
+            assert first.code == "WEBHOOK_REJECTED" and len(hook.received) == 1
+
+            await replay(js, n.topo, first.seq)
+            [again] = await wait_for(lambda: dead_letters_except(js, n.topo, first.seq), 10, "the replay's dead letter")
+            assert (again.consumer, again.code, again.event_id) == ("notify-strict", "WEBHOOK_REJECTED", ev.id)
+            assert "400" in again.reason and again.replay_of == f"{n.topo.dlq_stream}:{first.seq}"
+            await wait_for(lambda: n.settled("notify-strict"), 10, "notify-strict to settle")
+            ci = await js.consumer_info(n.topo.events_stream, "notify-strict")
+            assert ci.num_redelivered == 0
+            assert len(hook.received) == 2  # once for the event, once for its replay

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from nats.js.errors import NotFoundError
+
 from bus.publisher import Publisher
 from bus.topology import Topology
 from contracts.catalogue import (
@@ -270,7 +272,14 @@ async def test_dead_endpoint_dead_letters_with_notification_failed_and_opens_the
         assert n.delivered() == []
 
         js = nc.jetstream()
-        dl = await js.get_last_msg(n.topo.dlq_stream, n.topo.dlq_subject("notify-down"))
+
+        async def dead_letter():  # stored just after the notification_failed is published
+            try:
+                return await js.get_last_msg(n.topo.dlq_stream, n.topo.dlq_subject("notify-down"))
+            except NotFoundError:
+                return None
+
+        dl = await wait_for(dead_letter, 10, "the dead letter of notify-down")
         assert dl.headers["Chora-Dlq-Code"] == "MAX_ATTEMPTS"
         assert dl.headers["ce-id"] == ev.id
         # attempt 1 and 2 failed (circuit opens), delivery 3 was deferred, delivery 4 was the 3rd attempt

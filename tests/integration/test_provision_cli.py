@@ -55,3 +55,18 @@ async def test_a_broken_subscriptions_file_is_a_clear_error_and_creates_nothing(
     topo = Topology.from_settings(Settings(_env_file=None, prefix=prefix, nats=NatsSettings(url=nats_server.url)))
     names = [s.config.name for s in await nc.jetstream().streams_info()]
     assert topo.events_stream not in names
+
+
+async def test_changing_start_of_an_existing_subscription_is_a_clear_error(nats_server, tmp_path):
+    config = tmp_path / "notifier.yaml"
+    sub = "subscriptions:\n  - {name: hook, events: [chora.batch_completed], url: 'http://h/', secret_env: S%s}\n"
+    config.write_text(sub % "")
+    prefix = "p" + uuid.uuid4().hex[:8]
+    assert provision(nats_server, prefix, CHORA_NOTIFIER_CONFIG=str(config)).returncode == 0
+    config.write_text(sub % ", start: all")
+    r = provision(nats_server, prefix, CHORA_NOTIFIER_CONFIG=str(config))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "consumer notify-hook already exists and started from new; start: all applies only" in r.stderr
+    assert "Traceback" not in r.stderr
+    config.write_text(sub % ", start: new")
+    assert provision(nats_server, prefix, CHORA_NOTIFIER_CONFIG=str(config)).returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import pytest
 
@@ -61,7 +62,7 @@ subscriptions:
     assert notes.event_types == (NOTIFICATION_FAILED,)
 
 
-def test_filters_apply_to_events_that_have_the_field():
+def test_filters_match_fields_the_event_has_and_never_a_missing_one():
     sub = parse_config(GOOD).subscriptions[1]
     err = ContentGenerated(request_id="r", content_config_id="release-notes", status="error")
     ok = ContentGenerated(request_id="r", content_config_id="release-notes", status="success")
@@ -69,8 +70,8 @@ def test_filters_apply_to_events_that_have_the_field():
     assert sub.matches(CONTENT_GENERATED, err)
     assert not sub.matches(CONTENT_GENERATED, ok)
     assert not sub.matches(CONTENT_GENERATED, other)
-    # content_validated has no status: only the content_config_id filter applies
-    assert sub.matches(CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="release-notes", valid=False))
+    # content_validated has no status: `status: [error]` never lets it through
+    assert not sub.matches(CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="release-notes", valid=False))
     assert not sub.matches(BATCH_COMPLETED, BatchCompleted(batch_id="b", status="error", total=1, successful=0, failed=1))
     assert sub.matches(CONTENT_GENERATED, {"status": "error", "content_config_id": "release-notes"})
 
@@ -86,8 +87,14 @@ def test_filters_apply_to_events_that_have_the_field():
         ({"max_attempts": 0}, "max_attempts"),
         ({"backoff": {"jitter": 2}}, "backoff.jitter"),
         ({"circuit": {"failure_threshold": 0}}, "circuit.failure_threshold"),
-        ({"filters": {"colour": ["red"]}}, "filters.colour"),
+        ({"filters": {"colour": ["red"]}}, "filters: Value error, field 'colour' is in none of the subscribed events"),
+        ({"filters": {"status": ["eror"]}}, "field 'status' is never 'eror'"),
+        ({"filters": {"status": []}}, "filters.0.status"),
+        ({"filters": {"Status": ["error"]}}, "filters.0.Status"),
+        ({"filters": [{"status": ["error"]}, "valid"]}, "filters.1"),
         ({"surprise": 1}, "surprise"),
+        ({"start": "latest"}, "subscription 'hook': start"),
+        ({"start": "2026-01-01T00:00:00"}, "timezone"),
     ],
 )
 def test_invalid_entries_are_named(entry, expected):
@@ -98,6 +105,17 @@ def test_invalid_entries_are_named(entry, expected):
     assert expected in str(e.value)
     if "name" not in entry:
         assert "subscription 'hook'" in str(e.value)
+
+
+def test_start_is_new_all_or_a_time_with_its_zone():
+    def start(value: str):
+        doc = f"subscriptions: [{{name: a, events: [chora.batch_completed], url: 'http://h/', secret_env: S, {value}}}]"
+        return parse_config(doc, "s.yaml").subscriptions[0].start
+
+    assert start("") is None  # "new" for a new consumer; an existing one goes on from where it is
+    assert start("start: new") == "new" and start("start: all") == "all"
+    assert start("start: 2026-01-01T10:00:00+02:00") == datetime(2026, 1, 1, 8, 0, tzinfo=timezone.utc)
+    assert start("start: '2026-01-01T08:00:00Z'") == datetime(2026, 1, 1, 8, 0, tzinfo=timezone.utc)
 
 
 def test_duplicate_names_and_bad_documents():
@@ -146,3 +164,23 @@ def test_the_example_file_is_valid():
     cfg = load_config(ROOT / "examples" / "notifier.yaml")
     assert [s.name for s in cfg.subscriptions] == ["release-hook", "failures-to-n8n"]
     assert all(s.secret_env.endswith("_SECRET") for s in cfg.subscriptions)
+
+
+@pytest.mark.parametrize(
+    "event_type, data, delivered",
+    [
+        (CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="release-notes", status="error"), True),
+        (CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="release-notes", status="success"), False),
+        (CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="hello-world", status="error"), False),
+        (CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="api-endpoint-doc", valid=False), True),
+        (CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="api-endpoint-doc", valid=True), False),
+        (CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="hello-world", valid=False), False),
+        (BATCH_COMPLETED, BatchCompleted(batch_id="b", status="error", total=1, successful=0, failed=1), False),
+    ],
+)
+def test_the_example_failures_subscription_takes_errors_and_invalid_content_only(event_type, data, delivered):
+    from tests.conftest import ROOT
+
+    failures = load_config(ROOT / "examples" / "notifier.yaml").subscriptions[1]
+    assert failures.name == "failures-to-n8n"
+    assert failures.matches(event_type, data) is delivered

@@ -96,11 +96,10 @@ def test_request_is_cloudevents_binary_mode_with_signature_and_idempotency_key()
     assert back.get_time().isoformat().startswith(ev.time[:19])
 
 
-def test_internal_replay_marker_is_not_sent_but_other_extensions_are():
+def test_extensions_are_sent_as_ce_headers():
     ev = batch_event()
-    ev.extensions = {"chorareplayfor": "notify-batches", "tenant": "acme"}
+    ev.extensions = {"tenant": "acme"}
     headers, _ = build_request(ev, "batches", SECRET)
-    assert "ce-chorareplayfor" not in headers
     assert headers["ce-tenant"] == "acme"
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 
-from chora.settings import NatsSettings
+from bus.settings import NatsSettings
 
 log = logging.getLogger("chora.bus")
 

@@ -1,6 +1,6 @@
 """The topology, declared once: streams, durable consumers, delivery policy.
 
-Everything here is derived from :class:`chora.settings.Settings` and the event
+Everything here is derived from :class:`bus.settings.BusSettings` and the event
 catalogue, and :func:`provision` makes a server match it, idempotently: run
 it on every start, or once with ``chora nats provision``.
 """
@@ -24,7 +24,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from chora.settings import Settings
+from bus.settings import BusSettings
 from contracts.catalogue import (
     ARTIFACT_ASSEMBLED,
     ARTIFACT_REQUESTED,
@@ -66,7 +66,7 @@ class Topology:
     content_bucket: str = ""  # Object Store: content too large to travel inline
 
     @classmethod
-    def from_settings(cls, s: Settings, replicas: int | None = None) -> "Topology":
+    def from_settings(cls, s: BusSettings, replicas: int | None = None) -> "Topology":
         def spec(name: str, types: tuple[str, ...] | None) -> ConsumerSpec:
             return ConsumerSpec(name, types, s.ack_wait_s, s.max_deliver, max_ack_pending=max(1024, s.max_concurrency * 2))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from bus.connection import connect
 from bus.server import EmbeddedServer, ServerError
 from bus.topology import Topology, provision
-from chora.settings import Settings
+from services.settings import Settings
 from services.runtime import SERVICES
 
 RESTART_DELAY_S = 1.0
@@ -151,7 +151,7 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chora.cli", "service", "run", name],
+            [sys.executable, "-m", "chora", "service", "run", name],
             env=self.child_env(name),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -26,7 +26,7 @@ from bus.consumer import ConsumerLoop, Handler
 from bus.content import ContentStore
 from bus.state import StateStore
 from bus.topology import ConsumerSpec, Topology, provision
-from chora.settings import Settings
+from services.settings import Settings
 from contracts.envelope import CloudEvent
 from services.metrics import ServiceMetrics
 

@@ -26,7 +26,7 @@ import sys
 import time
 from typing import TextIO
 
-from chora.settings import Settings
+from services.settings import Settings
 
 
 def _when(ts: float | None) -> str:
@@ -124,7 +124,7 @@ async def run_replay(
 
 def _connected(run) -> int:
     """``run(nc, settings)`` on a connection from the CLI's settings, closed afterwards."""
-    from chora.cli import connect_cli, load_settings
+    from chora.common import connect_cli, load_settings
 
     async def main() -> int:
         settings = load_settings()
@@ -144,7 +144,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from chora.cli import EXIT_USAGE
+    from chora.common import EXIT_USAGE
 
     if bool(args.ids) == bool(args.all):
         print("chora: give dead letter ids, or --all", file=sys.stderr)

@@ -182,7 +182,7 @@ def query(files: Iterable[Path], flt: Filter, out: BinaryIO, err=None) -> int:
 
 
 def events_query(args: argparse.Namespace) -> int:
-    from chora.cli import load_settings
+    from chora.common import load_settings
 
     settings = load_settings()
     try:
@@ -366,7 +366,7 @@ def _catch_up(path: Path, known: bytes | None, emit: Callable[[bytes], None]) ->
 
 
 def events_tail(args: argparse.Namespace) -> int:
-    from chora.cli import load_settings
+    from chora.common import load_settings
 
     settings = load_settings()
     path = Path(args.file) if args.file else settings.jsonl_path

@@ -28,8 +28,8 @@ from typing import Any, Callable, Protocol
 import msgspec
 
 from bus.consumer import Reject, Retry, delivery
-from chora.artifacts import ArtifactError, ArtifactStore, check_artifact
-from chora.configs import ConfigStore
+from composition.artifacts import ArtifactError, ArtifactStore, check_artifact
+from composition.configs import ConfigStore
 from contracts.catalogue import (
     ARTIFACT_ASSEMBLED,
     ARTIFACT_REQUESTED,

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from chora.artifacts import ArtifactStore
-from chora.configs import ConfigStore
-from chora.settings import Settings
+from composition.artifacts import ArtifactStore
+from composition.configs import ConfigStore
+from services.settings import Settings
 from contracts.envelope import CloudEvent
 from services.assembler.handlers import COMPLETIONS_CONSUMER, SOURCE, Deps, handle
 

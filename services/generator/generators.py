@@ -54,7 +54,7 @@ from jinja2.sandbox import (
 from jinja2.utils import Namespace, generate_lorem_ipsum
 from markupsafe import Markup
 
-from chora.configs import GenerationError, LoadedConfig
+from composition.configs import GenerationError, LoadedConfig
 
 log = logging.getLogger("chora.generator")
 

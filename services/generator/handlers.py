@@ -23,7 +23,7 @@ from bus.consumer import Reject, Retry, expect
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
-from chora.configs import ConfigStore, GenerationError
+from composition.configs import ConfigStore, GenerationError
 from services.generator.generators import GeneratorRegistry
 
 log = logging.getLogger("chora.generator")

@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from chora.settings import Settings
+from services.settings import Settings
 from contracts.envelope import CloudEvent
-from chora.configs import ConfigError, ConfigStore
+from composition.configs import ConfigError, ConfigStore
 from services.generator.generators import GeneratorRegistry
 from services.generator.handlers import MAX_OUTPUT_BYTES, handle_generation_requested
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from bus.consumer import Reject
 from bus.topology import ConsumerSpec, Topology
-from chora.settings import Settings
+from services.settings import Settings
 from contracts.envelope import CloudEvent
 from services.notifier.circuit import CircuitBreaker
 from services.notifier.config import NotifierConfig, load_config, load_secrets

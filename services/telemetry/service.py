@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from bus.monitor import JetStreamMonitor, JetStreamSnapshot
-from chora.settings import Settings
+from services.settings import Settings
 from contracts.envelope import CloudEvent
 from services.telemetry.handlers import mirror
 from services.telemetry.metrics import TelemetryMetrics

@@ -57,7 +57,7 @@ from typing import Protocol
 import msgspec
 
 from bus.consumer import Reject, Retry, expect
-from chora.configs import ConfigError, ConfigStore, valid_config_id
+from composition.configs import ConfigError, ConfigStore, valid_config_id
 from contracts.catalogue import CONFIG_VALIDATED, CONTENT_GENERATED, CONTENT_VALIDATED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ConfigValidated, ContentGenerated, ContentValidated, ErrorInfo, ValidationIssue

@@ -67,7 +67,7 @@ from typing import Annotated, Any, Iterable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
-from chora.configs import validation_problems
+from composition.configs import validation_problems
 from contracts.events import ValidationIssue
 
 Severity = Literal["error", "warning"]

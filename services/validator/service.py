@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from chora.configs import ConfigError, ConfigStore
-from chora.settings import Settings
+from composition.configs import ConfigError, ConfigStore
+from services.settings import Settings
 from contracts.envelope import CloudEvent
 from services.validator.handlers import SOURCE, StateLike, handle_content_generated
 from services.validator.rules import RuleCache, RulesError

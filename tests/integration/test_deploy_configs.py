@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from bus.server import server_binary
-from chora.settings import Settings
+from services.settings import Settings
 from services.runtime import SERVICES
 from tests.conftest import ROOT, child_env, wait_for
 from tests.faults.harness import LocalCluster, js_ready

@@ -214,7 +214,7 @@ def test_the_dlq_command(nats_server, settings, tmp_path):
     env = child_env(NATS_URL=nats_server.url, CHORA_PREFIX=settings.prefix, CHORA_HOME=str(tmp_path / "var"))
 
     def chora(*args):
-        return subprocess.run([sys.executable, "-m", "chora.cli", "dlq", *args], env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, "-m", "chora", "dlq", *args], env=env, capture_output=True, text=True, timeout=60)
 
     listed = chora("list", "--json")
     assert listed.returncode == 0, listed.stderr

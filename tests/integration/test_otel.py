@@ -199,7 +199,8 @@ import nats
 from bus.consumer import ConsumerLoop
 from bus.publisher import Publisher
 from bus.topology import Topology, provision
-from chora.settings import NatsSettings, Settings
+from bus.settings import NatsSettings
+from services.settings import Settings
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, GenerationRequested

@@ -14,7 +14,7 @@ import pytest
 from bus.publisher import Publisher
 from bus.state import StateStore
 from bus.topology import Topology, provision
-from chora.configs import ConfigStore
+from composition.configs import ConfigStore
 from contracts.catalogue import CONFIG_VALIDATED, CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
 from contracts.envelope import decode, new_event
 from contracts.events import ContentGenerated, GenerationRequested

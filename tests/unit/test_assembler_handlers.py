@@ -10,8 +10,8 @@ import msgspec
 import pytest
 
 from bus.consumer import Delivery, Reject, Retry, delivery
-from chora.artifacts import ArtifactStore
-from chora.configs import ConfigStore
+from composition.artifacts import ArtifactStore
+from composition.configs import ConfigStore
 from contracts.catalogue import (
     ARTIFACT_ASSEMBLED,
     ARTIFACT_REQUESTED,

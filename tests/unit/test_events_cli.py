@@ -260,7 +260,7 @@ async def test_tail_cli_follows_a_rotation(tmp_path):
     evs = [req("trace-t", i) for i in range(5)]
     await sink.write(evs[0])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chora.cli", "events", "tail", "--file", str(path), "--trace-id", "trace-t"],
+        [sys.executable, "-m", "chora", "events", "tail", "--file", str(path), "--trace-id", "trace-t"],
         cwd=ROOT, env=child_env(CHORA_HOME=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     got: list[str] = []

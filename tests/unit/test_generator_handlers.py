@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from bus.consumer import Reject, Retry
-from chora.settings import Settings
+from services.settings import Settings
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import decode, encode_binary, new_event
 from contracts.events import ContentGenerated, GenerationRequested
-from chora.configs import ConfigStore
+from composition.configs import ConfigStore
 from services.generator.generators import GeneratorRegistry
 from services.generator.handlers import MAX_MESSAGE_CHARS, MAX_OUTPUT_BYTES, handle_generation_requested
 from services.generator.service import SOURCE, GeneratorApp, build
@@ -199,7 +199,7 @@ async def test_long_error_messages_are_cut(store, registry):
         name = "loud"
 
         def render(self, config, context):
-            from chora.configs import GenerationError
+            from composition.configs import GenerationError
 
             raise GenerationError("TEMPLATE_ERROR", "x" * 100_000)
 

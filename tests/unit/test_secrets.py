@@ -22,7 +22,8 @@ import pytest
 from bus.connection import connect
 from bus.consumer import Reject, Retry
 from bus.topology import Topology
-from chora.settings import NatsSettings, Settings
+from bus.settings import NatsSettings
+from services.settings import Settings
 from contracts.catalogue import CONTENT_GENERATED
 from contracts.envelope import encode_binary, new_event
 from contracts.events import ContentGenerated
@@ -71,7 +72,7 @@ def test_nats_password_and_token_are_not_in_the_settings_repr_or_str(nats_env):
     [("CHORA_PREFIX", "Not A Prefix", "prefix"), ("NATS_CONNECT_TIMEOUT", "soon", "connect_timeout")],
 )
 def test_bad_settings_message_does_not_echo_the_password(nats_env, monkeypatch, variable, value, field):
-    from chora.cli import load_settings
+    from chora.common import load_settings
 
     monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as info:

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from chora.settings import Settings
+from services.settings import Settings
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested

@@ -31,7 +31,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from chora.configs import ConfigStore
+from composition.configs import ConfigStore
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import encode_binary, new_event
 from contracts.events import ContentGenerated, GenerationRequested

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from bus.consumer import Reject, Retry
-from chora.configs import ConfigStore
-from chora.settings import Settings
+from composition.configs import ConfigStore
+from services.settings import Settings
 from contracts.catalogue import CONFIG_VALIDATED, CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
 from contracts.envelope import decode, encode_binary, new_event
 from contracts.events import ConfigValidated, ContentGenerated, ContentValidated, GenerationRequested, Origin

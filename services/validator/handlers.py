@@ -52,15 +52,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
 
-from bus.consumer import Reject, Retry, expect
 from composition.configs import ConfigError, ConfigStore, valid_config_id
 from contracts.catalogue import CONFIG_VALIDATED, CONTENT_GENERATED, CONTENT_VALIDATED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ConfigValidated, ContentGenerated, ContentValidated, ErrorInfo, ValidationIssue
+from contracts.handling import Delivery, EventHandlers, Reject, Retry, expect
 from services.validator.rules import RuleCache, RulesError, error_hash, is_valid
 
 log = logging.getLogger("chora.validator")
@@ -78,6 +79,16 @@ class StateLike(Protocol):
     async def create(self, key: str, value: bytes) -> int | None: ...
 
     async def get(self, key: str) -> tuple[bytes, int] | None: ...
+
+
+@dataclass
+class Deps:
+    """What the validator's handler needs; ``state`` None: every handling reports a broken config."""
+
+    store: ConfigStore
+    rules: RuleCache = field(default_factory=RuleCache)
+    state: StateLike | None = None
+    source: str = SOURCE
 
 
 def _cut(message: str) -> str:
@@ -126,15 +137,9 @@ async def claim_report(state: StateLike | None, key: str, event_id: str) -> bool
     raise Retry(f"could not claim {key}: it keeps disappearing")
 
 
-async def handle_content_generated(
-    event: CloudEvent,
-    store: ConfigStore,
-    rules: RuleCache,
-    state: StateLike | None,
-    *,
-    source: str = SOURCE,
-) -> list[CloudEvent]:
+async def on_content_generated(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     """Validate one content_generated; see the module docstring for what is returned."""
+    store, rules, state, source = deps.store, deps.rules, deps.state, deps.source
     data = expect(event, CONTENT_GENERATED, ContentGenerated, "validator")
     if data.status != "success":
         return []
@@ -190,3 +195,6 @@ async def handle_content_generated(
     )
     out.append(new_event(CONTENT_VALIDATED, verdict, source=source, cause=event))
     return out
+
+
+EVENT_HANDLERS: EventHandlers[Deps] = {CONTENT_GENERATED: on_content_generated}

@@ -41,7 +41,7 @@ class Picky:
         self.refuse = set(refuse)
         self.handled: list = []
 
-    async def __call__(self, ev):
+    async def __call__(self, ev, delivery):
         if ev.data.content_config_id in self.refuse:
             raise Reject("CONFIG_BROKEN", f"cannot render {ev.data.content_config_id}")
         self.handled.append(ev)

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from bus.connection import connect
-from bus.consumer import Reject, Retry
+from contracts.handling import Delivery, Reject, Retry
 from bus.topology import Topology
 from bus.settings import NatsSettings
 from services.settings import Settings
@@ -167,7 +167,8 @@ async def run_notifier(tmp_path, endpoint, caplog) -> dict:
         )
         for n in names:
             try:
-                outcomes[n] = await handlers[n](event)
+                first = Delivery.first(f"notify-{n}", max_attempts=app.targets[n].max_deliver)
+                outcomes[n] = await handlers[n](event, first)
             except (Retry, Reject) as e:
                 outcomes[n] = e
         reports = [repr(app), repr(app.targets), repr(app.config), json.dumps(app.info()), json.dumps(app.status(), default=str)]

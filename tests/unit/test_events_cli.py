@@ -20,7 +20,8 @@ from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
 from services.telemetry import rotation
-from services.telemetry.sink import JsonlSink, encode_line
+from services.telemetry.lines import encode_line
+from services.telemetry.sink import JsonlSink
 from tests.conftest import child_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

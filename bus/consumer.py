@@ -35,6 +35,7 @@ from typing import Awaitable, Protocol, Sequence
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from bus import tracing
@@ -120,7 +121,7 @@ class ConsumerLoop:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._last_seen = 0.0
-        self._sub = None
+        self._sub: Subscription | None = None
         self._working: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, started)
         self._backlog = 0  # messages pending for the consumer, as of the last delivery
 

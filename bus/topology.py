@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -105,7 +106,7 @@ class Topology:
 
     # ------------------------------------------------------------------ configs
     def stream_configs(self) -> list[StreamConfig]:
-        common = dict(
+        common: dict[str, Any] = dict(
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
@@ -166,10 +167,11 @@ _STREAM_FIELDS = ("subjects", "max_age", "max_bytes", "duplicate_window", "descr
 
 
 async def provision(
-    js: JetStreamContext, topo: Topology, consumers: list[str] | None = None, extra: list[ConsumerSpec] = ()
+    js: JetStreamContext, topo: Topology, consumers: list[str] | None = None, extra: Sequence[ConsumerSpec] = ()
 ) -> None:
     """Create or update the streams, buckets and the named durable consumers (all by default)."""
     for cfg in topo.stream_configs():
+        assert cfg.name is not None, "stream_configs() names every stream"
         try:
             info = await js.stream_info(cfg.name)
         except NotFoundError:

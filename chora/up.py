@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from typing import Any
 from pathlib import Path
 
 from bus.connection import connect
@@ -213,7 +214,7 @@ class Stack:
 
     def announce(self, quiet: bool = False) -> None:
         s = self.settings
-        stack = {
+        stack: dict[str, Any] = {
             "nats_url": self.url,
             "nats_monitor_url": self.server.monitor_url if self.server else None,
             "embedded": self.server is not None,

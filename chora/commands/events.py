@@ -205,6 +205,12 @@ def events_query(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- tail
+def _pause(seconds: float) -> bool:
+    """Wait a poll interval; True: go on following."""
+    time.sleep(seconds)
+    return True
+
+
 def follow(
     path: Path,
     flt: Filter,
@@ -212,7 +218,7 @@ def follow(
     *,
     lines: int = 0,
     keep_following: bool = True,
-    idle: Callable[[], bool] = lambda: (time.sleep(POLL_S), True)[1],
+    idle: Callable[[], bool] = lambda: _pause(POLL_S),
 ) -> int:
     """Print ``path`` (the last ``lines`` matching lines if > 0) then, with ``keep_following``,
     follow it across rotations until ``idle()`` (called when there is nothing new) returns False.

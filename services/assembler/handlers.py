@@ -126,7 +126,7 @@ class Deps:
 # --------------------------------------------------------------------------- dispatch
 
 
-async def on_outcome(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
+async def on_outcome(event: CloudEvent, delivery: Delivery, deps: Deps) -> Sequence[CloudEvent]:
     """A generation's outcome: to the workflow its origin names (nothing without one)."""
     origin = getattr(event.data, "origin", None)
     handler = OUTCOME_HANDLERS.get((event.type, origin.kind)) if origin is not None else None
@@ -187,8 +187,8 @@ async def on_batch_requested(event: CloudEvent, delivery: Delivery, deps: Deps) 
     batch_id = event.id
     total = len(data.items)
     committer = deps.batch(batch_id)
-    record = bat.new_record(total, data.continue_on_error, deps.clock())
-    rev = await deps.state.create(batch_key(batch_id), encode(record))
+    new = bat.new_record(total, data.continue_on_error, deps.clock())
+    rev = await deps.state.create(batch_key(batch_id), encode(new))
     if rev is None:  # a redelivery, or another instance got it first: resume
         record = await committer.read(fresh=True)
         if record is None:
@@ -202,7 +202,7 @@ async def on_batch_requested(event: CloudEvent, delivery: Delivery, deps: Deps) 
         indexes: Any = unset_bits(record.bitmap, total)
         deps.count("batch_resumed")
     else:
-        committer.prime(record, rev)
+        committer.prime(new, rev)
         indexes = range(total)
         deps.count("batch_started")
     if not data.continue_on_error:
@@ -219,14 +219,17 @@ def _item_index(key: str, total: int) -> int | None:
 
 async def on_item_outcome(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     data: ContentGenerated = event.data
-    batch_id = data.origin.id
+    origin = data.origin
+    if origin is None:
+        return []  # routed here by its origin: never without one
+    batch_id = origin.id
     committer = deps.batch(batch_id)
     record: BatchRecord | None = await committer.read()
     if record is None:
         return []  # not a batch of ours (or expired)
-    index = _item_index(data.origin.key, record.total)
+    index = _item_index(origin.key, record.total)
     if index is None:
-        log.warning("batch %s has no item %r (outcome %s); ignored", batch_id, data.origin.key, event.id)
+        log.warning("batch %s has no item %r (outcome %s); ignored", batch_id, origin.key, event.id)
         return []
     if record.closed or bit_is_set(record.bitmap, index):
         return await _batch_again(event, batch_id, committer, delivery, deps)
@@ -405,6 +408,8 @@ async def part_requests(cause: CloudEvent, run: ArtifactRun, part_ids: list[str]
     cache: dict[str, str] = {}
     for pid in part_ids:
         plan = run.plan(pid)
+        if plan is None:
+            raise ValueError(f"artifact run {run.run_id} has no part {pid!r}")
         dep_contents = {}
         for d in plan.depends_on:
             if d not in cache:

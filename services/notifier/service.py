@@ -18,6 +18,7 @@ Settings read: ``notifier_config``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ class NotifierApp:
             circuit = CircuitBreaker(
                 sub.circuit,
                 busy_retry_s=sub.timeout_s,
-                on_transition=lambda a, b, name=sub.name: self._transition(name, a, b),
+                on_transition=functools.partial(self._transition, sub.name),
             )
             targets[sub.name] = Target(sub, WebhookSender(sub, secrets[sub.name]), circuit, source=self.source)
         self.targets = targets

@@ -177,8 +177,8 @@ class JsonlSink:
         await asyncio.to_thread(self._open)
         self._compress_lock = asyncio.Lock()
         self._closing = False
-        self._wake = asyncio.Event()
-        self._flusher = asyncio.create_task(self._flush_loop(), name=f"jsonl-flusher:{self.path.name}")
+        self._wake = wake = asyncio.Event()
+        self._flusher = asyncio.create_task(self._flush_loop(wake), name=f"jsonl-flusher:{self.path.name}")
 
     async def flush(self) -> None:
         """Wait until every line enqueued so far is written (or failed)."""
@@ -213,7 +213,8 @@ class JsonlSink:
 
     # ------------------------------------------------------------------ writing
     async def write(self, event: CloudEvent) -> bool:
-        if self._fd is None or self._closing:
+        wake = self._wake
+        if self._fd is None or wake is None or self._closing:
             raise SinkError(f"sink {self.path} is not open")
         key = id_key(event.id)
         pending = self._inflight.get(key)
@@ -230,14 +231,13 @@ class JsonlSink:
         self._inflight[key] = fut
         self._buf.append(line)
         self._batch.append((key, fut))
-        self._wake.set()
+        wake.set()
         # shield: a cancelled writer must not cancel the batch's future
         # (the line is written anyway, and duplicates may be waiting on it).
         await asyncio.shield(fut)
         return True
 
-    async def _flush_loop(self) -> None:
-        wake = self._wake
+    async def _flush_loop(self, wake: asyncio.Event) -> None:
         while True:
             await wake.wait()
             wake.clear()

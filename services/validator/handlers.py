@@ -62,7 +62,7 @@ from contracts.catalogue import CONFIG_VALIDATED, CONTENT_GENERATED, CONTENT_VAL
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ConfigValidated, ContentGenerated, ContentValidated, ErrorInfo, ValidationIssue
 from contracts.handling import Delivery, EventHandlers, Reject, Retry, expect
-from services.validator.rules import RuleCache, RulesError, error_hash, is_valid
+from services.validator.rules import RuleCache, RulesError, RuleSet, error_hash, is_valid
 
 log = logging.getLogger("chora.validator")
 
@@ -151,22 +151,21 @@ async def on_content_generated(event: CloudEvent, delivery: Delivery, deps: Deps
         text = ""
 
     config_id = data.content_config_id
-    problem: tuple[str, str] | None = None
+    ruleset: RuleSet | tuple[str, str]  # the rules, or the problem (code, message) of a broken config
     try:
         config = store.get(config_id)
     except ConfigError as e:
-        problem = (e.code, e.message)
+        ruleset = (e.code, e.message)
         chash = error_hash(e.code, e.message)
     else:
-        chash, ruleset = rules.for_config(config)
-        if isinstance(ruleset, RulesError):
-            problem = (ruleset.code, ruleset.message)
+        chash, built = rules.for_config(config)
+        ruleset = (built.code, built.message) if isinstance(built, RulesError) else built
 
     out: list[CloudEvent] = []
-    if problem is None:
+    if isinstance(ruleset, RuleSet):
         issues = ruleset.apply(text)
     else:
-        code, message = problem
+        code, message = ruleset
         what = "has invalid validation rules" if code == RulesError.code else "cannot be loaded"
         issues = [ValidationIssue(rule="config", severity="error", message=_cut(f"config {config_id!r} {what}: {message}"))]
         if await claim_report(state, report_key(config_id, chash), event.id):

@@ -10,7 +10,7 @@ from tests.conftest import ROOT, wait_for
 from tests.e2e.test_up_and_generate import jsonl, run_cli, stack  # noqa: F401  (stack is a fixture)
 
 
-def traced(stack, trace):
+def traced(stack, trace):  # noqa: F811  (the fixture by name)
     return [e for e in jsonl(stack) if e.get("trace_id") == trace]
 
 

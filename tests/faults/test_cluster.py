@@ -3,7 +3,6 @@ mid-batch; nothing is lost or duplicated, and the time to recover is measured.""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import nats

@@ -559,7 +559,7 @@ async def test_subscribe_table_inboxes_are_private(auth_server, connect):
     subjects += sorted(FACTS)
     users = [u for u in USERS if u != "admin"]
     conns = {u: await connect(u) for u in users}
-    for u, c in conns.items():
+    for c in conns.values():
         for s in subjects:
             await c.nc.subscribe(s)
         await c.nc.flush()

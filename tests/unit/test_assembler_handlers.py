@@ -42,7 +42,10 @@ from services.assembler.state import batch_item_key, decode_batch, decode_run
 from tests.unit.test_assembler_state import MemoryState
 
 
-async def handle(event: CloudEvent, deps: Deps, delivery: Delivery = Delivery.first("assembler")) -> list[CloudEvent]:
+FIRST = Delivery.first("assembler")
+
+
+async def handle(event: CloudEvent, deps: Deps, delivery: Delivery = FIRST) -> list[CloudEvent]:
     """The assembler's handlers as the consumer loop calls them (a first delivery unless told)."""
     return list(await handlers.handle(event, delivery, deps))
 

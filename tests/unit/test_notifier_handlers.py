@@ -14,7 +14,7 @@ from services.notifier.circuit import CLOSED, OPEN, CircuitBreaker
 from services.notifier.config import parse_config
 from services.notifier.delivery import DeliveryResult
 from services.notifier import handlers
-from services.notifier.handlers import Deps, Target, wants
+from services.notifier.handlers import Deps, Target
 
 CONFIG = """
 subscriptions:

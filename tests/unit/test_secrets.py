@@ -194,7 +194,7 @@ async def run_notifier(tmp_path, endpoint, caplog) -> dict:
         for ev in o:
             headers, body = encode_binary(ev)
             shown += [json.dumps(headers), body.decode()]
-    for path, headers, body in received:  # what went over the wire: HMACs only
+    for _path, headers, body in received:  # what went over the wire: HMACs only
         shown += [json.dumps(headers), body.decode()]
     assert "subscription" in caplog.text  # the notifier did log (its start, the outcomes)
     return {"env": env, "url_password": url_password, "shown": shown, "log": caplog.text}

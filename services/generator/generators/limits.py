@@ -11,7 +11,7 @@ import operator
 import pprint
 import time
 import types
-from typing import TYPE_CHECKING, Any, Callable
+from typing import IO, TYPE_CHECKING, Any, Callable, cast
 
 from jinja2 import TemplateSyntaxError, nodes, pass_environment
 from jinja2.compiler import CodeGenerator, Frame, optimizeconst
@@ -62,7 +62,7 @@ _LINE_BREAKS = ("\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028"
 _now = time.monotonic
 _BuiltinMethod = types.BuiltinMethodType
 _GeneratorType = types.GeneratorType
-_DICT_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
+_DICT_VIEWS: tuple[type, ...] = (type({}.keys()), type({}.values()), type({}.items()))
 _CONTAINERS = frozenset({list, tuple, dict, set, frozenset, *_DICT_VIEWS})
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _COMPARE: dict[str, Callable[[Any, Any], Any]] = {
@@ -236,6 +236,7 @@ class _BoundedFormatter(SandboxedFormatter):
 
     def __init__(self, env: "_Sandbox", **kwargs: Any) -> None:
         super().__init__(env, **kwargs)
+        self._sandbox = env
         self._total = 0
 
     def vformat(self, format_string: str, args: Any, kwargs: Any) -> str:
@@ -244,12 +245,12 @@ class _BoundedFormatter(SandboxedFormatter):
 
     def convert_field(self, value: Any, conversion: str | None) -> Any:
         if conversion in ("r", "a"):
-            size = self._env.value_size(value, repr_=True)
-            self._env.check_chars(size * (10 if conversion == "a" else 1), "a formatted field")
+            size = self._sandbox.value_size(value, repr_=True)
+            self._sandbox.check_chars(size * (10 if conversion == "a" else 1), "a formatted field")
         return super().convert_field(value, conversion)
 
     def format_field(self, value: Any, format_spec: str) -> Any:
-        env: _Sandbox = self._env  # type: ignore[assignment]
+        env = self._sandbox
         env.tick()
         size = env.value_size(value, formatted=True) + env.spec_width(format_spec)
         if "," in format_spec or "_" in format_spec:
@@ -267,7 +268,8 @@ class _CappedStream:
     """A write-only text stream that refuses to grow past ``cap`` characters."""
 
     def __init__(self, env: "_Sandbox", cap: int) -> None:
-        self.env, self.cap, self.n, self.parts = env, cap, 0, []
+        self.env, self.cap, self.n = env, cap, 0
+        self.parts: list[str] = []
 
     def write(self, s: str) -> int:
         self.n += len(s)
@@ -483,7 +485,7 @@ def _sum_filter(environment: "_Sandbox", iterable: Any, attribute: Any = None, s
 def _pprint_filter(environment: "_Sandbox", value: Any) -> str:
     """``pformat(value)``, written to a stream that stops at the size limit."""
     stream = _CappedStream(environment, environment.max_value_chars)
-    pprint.PrettyPrinter(stream=stream).pprint(value)
+    pprint.PrettyPrinter(stream=cast(IO[str], stream)).pprint(value)  # it only calls write()
     return "".join(stream.parts)[:-1]  # pprint() adds the newline pformat() does not
 
 

@@ -75,7 +75,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self.max_alloc_bytes = max_alloc_bytes
         self.max_compare_chars = 4 * max_value_chars  # what one comparison (or sort key set) may span
         self._local = threading.local()
-        self.concat = self.guard_join  # macro, block and {% set %} bodies are joined with this
+        # macro, block and {% set %} bodies are joined with this (jinja2 reads it from the instance)
+        self.concat = self.guard_join  # type: ignore[method-assign]
         filters = dict(self.filters, sum=_sum_filter, pprint=_pprint_filter)
         self.filters = {name: self._guard_filter(name, f) for name, f in filters.items()}
         self.globals["lipsum"] = self._lipsum

@@ -160,6 +160,7 @@ class SchemaNode:
             raise SchemaError(f"{where}: uniqueItems must be true or false")
         self.unique = u
         p = schema.get("pattern")
+        self.pattern: re.Pattern[str] | None = None
         if p is not None:
             if not isinstance(p, str):
                 raise SchemaError(f"{where}: pattern must be a string")
@@ -167,8 +168,6 @@ class SchemaNode:
                 self.pattern = re.compile(p)
             except re.error as e:
                 raise SchemaError(f"{where}: bad pattern {short(p)}: {e}") from None
-        else:
-            self.pattern = None
         self.minimum = _number(schema, "minimum", where)
         self.maximum = _number(schema, "maximum", where)
         self.xminimum = _number(schema, "exclusiveMinimum", where)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, model_validator
 
@@ -190,7 +190,7 @@ class RegexRule(_Rule):
     pattern: Annotated[str, Field(min_length=1, max_length=MAX_PATTERN_CHARS)]
     must: Literal["match", "not_match"] = "match"
     flags: list[Literal["i", "m", "s"]] = []
-    _re: re.Pattern | None = PrivateAttr(default=None)
+    _re: re.Pattern[str] = PrivateAttr()  # set by the validator below
 
     @model_validator(mode="after")
     def _compile(self) -> "RegexRule":
@@ -221,7 +221,7 @@ class RegexRule(_Rule):
 class JsonSchemaRule(_Rule):
     type: Literal["json_schema"]
     json_schema: dict[str, Any] = Field(alias="schema")
-    _node: SchemaNode | None = PrivateAttr(default=None)
+    _node: SchemaNode = PrivateAttr()  # set by the validator below
 
     @model_validator(mode="after")
     def _compile(self) -> "JsonSchemaRule":
@@ -256,7 +256,7 @@ class PlaceholdersRule(_Rule):
     patterns: list[Annotated[str, Field(min_length=1, max_length=200)]] = list(DEFAULT_PLACEHOLDERS)
     trailing_ellipsis: bool = True
     case_sensitive: bool = False
-    _re: re.Pattern | None = PrivateAttr(default=None)
+    _re: re.Pattern[str] = PrivateAttr()  # set by the validator below
     _names: dict[str, str] = PrivateAttr(default_factory=dict)  # pattern as searched -> as written
 
     @model_validator(mode="after")
@@ -302,7 +302,7 @@ class PlaceholdersRule(_Rule):
 
 
 RULE_MODELS = (LengthRule, RequiredSectionsRule, RegexRule, JsonSchemaRule, PlaceholdersRule)
-RULE_TYPES: tuple[str, ...] = tuple(m.model_fields["type"].annotation.__args__[0] for m in RULE_MODELS)
+RULE_TYPES: tuple[str, ...] = tuple(get_args(m.model_fields["type"].annotation)[0] for m in RULE_MODELS)
 
 Rule = Annotated[
     Union[LengthRule, RequiredSectionsRule, RegexRule, JsonSchemaRule, PlaceholdersRule],

@@ -137,3 +137,18 @@ def test_the_check_names_a_wrong_import_with_file_and_line(tmp_path, monkeypatch
         "services/generator/handlers.py:1: imports bus.consumer: a handler imports nothing of bus (its API is contracts.handling)",
         "services/generator/handlers.py:2: imports services.validator.rules: a service imports no other service",
     ]
+
+
+def test_only_the_entry_module_imports_the_cli():
+    """`python -m chora` runs chora/__main__.py; were a command module to import chora.cli
+    back, cli.py would load twice (once as __main__ under `python -m chora.cli`) and the
+    commands would import a half-initialised module."""
+    found = [
+        f"{path.relative_to(ROOT).as_posix()}:{line}: imports {module}"
+        for path in sorted((ROOT / "chora").rglob("*.py"))
+        if path.name != "__main__.py"
+        for module, line in imports_of(path)
+        if module == "chora.cli" or module.startswith("chora.cli.")
+    ]
+    assert not found, "only chora/__main__.py imports chora.cli:\n" + "\n".join(found)
+    assert ("chora.cli", 5) in imports_of(ROOT / "chora" / "__main__.py")

@@ -1,11 +1,11 @@
 # The two commands of the README:
 #   make up    install into .venv (first time) and run the whole stack on the embedded nats-server
-#   make test  install into .venv (first time) and run the test suite
+#   make test  install into .venv (first time), lint and type-check, and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test bench install clean prometheus
+.PHONY: up test lint bench install clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ prometheus:
 	@command -v prometheus >/dev/null || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
 
-test: $(STAMP) prometheus
+# ruff (lint and format) and mypy, configured in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) prometheus lint
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP)

@@ -34,7 +34,8 @@ import msgspec
 
 from bus.connection import connect
 from bus.publisher import Publisher
-from chora.settings import NatsSettings, Settings
+from bus.settings import NatsSettings
+from services.settings import Settings
 from chora.up import Stack
 from contracts.catalogue import GENERATION_REQUESTED
 from contracts.envelope import new_event

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 from typing import Any
 
 import nats
 from nats.aio.client import Client
 
-from chora.settings import NatsSettings
+from bus.settings import NatsSettings
 
 log = logging.getLogger("chora.bus")
 
@@ -103,6 +104,6 @@ async def settle(nc: Client, timeout: float = 5.0) -> None:
         flush_pending = getattr(nc, "_flush_pending", None)
         if flush_pending is not None:
             await asyncio.wait_for(flush_pending(force_flush=True), timeout)
-        await nc.flush(timeout=timeout)
+        await nc.flush(timeout=math.ceil(timeout))  # nats-py takes whole seconds
     except Exception as e:  # closed or disconnected: redelivery covers what did not leave
         log.debug("settle: %s", e)

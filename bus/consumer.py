@@ -31,13 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import Awaitable, Protocol, Sequence
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from bus import tracing
@@ -47,66 +47,13 @@ from bus.deadletter import H_REPLAY_FOR, dead_letter
 from bus.publisher import Publisher
 from bus.topology import ConsumerSpec, Topology
 from contracts.envelope import CloudEvent, EnvelopeError, decode
+from contracts.handling import Bound, Delivery, Reject, Retry
 
 log = logging.getLogger("chora.bus")
 
-Handler = Callable[[CloudEvent], Awaitable[Sequence[CloudEvent]]]
-
-
-class Retry(Exception):
-    """Transient failure: try again later (after ``delay`` seconds, else the backoff)."""
-
-    def __init__(self, message: str, delay: float | None = None):
-        super().__init__(message)
-        self.delay = delay
-
-
-class Reject(Exception):
-    """Permanent failure: this message can never be handled. Goes to the dead letters.
-
-    ``events`` (e.g. a notification_failed) are published before the dead letter is stored.
-    """
-
-    def __init__(self, code: str, message: str, events: Sequence[CloudEvent] = ()):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.events = list(events)
-
-
-T = TypeVar("T")
-
-
-def expect(event: CloudEvent, event_type: str, struct: type[T], who: str) -> T:
-    """The data of ``event`` as ``struct``, for a handler of one event type; otherwise
-    :class:`Reject` with UNEXPECTED_TYPE (another type) or INVALID_DATA (data not of that shape)."""
-    if event.type != event_type:
-        raise Reject("UNEXPECTED_TYPE", f"the {who} handles {event_type}, not {event.type!r}")
-    data = event.data
-    if type(data) is struct:
-        return data
-    try:
-        return msgspec.convert(data, struct)
-    except (msgspec.ValidationError, TypeError) as e:
-        raise Reject("INVALID_DATA", f"data is not a {event_type}: {e}") from None
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What a handler may know of the delivery it is handling (see :data:`delivery`)."""
-
-    attempt: int  # 1 for the first delivery
-    max_attempts: int
-    consumer: str
-    stream_seq: int
-
-    @property
-    def last(self) -> bool:
-        return self.attempt >= self.max_attempts
-
-
-#: The delivery being handled, set by the loop for the handler's task.
-delivery: ContextVar[Delivery] = ContextVar("chora_delivery")
+#: What the loop calls per message: a service's handlers bound to its dependencies
+#: (:func:`contracts.handling.route`), given the event and the facts of its delivery.
+Handler = Bound
 
 
 class Observer(Protocol):
@@ -175,7 +122,7 @@ class ConsumerLoop:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._last_seen = 0.0
-        self._sub = None
+        self._sub: Subscription | None = None
         self._working: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, started)
         self._backlog = 0  # messages pending for the consumer, as of the last delivery
 
@@ -329,12 +276,12 @@ class ConsumerLoop:
                 await self._dead(msg, e.code, e.message)
                 return
             md = msg.metadata
-            delivery.set(Delivery(md.num_delivered, self.spec.max_deliver, self.spec.durable, md.sequence.stream))
+            delivery = Delivery(md.num_delivered, self.spec.max_deliver, self.spec.durable, md.sequence.stream)
             try:
                 if self.content is not None:
                     event = await self.content.resolve(event)
                 with tracing.span_for(event, self.spec.durable, msg.subject) as span:
-                    out = span.adopt(await self.handler(event))
+                    out = span.adopt(await self.handler(event, delivery))
                     if out:
                         await self.publisher.publish_many(out)
                         self.stats.published += len(out)

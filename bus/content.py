@@ -12,6 +12,7 @@ from __future__ import annotations
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore
 
 from contracts.envelope import CloudEvent
 
@@ -27,9 +28,9 @@ class ContentStore:
         self.js = js
         self.bucket = bucket
         self.threshold = threshold
-        self._store = None
+        self._store: ObjectStore | None = None
 
-    async def _os(self):
+    async def _os(self) -> ObjectStore:
         if self._store is None:
             self._store = await self.js.object_store(self.bucket)
         return self._store
@@ -45,7 +46,7 @@ class ContentStore:
         name = ref[len(REF_PREFIX) + len(self.bucket) + 1 :]
         store = await self._os()
         try:
-            return (await store.get(name)).data
+            return (await store.get(name)).data or b""
         except (ObjectNotFoundError, NotFoundError):
             raise ContentMissing(f"{ref} not found (expired or deleted)") from None
 

@@ -120,18 +120,23 @@ async def _get(js: JetStreamContext, stream: str, seq: int, subject: str | None 
         return None
 
 
+def _subject(raw: RawStreamMsg) -> str:
+    """The subject a stored message was published to ("" if the server did not say)."""
+    return raw.subject or ""
+
+
 async def _from_advisory(js: JetStreamContext, topo: Topology, raw: RawStreamMsg) -> DeadLetter:
     try:
         adv = json.loads(raw.data or b"{}")
     except ValueError:
         adv = {}
-    consumer = str(adv.get("consumer") or raw.subject.rsplit(".", 1)[-1])
+    consumer = str(adv.get("consumer") or _subject(raw).rsplit(".", 1)[-1])
     stream_seq = adv.get("stream_seq") if isinstance(adv.get("stream_seq"), int) else None
     deliveries = adv.get("deliveries") if isinstance(adv.get("deliveries"), int) else None
     ts = raw.time.timestamp() if raw.time else None
     dl = DeadLetter(
         seq=raw.seq or 0,
-        dlq_subject=raw.subject,
+        dlq_subject=_subject(raw),
         time=ts,
         consumer=consumer,
         subject=None,
@@ -166,9 +171,9 @@ def _from_dead_letter(raw: RawStreamMsg) -> DeadLetter:
         ts = raw.time.timestamp() if raw.time else None
     return DeadLetter(
         seq=raw.seq or 0,
-        dlq_subject=raw.subject,
+        dlq_subject=_subject(raw),
         time=ts,
-        consumer=h.get(H_CONSUMER) or raw.subject.rsplit(".", 1)[-1],
+        consumer=h.get(H_CONSUMER) or _subject(raw).rsplit(".", 1)[-1],
         subject=h.get(H_SUBJECT),
         code=h.get(H_CODE, ""),
         reason=h.get(H_REASON, ""),
@@ -183,7 +188,7 @@ def _from_dead_letter(raw: RawStreamMsg) -> DeadLetter:
 
 
 async def _decode(js: JetStreamContext, topo: Topology, raw: RawStreamMsg) -> DeadLetter:
-    if raw.subject.startswith(ADVISORY_PREFIX):
+    if _subject(raw).startswith(ADVISORY_PREFIX):
         return await _from_advisory(js, topo, raw)
     return _from_dead_letter(raw)
 

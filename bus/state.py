@@ -32,7 +32,7 @@ class StateStore:
             entry = await (await self.kv()).get(key)
         except KeyNotFoundError:  # KeyDeletedError is a KeyNotFoundError
             return None
-        if entry.value is None:
+        if entry.value is None or entry.revision is None:
             return None
         return entry.value, entry.revision
 
@@ -78,7 +78,7 @@ class StateStore:
         )
         try:
             info = await sub.consumer_info()
-            if info.num_pending == 0 and info.delivered.consumer_seq == 0:
+            if info.num_pending == 0 and (info.delivered is None or info.delivered.consumer_seq == 0):
                 return out  # nothing under the prefix
             try:
                 await asyncio.wait_for(done, timeout)

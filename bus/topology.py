@@ -1,6 +1,6 @@
 """The topology, declared once: streams, durable consumers, delivery policy.
 
-Everything here is derived from :class:`chora.settings.Settings` and the event
+Everything here is derived from :class:`bus.settings.BusSettings` and the event
 catalogue, and :func:`provision` makes a server match it, idempotently: run
 it on every start, or once with ``chora nats provision``.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any, Sequence
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -25,7 +26,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from chora.settings import Settings
+from bus.settings import BusSettings
 from contracts.catalogue import (
     ARTIFACT_ASSEMBLED,
     ARTIFACT_REQUESTED,
@@ -71,7 +72,7 @@ class Topology:
     content_bucket: str = ""  # Object Store: content too large to travel inline
 
     @classmethod
-    def from_settings(cls, s: Settings, replicas: int | None = None) -> "Topology":
+    def from_settings(cls, s: BusSettings, replicas: int | None = None) -> "Topology":
         def spec(name: str, types: tuple[str, ...] | None) -> ConsumerSpec:
             return ConsumerSpec(name, types, s.ack_wait_s, s.max_deliver, max_ack_pending=max(1024, s.max_concurrency * 2))
 
@@ -110,7 +111,7 @@ class Topology:
 
     # ------------------------------------------------------------------ configs
     def stream_configs(self) -> list[StreamConfig]:
-        common = dict(
+        common: dict[str, Any] = dict(
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
@@ -206,10 +207,11 @@ _STREAM_FIELDS = ("subjects", "max_age", "max_bytes", "duplicate_window", "descr
 
 
 async def provision(
-    js: JetStreamContext, topo: Topology, consumers: list[str] | None = None, extra: list[ConsumerSpec] = ()
+    js: JetStreamContext, topo: Topology, consumers: list[str] | None = None, extra: Sequence[ConsumerSpec] = ()
 ) -> None:
     """Create or update the streams, buckets and the named durable consumers (all by default)."""
     for cfg in topo.stream_configs():
+        assert cfg.name is not None, "stream_configs() names every stream"
         try:
             info = await js.stream_info(cfg.name)
         except NotFoundError:

@@ -25,13 +25,14 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from typing import Any
 from pathlib import Path
 
 from bus.connection import connect
 from bus.server import EmbeddedServer, ServerError
 from bus.topology import Topology, provision
-from chora.settings import Settings
 from services.runtime import SERVICES, start_error_file
+from services.settings import Settings
 
 RESTART_DELAY_S = 1.0
 LOG_TAIL_LINES = 10
@@ -154,7 +155,7 @@ class Stack:
         log = open(self.logs / f"{name}.log", "ab")
         offset = log.tell()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chora.cli", "service", "run", name],
+            [sys.executable, "-m", "chora", "service", "run", name],
             env=self.child_env(name),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -236,7 +237,7 @@ class Stack:
 
     def announce(self, quiet: bool = False) -> None:
         s = self.settings
-        stack = {
+        stack: dict[str, Any] = {
             "nats_url": self.url,
             "nats_monitor_url": self.server.monitor_url if self.server else None,
             "embedded": self.server is not None,

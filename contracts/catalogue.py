@@ -7,6 +7,7 @@ equals the type. Tests use their own prefix so that runs never meet.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 
 import msgspec
@@ -30,7 +31,7 @@ TYPE_PREFIX = "chora."
 @dataclass(frozen=True, slots=True)
 class EventSpec:
     type: str
-    struct: type[msgspec.Struct]
+    struct: builtins.type[msgspec.Struct]  # (the field `type` hides the builtin in this body)
     description: str
     kind: str  # "request" or "fact"
 

@@ -34,6 +34,7 @@ import importlib.metadata
 import platform
 import threading
 from typing import Any, Iterable, Sequence
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.registry import Collector
@@ -106,15 +107,15 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        self._server = None
+        self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.host: str | None = None
         self.port: int | None = None
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Start serving; return the real port (``port`` 0 picks a free one)."""
-        if self._server is not None:
-            return self.port  # type: ignore[return-value]
+        if self._server is not None and self.port is not None:
+            return self.port
         result = start_http_server(port, addr=host, registry=self.registry)
         server, thread = result if isinstance(result, tuple) else (result, None)
         self._server, self._thread = server, thread

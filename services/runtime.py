@@ -1,7 +1,9 @@
 """Running one service: the wiring between a service app and the bus.
 
-A service app is plain: ``start()``, ``handle(event) -> events``, ``close()``
-and a ``name`` (which is also its durable consumer in the topology). It never
+A service app is plain: ``start()``, ``handle(event, delivery) -> events``
+(its handler table bound to its dependencies, :func:`contracts.handling.route`),
+``close()`` and a ``name`` (which is also its durable consumer in the
+topology). Its ``build(settings)`` is the service's one wiring function. It never
 touches NATS; this module connects, provisions its consumer, runs the
 consumer loop, serves the process's ``/metrics`` (:mod:`services.metrics`,
 with the app's own ``metrics_registry`` when it has one), writes a readiness file and
@@ -28,8 +30,9 @@ from bus.consumer import ConsumerLoop, Handler
 from bus.content import ContentStore
 from bus.state import StateStore
 from bus.topology import ConsumerSpec, Topology, provision
-from chora.settings import Settings
+from services.settings import Settings
 from contracts.envelope import CloudEvent
+from contracts.handling import Delivery
 from services.metrics import ServiceMetrics
 
 log = logging.getLogger("chora.service")
@@ -64,7 +67,7 @@ class ServiceApp(Protocol):
 
     async def start(self, ctx: BusContext) -> None: ...
 
-    async def handle(self, event: CloudEvent) -> Sequence[CloudEvent]: ...
+    async def handle(self, event: CloudEvent, delivery: Delivery) -> Sequence[CloudEvent]: ...
 
     async def close(self) -> None: ...
 

@@ -13,7 +13,8 @@ from typing import Awaitable, Callable
 import pytest
 
 from bus.server import EmbeddedServer
-from chora.settings import NatsSettings, Settings
+from bus.settings import NatsSettings
+from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

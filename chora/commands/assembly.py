@@ -22,13 +22,11 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
-from chora.cli import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context, request_and_wait, trace_id_or_exit
+from chora.common import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context, request_and_wait, trace_id_or_exit
 
 
 # ---------------------------------------------------------------------- assemble
@@ -243,33 +241,9 @@ def print_summary(console, completed, items, max_failed: int = 50) -> None:
 
 
 # ---------------------------------------------------------------------- batch status
-async def read_batch_status(nc, settings, batch_id: str) -> dict[str, Any] | None:
-    """The batch's progress from its KV record, or None if there is none."""
-    from bus.state import StateStore
-    from bus.topology import Topology
-    from services.assembler.state import batch_key, decode_batch
-
-    got = await StateStore(nc.jetstream(), Topology.from_settings(settings).state_bucket).get(batch_key(batch_id))
-    if got is None:
-        return None
-    r = decode_batch(got[0])
-    done = r.successful + r.failed
-    return {
-        "batch_id": batch_id,
-        "total": r.total,
-        "done": done,
-        "successful": r.successful,
-        "failed": r.failed,
-        "skipped": r.skipped,
-        "closed": r.closed,
-        "finished": r.finished,
-        "continue_on_error": r.continue_on_error,
-        "started_at": r.started_at,
-        "elapsed_s": round((r.closed_at or time.time()) - r.started_at, 3),
-    }
-
-
 async def batch_status(args: argparse.Namespace) -> int:
+    from services.assembler.status import read_batch_status
+
     settings = load_settings()
     nc = await connect_cli(settings)
     try:

@@ -60,14 +60,14 @@ class _Target:
 def _configs_dir(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from chora.cli import load_settings
+    from chora.common import load_settings
 
     return Path(load_settings().configs_dir)
 
 
 def _target(path: Path) -> _Target | str:
     """What to check at ``path``, or why there is nothing to check."""
-    from chora.configs import EXTENSIONS, ConfigStore, valid_config_id
+    from composition.configs import EXTENSIONS, ConfigStore, valid_config_id
 
     if path.is_dir():
         store = ConfigStore(path)
@@ -108,7 +108,7 @@ async def _await(aw: Any) -> Any:
 
 def check_config(store: Any, config_id: str, cache: Any, registry: Any = None) -> tuple[bool, str]:
     """(ok, what to print after the status) for one config id."""
-    from chora.configs import ConfigError, GenerationError
+    from composition.configs import ConfigError, GenerationError
     from services.validator.rules import RulesError, is_valid
 
     try:
@@ -177,7 +177,7 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def list_configs(args: argparse.Namespace) -> int:
-    from chora.configs import ConfigError, ConfigStore
+    from composition.configs import ConfigError, ConfigStore
 
     path = _configs_dir(args.path)
     if not path.is_dir():

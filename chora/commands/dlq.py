@@ -24,9 +24,9 @@ import json
 import re
 import sys
 import time
-from typing import TextIO
+from typing import Sequence, TextIO
 
-from chora.settings import Settings
+from services.settings import Settings
 
 
 def _when(ts: float | None) -> str:
@@ -92,16 +92,18 @@ async def run_list(
 
 
 async def run_replay(
-    nc, settings: Settings, *, ids: list[int] = (), all_: bool = False, consumer: str | None = None,
+    nc, settings: Settings, *, ids: Sequence[int] = (), all_: bool = False, consumer: str | None = None,
     out: TextIO | None = None,
 ) -> int:
-    from bus.dlq import DlqError, replay, replay_all
+    from bus.dlq import DlqError, Replayed, replay, replay_all
     from bus.topology import Topology
 
     out = out or sys.stdout
     js = nc.jetstream()
     topo = Topology.from_settings(settings)
-    done, failed, superseded = [], [], []
+    done: list[Replayed] = []
+    failed: list[tuple[int, str]] = []
+    superseded: list[int] = []
     if all_:
         try:
             done, failed, superseded = await replay_all(js, topo, consumer=consumer)
@@ -118,7 +120,7 @@ async def run_replay(
         out.write(f"replayed {r.seq} -> {r.subject} (stream seq {r.stream_seq}, Nats-Msg-Id {r.msg_id}){note}\n")
     for seq in superseded:
         out.write(f"deleted advisory {seq} (its dead letter was replayed)\n")
-    for seq, reason in failed:
+    for _seq, reason in failed:
         print(f"chora: {reason}", file=sys.stderr)
     if not (done or failed or superseded):
         print(f"chora: nothing to replay in {topo.dlq_stream}" + (f" for {consumer}" if consumer else ""), file=sys.stderr)
@@ -127,7 +129,7 @@ async def run_replay(
 
 def _connected(run) -> int:
     """``run(nc, settings)`` on a connection from the CLI's settings, closed afterwards."""
-    from chora.cli import connect_cli, load_settings
+    from chora.common import connect_cli, load_settings
 
     async def main() -> int:
         settings = load_settings()
@@ -147,7 +149,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from chora.cli import EXIT_USAGE
+    from chora.common import EXIT_USAGE
 
     if bool(args.ids) == bool(args.all):
         print("chora: give dead letter ids, or --all", file=sys.stderr)

@@ -182,7 +182,7 @@ def query(files: Iterable[Path], flt: Filter, out: BinaryIO, err=None) -> int:
 
 
 def events_query(args: argparse.Namespace) -> int:
-    from chora.cli import load_settings
+    from chora.common import load_settings
 
     settings = load_settings()
     try:
@@ -205,6 +205,12 @@ def events_query(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- tail
+def _pause(seconds: float) -> bool:
+    """Wait a poll interval; True: go on following."""
+    time.sleep(seconds)
+    return True
+
+
 def follow(
     path: Path,
     flt: Filter,
@@ -212,7 +218,7 @@ def follow(
     *,
     lines: int = 0,
     keep_following: bool = True,
-    idle: Callable[[], bool] = lambda: (time.sleep(POLL_S), True)[1],
+    idle: Callable[[], bool] = lambda: _pause(POLL_S),
 ) -> int:
     """Print ``path`` (the last ``lines`` matching lines if > 0) then, with ``keep_following``,
     follow it across rotations until ``idle()`` (called when there is nothing new) returns False.
@@ -366,7 +372,7 @@ def _catch_up(path: Path, known: bytes | None, emit: Callable[[bytes], None]) ->
 
 
 def events_tail(args: argparse.Namespace) -> int:
-    from chora.cli import load_settings
+    from chora.common import load_settings
 
     settings = load_settings()
     path = Path(args.file) if args.file else settings.jsonl_path

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Mapping, Sequence
 
-from chora.artifacts import LoadedArtifact
+from composition.artifacts import LoadedArtifact
 from contracts.catalogue import GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ArtifactAssembled, ErrorInfo, GenerationRequested, Origin

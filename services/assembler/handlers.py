@@ -1,4 +1,4 @@
-"""The assembler's handlers: plain async functions of (event, :class:`Deps`) returning events.
+"""The assembler's handlers: plain async functions of (event, delivery, :class:`Deps`) returning events.
 
 They read and write the KV state (compare-and-set through the group
 committers) and the Object Store through ``deps``; they never publish: the
@@ -6,7 +6,8 @@ consumer loop publishes what they return, then acknowledges. Why that gives
 exactly one ``batch_completed`` / ``artifact_assembled`` is explained in
 :mod:`services.assembler`.
 
-Dispatch (the ``assembler`` consumer):
+Dispatch (the ``assembler`` consumer), by :data:`EVENT_HANDLERS` and, for the
+outcomes of generations, by their origin's kind (:data:`OUTCOME_HANDLERS`):
 
 - ``artifact.requested``  check, plan, request the parts without dependencies;
 - ``batch.requested``     create the batch record, request every item;
@@ -23,13 +24,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import msgspec
 
-from bus.consumer import Reject, Retry, delivery
-from chora.artifacts import ArtifactError, ArtifactStore, check_artifact
-from chora.configs import ConfigStore
+from composition.artifacts import ArtifactError, ArtifactStore, check_artifact
+from composition.configs import ConfigStore
 from contracts.catalogue import (
     ARTIFACT_ASSEMBLED,
     ARTIFACT_REQUESTED,
@@ -49,6 +49,7 @@ from contracts.events import (
     ContentValidated,
     ErrorInfo,
 )
+from contracts.handling import Delivery, EventHandlers, Handler, Retry, route
 from services.assembler import artifacts as art
 from services.assembler import batches as bat
 from services.assembler.compose import ComposeError, compile_layout
@@ -125,31 +126,30 @@ class Deps:
 # --------------------------------------------------------------------------- dispatch
 
 
-async def handle(event: CloudEvent, deps: Deps) -> list[CloudEvent]:
-    t = event.type
-    data = event.data
-    if t == CONTENT_GENERATED or t == CONTENT_VALIDATED:
-        origin = getattr(data, "origin", None)
-        if origin is None:
-            return []
-        if origin.kind == "batch":
-            return await on_item_outcome(event, deps) if t == CONTENT_GENERATED else []
-        if origin.kind == "artifact":
-            if t == CONTENT_GENERATED:
-                if data.status == "success":
-                    return []  # done once validated
-                return await on_part_outcome(event, deps, ok=False, error=data.error)
-            if data.valid:
-                return await on_part_outcome(event, deps, ok=True)
-            return await on_part_outcome(event, deps, ok=False, error=_validation_error(data))
-        return []
-    if t == BATCH_REQUESTED:
-        return await on_batch_requested(event, deps)
-    if t == ARTIFACT_REQUESTED:
-        return await on_artifact_requested(event, deps)
-    if t == BATCH_COMPLETED or t == ARTIFACT_ASSEMBLED:
-        return await on_announced(event, deps)
-    raise Reject("UNEXPECTED_TYPE", f"the assembler does not handle {t!r}")
+async def on_outcome(event: CloudEvent, delivery: Delivery, deps: Deps) -> Sequence[CloudEvent]:
+    """A generation's outcome: to the workflow its origin names (nothing without one)."""
+    origin = getattr(event.data, "origin", None)
+    handler = OUTCOME_HANDLERS.get((event.type, origin.kind)) if origin is not None else None
+    return await handler(event, delivery, deps) if handler is not None else []
+
+
+async def on_part_generated(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
+    data: ContentGenerated = event.data
+    if data.status == "success":
+        return []  # done once validated
+    return await on_part_outcome(event, delivery, deps, ok=False, error=data.error)
+
+
+async def on_part_validated(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
+    data: ContentValidated = event.data
+    if data.valid:
+        return await on_part_outcome(event, delivery, deps, ok=True)
+    return await on_part_outcome(event, delivery, deps, ok=False, error=_validation_error(data))
+
+
+async def handle(event: CloudEvent, delivery: Delivery, deps: Deps) -> Sequence[CloudEvent]:
+    """Every event of both assembler consumers, through :data:`EVENT_HANDLERS`."""
+    return await route(EVENT_HANDLERS, deps, "assembler")(event, delivery)
 
 
 def _validation_error(data: ContentValidated) -> ErrorInfo:
@@ -161,7 +161,7 @@ def _validation_error(data: ContentValidated) -> ErrorInfo:
 # --------------------------------------------------------------------------- announcing again
 
 
-def _announce_again_allowed(closed_at: float | None, what: str, deps: Deps) -> None:
+def _announce_again_allowed(closed_at: float | None, what: str, delivery: Delivery, deps: Deps) -> None:
     """Before announcing a completion a second time (a redelivery of the event that
     decided it): if it was decided so long ago that JetStream's duplicate window may
     no longer catch a second copy, give the completions consumer time to mark it
@@ -171,8 +171,7 @@ def _announce_again_allowed(closed_at: float | None, what: str, deps: Deps) -> N
     age = deps.clock() - closed_at
     if age <= deps.duplicate_window_s - deps.ack_wait_s:
         return
-    d = delivery.get(None)
-    if d is not None and not d.last:
+    if not delivery.last:
         raise Retry(
             f"{what} was decided {age:.0f}s ago and is not marked finished yet; "
             "waiting for the completions consumer before announcing it again",
@@ -183,13 +182,13 @@ def _announce_again_allowed(closed_at: float | None, what: str, deps: Deps) -> N
 # --------------------------------------------------------------------------- batches
 
 
-async def on_batch_requested(event: CloudEvent, deps: Deps) -> list[CloudEvent]:
+async def on_batch_requested(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     data: BatchRequested = event.data
     batch_id = event.id
     total = len(data.items)
     committer = deps.batch(batch_id)
-    record = bat.new_record(total, data.continue_on_error, deps.clock())
-    rev = await deps.state.create(batch_key(batch_id), encode(record))
+    new = bat.new_record(total, data.continue_on_error, deps.clock())
+    rev = await deps.state.create(batch_key(batch_id), encode(new))
     if rev is None:  # a redelivery, or another instance got it first: resume
         record = await committer.read(fresh=True)
         if record is None:
@@ -203,7 +202,7 @@ async def on_batch_requested(event: CloudEvent, deps: Deps) -> list[CloudEvent]:
         indexes: Any = unset_bits(record.bitmap, total)
         deps.count("batch_resumed")
     else:
-        committer.prime(record, rev)
+        committer.prime(new, rev)
         indexes = range(total)
         deps.count("batch_started")
     if not data.continue_on_error:
@@ -218,19 +217,22 @@ def _item_index(key: str, total: int) -> int | None:
     return i if i < total else None
 
 
-async def on_item_outcome(event: CloudEvent, deps: Deps) -> list[CloudEvent]:
+async def on_item_outcome(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     data: ContentGenerated = event.data
-    batch_id = data.origin.id
+    origin = data.origin
+    if origin is None:
+        return []  # routed here by its origin: never without one
+    batch_id = origin.id
     committer = deps.batch(batch_id)
     record: BatchRecord | None = await committer.read()
     if record is None:
         return []  # not a batch of ours (or expired)
-    index = _item_index(data.origin.key, record.total)
+    index = _item_index(origin.key, record.total)
     if index is None:
-        log.warning("batch %s has no item %r (outcome %s); ignored", batch_id, data.origin.key, event.id)
+        log.warning("batch %s has no item %r (outcome %s); ignored", batch_id, origin.key, event.id)
         return []
     if record.closed or bit_is_set(record.bitmap, index):
-        return await _batch_again(event, batch_id, committer, deps)
+        return await _batch_again(event, batch_id, committer, delivery, deps)
     outcome = BatchItemOutcome(
         index=index,
         content_config_id=data.content_config_id,
@@ -247,17 +249,17 @@ async def on_item_outcome(event: CloudEvent, deps: Deps) -> list[CloudEvent]:
             return await batch_completed_events(event, batch_id, record, deps)
         return []
     if committed.result is bat.Result.DUPLICATE:
-        return await _batch_again(event, batch_id, committer, deps)
+        return await _batch_again(event, batch_id, committer, delivery, deps)
     return []  # the batch stopped before this outcome: not counted, reported as skipped
 
 
-async def _batch_again(event: CloudEvent, batch_id: str, committer: Committer, deps: Deps) -> list[CloudEvent]:
+async def _batch_again(event: CloudEvent, batch_id: str, committer: Committer, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     """A redelivered (or duplicate) outcome: if it is the one that closed the batch and the
     completion is not known to be in the stream, announce it (again: same id)."""
     record = await committer.read(fresh=True)
     if record is None or not record.closed or record.closed_by != event.id or record.finished:
         return []
-    _announce_again_allowed(record.closed_at, f"batch {batch_id}", deps)
+    _announce_again_allowed(record.closed_at, f"batch {batch_id}", delivery, deps)
     deps.count("batch_announced_again")
     return await batch_completed_events(event, batch_id, record, deps)
 
@@ -287,14 +289,14 @@ async def batch_completed_events(event: CloudEvent, batch_id: str, record: Batch
 # --------------------------------------------------------------------------- artifacts
 
 
-async def on_artifact_requested(event: CloudEvent, deps: Deps) -> list[CloudEvent]:
+async def on_artifact_requested(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     data: ArtifactRequested = event.data
     run_id = event.id
     key = artifact_key(run_id)
     committer = deps.run(run_id)
     existing = await committer.read(fresh=True)
     if existing is not None:
-        return await _run_again(event, existing, deps)
+        return await _run_again(event, existing, delivery, deps)
     now = deps.clock()
     try:
         loaded = deps.artifacts.get(data.artifact_id)
@@ -314,13 +316,13 @@ async def on_artifact_requested(event: CloudEvent, deps: Deps) -> list[CloudEven
         existing = await committer.read(fresh=True)
         if existing is None:
             raise Retry("the artifact record exists but cannot be read yet")
-        return await _run_again(event, existing, deps)
+        return await _run_again(event, existing, delivery, deps)
     committer.prime(run, rev)
     deps.count("artifact_started")
-    return await _caused_by(event, run, deps, again=False)  # the first parts (requested_by = run id), or the refusal
+    return await _caused_by(event, run, delivery, deps, again=False)  # the first parts (requested_by = run id), or the refusal
 
 
-async def on_part_outcome(event: CloudEvent, deps: Deps, *, ok: bool, error: ErrorInfo | None = None) -> list[CloudEvent]:
+async def on_part_outcome(event: CloudEvent, delivery: Delivery, deps: Deps, *, ok: bool, error: ErrorInfo | None = None) -> list[CloudEvent]:
     data = event.data
     run_id, part_id = data.origin.id, data.origin.key
     committer = deps.run(run_id)
@@ -336,7 +338,7 @@ async def on_part_outcome(event: CloudEvent, deps: Deps, *, ok: bool, error: Err
         if run is None:
             return []
         if run.closed or run.state[part_id].status != "requested":
-            return await _run_again(event, run, deps)
+            return await _run_again(event, run, delivery, deps)
     if ok:
         if data.content_ref:  # large: it stays in the Object Store
             pc = PartContent(content_ref=data.content_ref, content_hash=data.content_hash)
@@ -345,18 +347,18 @@ async def on_part_outcome(event: CloudEvent, deps: Deps, *, ok: bool, error: Err
         await deps.state.put(part_key(run_id, part_id), encode(pc))  # before the update that marks it done
     committed = await committer.submit(art.PartOp(part_id, ok, event.id, error))
     if committed.result is art.Result.APPLIED:
-        return await _caused_by(event, committed.record, deps, again=False)
+        return await _caused_by(event, committed.record, delivery, deps, again=False)
     if committed.result is art.Result.DUPLICATE:
         fresh = await committer.read(fresh=True)
-        return await _run_again(event, fresh, deps) if fresh is not None else []
+        return await _run_again(event, fresh, delivery, deps) if fresh is not None else []
     return []
 
 
-async def _run_again(event: CloudEvent, run: ArtifactRun, deps: Deps) -> list[CloudEvent]:
-    return await _caused_by(event, run, deps, again=True)
+async def _run_again(event: CloudEvent, run: ArtifactRun, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
+    return await _caused_by(event, run, delivery, deps, again=True)
 
 
-async def _caused_by(event: CloudEvent, run: ArtifactRun, deps: Deps, *, again: bool) -> list[CloudEvent]:
+async def _caused_by(event: CloudEvent, run: ArtifactRun, delivery: Delivery, deps: Deps, *, again: bool) -> list[CloudEvent]:
     """What handling ``event`` decided, as events: the parts it requested that are still
     waiting for an outcome, and the completion if it closed the run (unless finished).
 
@@ -381,7 +383,7 @@ async def _caused_by(event: CloudEvent, run: ArtifactRun, deps: Deps, *, again: 
         out = []
     if run.closed and run.closed_by == event.id and not run.finished:
         if again:
-            _announce_again_allowed(run.closed_at, f"artifact run {run.run_id}", deps)
+            _announce_again_allowed(run.closed_at, f"artifact run {run.run_id}", delivery, deps)
             deps.count("artifact_announced_again")
         out.append(await assembled_event(event, run, deps))
     return out
@@ -406,6 +408,8 @@ async def part_requests(cause: CloudEvent, run: ArtifactRun, part_ids: list[str]
     cache: dict[str, str] = {}
     for pid in part_ids:
         plan = run.plan(pid)
+        if plan is None:
+            raise ValueError(f"artifact run {run.run_id} has no part {pid!r}")
         dep_contents = {}
         for d in plan.depends_on:
             if d not in cache:
@@ -428,7 +432,7 @@ async def assembled_event(cause: CloudEvent, run: ArtifactRun, deps: Deps) -> Cl
 # --------------------------------------------------------------------------- completions seen in the stream
 
 
-async def on_announced(event: CloudEvent, deps: Deps) -> list[CloudEvent]:
+async def on_announced(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     """A completion is in the stream: mark its record finished, so nobody announces it again."""
     data = event.data
     if isinstance(data, BatchCompleted):
@@ -452,3 +456,19 @@ async def on_announced(event: CloudEvent, deps: Deps) -> list[CloudEvent]:
             pass
     deps.committers.forget(key)
     return []
+
+
+OUTCOME_HANDLERS: dict[tuple[str, str], Handler[Deps]] = {
+    (CONTENT_GENERATED, "batch"): on_item_outcome,
+    (CONTENT_GENERATED, "artifact"): on_part_generated,
+    (CONTENT_VALIDATED, "artifact"): on_part_validated,
+}
+
+EVENT_HANDLERS: EventHandlers[Deps] = {
+    ARTIFACT_REQUESTED: on_artifact_requested,
+    BATCH_REQUESTED: on_batch_requested,
+    CONTENT_GENERATED: on_outcome,
+    CONTENT_VALIDATED: on_outcome,
+    BATCH_COMPLETED: on_announced,
+    ARTIFACT_ASSEMBLED: on_announced,
+}

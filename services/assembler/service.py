@@ -16,13 +16,15 @@ Settings read: ``configs_dir`` (content configs, and artifact configs in its
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
-from chora.artifacts import ArtifactStore
-from chora.configs import ConfigStore
-from chora.settings import Settings
+from composition.artifacts import ArtifactStore
+from composition.configs import ConfigStore
 from contracts.envelope import CloudEvent
-from services.assembler.handlers import COMPLETIONS_CONSUMER, SOURCE, Deps, handle
+from contracts.handling import Bound, Delivery, route
+from services.assembler.handlers import COMPLETIONS_CONSUMER, EVENT_HANDLERS, SOURCE, Deps
+from services.settings import Settings
 
 
 class AssemblerApp:
@@ -30,14 +32,15 @@ class AssemblerApp:
 
     name = "assembler"
 
-    def __init__(self, configs_dir, *, source: str = SOURCE, max_event_bytes: int = 1 << 20):
+    def __init__(self, configs_dir: Path | str, *, source: str = SOURCE, max_event_bytes: int = 1 << 20):
         self.max_event_bytes = max_event_bytes
         self.configs = ConfigStore(configs_dir)
         self.artifacts = ArtifactStore(configs_dir)
         self.source = source
         self.deps: Deps | None = None
+        self._routed: Bound | None = None
 
-    async def start(self, ctx) -> None:
+    async def start(self, ctx: Any) -> None:
         topo = ctx.topology
         self.deps = Deps(
             state=ctx.state,
@@ -49,17 +52,18 @@ class AssemblerApp:
             ack_wait_s=topo.consumers["assembler"].ack_wait_s,
             max_event_bytes=self.max_event_bytes,
         )
+        self._routed = route(EVENT_HANDLERS, self.deps, self.name)
 
-    def consumers(self, topology) -> list[tuple[Any, Any]]:
+    def consumers(self, topology: Any) -> list[tuple[Any, Any]]:
         return [
             (topology.consumers["assembler"], self.handle),
             (topology.consumers[COMPLETIONS_CONSUMER], self.handle),
         ]
 
-    async def handle(self, event: CloudEvent) -> list[CloudEvent]:
-        if self.deps is None:
+    async def handle(self, event: CloudEvent, delivery: Delivery) -> Sequence[CloudEvent]:
+        if self._routed is None:
             raise RuntimeError("the assembler was not started")
-        return await handle(event, self.deps)
+        return await self._routed(event, delivery)
 
     async def close(self) -> None:
         if self.deps is not None:

@@ -80,7 +80,7 @@ def new_bitmap(n: int) -> bytes:
     return bytes((n + 7) // 8)
 
 
-def bit_is_set(bitmap: bytes, i: int) -> bool:
+def bit_is_set(bitmap: bytes | bytearray, i: int) -> bool:
     return bool(bitmap[i >> 3] & (1 << (i & 7)))
 
 
@@ -242,7 +242,7 @@ class State(Protocol):
     async def items(self, prefix: str) -> dict[str, bytes]: ...
 
 
-R = TypeVar("R")
+R = TypeVar("R", bound=msgspec.Struct)
 Op = TypeVar("Op")
 Res = TypeVar("Res")
 

@@ -1,5 +1,8 @@
 """The generator's one handler: a generation request in, exactly one outcome out.
 
+Registered in :data:`EVENT_HANDLERS` and called with the generator's one
+dependencies object, :class:`Deps` (see :mod:`contracts.handling`).
+
 Every expected failure (a bad id, a missing or invalid config, a template
 error, a missing variable, an unknown generator, a context that is not an
 object, an output over the limit) is an outcome with ``status="error"`` and a
@@ -17,13 +20,15 @@ import hashlib
 import inspect
 import logging
 import time
+from dataclasses import dataclass
+
 import msgspec
 
-from bus.consumer import Reject, Retry, expect
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
-from chora.configs import ConfigStore, GenerationError
+from contracts.handling import Delivery, EventHandlers, Reject, Retry, expect
+from composition.configs import ConfigStore, GenerationError
 from services.generator.generators import GeneratorRegistry
 
 log = logging.getLogger("chora.generator")
@@ -34,6 +39,21 @@ MAX_MESSAGE_CHARS = 2000  # error messages are cut to this length
 _perf = time.perf_counter
 _sha256 = hashlib.sha256
 _encode_data = msgspec.json.Encoder().encode
+
+SOURCE = "chora://generator"
+
+
+@dataclass
+class Deps:
+    """What the generator's handler needs."""
+
+    store: ConfigStore
+    registry: GeneratorRegistry
+    source: str = SOURCE
+    # rendered content larger than this (UTF-8) -> OUTPUT_TOO_LARGE
+    max_output_bytes: int = MAX_OUTPUT_BYTES
+    # the largest event body the bus will publish (None: no check here)
+    max_event_bytes: int | None = None
 
 
 def _error(
@@ -59,23 +79,17 @@ def _error(
     return [new_event(CONTENT_GENERATED, data, source=source, cause=event)]
 
 
-async def handle_generation_requested(
-    event: CloudEvent,
-    store: ConfigStore,
-    registry: GeneratorRegistry,
-    source: str,
-    *,
-    max_output_bytes: int = MAX_OUTPUT_BYTES,
-    max_event_bytes: int | None = None,
-) -> list[CloudEvent]:
+async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     """Render the requested config; return one ``chora.content_generated`` caused by ``event``.
 
-    ``max_event_bytes``, when given, is the largest event body the bus will
+    ``deps.max_event_bytes``, when given, is the largest event body the bus will
     publish: an outcome that would not fit is reported as OUTPUT_TOO_LARGE
     instead of failing at publish time. ``content_length`` counts characters
     (as the telemetry sink does); ``content_hash`` is over the UTF-8 bytes.
     """
     t0 = _perf()
+    store, registry, source = deps.store, deps.registry, deps.source
+    max_output_bytes, max_event_bytes = deps.max_output_bytes, deps.max_event_bytes
     data = expect(event, GENERATION_REQUESTED, GenerationRequested, "generator")
 
     config_id = data.content_config_id
@@ -137,3 +151,6 @@ async def handle_generation_requested(
         return _error(event, config_id, generator_type, t0, "GENERATOR_FAILED", f"{type(e).__name__}: {e}", source)
     out.duration_ms = (_perf() - t0) * 1000.0
     return [new_event(CONTENT_GENERATED, out, source=source, cause=event)]
+
+
+EVENT_HANDLERS: EventHandlers[Deps] = {GENERATION_REQUESTED: on_generation_requested}

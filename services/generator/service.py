@@ -14,15 +14,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from chora.settings import Settings
-from contracts.envelope import CloudEvent
-from chora.configs import ConfigError, ConfigStore
+from composition.configs import ConfigError, ConfigStore
+from contracts.handling import route
 from services.generator.generators import GeneratorRegistry
-from services.generator.handlers import MAX_OUTPUT_BYTES, handle_generation_requested
+from services.generator.handlers import EVENT_HANDLERS, MAX_OUTPUT_BYTES, SOURCE, Deps
+from services.settings import Settings
 
 log = logging.getLogger("chora.generator")
-
-SOURCE = "chora://generator"
 
 
 class GeneratorApp:
@@ -39,14 +37,12 @@ class GeneratorApp:
         max_output_bytes: int = MAX_OUTPUT_BYTES,
         max_event_bytes: int | None = None,
     ):
-        self.store = store
-        self.registry = registry or GeneratorRegistry()
-        self.source = source
-        self.max_output_bytes = max_output_bytes
-        self.max_event_bytes = max_event_bytes
+        self.deps = Deps(store, registry or GeneratorRegistry(), source, max_output_bytes, max_event_bytes)
+        self.store, self.registry = self.deps.store, self.deps.registry
         self.config_errors: dict[str, str] = {}
+        self.handle = route(EVENT_HANDLERS, self.deps, self.name)
 
-    async def start(self, ctx=None) -> None:
+    async def start(self, ctx: Any = None) -> None:
         self.registry.load()
         self.config_errors = {}
         for config_id in self.store.list():
@@ -55,16 +51,6 @@ class GeneratorApp:
             except ConfigError as e:
                 self.config_errors[config_id] = str(e)
                 log.warning("content config %r is broken: %s", config_id, e)
-
-    async def handle(self, event: CloudEvent) -> list[CloudEvent]:
-        return await handle_generation_requested(
-            event,
-            self.store,
-            self.registry,
-            self.source,
-            max_output_bytes=self.max_output_bytes,
-            max_event_bytes=self.max_event_bytes,
-        )
 
     async def close(self) -> None:
         pass

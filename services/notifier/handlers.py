@@ -1,19 +1,20 @@
 """The notifier's handler: one event, one subscription, one delivery attempt.
 
-A plain async function of (event, :class:`Target`): it never touches NATS.
-The consumer loop runs it once per delivery of the subscription's durable
-consumer ``notify-<name>`` and settles the message from what it returns or
-raises:
+A plain async function of (event, delivery, :class:`Deps`): it never touches
+NATS. The consumer loop runs it once per delivery of each subscription's
+durable consumer ``notify-<name>``; the delivery's consumer names the
+subscription (its :class:`Target` in ``deps.targets``). The loop settles the
+message from what it returns or raises:
 
 - the event is not for this subscription (type, filters, a notification
   about a notification): ``[]`` (ack); a replay meant for another consumer
   never gets here (the consumer loop acks it);
 - 2xx: ``[notification_delivered]`` (ack);
-- transient failure: :class:`~bus.consumer.Retry` with the backoff delay for
+- transient failure: :class:`~contracts.handling.Retry` with the backoff delay for
   this attempt, or the endpoint's ``Retry-After`` (both capped at
   ``backoff.max_s``): nak with that delay;
 - permanent failure (other 4xx), or the last attempt failed:
-  :class:`~bus.consumer.Reject` carrying ``[notification_failed]`` (published),
+  :class:`~contracts.handling.Reject` carrying ``[notification_failed]`` (published),
   then the message goes to the dead-letter stream with the reason;
 - the circuit is open: :class:`Retry` after the time left until half-open,
   without calling the endpoint.
@@ -42,10 +43,10 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from bus.consumer import Delivery, Reject, Retry, delivery
 from contracts.catalogue import NOTIFICATION_DELIVERED, NOTIFICATION_FAILED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ErrorInfo, NotificationDelivered, NotificationFailed
+from contracts.handling import ANY, Delivery, EventHandlers, Reject, Retry
 from services.notifier.circuit import CircuitBreaker, CircuitOpen
 from services.notifier.config import NOTIFICATION_TYPES, Subscription
 from services.notifier.delivery import UndeliverableEvent, WebhookSender, backoff_delay
@@ -100,6 +101,13 @@ class Target:
         return self.subscription.max_attempts + self.subscription.circuit.max_deferrals
 
 
+@dataclass
+class Deps:
+    """The notifier's dependencies: the :class:`Target` of each subscription, by its durable consumer."""
+
+    targets: dict[str, Target] = field(default_factory=dict)
+
+
 def wants(event: CloudEvent, sub: Subscription) -> bool:
     """Whether ``event`` is to be delivered to ``sub``."""
     if not sub.matches(event.type, event.data):
@@ -145,20 +153,20 @@ def _failed(event: CloudEvent, t: Target, attempts: int, code: str, message: str
     return Reject(code, f"subscription {t.subscription.name}: {message}", events=[ev])
 
 
-def _current_delivery(t: Target) -> Delivery:
-    try:
-        return delivery.get()
-    except LookupError:  # called outside the consumer loop (tests, tools)
-        return Delivery(1, t.max_deliver, t.subscription.durable, 0)
+async def notify(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
+    """Deliver ``event`` to the subscription of ``delivery.consumer`` once; see the module docstring."""
+    t = deps.targets.get(delivery.consumer)
+    if t is None:
+        raise Reject("NOT_ROUTED", f"no subscription consumes through {delivery.consumer!r} (notify-<name>)")
+    return await deliver(event, delivery, t)
 
 
-async def notify(event: CloudEvent, t: Target) -> list[CloudEvent]:
-    """Deliver ``event`` to ``t.subscription`` once; see the module docstring."""
+async def deliver(event: CloudEvent, d: Delivery, t: Target) -> list[CloudEvent]:
+    """Deliver ``event`` to ``t.subscription`` once (``d``: this delivery of it)."""
     sub = t.subscription
     if not wants(event, sub):
         t.stats["skipped"] += 1
         return []
-    d = _current_delivery(t)
     attempt = max(1, d.attempt - t.deferrals.get(d.stream_seq))
     try:
         permit = t.circuit.acquire()
@@ -209,3 +217,6 @@ async def notify(event: CloudEvent, t: Target) -> list[CloudEvent]:
         delay = backoff_delay(attempt, sub.backoff, t.rng)
     t.stats["retried"] += 1
     raise Retry(f"subscription {sub.name}: attempt {attempt} failed: {result.code}: {result.message}", delay=delay)
+
+
+EVENT_HANDLERS: EventHandlers[Deps] = {ANY: notify}

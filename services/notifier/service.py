@@ -20,19 +20,19 @@ Settings read: ``notifier_config``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
 
-from bus.consumer import Reject
 from bus.topology import ConsumerSpec, Topology
-from chora.settings import Settings
-from contracts.envelope import CloudEvent
+from contracts.handling import Bound, route
 from services.notifier.circuit import CircuitBreaker
 from services.notifier.config import NotifierConfig, load_config, load_secrets
 from services.notifier.delivery import WebhookSender
-from services.notifier.handlers import SOURCE, Target, notify
+from services.notifier.handlers import EVENT_HANDLERS, SOURCE, Deps, Target
 from services.notifier.metrics import NotifierMetrics
+from services.settings import Settings
 
 log = logging.getLogger("chora.notifier")
 
@@ -50,10 +50,12 @@ class NotifierApp:
         self.source = source
         self.config = NotifierConfig()
         self.targets: dict[str, Target] = {}
+        self.deps = Deps()  # the same targets, by durable consumer
+        self.handle: Bound = route(EVENT_HANDLERS, self.deps, self.name)
         self.metrics = NotifierMetrics()
         self.metrics_registry = self.metrics.registry  # served on the process's /metrics by the runtime
 
-    async def start(self, ctx=None) -> None:
+    async def start(self, ctx: Any = None) -> None:
         config = load_config(self.config_path)
         secrets = load_secrets(config, self.environ)
         self.config = config
@@ -62,10 +64,11 @@ class NotifierApp:
             circuit = CircuitBreaker(
                 sub.circuit,
                 busy_retry_s=sub.timeout_s,
-                on_transition=lambda a, b, name=sub.name: self._transition(name, a, b),
+                on_transition=functools.partial(self._transition, sub.name),
             )
             targets[sub.name] = Target(sub, WebhookSender(sub, secrets[sub.name]), circuit, source=self.source)
         self.targets = targets
+        self.deps.targets = {t.subscription.durable: t for t in targets.values()}
         self.metrics.watch(targets)
         if not self.targets:
             log.info(
@@ -80,19 +83,10 @@ class NotifierApp:
         log.warning("subscription %s: circuit %s -> %s", subscription, frm, to)
         self.metrics.transition(subscription, frm, to)
 
-    def consumers(self, topology: Topology) -> list[tuple[ConsumerSpec, Any]]:
+    def consumers(self, topology: Topology) -> list[tuple[ConsumerSpec, Bound]]:
+        """One durable consumer per subscription; each delivery names its subscription's target."""
         specs = {spec.durable: spec for spec in subscription_consumers(self.config, topology)}
-        pairs = []
-        for t in self.targets.values():
-
-            async def handler(event: CloudEvent, t: Target = t) -> list[CloudEvent]:
-                return await notify(event, t)
-
-            pairs.append((specs[t.subscription.durable], handler))
-        return pairs
-
-    async def handle(self, event: CloudEvent) -> list[CloudEvent]:
-        raise Reject("NOT_ROUTED", "the notifier consumes through its per-subscription consumers (notify-<name>)")
+        return [(specs[t.subscription.durable], self.handle) for t in self.targets.values()]
 
     async def close(self) -> None:
         for t in self.targets.values():

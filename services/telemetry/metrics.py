@@ -190,8 +190,8 @@ class JetStreamCollector(Collector):
             for key, fam in gauges.items():
                 if key != "up":
                     fam.add_metric(labels, getattr(s, key))
-            for key, fam in counters.items():
-                fam.add_metric(labels, getattr(s, key))
+            for key, counter in counters.items():
+                counter.add_metric(labels, getattr(s, key))
         yield from gauges.values()
         yield from counters.values()
 

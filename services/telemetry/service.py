@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from bus.monitor import JetStreamMonitor, JetStreamSnapshot
-from chora.settings import Settings
-from contracts.envelope import CloudEvent
-from services.telemetry.handlers import mirror
+from contracts.handling import route
+from services.settings import Settings
+from services.telemetry.handlers import EVENT_HANDLERS, Deps
 from services.telemetry.metrics import TelemetryMetrics
 from services.telemetry.sink import JsonlSink
 
@@ -60,8 +60,9 @@ class TelemetryApp:
         self._monitor_failing = False
         self.metrics = metrics or TelemetryMetrics()
         self.metrics_registry = self.metrics.registry  # served on the process's /metrics by the runtime
+        self.handle = route(EVENT_HANDLERS, Deps(self.sink, self.metrics), self.name)
 
-    async def start(self, ctx=None) -> None:
+    async def start(self, ctx: Any = None) -> None:
         await self.sink.start()
         if self.monitor is None and ctx is not None:
             self.monitor = getattr(ctx, "monitor", None)
@@ -104,9 +105,6 @@ class TelemetryApp:
             except asyncio.TimeoutError:
                 continue
             return  # woken: closing
-
-    async def handle(self, event: CloudEvent) -> list[CloudEvent]:
-        return await mirror(event, sink=self.sink, metrics=self.metrics)
 
     async def close(self) -> None:
         task, self._monitor_task = self._monitor_task, None

@@ -1,23 +1,7 @@
 """The JSONL mirror: one line per event id, written by group commit.
 
-Line format (one JSON object per line, keys in this order)::
-
-    schema_version  1: the version of this line format (bumped on an incompatible change)
-    timestamp    when the line was produced (RFC3339 UTC)
-    event_time   the CloudEvent ``time``
-    event_id     the CloudEvent ``id``
-    trace_id     chora's trace id (``traceid`` extension)
-    traceparent  W3C traceparent
-    event_type   the CloudEvent ``type``
-    source       the CloudEvent ``source``
-    subject      the CloudEvent ``subject`` (only when set)
-    status       ``data.status`` when the payload has one, else "ok"
-    ...          the payload's own fields, flattened (``msgspec.to_builtins``):
-                 ``error: {code, message}`` becomes ``error_code``/``error_message``,
-                 ``content`` is dropped (it can be large; ``content_hash`` and
-                 ``content_length`` stay, and are filled in when missing), and a
-                 payload field whose name clashes with one above is kept as
-                 ``data_<name>``.
+The line format is :mod:`services.telemetry.lines`; the memory of the ids
+written is :mod:`services.telemetry.ids`.
 
 Rotation and retention
 ----------------------
@@ -90,20 +74,20 @@ its event was not acknowledged and comes back.
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as _dt
-import hashlib
 import logging
 import os
 import stat
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import msgspec
 
 from contracts.envelope import CloudEvent, now_rfc3339
 from services.telemetry import rotation
+from services.telemetry.ids import RecentIds, id_key, ids_of, ids_of_file
+from services.telemetry.lines import DEFAULT_REDACT_KEYS, encode_line
 
 log = logging.getLogger("chora.telemetry")
 
@@ -114,136 +98,13 @@ DEFAULT_DEDUPE_HORIZON_S = 3600.0
 _ROTATE_RETRY_S = 60.0
 _SCAN_CHUNK = 1 << 20
 
-# Envelope keys of a line; a payload field with one of these names becomes data_<name>.
-SCHEMA_VERSION = 1
-
-_HEAD_KEYS = frozenset(
-    ("schema_version", "timestamp", "event_time", "event_id", "trace_id", "traceparent", "event_type", "source", "subject", "status")
-)
-
 
 class SinkError(Exception):
     """The line could not be written; the event must be redelivered."""
 
 
-class _IdOnly(msgspec.Struct):
-    """Decodes just the id of a stored line (every other key is skipped)."""
-
-    event_id: str
-
-
 class _TimestampOnly(msgspec.Struct):
     timestamp: str
-
-
-_id_decoder = msgspec.json.Decoder(_IdOnly)
-_encoder = msgspec.json.Encoder()
-
-
-def id_key(event_id: str) -> bytes:
-    """The remembered form of an event id: a 128-bit digest (collisions are not a concern)."""
-    return hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-# --------------------------------------------------------------------------- line format
-
-
-REDACTED = "[REDACTED]"
-DEFAULT_REDACT_KEYS = frozenset(
-    {"password", "passwd", "secret", "token", "api_key", "apikey", "authorization", "access_token", "private_key"}
-)
-
-
-def redact(value: Any, keys: frozenset[str]) -> Any:
-    """A copy of ``value`` with the value of every mapping key in ``keys`` (case-insensitive,
-    at any depth) replaced by ``[REDACTED]``."""
-    if isinstance(value, dict):
-        return {k: REDACTED if isinstance(k, str) and k.lower() in keys else redact(v, keys) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, keys) for v in value]
-    return value
-
-
-def to_record(
-    event: CloudEvent, timestamp: str | None = None, redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS
-) -> dict[str, Any]:
-    """The JSON object mirrored for ``event`` (see the module docstring)."""
-    data = msgspec.to_builtins(event.data) if event.data is not None else {}
-    if redact_keys and isinstance(data, dict):
-        data = {k: redact(v, redact_keys) if isinstance(v, (dict, list)) else v for k, v in data.items()}
-    status = "ok"
-    if isinstance(data, dict):
-        s = data.get("status")
-        if s is not None:
-            status = s
-    rec: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "timestamp": timestamp or now_rfc3339(),
-        "event_time": event.time,
-        "event_id": event.id,
-        "trace_id": event.traceid,
-        "traceparent": event.traceparent,
-        "event_type": event.type,
-        "source": event.source,
-    }
-    if event.subject is not None:
-        rec["subject"] = event.subject
-    rec["status"] = status
-    if not isinstance(data, dict):  # a payload that is not an object: keep it whole
-        rec["data"] = data
-        return rec
-    for k, v in data.items():
-        if k == "status":
-            continue
-        if k == "content":
-            if isinstance(v, str):
-                if "content_length" not in data:
-                    rec["content_length"] = len(v)
-                if "content_hash" not in data:
-                    rec["content_hash"] = "sha256:" + hashlib.sha256(v.encode("utf-8", "surrogatepass")).hexdigest()
-            continue
-        if k == "error" and isinstance(v, dict):
-            rec["error_code"] = v.get("code")
-            rec["error_message"] = v.get("message")
-            continue
-        rec["data_" + k if k in _HEAD_KEYS else k] = v
-    return rec
-
-
-def encode_line(
-    event: CloudEvent, timestamp: str | None = None, redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS
-) -> bytes:
-    return _encoder.encode(to_record(event, timestamp, redact_keys)) + b"\n"
-
-
-# --------------------------------------------------------------------------- remembered ids
-
-
-class RecentIds:
-    """A set that keeps only the ``maxlen`` most recently added keys."""
-
-    __slots__ = ("maxlen", "_set", "_order")
-
-    def __init__(self, maxlen: int):
-        if maxlen < 1:
-            raise ValueError("maxlen must be >= 1")
-        self.maxlen = maxlen
-        self._set: set[bytes] = set()
-        self._order: collections.deque[bytes] = collections.deque()
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._set
-
-    def __len__(self) -> int:
-        return len(self._set)
-
-    def add(self, key: bytes) -> None:
-        if key in self._set:
-            return
-        self._set.add(key)
-        self._order.append(key)
-        if len(self._order) > self.maxlen:
-            self._set.discard(self._order.popleft())
 
 
 # --------------------------------------------------------------------------- the sink
@@ -316,8 +177,8 @@ class JsonlSink:
         await asyncio.to_thread(self._open)
         self._compress_lock = asyncio.Lock()
         self._closing = False
-        self._wake = asyncio.Event()
-        self._flusher = asyncio.create_task(self._flush_loop(), name=f"jsonl-flusher:{self.path.name}")
+        self._wake = wake = asyncio.Event()
+        self._flusher = asyncio.create_task(self._flush_loop(wake), name=f"jsonl-flusher:{self.path.name}")
 
     async def flush(self) -> None:
         """Wait until every line enqueued so far is written (or failed)."""
@@ -352,7 +213,8 @@ class JsonlSink:
 
     # ------------------------------------------------------------------ writing
     async def write(self, event: CloudEvent) -> bool:
-        if self._fd is None or self._closing:
+        wake = self._wake
+        if self._fd is None or wake is None or self._closing:
             raise SinkError(f"sink {self.path} is not open")
         key = id_key(event.id)
         pending = self._inflight.get(key)
@@ -369,14 +231,13 @@ class JsonlSink:
         self._inflight[key] = fut
         self._buf.append(line)
         self._batch.append((key, fut))
-        self._wake.set()
+        wake.set()
         # shield: a cancelled writer must not cancel the batch's future
         # (the line is written anyway, and duplicates may be waiting on it).
         await asyncio.shield(fut)
         return True
 
-    async def _flush_loop(self) -> None:
-        wake = self._wake
+    async def _flush_loop(self, wake: asyncio.Event) -> None:
         while True:
             await wake.wait()
             wake.clear()
@@ -584,7 +445,7 @@ class JsonlSink:
                     carry, buf = buf[: nl + 1], buf[nl + 1 :]
                 else:
                     carry = b""
-                keys, nbad = _ids_of(buf)
+                keys, nbad = ids_of(buf)
                 bad += nbad
                 found.append(keys)
                 count += len(keys)
@@ -613,54 +474,10 @@ class JsonlSink:
             except FileNotFoundError:
                 continue
             try:
-                keys = _ids_of_file(r.path, self._scan_chunk)
+                keys = ids_of_file(r.path, self._scan_chunk)
             except (OSError, EOFError) as e:
                 log.warning("telemetry sink: could not read ids from %s: %s", r.path, e)
                 keys = []
             per_file.append(keys[-(wanted - got):])
             got += len(per_file[-1])
         return [k for keys in reversed(per_file) for k in keys]
-
-
-def _ids_of_file(path: Path, chunk: int) -> list[bytes]:
-    """Keys of every line of a (possibly gzipped) file, oldest first."""
-    keys: list[bytes] = []
-    bad = 0
-    carry = b""
-    with rotation.open_lines(path) as f:
-        while True:
-            buf = f.read(max(chunk, 1 << 16))
-            if not buf:
-                break
-            buf = carry + buf
-            nl = buf.rfind(b"\n")
-            if nl < 0:
-                carry = buf
-                continue
-            carry = buf[nl + 1 :]
-            k, b = _ids_of(buf[: nl + 1])
-            keys.extend(k)
-            bad += b
-    if carry.strip():
-        k, b = _ids_of(carry)
-        keys.extend(k)
-        bad += b
-    if bad:
-        log.warning("telemetry sink: %d unreadable lines in %s were skipped", bad, path)
-    return keys
-
-
-def _ids_of(buf: bytes) -> tuple[list[bytes], int]:
-    """Keys of the lines in ``buf`` (whole lines), oldest first, and the number of bad lines."""
-    try:
-        return [id_key(r.event_id) for r in _id_decoder.decode_lines(buf)], 0
-    except msgspec.DecodeError:
-        keys, bad = [], 0
-        for line in buf.split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                keys.append(id_key(_id_decoder.decode(line).event_id))
-            except msgspec.DecodeError:
-                bad += 1
-        return keys, bad

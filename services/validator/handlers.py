@@ -52,16 +52,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
 
-from bus.consumer import Reject, Retry, expect
-from chora.configs import ConfigError, ConfigStore, valid_config_id
+from composition.configs import ConfigError, ConfigStore, valid_config_id
 from contracts.catalogue import CONFIG_VALIDATED, CONTENT_GENERATED, CONTENT_VALIDATED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ConfigValidated, ContentGenerated, ContentValidated, ErrorInfo, ValidationIssue
-from services.validator.rules import RuleCache, RulesError, error_hash, is_valid
+from contracts.handling import Delivery, EventHandlers, Reject, Retry, expect
+from services.validator.rules import RuleCache, RulesError, RuleSet, error_hash, is_valid
 
 log = logging.getLogger("chora.validator")
 
@@ -78,6 +79,16 @@ class StateLike(Protocol):
     async def create(self, key: str, value: bytes) -> int | None: ...
 
     async def get(self, key: str) -> tuple[bytes, int] | None: ...
+
+
+@dataclass
+class Deps:
+    """What the validator's handler needs; ``state`` None: every handling reports a broken config."""
+
+    store: ConfigStore
+    rules: RuleCache = field(default_factory=RuleCache)
+    state: StateLike | None = None
+    source: str = SOURCE
 
 
 def _cut(message: str) -> str:
@@ -126,15 +137,9 @@ async def claim_report(state: StateLike | None, key: str, event_id: str) -> bool
     raise Retry(f"could not claim {key}: it keeps disappearing")
 
 
-async def handle_content_generated(
-    event: CloudEvent,
-    store: ConfigStore,
-    rules: RuleCache,
-    state: StateLike | None,
-    *,
-    source: str = SOURCE,
-) -> list[CloudEvent]:
+async def on_content_generated(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     """Validate one content_generated; see the module docstring for what is returned."""
+    store, rules, state, source = deps.store, deps.rules, deps.state, deps.source
     data = expect(event, CONTENT_GENERATED, ContentGenerated, "validator")
     if data.status != "success":
         return []
@@ -146,22 +151,21 @@ async def handle_content_generated(
         text = ""
 
     config_id = data.content_config_id
-    problem: tuple[str, str] | None = None
+    ruleset: RuleSet | tuple[str, str]  # the rules, or the problem (code, message) of a broken config
     try:
         config = store.get(config_id)
     except ConfigError as e:
-        problem = (e.code, e.message)
+        ruleset = (e.code, e.message)
         chash = error_hash(e.code, e.message)
     else:
-        chash, ruleset = rules.for_config(config)
-        if isinstance(ruleset, RulesError):
-            problem = (ruleset.code, ruleset.message)
+        chash, built = rules.for_config(config)
+        ruleset = (built.code, built.message) if isinstance(built, RulesError) else built
 
     out: list[CloudEvent] = []
-    if problem is None:
+    if isinstance(ruleset, RuleSet):
         issues = ruleset.apply(text)
     else:
-        code, message = problem
+        code, message = ruleset
         what = "has invalid validation rules" if code == RulesError.code else "cannot be loaded"
         issues = [ValidationIssue(rule="config", severity="error", message=_cut(f"config {config_id!r} {what}: {message}"))]
         if await claim_report(state, report_key(config_id, chash), event.id):
@@ -190,3 +194,6 @@ async def handle_content_generated(
     )
     out.append(new_event(CONTENT_VALIDATED, verdict, source=source, cause=event))
     return out
+
+
+EVENT_HANDLERS: EventHandlers[Deps] = {CONTENT_GENERATED: on_content_generated}

@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from chora.configs import ConfigError, ConfigStore
-from chora.settings import Settings
-from contracts.envelope import CloudEvent
-from services.validator.handlers import SOURCE, StateLike, handle_content_generated
+from composition.configs import ConfigError, ConfigStore
+from contracts.handling import route
+from services.settings import Settings
+from services.validator.handlers import EVENT_HANDLERS, SOURCE, Deps, StateLike
 from services.validator.rules import RuleCache, RulesError
 
 log = logging.getLogger("chora.validator")
@@ -29,15 +29,14 @@ class ValidatorApp:
     name = "validator"
 
     def __init__(self, store: ConfigStore, rules: RuleCache | None = None, *, state: StateLike | None = None, source: str = SOURCE):
-        self.store = store
-        self.rules = rules if rules is not None else RuleCache()
-        self.state = state
-        self.source = source
+        self.deps = Deps(store, rules if rules is not None else RuleCache(), state, source)
+        self.store, self.rules = self.deps.store, self.deps.rules
         self.config_errors: dict[str, str] = {}
+        self.handle = route(EVENT_HANDLERS, self.deps, self.name)
 
-    async def start(self, ctx=None) -> None:
+    async def start(self, ctx: Any = None) -> None:
         if ctx is not None:
-            self.state = ctx.state
+            self.deps.state = ctx.state
         self.config_errors = {}
         for config_id in self.store.list():
             try:
@@ -49,9 +48,6 @@ class ValidatorApp:
                 self.config_errors[config_id] = f"{rules.code}: {rules.message}"
         for config_id, why in self.config_errors.items():
             log.warning("content config %r cannot be validated against: %s", config_id, why)
-
-    async def handle(self, event: CloudEvent) -> list[CloudEvent]:
-        return await handle_content_generated(event, self.store, self.rules, self.state, source=self.source)
 
     async def close(self) -> None:
         pass

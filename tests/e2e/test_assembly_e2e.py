@@ -10,7 +10,7 @@ from tests.conftest import ROOT, wait_for
 from tests.e2e.test_up_and_generate import jsonl, run_cli, stack  # noqa: F401  (stack is a fixture)
 
 
-def traced(stack, trace):
+def traced(stack, trace):  # noqa: F811  (the fixture by name)
     return [e for e in jsonl(stack) if e.get("trace_id") == trace]
 
 
@@ -86,7 +86,7 @@ def test_cli_timeouts_and_bad_files(nats_server, tmp_path):
         CHORA_PREFIX="x" + uuid.uuid4().hex[:8],
         CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
     )
-    cli = [sys.executable, "-m", "chora.cli"]
+    cli = [sys.executable, "-m", "chora"]
 
     def run(*args):
         return subprocess.run(cli + list(args), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import ROOT, child_env, wait_for
 
-CHORA = [sys.executable, "-m", "chora.cli"]
+CHORA = [sys.executable, "-m", "chora"]
 
 
 def up_env(tmp_path, **extra: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from chora.settings import Settings
+from services.settings import Settings
 from chora.up import Stack
 from tests.conftest import write
 from tests.e2e.test_up_and_generate import CHORA, up_env

@@ -46,7 +46,7 @@ class ProcStack:
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         log = open(self.home / "logs" / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chora.cli", "service", "run", name],
+            [sys.executable, "-m", "chora", "service", "run", name],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

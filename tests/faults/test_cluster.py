@@ -3,14 +3,14 @@ mid-batch; nothing is lost or duplicated, and the time to recover is measured.""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import nats
 import pytest
 
 from bus.topology import Topology, provision
-from chora.settings import NatsSettings, Settings
+from bus.settings import NatsSettings
+from services.settings import Settings
 from tests.conftest import wait_for
 from tests.faults.harness import SERVICES, LocalCluster, ProcStack, js_ready
 from tests.faults.test_faults import ITEMS, finish_and_check, progress, publish_batch

@@ -17,7 +17,6 @@ import nats
 import pytest
 
 from bus.publisher import Publisher
-from bus.server import EmbeddedServer
 from contracts.catalogue import BATCH_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import BatchItem, BatchRequested

@@ -14,7 +14,7 @@ import pytest
 
 from bus.publisher import Publisher
 from bus.topology import Topology, provision
-from chora.commands.assembly import read_batch_status
+from services.assembler.status import read_batch_status
 from contracts.catalogue import BATCH_COMPLETED, BATCH_REQUESTED, CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, EnvelopeError, decode, new_event
 from contracts.events import BatchItem, BatchItemOutcome, BatchRequested

@@ -10,7 +10,7 @@ import sys
 
 from bus.publisher import Publisher
 from bus.topology import Topology, provision
-from chora.commands.assembly import read_batch_status
+from services.assembler.status import read_batch_status
 from contracts.catalogue import BATCH_COMPLETED, BATCH_REQUESTED
 from contracts.envelope import new_event
 from services.assembler.batches import completed_id
@@ -29,7 +29,7 @@ def spawn_assembler(settings, log_path):
     log = open(log_path, "ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "chora.cli", "service", "run", "assembler"],
+            [sys.executable, "-m", "chora", "service", "run", "assembler"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     finally:

@@ -33,7 +33,7 @@ class Recorder:
         self.ids: list[str] = []
         self.counts: collections.Counter = collections.Counter()
 
-    async def __call__(self, ev):
+    async def __call__(self, ev, delivery):
         self.ids.append(ev.id)
         self.counts[ev.id] += 1
         return []
@@ -99,7 +99,7 @@ async def test_redelivery_after_nak(bus):
     js, topo, pub, start = bus
     seen = collections.Counter()
 
-    async def flaky(ev):
+    async def flaky(ev, delivery):
         seen[ev.id] += 1
         if seen[ev.id] == 1:
             raise Retry("first time fails", delay=0.01)
@@ -119,7 +119,7 @@ async def test_no_progress_past_max_ack_pending_without_acks(bus):
     release = asyncio.Event()
     started = []
 
-    async def blocking(ev):
+    async def blocking(ev, delivery):
         started.append(ev.id)
         await release.wait()
         return []
@@ -175,7 +175,7 @@ async def test_continue_after_errors(bus):
     ok = set()
     tries = collections.Counter()
 
-    async def sometimes(ev):
+    async def sometimes(ev, delivery):
         tries[ev.id] += 1
         if ev.data.context["i"] % 3 == 0 and tries[ev.id] < 3:
             raise RuntimeError("transient")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import msgspec
 import pytest
 
 from bus.consumer import ConsumerLoop, Reject, Retry
@@ -46,7 +45,7 @@ async def test_handler_outputs_published_and_input_acked(nc, js_topo):
     js, topo = js_topo
     seen = []
 
-    async def handler(ev):
+    async def handler(ev, delivery):
         seen.append(ev.id)
         return [new_event(CONTENT_GENERATED, ContentGenerated(request_id=ev.id, content_config_id="x", status="success"), source="t", cause=ev)]
 
@@ -82,7 +81,7 @@ async def test_retry_then_success_and_malformed_goes_to_dlq(nc, js_topo):
     js, topo = js_topo
     attempts = {}
 
-    async def handler(ev):
+    async def handler(ev, delivery):
         attempts[ev.id] = attempts.get(ev.id, 0) + 1
         if ev.data.context.get("flaky") and attempts[ev.id] < 2:
             raise Retry("not yet", delay=0.05)
@@ -120,8 +119,8 @@ async def test_a_bug_is_retried_a_bounded_number_of_times_then_dead_lettered(nc,
     object.__setattr__(spec, "backoff_s", (0.01,))
     calls = []
 
-    async def handler(ev):
-        calls.append(1)
+    async def handler(ev, delivery):
+        calls.append((delivery.attempt, delivery.max_attempts, delivery.last, delivery.consumer))
         raise ZeroDivisionError("bug")
 
     loop = ConsumerLoop(nc, js, topo, spec, handler)
@@ -130,7 +129,8 @@ async def test_a_bug_is_retried_a_bounded_number_of_times_then_dead_lettered(nc,
     await wait_for(lambda: loop.stats.dead == 1, what="dead letter after max_deliver")
     await loop.stop()
     await task
-    assert len(calls) == 3
+    # the handler is told each delivery's attempt number, and when it is the last one
+    assert calls == [(1, 3, False, "generator"), (2, 3, False, "generator"), (3, 3, True, "generator")]
     info = await js.stream_info(topo.dlq_stream)
     assert info.state.messages == 1
 
@@ -139,7 +139,7 @@ async def test_stop_drains_in_flight_work(nc, js_topo):
     js, topo = js_topo
     started, release = asyncio.Event(), asyncio.Event()
 
-    async def handler(ev):
+    async def handler(ev, delivery):
         started.set()
         await release.wait()
         return []
@@ -171,12 +171,12 @@ async def test_large_content_travels_by_reference_transparently(nc, js_topo):
     content = ContentStore(js, topo.content_bucket, threshold=64 * 1024)
     big = "é" * 100_000  # 200,000 UTF-8 bytes
 
-    async def generate(ev):
+    async def generate(ev, delivery):
         return [new_event(CONTENT_GENERATED, ContentGenerated(request_id=ev.id, content_config_id="x", status="success", content=big), source="g", cause=ev)]
 
     received = []
 
-    async def mirror(ev):
+    async def mirror(ev, delivery):
         if ev.type == CONTENT_GENERATED:
             received.append(ev.data.content)
         return []
@@ -203,7 +203,7 @@ async def test_a_replay_meant_for_another_consumer_is_acked_unhandled(nc, js_top
     js, topo = js_topo
     seen = []
 
-    async def handler(ev):
+    async def handler(ev, delivery):
         seen.append(ev.id)
         return []
 
@@ -238,7 +238,7 @@ async def test_work_longer_than_ack_wait_is_kept_alive_not_redelivered(nc, js_to
     await provision(js, topo, consumers=[], extra=[spec])
     calls = []
 
-    async def slow(ev):
+    async def slow(ev, delivery):
         calls.append(ev.id)
         await asyncio.sleep(2.0)  # the work itself takes over three ack_waits
         return []

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from bus.server import server_binary
-from chora.settings import Settings
+from services.settings import Settings
 from services.runtime import SERVICES
 from tests.conftest import ROOT, child_env, wait_for
 from tests.faults.harness import LocalCluster, js_ready
@@ -312,7 +312,7 @@ def test_the_nats_image_matches_the_nats_server_of_the_wheel(services):
 def test_every_mounted_file_or_directory_exists(compose, services):
     named = set(compose.get("volumes") or {})
     for name, svc in services.items():
-        for source, target in mounts(svc):
+        for source, _target in mounts(svc):
             hp = host_path(source)
             if hp is not None:
                 assert hp.exists(), f"{name} mounts {source} ({hp}), which does not exist"

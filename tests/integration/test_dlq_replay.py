@@ -44,7 +44,7 @@ class Picky:
         self.calls: list = []
         self.handled: list = []
 
-    async def __call__(self, ev):
+    async def __call__(self, ev, delivery):
         self.calls.append(ev)
         if ev.data.content_config_id in self.refuse:
             raise Reject(self.code, f"cannot render {ev.data.content_config_id}")
@@ -219,7 +219,7 @@ def test_the_dlq_command(nats_server, settings, tmp_path):
     env = child_env(NATS_URL=nats_server.url, CHORA_PREFIX=settings.prefix, CHORA_HOME=str(tmp_path / "var"))
 
     def chora(*args):
-        return subprocess.run([sys.executable, "-m", "chora.cli", "dlq", *args], env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, "-m", "chora", "dlq", *args], env=env, capture_output=True, text=True, timeout=60)
 
     listed = chora("list", "--json")
     assert listed.returncode == 0, listed.stderr

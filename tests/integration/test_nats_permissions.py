@@ -42,7 +42,8 @@ from bus.publisher import Publisher
 from bus.server import EmbeddedServer, server_binary
 from bus.state import StateStore
 from bus.topology import Topology, provision
-from chora.settings import NatsSettings, Settings
+from bus.settings import NatsSettings
+from services.settings import Settings
 from contracts.catalogue import ARTIFACT_REQUESTED, CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import decode, new_event
 from contracts.events import ArtifactRequested, GenerationRequested
@@ -558,7 +559,7 @@ async def test_subscribe_table_inboxes_are_private(auth_server, connect):
     subjects += sorted(FACTS)
     users = [u for u in USERS if u != "admin"]
     conns = {u: await connect(u) for u in users}
-    for u, c in conns.items():
+    for c in conns.values():
         for s in subjects:
             await c.nc.subscribe(s)
         await c.nc.flush()

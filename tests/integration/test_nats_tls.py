@@ -24,7 +24,8 @@ from bus.connection import TLSConnectError, connect
 from bus.publisher import Publisher
 from bus.server import EmbeddedServer
 from bus.topology import Topology, provision
-from chora.settings import NatsSettings, Settings
+from bus.settings import NatsSettings
+from services.settings import Settings
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED, subject_for
 from contracts.envelope import decode, new_event
 from contracts.events import GenerationRequested

@@ -128,7 +128,7 @@ async def test_span_exported_with_parent_from_traceparent(nc, settings, otel_env
     await provision(js, topo)
     outputs: list[CloudEvent] = []
 
-    async def handler(ev):
+    async def handler(ev, delivery):
         out = [new_event(CONTENT_GENERATED, ContentGenerated(request_id=ev.id, content_config_id="x", status="success"), source="t", cause=ev)]
         outputs.extend(out)
         return out
@@ -175,7 +175,7 @@ async def test_failed_handling_span_is_marked_error(nc, settings, otel_env):
     await provision(js, topo)
     from bus.consumer import Reject
 
-    async def handler(ev):
+    async def handler(ev, delivery):
         raise Reject("BAD", "never")
 
     loop = ConsumerLoop(nc, js, topo, topo.consumers["generator"], handler)
@@ -199,7 +199,8 @@ import nats
 from bus.consumer import ConsumerLoop
 from bus.publisher import Publisher
 from bus.topology import Topology, provision
-from chora.settings import NatsSettings, Settings
+from bus.settings import NatsSettings
+from services.settings import Settings
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, GenerationRequested
@@ -211,7 +212,7 @@ async def main(url, prefix, home):
     js = nc.jetstream()
     topo = Topology.from_settings(settings)
     await provision(js, topo)
-    async def handler(ev):
+    async def handler(ev, delivery):
         return [new_event(CONTENT_GENERATED, ContentGenerated(request_id=ev.id, content_config_id="x", status="success"), source="t", cause=ev)]
     loop = ConsumerLoop(nc, js, topo, topo.consumers["generator"], handler)
     task = asyncio.create_task(loop.run())

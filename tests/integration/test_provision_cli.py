@@ -9,11 +9,12 @@ import sys
 import uuid
 
 from bus.topology import Topology
-from chora.settings import NatsSettings, Settings
+from bus.settings import NatsSettings
+from services.settings import Settings
 from contracts.catalogue import subject_for
 from tests.conftest import ROOT, child_env
 
-CHORA = [sys.executable, "-m", "chora.cli"]
+CHORA = [sys.executable, "-m", "chora"]
 NOTIFIER_CONFIG = ROOT / "examples" / "notifier.yaml"
 
 

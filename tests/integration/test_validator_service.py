@@ -14,14 +14,17 @@ import pytest
 from bus.publisher import Publisher
 from bus.state import StateStore
 from bus.topology import Topology, provision
-from chora.configs import ConfigStore
+from composition.configs import ConfigStore
 from contracts.catalogue import CONFIG_VALIDATED, CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
 from contracts.envelope import decode, new_event
 from contracts.events import ContentGenerated, GenerationRequested
 from services.runtime import run_service
-from services.validator.handlers import config_report_id, handle_content_generated
+from contracts.handling import Delivery
+from services.validator.handlers import Deps, config_report_id, on_content_generated
 from services.validator.rules import RuleCache
 from tests.conftest import wait_for, write
+
+FIRST = Delivery.first("validator")
 
 REPORT = {
     "id": "report",
@@ -186,13 +189,13 @@ async def test_two_instances_racing_on_the_real_kv_report_once(nc, nats_server, 
             for i in range(20)
         ]
         outs = await asyncio.gather(
-            *(handle_content_generated(ev, store, caches[i % 2], states[i % 2]) for i, ev in enumerate(events))
+            *(on_content_generated(ev, FIRST, Deps(store, caches[i % 2], states[i % 2])) for i, ev in enumerate(events))
         )
         claimed = [i for i, out in enumerate(outs) if any(e.type == CONFIG_VALIDATED for e in out)]
         assert len(claimed) == 1
         # The claimer's message is redelivered (crash between claim and ack), to the other instance.
         i = claimed[0]
-        again = await handle_content_generated(events[i], store, caches[1 - i % 2], states[1 - i % 2])
+        again = await on_content_generated(events[i], FIRST, Deps(store, caches[1 - i % 2], states[1 - i % 2]))
         assert [e.type for e in again] == [CONFIG_VALIDATED, CONTENT_VALIDATED]
         pub = Publisher(js, topo.prefix)
         for out in [*outs, again]:

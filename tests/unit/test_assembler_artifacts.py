@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from chora.artifacts import (
+from composition.artifacts import (
     ArtifactError,
     ArtifactStore,
     PartConfig,
@@ -14,7 +14,7 @@ from chora.artifacts import (
     dependency_order,
     find_cycle,
 )
-from chora.configs import ConfigStore
+from composition.configs import ConfigStore
 from contracts.envelope import new_event
 from contracts.catalogue import ARTIFACT_REQUESTED
 from contracts.events import ArtifactRequested, ErrorInfo

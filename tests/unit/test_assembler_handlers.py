@@ -9,9 +9,9 @@ import json
 import msgspec
 import pytest
 
-from bus.consumer import Delivery, Reject, Retry, delivery
-from chora.artifacts import ArtifactStore
-from chora.configs import ConfigStore
+from contracts.handling import Delivery, Reject, Retry
+from composition.artifacts import ArtifactStore
+from composition.configs import ConfigStore
 from contracts.catalogue import (
     ARTIFACT_ASSEMBLED,
     ARTIFACT_REQUESTED,
@@ -36,9 +36,18 @@ from contracts.events import (
     ValidationIssue,
 )
 from services.assembler import batches as bat
-from services.assembler.handlers import Deps, handle
+from services.assembler import handlers
+from services.assembler.handlers import Deps
 from services.assembler.state import batch_item_key, decode_batch, decode_run
 from tests.unit.test_assembler_state import MemoryState
+
+
+FIRST = Delivery.first("assembler")
+
+
+async def handle(event: CloudEvent, deps: Deps, delivery: Delivery = FIRST) -> list[CloudEvent]:
+    """The assembler's handlers as the consumer loop calls them (a first delivery unless told)."""
+    return list(await handlers.handle(event, delivery, deps))
 
 
 class MemoryContent:
@@ -229,17 +238,9 @@ async def test_stale_completion_waits_for_the_finished_mark_then_announces_on_th
     o = outcome_for(r0)
     await handle(o, deps)
     deps.clock.t += 600  # redelivered ten minutes later (everything was down)
-    token = delivery.set(Delivery(attempt=2, max_attempts=5, consumer="assembler", stream_seq=9))
-    try:
-        with pytest.raises(Retry):
-            await handle(o, fresh(deps))
-    finally:
-        delivery.reset(token)
-    token = delivery.set(Delivery(attempt=5, max_attempts=5, consumer="assembler", stream_seq=9))
-    try:
-        out = await handle(o, fresh(deps))
-    finally:
-        delivery.reset(token)
+    with pytest.raises(Retry):
+        await handle(o, fresh(deps), Delivery(attempt=2, max_attempts=5, consumer="assembler", stream_seq=9))
+    out = await handle(o, fresh(deps), Delivery(attempt=5, max_attempts=5, consumer="assembler", stream_seq=9))
     assert [e.type for e in out] == [BATCH_COMPLETED]
 
 

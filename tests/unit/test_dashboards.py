@@ -271,7 +271,7 @@ def test_alert_rules_shape():
 def test_prometheus_config_scrapes_the_targets_chora_up_writes_and_loads_the_alerts(tmp_path):
     """dashboards/prometheus.yml reads the file_sd targets of a `chora up` started from the
     repository root with the default CHORA_HOME (paths are relative to the config file)."""
-    from chora.settings import Settings
+    from services.settings import Settings
     from chora.up import Stack
 
     doc = yaml.safe_load(PROM.read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import signal
 import subprocess
@@ -20,7 +19,8 @@ from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
 from services.telemetry import rotation
-from services.telemetry.sink import JsonlSink, encode_line
+from services.telemetry.lines import encode_line
+from services.telemetry.sink import JsonlSink
 from tests.conftest import child_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -260,7 +260,7 @@ async def test_tail_cli_follows_a_rotation(tmp_path):
     evs = [req("trace-t", i) for i in range(5)]
     await sink.write(evs[0])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chora.cli", "events", "tail", "--file", str(path), "--trace-id", "trace-t"],
+        [sys.executable, "-m", "chora", "events", "tail", "--file", str(path), "--trace-id", "trace-t"],
         cwd=ROOT, env=child_env(CHORA_HOME=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     got: list[str] = []

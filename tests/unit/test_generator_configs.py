@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chora import configs as configs_mod
-from chora.configs import MAX_FILE_BYTES, ConfigError, ConfigStore, ContentConfig, valid_config_id
+from composition import configs as configs_mod
+from composition.configs import MAX_FILE_BYTES, ConfigError, ConfigStore, ContentConfig, valid_config_id
 
 
 def write(path: Path, text: str | bytes) -> Path:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.generator import generators as gen_mod
-from chora.configs import ContentConfig, GenerationError, LoadedConfig
+from services.generator.generators import registry as gen_mod
+from composition.configs import ContentConfig, GenerationError, LoadedConfig
 from services.generator.generators import (
     DemonstrationGenerator,
     GeneratorRegistry,

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bus.consumer import Reject, Retry
-from chora.settings import Settings
+from contracts.handling import Delivery, Reject, Retry
+from services.settings import Settings
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
-from contracts.envelope import decode, encode_binary, new_event
+from contracts.envelope import CloudEvent, decode, encode_binary, new_event
 from contracts.events import ContentGenerated, GenerationRequested
-from chora.configs import ConfigStore
+from composition.configs import ConfigStore
 from services.generator.generators import GeneratorRegistry
-from services.generator.handlers import MAX_MESSAGE_CHARS, MAX_OUTPUT_BYTES, handle_generation_requested
+from services.generator.handlers import MAX_MESSAGE_CHARS, MAX_OUTPUT_BYTES, Deps, on_generation_requested
 from services.generator.service import SOURCE, GeneratorApp, build
 from tests.conftest import ROOT, write
 
@@ -53,6 +53,11 @@ def store(cdir) -> ConfigStore:
 @pytest.fixture
 def registry() -> GeneratorRegistry:
     return GeneratorRegistry()
+
+
+async def handle_generation_requested(ev, store, registry, source, **kw) -> list[CloudEvent]:
+    """The handler as the consumer loop calls it, on a first delivery."""
+    return await on_generation_requested(ev, Delivery.first("generator"), Deps(store, registry, source, **kw))
 
 
 async def handle(ev, store, registry, **kw) -> ContentGenerated:
@@ -199,7 +204,7 @@ async def test_long_error_messages_are_cut(store, registry):
         name = "loud"
 
         def render(self, config, context):
-            from chora.configs import GenerationError
+            from composition.configs import GenerationError
 
             raise GenerationError("TEMPLATE_ERROR", "x" * 100_000)
 
@@ -291,7 +296,7 @@ async def test_build_and_run_the_app(tmp_path, cdir):
     app = build(Settings(home=tmp_path / "var", configs_dir=cdir))
     assert isinstance(app, GeneratorApp) and app.name == "generator"
     await app.start()
-    (out,) = await app.handle(request("greet", {"name": "App"}))
+    (out,) = await app.handle(request("greet", {"name": "App"}), Delivery.first("generator"))
     assert out.data.content == "Hello App!" and out.source == "chora://generator"
     info = app.info()
     assert {"jinja2", "template_fill", "demonstration"} <= set(info["generators"])
@@ -304,7 +309,7 @@ async def test_build_and_run_the_app(tmp_path, cdir):
 
 async def test_app_uses_the_event_size_limit_from_settings(tmp_path, cdir):
     app = build(Settings(home=tmp_path / "var", configs_dir=cdir, max_event_bytes=2000))
-    (out,) = await app.handle(request("greet", {"name": "\x01" * 500}))
+    (out,) = await app.handle(request("greet", {"name": "\x01" * 500}), Delivery.first("generator"))
     assert out.data.error.code == "OUTPUT_TOO_LARGE"
 
 

@@ -6,14 +6,15 @@ import random
 
 import pytest
 
-from bus.consumer import Delivery, Reject, Retry, delivery
+from contracts.handling import Delivery, Reject, Retry
 from contracts.catalogue import CONTENT_GENERATED, NOTIFICATION_DELIVERED, NOTIFICATION_FAILED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, ErrorInfo, NotificationDelivered, NotificationFailed
 from services.notifier.circuit import CLOSED, OPEN, CircuitBreaker
 from services.notifier.config import parse_config
 from services.notifier.delivery import DeliveryResult
-from services.notifier.handlers import Target, notify, wants
+from services.notifier import handlers
+from services.notifier.handlers import Deps, Target
 
 CONFIG = """
 subscriptions:
@@ -65,8 +66,22 @@ def failed_generation(**kw) -> CloudEvent:
     )
 
 
-def on_delivery(attempt: int, t: Target, seq: int = 7):
-    return delivery.set(Delivery(attempt, t.max_deliver, t.subscription.durable, seq))
+_deliveries: dict[int, Delivery] = {}  # the delivery each target's next notify() handles
+
+
+@pytest.fixture(autouse=True)
+def _fresh_deliveries():
+    _deliveries.clear()
+
+
+def on_delivery(attempt: int, t: Target, seq: int = 7) -> None:
+    _deliveries[id(t)] = Delivery(attempt, t.max_deliver, t.subscription.durable, seq)
+
+
+async def notify(event: CloudEvent, t: Target) -> list[CloudEvent]:
+    """The handler as the consumer loop calls it: the delivery given by on_delivery(), else a first one."""
+    d = _deliveries.get(id(t)) or Delivery(1, t.max_deliver, t.subscription.durable, 0)
+    return await handlers.notify(event, d, Deps({t.subscription.durable: t}))
 
 
 async def test_delivered_yields_notification_delivered_with_a_stable_id():

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bus.topology import Topology
-from chora.settings import Settings
+from services.settings import Settings
 from contracts.catalogue import BATCH_COMPLETED, CONTENT_GENERATED, CONTENT_VALIDATED
 from services.notifier.config import NotifierConfigError
 from services.notifier.service import NotifierApp, build

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from chora.configs import ConfigError, ConfigStore
+from composition.configs import ConfigError, ConfigStore
 from contracts.catalogue import CATALOGUE, GENERATION_REQUESTED
 from contracts.envelope import EnvelopeError, decode, encode_binary, encode_structured, new_event
 from contracts.events import GenerationRequested

@@ -20,9 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from bus.connection import connect
-from bus.consumer import Reject, Retry
+from contracts.handling import Delivery, Reject, Retry
 from bus.topology import Topology
-from chora.settings import NatsSettings, Settings
+from bus.settings import NatsSettings
+from services.settings import Settings
 from contracts.catalogue import CONTENT_GENERATED
 from contracts.envelope import encode_binary, new_event
 from contracts.events import ContentGenerated
@@ -71,7 +72,7 @@ def test_nats_password_and_token_are_not_in_the_settings_repr_or_str(nats_env):
     [("CHORA_PREFIX", "Not A Prefix", "prefix"), ("NATS_CONNECT_TIMEOUT", "soon", "connect_timeout")],
 )
 def test_bad_settings_message_does_not_echo_the_password(nats_env, monkeypatch, variable, value, field):
-    from chora.cli import load_settings
+    from chora.common import load_settings
 
     monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as info:
@@ -166,7 +167,8 @@ async def run_notifier(tmp_path, endpoint, caplog) -> dict:
         )
         for n in names:
             try:
-                outcomes[n] = await handlers[n](event)
+                first = Delivery.first(f"notify-{n}", max_attempts=app.targets[n].max_deliver)
+                outcomes[n] = await handlers[n](event, first)
             except (Retry, Reject) as e:
                 outcomes[n] = e
         reports = [repr(app), repr(app.targets), repr(app.config), json.dumps(app.info()), json.dumps(app.status(), default=str)]
@@ -192,7 +194,7 @@ async def run_notifier(tmp_path, endpoint, caplog) -> dict:
         for ev in o:
             headers, body = encode_binary(ev)
             shown += [json.dumps(headers), body.decode()]
-    for path, headers, body in received:  # what went over the wire: HMACs only
+    for _path, headers, body in received:  # what went over the wire: HMACs only
         shown += [json.dumps(headers), body.decode()]
     assert "subscription" in caplog.text  # the notifier did log (its start, the outcomes)
     return {"env": env, "url_password": url_password, "shown": shown, "log": caplog.text}

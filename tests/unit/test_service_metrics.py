@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from chora.settings import Settings
+from services.settings import Settings
 from chora.up import Stack, metrics_port, prometheus_targets, write_prometheus_targets
 from contracts.catalogue import CATALOGUE, CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
 from contracts.envelope import new_event

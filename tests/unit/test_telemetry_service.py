@@ -12,14 +12,17 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from chora.settings import Settings
+from services.settings import Settings
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
+from contracts.handling import Delivery
 from services import runtime
 from services.metrics import ServiceMetrics
 from services.telemetry.metrics import TelemetryMetrics, event_timestamp
 from services.telemetry.service import TelemetryApp, build
+
+FIRST = Delivery.first("telemetry")
 
 
 def requested(config="welcome"):
@@ -82,10 +85,10 @@ async def test_handle_mirrors_and_metrics_over_http(app):
     bad = generated(req3, status="error", generator_type="jinja2", duration_ms=3.0,
                     error=ErrorInfo(code="TEMPLATE_ERROR", message="boom"))
     for ev in (req1, req2, req3, ok1, ok2, bad):
-        assert await app.handle(ev) == []
+        assert await app.handle(ev, FIRST) == []
     # redeliveries: acknowledged, not written, counted as duplicates
-    assert await app.handle(ok1) == []
-    assert await app.handle(req1) == []
+    assert await app.handle(ok1, FIRST) == []
+    assert await app.handle(req1, FIRST) == []
 
     app.process.handled("telemetry", CONTENT_GENERATED, "ack", 0.002)
     app.process.handled("telemetry", CONTENT_GENERATED, "ack", 0.004)
@@ -124,7 +127,7 @@ async def test_handle_mirrors_and_metrics_over_http(app):
 
 
 async def test_own_registry_not_the_global_one(app):
-    await app.handle(requested())
+    await app.handle(requested(), FIRST)
     assert REGISTRY.get_sample_value("chora_sink_lines_written_total") is None
     assert app.metrics.registry.get_sample_value("chora_sink_lines_written_total") == 1
     # two apps in one process do not clash
@@ -158,7 +161,7 @@ async def test_close_closes_file_and_stop_stops_http_server(tmp_path):
     process.serve("127.0.0.1", 0)
     url = process.url
     await asyncio.to_thread(scrape, url)
-    await a.handle(requested())
+    await a.handle(requested(), FIRST)
     await a.close()
     await asyncio.to_thread(process.stop)
     with pytest.raises(OSError):
@@ -182,8 +185,8 @@ async def test_failed_write_propagates_so_the_message_is_redelivered(app, monkey
     monkeypatch.setattr(sink_mod.os, "write", boom)
     ev = requested()
     with pytest.raises(sink_mod.SinkError):
-        await app.handle(ev)
+        await app.handle(ev, FIRST)
     assert app.metrics.registry.get_sample_value("chora_sink_lines_written_total") == 0
     monkeypatch.setattr(sink_mod.os, "write", real)
-    assert await app.handle(ev) == []
+    assert await app.handle(ev, FIRST) == []
     assert app.metrics.registry.get_sample_value("chora_sink_lines_written_total") == 1

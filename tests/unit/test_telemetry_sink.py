@@ -15,7 +15,8 @@ from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
 from services.telemetry import sink as sink_mod
-from services.telemetry.sink import JsonlSink, RecentIds, SinkError
+from services.telemetry.ids import RecentIds
+from services.telemetry.sink import JsonlSink, SinkError
 
 
 def requested(config: str = "welcome", **ctx):

@@ -2,7 +2,7 @@
 and path tricks against the config store, through the generator's real handler.
 
 Every payload goes the most honest way: a content config in a temp configs dir, a
-``chora.generation.requested`` event, :func:`handle_generation_requested` with a
+``chora.generation.requested`` event, :func:`on_generation_requested` with a
 :class:`ConfigStore` and the default generator registry. The outcome must be a
 ``content_generated`` with status ``error`` and an expected code, must not contain the
 planted secrets, and must come back in bounded time and memory.
@@ -31,12 +31,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from chora.configs import ConfigStore
+from composition.configs import ConfigStore
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import encode_binary, new_event
 from contracts.events import ContentGenerated, GenerationRequested
 from services.generator.generators import GeneratorRegistry
-from services.generator.handlers import handle_generation_requested
+from contracts.handling import Delivery
+from services.generator.handlers import Deps, on_generation_requested
 from services.generator.service import SOURCE
 
 pytestmark = pytest.mark.skipif(
@@ -80,7 +81,8 @@ def _child(conn, configs_dir: str, config_id: str, context: dict, registry: Gene
     )
     t0 = time.perf_counter()
     try:
-        out = asyncio.run(handle_generation_requested(event, ConfigStore(configs_dir), registry, SOURCE))
+        deps = Deps(ConfigStore(configs_dir), registry, SOURCE)
+        out = asyncio.run(on_generation_requested(event, Delivery.first("generator"), deps))
         seconds = time.perf_counter() - t0
         assert len(out) == 1 and out[0].type == CONTENT_GENERATED and out[0].data.request_id == event.id
         headers, body = encode_binary(out[0])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from chora.cli import main
-from chora.configs import ConfigStore
+from composition.configs import ConfigStore
 from tests.conftest import ROOT, child_env, write
 
 EXAMPLES = ROOT / "examples" / "configs"
@@ -126,7 +126,7 @@ def test_list_of_the_examples(capsys):
 
 
 def test_exit_code_through_the_real_command(cdir):
-    cmd = [sys.executable, "-m", "chora.cli", "configs", "validate", str(cdir)]
+    cmd = [sys.executable, "-m", "chora", "configs", "validate", str(cdir)]
     r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stderr
     assert "INVALID  bad-rules" in r.stdout

@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from bus.consumer import Reject, Retry
-from chora.configs import ConfigStore
-from chora.settings import Settings
+from contracts.handling import Delivery, Reject, Retry
+from composition.configs import ConfigStore
+from services.settings import Settings
 from contracts.catalogue import CONFIG_VALIDATED, CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
 from contracts.envelope import decode, encode_binary, new_event
 from contracts.events import ConfigValidated, ContentGenerated, ContentValidated, GenerationRequested, Origin
 from services.generator.generators import GeneratorRegistry
-from services.generator.handlers import handle_generation_requested
+from services.generator import handlers as generator
 from services.validator.handlers import (
     SOURCE,
     claim_report,
     config_report_id,
-    handle_content_generated,
+    Deps,
+    on_content_generated,
     report_key,
 )
 from services.validator.rules import RuleCache
@@ -102,7 +103,8 @@ def generated(config_id="doc", content="# Summary\nAll good.\n", *, status="succ
 
 
 async def run(ev, store, state=None, rules=None):
-    return await handle_content_generated(ev, store, rules if rules is not None else RuleCache(), state)
+    deps = Deps(store, rules if rules is not None else RuleCache(), state)
+    return await on_content_generated(ev, Delivery.first("validator"), deps)
 
 
 def verdict(out) -> ContentValidated:
@@ -308,11 +310,11 @@ async def test_app_start_finds_broken_configs_and_uses_the_context_state(tmp_pat
         state = MemoryState()
 
     await app.start(Ctx())
-    assert app.state is Ctx.state
+    assert app.deps.state is Ctx.state
     info = app.info()
     assert info["broken_configs"] == ["broken", "unparsable"]
     assert set(info["configs"]) == {"plain", "doc", "broken", "unparsable"}
-    out = await app.handle(generated("broken", "x"))
+    out = await app.handle(generated("broken", "x"), Delivery.first("validator"))
     assert len(reports(out)) == 1 and Ctx.state.data
     await app.close()
 
@@ -324,7 +326,8 @@ async def test_app_start_finds_broken_configs_and_uses_the_context_state(tmp_pat
 async def test_every_example_renders_valid_with_no_context(config_id):
     store = ConfigStore(EXAMPLES)
     req = new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id=config_id), source="t")
-    (gen,) = await handle_generation_requested(req, store, GeneratorRegistry(), "chora://generator")
+    deps = generator.Deps(store, GeneratorRegistry(), "chora://generator")
+    (gen,) = await generator.on_generation_requested(req, Delivery.first("generator"), deps)
     assert gen.data.status == "success", gen.data.error
     d = verdict(await run(gen, store, MemoryState()))
     assert d.valid, d.issues

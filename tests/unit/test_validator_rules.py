@@ -425,7 +425,7 @@ def test_cache_is_bounded():
 
 
 def test_config_hash_follows_the_content_not_the_formatting(tmp_path):
-    from chora.configs import ConfigStore
+    from composition.configs import ConfigStore
 
     (tmp_path / "a.yaml").write_text("id: a\ngenerator: jinja2\ntemplate: hi\nvalidation: [{type: length, min_chars: 1}]\n")
     (tmp_path / "b.json").write_text('{"validation": [{"min_chars": 1, "type": "length"}], "template": "hi", "generator": "jinja2", "id": "b"}')

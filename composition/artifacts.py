@@ -14,7 +14,7 @@
       layout_file: templates/product-docs.md.j2
 
 An :class:`ArtifactStore` loads them by id with the same guarantees as
-:class:`chora.configs.ConfigStore` (whose helpers it reuses): the id is checked
+:class:`composition.configs.ConfigStore` (whose helpers it reuses): the id is checked
 against ``^[a-z][a-z0-9-]*$`` before any path is built, every file it reads
 (the config, its ``layout_file``) must resolve inside the configs directory,
 files are size-limited and must be UTF-8.
@@ -40,7 +40,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from chora.configs import (
+from composition.configs import (
     EXTENSIONS,
     candidates,
     ID_MAX_LENGTH,

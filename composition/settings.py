@@ -1,46 +1,23 @@
-"""Settings for every chora process, read from the environment (and nothing else).
+"""The settings the services share, read from the environment (and nothing else).
 
-NATS connection variables keep the names people already use with NATS
-(``NATS_URL``, ``NATS_CREDS``, ...); everything of chora's own is ``CHORA_*``.
+Everything of chora's own is ``CHORA_*``. The bus's settings (NATS connection,
+streams, delivery policy) are :mod:`bus.settings`; a service process reads both
+as one :class:`services.settings.Settings`.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_PREFIX_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
-
-class NatsSettings(BaseSettings):
-    """How to reach NATS. ``url`` unset means: use the embedded server."""
-
-    model_config = SettingsConfigDict(env_prefix="NATS_", extra="ignore")
-
-    url: str | None = None
-    creds: Path | None = Field(default=None, description="a .creds file (JWT + nkey)")
-    user: str | None = None
-    password: SecretStr | None = None  # SecretStr: never shown in a repr, a log or an error
-    token: SecretStr | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    # Reply subjects of this connection; with least-privilege users, e.g. _INBOX.client.
-    inbox_prefix: str = "_INBOX"
-    connect_timeout: float = 5.0
-    max_reconnect_attempts: int = -1  # forever: a service waits for its server
-
-
-class Settings(BaseSettings):
+class CompositionSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHORA_", extra="ignore")
 
     # Where the embedded server, telemetry and other local state live.
     home: Path = Field(default=Path("var"))
-    # Subject prefix and stream name prefix: tests give each run its own.
-    prefix: str = "chora"
     configs_dir: Path = Field(default=Path("examples/configs"))
     telemetry_path: Path | None = None  # default: <home>/telemetry/events.jsonl
     # fsync every JSONL batch (survives a machine crash, not only a process kill); off by default.
@@ -70,43 +47,11 @@ class Settings(BaseSettings):
     # Services create/update their own consumers on start. Off where an operator provisions
     # with `chora nats provision` and services run with least-privilege users.
     provision: bool = True
-    # Stream and bucket replicas: 3 on a 3-node cluster.
-    replicas: int = 1
     # The embedded nats-server of `chora up` (unused when NATS_URL is set); 0 = a free port.
     nats_port: int = 4222
     nats_http_port: int = 8222
-    # Stream limits and delivery policy.
-    stream_max_age_s: float = 7 * 24 * 3600
-    stream_max_bytes: int = 1 << 30
-    duplicate_window_s: float = 120.0
-    # Short, because the consumer loop sends +WPI for work that takes longer: what a crashed
-    # process held is redelivered after this long.
-    ack_wait_s: float = 10.0
-    max_deliver: int = 5
-    max_concurrency: int = 256
-    pull_batch: int = 256
     # The notifier's webhook subscriptions (YAML or JSON); none: no webhooks.
     notifier_config: Path | None = None
-    # Content above this many UTF-8 bytes travels by reference in the Object Store.
-    content_threshold_bytes: int = 256 * 1024
-    # Largest accepted event body.
-    max_event_bytes: int = 1 << 20
-    nats: NatsSettings = Field(default_factory=NatsSettings, validation_alias=AliasChoices("nats"))
-
-    @field_validator("prefix")
-    @classmethod
-    def _check_prefix(cls, v: str) -> str:
-        if not _PREFIX_RE.match(v):
-            raise ValueError("prefix must match ^[a-z][a-z0-9_-]*$ (it becomes a subject token)")
-        return v
-
-    @property
-    def stream_name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_]", "_", self.prefix).upper() + "_EVENTS"
-
-    @property
-    def dlq_stream_name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_]", "_", self.prefix).upper() + "_DLQ"
 
     @property
     def stack_file(self) -> Path:

@@ -7,14 +7,22 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 from pydantic import ValidationError
 
 from chora.settings import Settings
 
-EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 1, 2, 64
+# Exit codes of every command (README, "Exit codes"). 2 is left to argparse: a command line it
+# cannot parse.
+EXIT_FAILED = 1  # the outcome is an error (generation, assembly, a batch with failed items, ...)
+EXIT_INVALID = 3  # `chora generate`: the validator marked the content invalid (unless --allow-invalid)
+EXIT_USAGE = 64  # an option value that parses but cannot be used (a bad --trace-id, --context, ...)
+EXIT_TIMEOUT = 75  # no outcome within --timeout: the request stays queued; try again later
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
@@ -60,8 +68,34 @@ def parse_context(arg: str | None) -> dict:
     return ctx
 
 
-async def connect_cli(settings: Settings):
-    """A connection for a CLI command: NATS_URL, else the running `chora up`, else localhost."""
+class Link:
+    """The connection of a command that waits: it says on stderr when the connection drops
+    and when it is back, and runs ``on_return`` hooks then (e.g. to re-read what was
+    published meanwhile). A waiting command reconnects for as long as it waits."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.down = False
+        self.on_return: list[Callable[[], Awaitable[None]]] = []
+
+    async def disconnected(self) -> None:
+        if self.closing or self.down:
+            return
+        self.down = True
+        print("chora: lost the connection to NATS; reconnecting (still waiting)", file=sys.stderr, flush=True)
+
+    async def reconnected(self) -> None:
+        self.down = False
+        print("chora: reconnected to NATS", file=sys.stderr, flush=True)
+        for hook in self.on_return:
+            asyncio.ensure_future(hook())
+
+
+async def connect_cli(settings: Settings, link: Link | None = None):
+    """A connection for a CLI command: NATS_URL, else the running `chora up`, else localhost.
+
+    With a ``link`` (commands that wait for an outcome) it reconnects without limit and
+    reports drops and returns; without, it gives up after 3 attempts."""
     from bus.connection import connect
     from chora.up import stack_url
 
@@ -70,10 +104,12 @@ async def connect_cli(settings: Settings):
         url = "nats://127.0.0.1:4222"
     try:
         return await connect(
-            settings.nats.model_copy(update={"max_reconnect_attempts": 3}),
+            settings.nats.model_copy(update={"max_reconnect_attempts": -1 if link else 3}),
             url,
             name="chora-cli",
             inbox_prefix=settings.nats.inbox_prefix,
+            disconnected=link.disconnected if link else None,
+            reconnected=link.reconnected if link else None,
         )
     except Exception as e:
         raise SystemExit(
@@ -82,42 +118,87 @@ async def connect_cli(settings: Settings):
         ) from None
 
 
-async def request_and_wait(nc, settings: Settings, request, outcome_type: str, timeout: float):
-    """Publish ``request`` and return the ``outcome_type`` event whose ``request_id`` is its id,
-    or None after ``timeout``. The subscription is made before the publish, so the outcome
-    cannot slip past; a request that cannot be stored exits with a message."""
+async def close_cli(nc, link: Link | None = None) -> None:
+    if link is not None:
+        link.closing = True
+    await nc.close()
+
+
+async def publish_request(nc, settings: Settings, request, what: str = "the request", content=None) -> None:
+    """Publish ``request`` to JetStream; a request that cannot be stored ends the command with
+    the reason (and, when no stream takes it, the hint to provision one)."""
     from bus.publisher import Publisher
+
+    try:
+        await Publisher(nc.jetstream(), settings.prefix, max_bytes=settings.max_event_bytes, content=content).publish(request)
+    except Exception as e:
+        hint = ""
+        if "no response from stream" in str(e):
+            hint = (
+                f" No stream takes {settings.prefix}.* subjects on this server: run `chora nats provision` "
+                "(with the same NATS_URL and CHORA_PREFIX), or start the services once, which provision it."
+            )
+        print(f"chora: could not publish {what}: {e}.{hint}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from None
+
+
+async def follow(nc, settings: Settings, link: Link, event_types: list[str], on_event: Callable[[Any], None]):
+    """A started :class:`bus.follow.Follower` of ``event_types`` in the events stream, from now on,
+    calling ``on_event`` with each decoded event; it re-reads from the stream when ``link`` returns."""
+    from bus.follow import Follower
     from contracts.catalogue import subject_for
     from contracts.envelope import EnvelopeError, decode
 
-    outcome: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    async def on_result(msg) -> None:
+    async def on_msg(msg) -> None:
         try:
             ev = decode(msg.headers, msg.data, max_bytes=settings.max_event_bytes)
         except EnvelopeError:
             return
-        if getattr(ev.data, "request_id", None) == request.id and not outcome.done():
-            outcome.set_result(ev)
+        on_event(ev)
 
-    sub = await nc.subscribe(subject_for(outcome_type, settings.prefix), cb=on_result)
+    follower = Follower(nc, settings.stream_name, [subject_for(t, settings.prefix) for t in event_types], on_msg)
     try:
+        await follower.start()
+    except Exception as e:
+        print(f"chora: cannot read the events stream {settings.stream_name}: {e}. Run `chora nats provision`, "
+              "or start the services once, which provision it.", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from None
+    link.on_return.append(lambda: follower.resume(lambda: not link.closing))
+    return follower
+
+
+async def request_and_wait(
+    nc, settings: Settings, link: Link, request, outcome_types: list[str], timeout: float,
+    done: Callable[[dict[str, Any]], bool] = bool,
+) -> dict[str, Any]:
+    """Publish ``request`` and collect, per type in ``outcome_types``, the event whose
+    ``request_id`` is its id, until ``done(collected)`` or ``timeout``; returns what was
+    collected. The stream is followed from before the publish and re-read after a
+    reconnect, so an outcome published while the connection was down is not missed."""
+    got: dict[str, Any] = {}
+    finished: asyncio.Event = asyncio.Event()
+
+    def on_event(ev) -> None:
+        if getattr(ev.data, "request_id", None) == request.id and ev.type not in got:
+            got[ev.type] = ev
+            if done(got):
+                finished.set()
+
+    follower = await follow(nc, settings, link, outcome_types, on_event)
+    try:
+        await publish_request(nc, settings, request)
         try:
-            await Publisher(nc.jetstream(), settings.prefix, max_bytes=settings.max_event_bytes).publish(request)
-        except Exception as e:
-            print(f"chora: could not publish the request: {e}", file=sys.stderr)
-            raise SystemExit(EXIT_FAILED) from None
-        try:
-            return await asyncio.wait_for(outcome, timeout)
+            await asyncio.wait_for(finished.wait(), timeout)
         except asyncio.TimeoutError:
-            return None
+            pass
+        return got
     finally:
-        await sub.unsubscribe()
+        await follower.stop()
 
 
 # ---------------------------------------------------------------------- generate
 async def generate(args: argparse.Namespace) -> int:
-    from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
+    from contracts.catalogue import CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
     from contracts.envelope import new_event
     from contracts.events import GenerationRequested
 
@@ -129,23 +210,46 @@ async def generate(args: argparse.Namespace) -> int:
         source="chora://cli",
         trace_id=trace_id,
     )
-    nc = await connect_cli(settings)
+    allow_invalid = args.allow_invalid
+
+    def done(got: dict[str, Any]) -> bool:
+        gen = got.get(CONTENT_GENERATED)
+        return gen is not None and (allow_invalid or gen.data.status != "success" or CONTENT_VALIDATED in got)
+
+    link = Link()
+    nc = await connect_cli(settings, link)
     try:
-        ev = await request_and_wait(nc, settings, request, CONTENT_GENERATED, args.timeout)
-        if ev is None:
-            print(
-                f"chora: no outcome for request {request.id} within {args.timeout}s "
-                "(is the generator running? the request stays queued)",
-                file=sys.stderr,
-            )
-            return EXIT_TIMEOUT
+        got = await request_and_wait(nc, settings, link, request, [CONTENT_GENERATED, CONTENT_VALIDATED], args.timeout, done)
     finally:
-        await nc.close()
+        await close_cli(nc, link)
+    ev = got.get(CONTENT_GENERATED)
+    if ev is None:
+        print(
+            f"chora: no outcome for request {request.id} within {args.timeout}s "
+            "(is the generator running? the request stays queued)",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
     data = ev.data
     print(f"trace_id={ev.traceid} request_id={request.id}", file=sys.stderr)
     if data.status != "success":
         print(f"chora: generation failed: {data.error.code}: {data.error.message}", file=sys.stderr)
         return EXIT_FAILED
+    verdict = got.get(CONTENT_VALIDATED)
+    if not allow_invalid and verdict is None:
+        print(
+            f"chora: the content was generated but no validation verdict came within {args.timeout}s "
+            "(is the validator running?); --allow-invalid prints it without waiting for one",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
+    if verdict is not None and verdict.data.issues:
+        for i in verdict.data.issues:
+            print(f"chora: {i.severity}: {i.rule}: {i.message}", file=sys.stderr)
+    if verdict is not None and not verdict.data.valid and not allow_invalid:
+        print(f"chora: the validator marked the content of {data.content_config_id} invalid; not printed "
+              "(--allow-invalid prints it anyway)", file=sys.stderr)
+        return EXIT_INVALID
     sys.stdout.write(data.content or "")
     if data.content and not data.content.endswith("\n"):
         sys.stdout.write("\n")
@@ -217,6 +321,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--context", help="JSON object, or @file with one")
     sp.add_argument("--trace-id")
     sp.add_argument("--timeout", type=float, default=30.0)
+    sp.add_argument(
+        "--allow-invalid",
+        action="store_true",
+        help="print the content even if the validator marks it invalid (and do not wait for its verdict); exit 0",
+    )
     sp.set_defaults(func=lambda a: asyncio.run(generate(a)))
 
     nt = sub.add_parser("nats", help="NATS administration").add_subparsers(dest="nats_cmd", required=True)
@@ -247,9 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("nats").setLevel(logging.WARNING)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`chora ... | head`): stop quietly, as a Unix tool does. Point
+        # stdout at /dev/null so that the interpreter's last flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class MemoryContent:
         self.objects[name] = data
         return f"obj://mem/{name}"
 
-    async def get(self, ref):
+    async def get(self, ref, max_bytes=None):
         return self.objects[ref.removeprefix("obj://mem/")]
 
 

@@ -6,7 +6,7 @@ import re
 import uuid
 from collections import Counter
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, example_configs, wait_for
 from tests.e2e.test_up_and_generate import jsonl, run_cli, stack  # noqa: F401  (stack is a fixture)
 
 
@@ -84,7 +84,7 @@ def test_cli_timeouts_and_bad_files(nats_server, tmp_path):
         NATS_URL=nats_server.url,
         CHORA_HOME=str(tmp_path / "var"),
         CHORA_PREFIX="x" + uuid.uuid4().hex[:8],
-        CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
+        CHORA_CONFIGS_DIR=str(example_configs()),
     )
     cli = [sys.executable, "-m", "chora.cli"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from tests.conftest import ROOT, child_env, wait_for
+from tests.conftest import example_configs, child_env, wait_for
 
 CHORA = [sys.executable, "-m", "chora.cli"]
 
@@ -30,7 +30,7 @@ def stack(tmp_path):
         CHORA_NATS_PORT="0",
         CHORA_NATS_HTTP_PORT="0",
         CHORA_METRICS_PORT="0",
-        CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
+        CHORA_CONFIGS_DIR=str(example_configs()),
     )
     proc = subprocess.Popen(CHORA + ["up"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -202,7 +202,7 @@ def test_up_with_nats_url_starts_no_server(nats_server, tmp_path):
         CHORA_HOME=str(tmp_path / "var"),
         CHORA_PREFIX="u" + uuid.uuid4().hex[:8],
         CHORA_METRICS_PORT="0",
-        CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
+        CHORA_CONFIGS_DIR=str(example_configs()),
     )
     r = subprocess.run(CHORA + ["nats", "provision"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

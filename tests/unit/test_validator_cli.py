@@ -10,9 +10,9 @@ import pytest
 
 from chora.cli import main
 from chora.configs import ConfigStore
-from tests.conftest import ROOT, child_env, write
+from tests.conftest import example_configs, child_env, write
 
-EXAMPLES = ROOT / "examples" / "configs"
+EXAMPLES = example_configs()
 
 
 @pytest.fixture

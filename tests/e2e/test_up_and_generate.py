@@ -223,3 +223,13 @@ def test_up_with_nats_url_starts_no_server(nats_server, tmp_path):
         proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert nats_server.proc.poll() is None  # the server we gave it is still ours, still running
+
+
+def test_a_second_up_says_a_stack_is_already_running(stack):
+    """A second `chora up` (`make up`) for the same CHORA_HOME names the running stack rather
+    than failing on a port collision, and leaves the first one alone."""
+    r = run_cli(stack, "up", timeout=60)
+    assert r.returncode != 0
+    assert "a stack is already running here" in r.stderr and f"pid {stack['proc'].pid}" in r.stderr, r.stderr
+    assert "in use" not in r.stderr
+    assert stack["proc"].poll() is None and (stack["home"] / "run" / "stack.json").exists()

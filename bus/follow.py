@@ -28,6 +28,7 @@ class Follower:
         self.nc, self.stream, self.subjects, self.on_msg = nc, stream, subjects, on_msg
         self.next_seq = 0  # the stream sequence to read from on the next (re)subscription
         self._sub = None
+        self._stopped = False
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -60,8 +61,11 @@ class Follower:
 
     async def resume(self, attempts_until: Callable[[], bool] = lambda: True) -> None:
         """A new consumer from the message after the last one seen. JetStream may need a
-        moment after a server restart: try again every half second while ``attempts_until()``."""
+        moment after a server restart: try again every half second while ``attempts_until()``
+        and the follower is not stopped."""
         async with self._lock:
+            if self._stopped:
+                return
             old, self._sub = self._sub, None
             if old is not None:
                 try:
@@ -73,12 +77,14 @@ class Follower:
                     await self._subscribe()
                     return
                 except Exception as e:
-                    if not attempts_until():
-                        raise
+                    if self._stopped or not attempts_until():
+                        log.debug("follower: gave up resubscribing: %s", e)
+                        return
                     log.debug("follower: resubscribe failed, retrying: %s", e)
                     await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
+        self._stopped = True  # before the lock: a resume retrying under it gives up
         async with self._lock:
             if self._sub is not None:
                 try:

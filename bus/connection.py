@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import ssl
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import nats
 from nats.aio.client import Client
@@ -30,10 +30,17 @@ class TLSConnectError(ConnectionError):
 
 
 async def connect(
-    s: NatsSettings, url: str | None = None, *, name: str = "chora", inbox_prefix: str = "_INBOX"
+    s: NatsSettings,
+    url: str | None = None,
+    *,
+    name: str = "chora",
+    inbox_prefix: str = "_INBOX",
+    disconnected: Callable[[], Awaitable[None]] | None = None,
+    reconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> Client:
     """Connect with reconnects. ``inbox_prefix`` lets a least-privilege user subscribe only
-    to its own replies (e.g. ``_INBOX.generator.>``).
+    to its own replies (e.g. ``_INBOX.generator.>``). ``disconnected`` / ``reconnected``
+    are awaited when the connection drops and when it is back (``disconnected`` also on close).
 
     A failed TLS handshake on the first connection raises :class:`TLSConnectError` at once:
     nats-py 2.x reports it to the error callback and then never returns from connect()
@@ -48,9 +55,13 @@ async def connect(
 
     async def on_disconnect() -> None:
         log.debug("nats disconnected")
+        if disconnected is not None:
+            await disconnected()
 
     async def on_reconnect() -> None:
         log.info("nats reconnected")
+        if reconnected is not None:
+            await reconnected()
 
     opts: dict[str, Any] = dict(
         servers=[u.strip() for u in (url or s.url or "nats://127.0.0.1:4222").split(",")],

@@ -57,8 +57,13 @@ class StateStore:
         """Every current key under ``prefix.``, read with one ordered consumer (last value per
         key) until a message says nothing is pending: not one request per key, and not the
         client's watch marker, which can arrive before the last entry."""
+        return await self.matching(f"{prefix}.>", timeout)
+
+    async def matching(self, pattern: str, timeout: float = 30.0) -> dict[str, bytes]:
+        """Every current key matching the subject pattern ``pattern`` (``batch.*``: the keys of
+        two tokens that start with ``batch``), with its value."""
         kv_stream = f"KV_{self.bucket}"
-        subject = f"$KV.{self.bucket}.{prefix}.>"
+        subject = f"$KV.{self.bucket}.{pattern}"
         strip = len(f"$KV.{self.bucket}.")
         out: dict[str, bytes] = {}
         done = asyncio.get_running_loop().create_future()

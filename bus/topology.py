@@ -206,6 +206,18 @@ async def _add_consumer(js: JetStreamContext, stream: str, spec: ConsumerSpec, c
 _STREAM_FIELDS = ("subjects", "max_age", "max_bytes", "duplicate_window", "description", "num_replicas")
 
 
+def _stream_differs(current: StreamConfig, wanted: StreamConfig) -> bool:
+    """Whether a stream needs an update. A limit left unset (None) in ``wanted`` is what the
+    server reports as -1 (unlimited): the two are the same, not a change."""
+    for f in _STREAM_FIELDS:
+        have, want = getattr(current, f), getattr(wanted, f)
+        if want is None and have in (None, -1):
+            continue
+        if have != want:
+            return True
+    return False
+
+
 async def provision(
     js: JetStreamContext, topo: Topology, consumers: list[str] | None = None, extra: Sequence[ConsumerSpec] = ()
 ) -> None:
@@ -218,8 +230,7 @@ async def provision(
             await js.add_stream(cfg)
             log.info("created stream %s", cfg.name)
             continue
-        current = info.config
-        if any(getattr(current, f) != getattr(cfg, f) for f in _STREAM_FIELDS):
+        if _stream_differs(info.config, cfg):
             await js.update_stream(cfg)
             log.info("updated stream %s", cfg.name)
     try:

@@ -5,10 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
+from typing import Any
+
 from chora.commands import assembly, configs, dlq, events
-from chora.common import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context, request_and_wait, trace_id_or_exit
+from chora.common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    Link,
+    close_cli,
+    connect_cli,
+    load_settings,
+    parse_context,
+    request_and_wait,
+    trace_id_or_exit,
+)
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
 COMMAND_MODULES = [configs, dlq, assembly, events]
@@ -16,7 +32,7 @@ COMMAND_MODULES = [configs, dlq, assembly, events]
 
 # ---------------------------------------------------------------------- generate
 async def generate(args: argparse.Namespace) -> int:
-    from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
+    from contracts.catalogue import CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
     from contracts.envelope import new_event
     from contracts.events import GenerationRequested
 
@@ -28,23 +44,46 @@ async def generate(args: argparse.Namespace) -> int:
         source="chora://cli",
         trace_id=trace_id,
     )
-    nc = await connect_cli(settings)
+    allow_invalid = args.allow_invalid
+
+    def done(got: dict[str, Any]) -> bool:
+        gen = got.get(CONTENT_GENERATED)
+        return gen is not None and (allow_invalid or gen.data.status != "success" or CONTENT_VALIDATED in got)
+
+    link = Link()
+    nc = await connect_cli(settings, link)
     try:
-        ev = await request_and_wait(nc, settings, request, CONTENT_GENERATED, args.timeout)
-        if ev is None:
-            print(
-                f"chora: no outcome for request {request.id} within {args.timeout}s "
-                "(is the generator running? the request stays queued)",
-                file=sys.stderr,
-            )
-            return EXIT_TIMEOUT
+        got = await request_and_wait(nc, settings, link, request, [CONTENT_GENERATED, CONTENT_VALIDATED], args.timeout, done)
     finally:
-        await nc.close()
+        await close_cli(nc, link)
+    ev = got.get(CONTENT_GENERATED)
+    if ev is None:
+        print(
+            f"chora: no outcome for request {request.id} within {args.timeout}s "
+            "(is the generator running? the request stays queued)",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
     data = ev.data
     print(f"trace_id={ev.traceid} request_id={request.id}", file=sys.stderr)
     if data.status != "success":
         print(f"chora: generation failed: {data.error.code}: {data.error.message}", file=sys.stderr)
         return EXIT_FAILED
+    verdict = got.get(CONTENT_VALIDATED)
+    if not allow_invalid and verdict is None:
+        print(
+            f"chora: the content was generated but no validation verdict came within {args.timeout}s "
+            "(is the validator running?); --allow-invalid prints it without waiting for one",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
+    if verdict is not None and verdict.data.issues:
+        for i in verdict.data.issues:
+            print(f"chora: {i.severity}: {i.rule}: {i.message}", file=sys.stderr)
+    if verdict is not None and not verdict.data.valid and not allow_invalid:
+        print(f"chora: the validator marked the content of {data.content_config_id} invalid; not printed "
+              "(--allow-invalid prints it anyway)", file=sys.stderr)
+        return EXIT_INVALID
     sys.stdout.write(data.content or "")
     if data.content and not data.content.endswith("\n"):
         sys.stdout.write("\n")
@@ -120,6 +159,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--context", help="JSON object, or @file with one")
     sp.add_argument("--trace-id")
     sp.add_argument("--timeout", type=float, default=30.0)
+    sp.add_argument(
+        "--allow-invalid",
+        action="store_true",
+        help="print the content even if the validator marks it invalid (and do not wait for its verdict); exit 0",
+    )
     sp.set_defaults(func=lambda a: asyncio.run(generate(a)))
 
     nt = sub.add_parser("nats", help="NATS administration").add_subparsers(dest="nats_cmd", required=True)
@@ -150,9 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("nats").setLevel(logging.WARNING)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`chora ... | head`): stop quietly, as a Unix tool does. Point
+        # stdout at /dev/null so that the interpreter's last flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

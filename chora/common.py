@@ -7,12 +7,19 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 from pydantic import ValidationError
 
 from services.settings import Settings
 
-EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 1, 2, 64
+# Exit codes of every command (README, "Exit codes"). 2 is left to argparse: a command line it
+# cannot parse.
+EXIT_FAILED = 1  # the outcome is an error (generation, assembly, a batch with failed items, ...)
+EXIT_INVALID = 3  # `chora generate`: the validator marked the content invalid (unless --allow-invalid)
+EXIT_USAGE = 64  # an option value that parses but cannot be used (a bad --trace-id, --context, ...)
+EXIT_TIMEOUT = 75  # no outcome within --timeout: the request stays queued; try again later
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 def load_settings() -> Settings:
@@ -54,8 +61,34 @@ def parse_context(arg: str | None) -> dict:
     return ctx
 
 
-async def connect_cli(settings: Settings):
-    """A connection for a CLI command: NATS_URL, else the running `chora up`, else localhost."""
+class Link:
+    """The connection of a command that waits: it says on stderr when the connection drops
+    and when it is back, and runs ``on_return`` hooks then (e.g. to re-read what was
+    published meanwhile). A waiting command reconnects for as long as it waits."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.down = False
+        self.on_return: list[Callable[[], Awaitable[None]]] = []
+
+    async def disconnected(self) -> None:
+        if self.closing or self.down:
+            return
+        self.down = True
+        print("chora: lost the connection to NATS; reconnecting (still waiting)", file=sys.stderr, flush=True)
+
+    async def reconnected(self) -> None:
+        self.down = False
+        print("chora: reconnected to NATS", file=sys.stderr, flush=True)
+        for hook in self.on_return:
+            asyncio.ensure_future(hook())
+
+
+async def connect_cli(settings: Settings, link: Link | None = None):
+    """A connection for a CLI command: NATS_URL, else the running `chora up`, else localhost.
+
+    With a ``link`` (commands that wait for an outcome) it reconnects without limit and
+    reports drops and returns; without, it gives up after 3 attempts."""
     from bus.connection import connect
     from chora.up import stack_url
 
@@ -64,10 +97,12 @@ async def connect_cli(settings: Settings):
         url = "nats://127.0.0.1:4222"
     try:
         return await connect(
-            settings.nats.model_copy(update={"max_reconnect_attempts": 3}),
+            settings.nats.model_copy(update={"max_reconnect_attempts": -1 if link else 3}),
             url,
             name="chora-cli",
             inbox_prefix=settings.nats.inbox_prefix,
+            disconnected=link.disconnected if link else None,
+            reconnected=link.reconnected if link else None,
         )
     except Exception as e:
         raise SystemExit(
@@ -76,34 +111,79 @@ async def connect_cli(settings: Settings):
         ) from None
 
 
-async def request_and_wait(nc, settings: Settings, request, outcome_type: str, timeout: float):
-    """Publish ``request`` and return the ``outcome_type`` event whose ``request_id`` is its id,
-    or None after ``timeout``. The subscription is made before the publish, so the outcome
-    cannot slip past; a request that cannot be stored exits with a message."""
+async def close_cli(nc, link: Link | None = None) -> None:
+    if link is not None:
+        link.closing = True
+    await nc.close()
+
+
+async def publish_request(nc, settings: Settings, request, what: str = "the request", content=None) -> None:
+    """Publish ``request`` to JetStream; a request that cannot be stored ends the command with
+    the reason (and, when no stream takes it, the hint to provision one)."""
     from bus.publisher import Publisher
+
+    try:
+        await Publisher(nc.jetstream(), settings.prefix, max_bytes=settings.max_event_bytes, content=content).publish(request)
+    except Exception as e:
+        hint = ""
+        if "no response from stream" in str(e):
+            hint = (
+                f" No stream takes {settings.prefix}.* subjects on this server: run `chora nats provision` "
+                "(with the same NATS_URL and CHORA_PREFIX), or start the services once, which provision it."
+            )
+        print(f"chora: could not publish {what}: {e}.{hint}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from None
+
+
+async def follow(nc, settings: Settings, link: Link, event_types: list[str], on_event: Callable[[Any], None]):
+    """A started :class:`bus.follow.Follower` of ``event_types`` in the events stream, from now on,
+    calling ``on_event`` with each decoded event; it re-reads from the stream when ``link`` returns."""
+    from bus.follow import Follower
     from contracts.catalogue import subject_for
     from contracts.envelope import EnvelopeError, decode
 
-    outcome: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    async def on_result(msg) -> None:
+    async def on_msg(msg) -> None:
         try:
             ev = decode(msg.headers, msg.data, max_bytes=settings.max_event_bytes)
         except EnvelopeError:
             return
-        if getattr(ev.data, "request_id", None) == request.id and not outcome.done():
-            outcome.set_result(ev)
+        on_event(ev)
 
-    sub = await nc.subscribe(subject_for(outcome_type, settings.prefix), cb=on_result)
+    follower = Follower(nc, settings.stream_name, [subject_for(t, settings.prefix) for t in event_types], on_msg)
     try:
+        await follower.start()
+    except Exception as e:
+        print(f"chora: cannot read the events stream {settings.stream_name}: {e}. Run `chora nats provision`, "
+              "or start the services once, which provision it.", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from None
+    link.on_return.append(lambda: follower.resume(lambda: not link.closing))
+    return follower
+
+
+async def request_and_wait(
+    nc, settings: Settings, link: Link, request, outcome_types: list[str], timeout: float,
+    done: Callable[[dict[str, Any]], bool] = bool,
+) -> dict[str, Any]:
+    """Publish ``request`` and collect, per type in ``outcome_types``, the event whose
+    ``request_id`` is its id, until ``done(collected)`` or ``timeout``; returns what was
+    collected. The stream is followed from before the publish and re-read after a
+    reconnect, so an outcome published while the connection was down is not missed."""
+    got: dict[str, Any] = {}
+    finished: asyncio.Event = asyncio.Event()
+
+    def on_event(ev) -> None:
+        if getattr(ev.data, "request_id", None) == request.id and ev.type not in got:
+            got[ev.type] = ev
+            if done(got):
+                finished.set()
+
+    follower = await follow(nc, settings, link, outcome_types, on_event)
+    try:
+        await publish_request(nc, settings, request)
         try:
-            await Publisher(nc.jetstream(), settings.prefix, max_bytes=settings.max_event_bytes).publish(request)
-        except Exception as e:
-            print(f"chora: could not publish the request: {e}", file=sys.stderr)
-            raise SystemExit(EXIT_FAILED) from None
-        try:
-            return await asyncio.wait_for(outcome, timeout)
+            await asyncio.wait_for(finished.wait(), timeout)
         except asyncio.TimeoutError:
-            return None
+            pass
+        return got
     finally:
-        await sub.unsubscribe()
+        await follower.stop()

@@ -99,6 +99,17 @@ class Stack:
         self.log_start: dict[int, int] = {}  # pid -> size of its log when it was spawned
 
     # ------------------------------------------------------------------ pieces
+    def check_not_running(self) -> None:
+        """One stack per CHORA_HOME: a live `chora up` recorded in stack.json is said so plainly
+        (rather than as the port collision a second stack would run into)."""
+        running = running_stack(self.settings)
+        if running is not None:
+            raise SystemExit(
+                f"chora: a stack is already running here (pid {running.get('pid')}, NATS at {running.get('nats_url')}; "
+                f"see {self.settings.stack_file}). Use it, stop it (Ctrl-C in its terminal, or kill {running.get('pid')}), "
+                "or start another one with its own CHORA_HOME and ports."
+            )
+
     def check_metrics_ports(self) -> None:
         s = self.settings
         for name in self.services:
@@ -216,6 +227,7 @@ class Stack:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         s.home.mkdir(parents=True, exist_ok=True)
+        self.check_not_running()
         self.check_metrics_ports()
         if not self.url:
             self.start_server()
@@ -238,6 +250,7 @@ class Stack:
     def announce(self, quiet: bool = False) -> None:
         s = self.settings
         stack: dict[str, Any] = {
+            "pid": os.getpid(),
             "nats_url": self.url,
             "nats_monitor_url": self.server.monitor_url if self.server else None,
             "embedded": self.server is not None,
@@ -304,6 +317,28 @@ async def up(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await Stack(settings).run(stop)
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def running_stack(settings: Settings) -> dict | None:
+    """What stack.json says of the `chora up` running for this CHORA_HOME, or None when there
+    is none (no file, or a stale one left by a stack that was killed)."""
+    try:
+        stack = json.loads(Path(settings.stack_file).read_text())
+    except (OSError, ValueError):
+        return None
+    return stack if isinstance(stack, dict) and _alive(stack.get("pid")) else None
 
 
 def stack_url(settings: Settings) -> str | None:

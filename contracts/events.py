@@ -119,12 +119,31 @@ class BatchItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     context: dict[str, Any] = {}
 
 
-class BatchRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Generate every item; the event id is the batch id."""
+MAX_BATCH_ITEMS = 100_000
+BatchItems = Annotated[list[BatchItem], Meta(max_length=MAX_BATCH_ITEMS)]
 
-    items: Annotated[list[BatchItem], Meta(min_length=1, max_length=100_000)]
+
+class BatchRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Generate every item; the event id is the batch id.
+
+    The items travel inline (``items``) or, when they would make the event too large,
+    by reference (``items_ref``: an Object Store object holding the JSON list of items);
+    exactly one of the two.
+    """
+
+    items: BatchItems = []
+    items_ref: Annotated[
+        str | None, Meta(description="Object Store name of the JSON list of items, instead of items")
+    ] = None
+    item_count: Annotated[int, Meta(ge=1, le=MAX_BATCH_ITEMS, description="how many items items_ref holds")] | None = None
     context: dict[str, Any] = {}
     continue_on_error: bool = True
+
+    def __post_init__(self) -> None:
+        if self.items_ref is None and not self.items:
+            raise ValueError("a batch needs at least one item (items, or items_ref)")
+        if self.items_ref is not None and self.items:
+            raise ValueError("items and items_ref are exclusive")
 
 
 class BatchItemOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):

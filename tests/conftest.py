@@ -4,8 +4,13 @@ its own subject prefix and stream names, and settings pointing at both."""
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -17,6 +22,31 @@ from bus.settings import NatsSettings
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def example_configs() -> Path:
+    """A copy of the example configs as shipped (the files git tracks in examples/configs),
+    made once per test process: tests never depend on what else a user keeps in that folder
+    (the README tells people to put their own configs there). Outside a git checkout, the
+    folder is copied as it is."""
+    src = ROOT / "examples" / "configs"
+    dst = Path(tempfile.mkdtemp(prefix="chora-example-configs-")) / "configs"
+    atexit.register(shutil.rmtree, dst.parent, True)
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--", "."], cwd=src, capture_output=True, check=True, timeout=30
+        ).stdout.decode().split("\0")
+        files = [f for f in listed if f]
+    except (OSError, subprocess.SubprocessError):
+        files = []
+    if not files:
+        shutil.copytree(src, dst)
+        return dst
+    for rel in files:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, dst / rel)
+    return dst
 
 
 @pytest.fixture
@@ -41,7 +71,7 @@ def settings(tmp_path, nats_server, prefix) -> Settings:
     return Settings(
         home=tmp_path / "var",
         prefix=prefix,
-        configs_dir=ROOT / "examples" / "configs",
+        configs_dir=example_configs(),
         metrics_port=0,
         nats=NatsSettings(url=nats_server.url),
     )

@@ -3,17 +3,22 @@
 - ``chora assemble ARTIFACT_ID [--context JSON|@file] [--output FILE] [--timeout S]``
   publishes a ``chora.artifact.requested``, waits for its ``artifact_assembled``
   and prints the content (or writes it to ``--output``). Exit 1 on an error
-  outcome, 2 on timeout.
+  outcome, 75 on timeout.
 - ``chora batch run FILE [--timeout S]``: FILE (YAML or JSON) is
   ``{items: [{content_config_id, context}], context, continue_on_error}``;
   publishes a ``chora.batch.requested``, shows a progress bar following the
   batch's ``content_generated`` events, and a summary when its
   ``batch_completed`` arrives. Exit 0 if every item succeeded, 1 otherwise,
-  2 on timeout.
-- ``chora batch status ID``: the batch's progress, read from its KV record.
+  75 on timeout, 130 on Ctrl-C (which says how to follow the batch: it goes on).
+  Items beyond ``CHORA_CONTENT_THRESHOLD_BYTES`` travel in the Object Store
+  (``items_ref``).
+- ``chora batch status ID``: the batch's progress, read from its KV record; ID
+  may be an unambiguous prefix (the 8 characters of the progress bar).
 
-The subscriptions are opened before the request is published, so the outcome
-cannot be missed.
+The stream is followed from before the request is published, and re-read from
+the last event seen after a reconnect, so the outcome cannot be missed; the
+connection reconnects for as long as the command waits and says when it drops
+and returns.
 """
 
 from __future__ import annotations
@@ -26,7 +31,20 @@ from pathlib import Path
 
 import msgspec
 
-from chora.common import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context, request_and_wait, trace_id_or_exit
+from chora.common import (
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    Link,
+    close_cli,
+    connect_cli,
+    follow,
+    load_settings,
+    parse_context,
+    publish_request,
+    request_and_wait,
+    trace_id_or_exit,
+)
 
 
 # ---------------------------------------------------------------------- assemble
@@ -45,10 +63,11 @@ async def assemble(args: argparse.Namespace) -> int:
         print(f"chora: {e}", file=sys.stderr)
         return EXIT_USAGE
     request = new_event(ARTIFACT_REQUESTED, data, source="chora://cli", trace_id=trace_id)
-    nc = await connect_cli(settings)
+    link = Link()
+    nc = await connect_cli(settings, link)
     try:
         js = nc.jetstream()
-        ev = await request_and_wait(nc, settings, request, ARTIFACT_ASSEMBLED, args.timeout)
+        ev = (await request_and_wait(nc, settings, link, request, [ARTIFACT_ASSEMBLED], args.timeout)).get(ARTIFACT_ASSEMBLED)
         if ev is None:
             print(
                 f"chora: no outcome for artifact request {request.id} within {args.timeout}s "
@@ -65,7 +84,7 @@ async def assemble(args: argparse.Namespace) -> int:
                 print(f"chora: the artifact's content is gone: {e}", file=sys.stderr)
                 return EXIT_FAILED
     finally:
-        await nc.close()
+        await close_cli(nc, link)
     print(f"trace_id={ev.traceid} request_id={request.id}", file=sys.stderr)
     if out.omitted_parts:
         print(f"chora: omitted optional parts: {', '.join(out.omitted_parts)}", file=sys.stderr)
@@ -102,7 +121,9 @@ def load_batch_file(path: str):
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"chora: cannot read batch file {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
-        doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        # libyaml's loader when PyYAML has it: about 3x faster on a 100,000-item file
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        doc = json.loads(text) if p.suffix == ".json" else yaml.load(text, Loader=loader)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise SystemExit(f"chora: batch file {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
     if not isinstance(doc, dict):
@@ -118,12 +139,10 @@ async def batch_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from bus.content import ContentMissing, ContentStore
-    from bus.publisher import Publisher
     from bus.topology import Topology
-    from contracts.catalogue import BATCH_COMPLETED, BATCH_REQUESTED, CONTENT_GENERATED, subject_for
-    from contracts.envelope import EnvelopeError, decode, new_event
+    from contracts.catalogue import BATCH_COMPLETED, BATCH_REQUESTED, CONTENT_GENERATED
+    from contracts.envelope import new_event
     from contracts.events import BatchItemOutcome
-
 
     settings = load_settings()
     trace_id = trace_id_or_exit(args, settings)
@@ -132,26 +151,30 @@ async def batch_run(args: argparse.Namespace) -> int:
     total = len(data.items)
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
-    nc = await connect_cli(settings)
+    link = Link()
+    nc = await connect_cli(settings, link)
     seen: set[str] = set()
     counts = {"success": 0, "error": 0}
+    progress = Progress(
+        TextColumn("[bold]batch[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+    task = progress.add_task(request.id[:8], total=total, failed=0)
+    published = False
     try:
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
-        progress = Progress(
-            TextColumn("[bold]batch[/bold] {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("[red]{task.fields[failed]} failed"),
-            TimeElapsedColumn(),
-            console=err,
-            transient=False,
-        )
-        task = progress.add_task(request.id[:8], total=total, failed=0)
+        done: asyncio.Event = asyncio.Event()
+        completed: list = []
 
-        async def on_generated(msg) -> None:
-            try:
-                ev = decode(msg.headers, msg.data, max_bytes=settings.max_event_bytes)
-            except EnvelopeError:
+        def on_event(ev) -> None:
+            if ev.type == BATCH_COMPLETED:
+                if ev.data.batch_id == request.id and not completed:
+                    completed.append(ev)
+                    done.set()
                 return
             o = ev.data.origin
             if o is None or o.kind != "batch" or o.id != request.id or o.key in seen:
@@ -160,28 +183,15 @@ async def batch_run(args: argparse.Namespace) -> int:
             counts[ev.data.status] = counts.get(ev.data.status, 0) + 1
             progress.update(task, completed=len(seen), failed=counts["error"])
 
-        async def on_completed(msg) -> None:
-            try:
-                ev = decode(msg.headers, msg.data, max_bytes=settings.max_event_bytes)
-            except EnvelopeError:
-                return
-            if ev.data.batch_id == request.id and not done.done():
-                done.set_result(ev)
-
-        subs = [
-            await nc.subscribe(subject_for(CONTENT_GENERATED, settings.prefix), cb=on_generated),
-            await nc.subscribe(subject_for(BATCH_COMPLETED, settings.prefix), cb=on_completed),
-        ]
+        follower = await follow(nc, settings, link, [CONTENT_GENERATED, BATCH_COMPLETED], on_event)
         js = nc.jetstream()
-        try:
-            await Publisher(js, settings.prefix, max_bytes=settings.max_event_bytes).publish(request)
-        except Exception as e:
-            print(f"chora: could not publish the batch: {e}", file=sys.stderr)
-            return EXIT_FAILED
+        store = ContentStore(js, Topology.from_settings(settings).content_bucket, settings.content_threshold_bytes)
+        await publish_request(nc, settings, request, "the batch", content=store)  # many items travel by reference
+        published = True
         err.print(f"batch {request.id}: {total} items")
         progress.start()
         try:
-            ev = await asyncio.wait_for(done, args.timeout)
+            await asyncio.wait_for(done.wait(), args.timeout)
         except asyncio.TimeoutError:
             progress.stop()
             print(
@@ -190,21 +200,29 @@ async def batch_run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_TIMEOUT
-        c = ev.data
+        c = completed[0].data
         progress.update(task, completed=c.total - c.skipped, failed=c.failed)
         progress.stop()
-        for s in subs:
-            await s.unsubscribe()
+        await follower.stop()
         items = c.items
         if items is None and c.items_ref:
             try:
-                raw = await ContentStore(js, Topology.from_settings(settings).content_bucket).get(c.items_ref)
-                items = msgspec.json.decode(raw, type=list[BatchItemOutcome])
+                items = msgspec.json.decode(await store.get(c.items_ref), type=list[BatchItemOutcome])
             except (ContentMissing, msgspec.DecodeError) as e:
                 print(f"chora: the item outcomes are not readable: {e}", file=sys.stderr)
                 items = None
+    except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
+        progress.stop()
+        if published:
+            print(
+                f"\nchora: interrupted; batch {request.id} goes on on the server.\n"
+                f"Follow it with: chora batch status {request.id}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
     finally:
-        await nc.close()
+        await close_cli(nc, link)
     print_summary(out, c, items)
     return 0 if c.status == "success" else EXIT_FAILED
 
@@ -242,17 +260,20 @@ def print_summary(console, completed, items, max_failed: int = 50) -> None:
 
 # ---------------------------------------------------------------------- batch status
 async def batch_status(args: argparse.Namespace) -> int:
-    from services.assembler.status import read_batch_status
+    from services.assembler.state import decode_batch
+    from services.assembler.status import BatchLookupError, batch_progress, find_batch
 
     settings = load_settings()
     nc = await connect_cli(settings)
     try:
-        st = await read_batch_status(nc, settings, args.batch_id)
+        try:
+            batch_id, raw = await find_batch(nc, settings, args.batch_id)
+        except BatchLookupError as e:
+            print(f"chora: {e}", file=sys.stderr)
+            return EXIT_FAILED
     finally:
         await nc.close()
-    if st is None:
-        print(f"chora: no batch {args.batch_id} (unknown, or expired)", file=sys.stderr)
-        return EXIT_FAILED
+    st = batch_progress(batch_id, decode_batch(raw))
     if args.json:
         print(json.dumps(st))
         return 0

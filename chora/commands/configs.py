@@ -4,7 +4,9 @@
 (``CHORA_CONFIGS_DIR``), or in the directory PATH, or the one file PATH: that
 it loads (format, fields, template file, path safety) and that its
 ``validation`` rules can be built (known types, compiling patterns, usable
-schemas). One line per config: ``ok`` or ``INVALID`` with every problem.
+schemas), that its generator is registered (``chora.generators`` entry points)
+and that its template compiles (a jinja2 syntax error is reported with the
+template file and line), all without rendering. One line per config: ``ok`` or ``INVALID`` with every problem.
 Exit 1 if any config is invalid, else 0. A file in the directory whose name is
 not a config id is listed as ``skip`` (the services never load it) and does
 not fail the run; named explicitly, it does.
@@ -106,8 +108,10 @@ async def _await(aw: Any) -> Any:
     return await aw
 
 
-def check_config(store: Any, config_id: str, cache: Any, registry: Any = None) -> tuple[bool, str]:
-    """(ok, what to print after the status) for one config id."""
+def check_config(store: Any, config_id: str, cache: Any, registry: Any, render: bool = False) -> tuple[bool, str]:
+    """(ok, what to print after the status) for one config id: it loads, its rules build, its
+    generator is registered and its template compiles (with ``render``, also rendered with
+    the default context and its rules applied)."""
     from composition.configs import ConfigError, GenerationError
     from services.validator.rules import RulesError, is_valid
 
@@ -120,8 +124,16 @@ def check_config(store: Any, config_id: str, cache: Any, registry: Any = None) -
         return False, f"{rules.code}: " + "; ".join(rules.problems)
     n = len(rules)
     summary = f"{n} rule{'' if n == 1 else 's'}"
-    if registry is None:
-        return True, summary
+    try:
+        gen = registry.get_generator(config.generator)
+        if callable(getattr(gen, "compile", None)):
+            gen.compile(config)  # parses the template (jinja2 syntax, template_fill placeholders)
+    except GenerationError as e:
+        return False, f"{e.code}: {e.message}"
+    except Exception as e:  # a third-party generator's compile
+        return False, f"compiling with {config.generator} failed: {type(e).__name__}: {e}"
+    if not render:
+        return True, f"{summary}, template compiles" if config.template is not None else summary
     try:
         content = _render(config, registry)
     except GenerationError as e:
@@ -144,12 +156,10 @@ def validate(args: argparse.Namespace) -> int:
     if isinstance(target, str):
         print(f"chora: {target}", file=sys.stderr)
         return EXIT_INVALID
-    registry = None
-    if args.render:
-        from services.generator.generators import GeneratorRegistry
+    from services.generator.generators import GeneratorRegistry
 
-        registry = GeneratorRegistry()
-        registry.load()
+    registry = GeneratorRegistry()
+    registry.load()
     cache = RuleCache()
     width = max([len(i) for i in target.ids + target.skipped + target.bad_names] or [0])
     ok = invalid = 0
@@ -157,7 +167,7 @@ def validate(args: argparse.Namespace) -> int:
         invalid += 1
         print(f"INVALID  {name:<{width}}  the file name is not a config id (^[a-z][a-z0-9-]*$): it is never loaded")
     for config_id in target.ids:
-        good, what = check_config(target.store, config_id, cache, registry)
+        good, what = check_config(target.store, config_id, cache, registry, render=args.render)
         if good:
             ok += 1
         else:

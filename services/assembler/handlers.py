@@ -44,12 +44,13 @@ from contracts.events import (
     ArtifactRequested,
     BatchCompleted,
     BatchItemOutcome,
+    BatchItems,
     BatchRequested,
     ContentGenerated,
     ContentValidated,
     ErrorInfo,
 )
-from contracts.handling import Delivery, EventHandlers, Handler, Retry, route
+from contracts.handling import Delivery, EventHandlers, Handler, Reject, Retry, route
 from services.assembler import artifacts as art
 from services.assembler import batches as bat
 from services.assembler.compose import ComposeError, compile_layout
@@ -89,7 +90,7 @@ class Content(Protocol):
     """What the assembler needs of :class:`bus.content.ContentStore`."""
 
     async def put(self, name: str, data: bytes) -> str: ...
-    async def get(self, ref: str) -> bytes: ...
+    async def get(self, ref: str, max_bytes: int | None = None) -> bytes: ...
 
 
 @dataclass
@@ -182,8 +183,27 @@ def _announce_again_allowed(closed_at: float | None, what: str, delivery: Delive
 # --------------------------------------------------------------------------- batches
 
 
+# A batch's items by reference: 100,000 items with a small context each fit well under this.
+MAX_ITEMS_BYTES = 64 << 20
+
+
+async def batch_items(data: BatchRequested, deps: Deps) -> BatchRequested:
+    """The request with its items, read from the Object Store when it has an ``items_ref``
+    (a missing object is a dead letter CONTENT_MISSING, a malformed one INVALID_DATA)."""
+    if data.items_ref is None:
+        return data
+    raw = await deps.content.get(data.items_ref, max_bytes=MAX_ITEMS_BYTES)
+    try:
+        items = msgspec.json.decode(raw, type=BatchItems)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise Reject("INVALID_DATA", f"the items at {data.items_ref} are not a list of batch items: {e}") from None
+    if not items or (data.item_count is not None and data.item_count != len(items)):
+        raise Reject("INVALID_DATA", f"{data.items_ref} holds {len(items)} items, expected {data.item_count or 'at least 1'}")
+    return msgspec.structs.replace(data, items=items, items_ref=None, item_count=None)
+
+
 async def on_batch_requested(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
-    data: BatchRequested = event.data
+    data: BatchRequested = await batch_items(event.data, deps)
     batch_id = event.id
     total = len(data.items)
     committer = deps.batch(batch_id)

@@ -6,7 +6,7 @@ import re
 import uuid
 from collections import Counter
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, example_configs, wait_for
 from tests.e2e.test_up_and_generate import jsonl, run_cli, stack  # noqa: F401  (stack is a fixture)
 
 
@@ -74,7 +74,7 @@ async def test_assemble_and_batch_run_from_the_cli(stack, tmp_path):  # noqa: F8
 
 
 def test_cli_timeouts_and_bad_files(nats_server, tmp_path):
-    """No assembler running: exit 2 after --timeout, the request stays queued; a bad batch file: exit 1."""
+    """No assembler running: exit 75 (EXIT_TIMEOUT) after --timeout, the request stays queued; a bad batch file: exit 1."""
     import subprocess
     import sys
 
@@ -84,7 +84,7 @@ def test_cli_timeouts_and_bad_files(nats_server, tmp_path):
         NATS_URL=nats_server.url,
         CHORA_HOME=str(tmp_path / "var"),
         CHORA_PREFIX="x" + uuid.uuid4().hex[:8],
-        CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
+        CHORA_CONFIGS_DIR=str(example_configs()),
     )
     cli = [sys.executable, "-m", "chora"]
 
@@ -93,9 +93,9 @@ def test_cli_timeouts_and_bad_files(nats_server, tmp_path):
 
     assert run("nats", "provision").returncode == 0
     r = run("assemble", "product-docs", "--timeout", "1")
-    assert r.returncode == 2 and "no outcome" in r.stderr
+    assert r.returncode == 75 and "no outcome" in r.stderr
     r = run("batch", "run", str(ROOT / "examples" / "batches" / "hundred.yaml"), "--timeout", "1")
-    assert r.returncode == 2 and "not completed within" in r.stderr and "chora batch status" in r.stderr
+    assert r.returncode == 75 and "not completed within" in r.stderr and "chora batch status" in r.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("items:\n  - {content_config: typo}\n")
     r = run("batch", "run", str(bad))

@@ -16,7 +16,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from tests.conftest import ROOT, child_env, wait_for
+from tests.conftest import example_configs, child_env, wait_for
 
 CHORA = [sys.executable, "-m", "chora"]
 
@@ -29,7 +29,7 @@ def up_env(tmp_path, **extra: str) -> dict[str, str]:
         CHORA_NATS_PORT="0",
         CHORA_NATS_HTTP_PORT="0",
         CHORA_METRICS_PORT="0",
-        CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
+        CHORA_CONFIGS_DIR=str(example_configs()),
     )
     return child_env(**{**defaults, **extra})
 
@@ -208,7 +208,7 @@ def test_up_with_nats_url_starts_no_server(nats_server, tmp_path):
         CHORA_HOME=str(tmp_path / "var"),
         CHORA_PREFIX="u" + uuid.uuid4().hex[:8],
         CHORA_METRICS_PORT="0",
-        CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
+        CHORA_CONFIGS_DIR=str(example_configs()),
     )
     r = subprocess.run(CHORA + ["nats", "provision"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -229,3 +229,13 @@ def test_up_with_nats_url_starts_no_server(nats_server, tmp_path):
         proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert nats_server.proc.poll() is None  # the server we gave it is still ours, still running
+
+
+def test_a_second_up_says_a_stack_is_already_running(stack):
+    """A second `chora up` (`make up`) for the same CHORA_HOME names the running stack rather
+    than failing on a port collision, and leaves the first one alone."""
+    r = run_cli(stack, "up", timeout=60)
+    assert r.returncode != 0
+    assert "a stack is already running here" in r.stderr and f"pid {stack['proc'].pid}" in r.stderr, r.stderr
+    assert "in use" not in r.stderr
+    assert stack["proc"].poll() is None and (stack["home"] / "run" / "stack.json").exists()

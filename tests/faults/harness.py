@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from bus.server import EmbeddedServer
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT, example_configs, child_env
 
 SERVICES = ("generator", "validator", "assembler", "telemetry", "notifier")
 
@@ -33,7 +33,7 @@ class ProcStack:
             NATS_URL=self.url,
             CHORA_HOME=str(self.home),
             CHORA_PREFIX=self.prefix,
-            CHORA_CONFIGS_DIR=str(ROOT / "examples" / "configs"),
+            CHORA_CONFIGS_DIR=str(example_configs()),
             CHORA_METRICS_PORT="0",
             **(extra_env or {}),
         )

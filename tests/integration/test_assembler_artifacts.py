@@ -10,7 +10,7 @@ from contracts.catalogue import ARTIFACT_ASSEMBLED, ARTIFACT_REQUESTED, GENERATI
 from contracts.envelope import new_event
 from contracts.events import ArtifactRequested
 from services.assembler.artifacts import assembled_id
-from tests.conftest import ROOT, wait_for
+from tests.conftest import example_configs, wait_for
 from tests.integration.test_assembler_batches import Collector, count_stored, running, stored
 
 CONFIGS = {
@@ -158,7 +158,7 @@ async def test_the_example_product_docs(nc, settings):
     topo = Topology.from_settings(settings)
     await provision(js, topo)
     col = await Collector().start(nc, settings.prefix)
-    assert settings.configs_dir == ROOT / "examples" / "configs"
+    assert settings.configs_dir == example_configs()
     async with running(("generator", settings), ("validator", settings), ("assembler", settings)):
         req, done = await assemble((js, topo, col), "product-docs")
     d = done.data

@@ -48,7 +48,7 @@ from contracts.catalogue import ARTIFACT_REQUESTED, CATALOGUE, CONTENT_GENERATED
 from contracts.envelope import decode, new_event
 from contracts.events import ArtifactRequested, GenerationRequested
 from services.runtime import ready_file, run_service
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, example_configs, wait_for
 
 NATS_DIR = ROOT / "deploy" / "nats"
 AUTH_CONF = NATS_DIR / "auth.conf"
@@ -162,7 +162,7 @@ def make_settings(tmp_path: Path, server: EmbeddedServer, user: str, password: s
     return Settings(
         home=tmp_path / "var",
         prefix="chora",
-        configs_dir=ROOT / "examples" / "configs",
+        configs_dir=example_configs(),
         metrics_port=0,
         provision=False,
         nats=NatsSettings(url=server.url, user=user, password=password, max_reconnect_attempts=1),

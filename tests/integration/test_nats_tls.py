@@ -30,7 +30,7 @@ from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED, subject
 from contracts.envelope import decode, new_event
 from contracts.events import GenerationRequested
 from services.runtime import ServiceStartError, ready_file, run_service
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, example_configs, wait_for
 
 TLS_CONF = ROOT / "deploy" / "nats" / "tls.conf"
 USERS = ("admin", "generator", "telemetry", "validator", "assembler", "notifier", "client")
@@ -81,7 +81,7 @@ def settings_for(tmp_path: Path, server: EmbeddedServer, user: str, password: st
     return Settings(
         home=tmp_path / "var",
         prefix="chora",  # auth.conf is written for it
-        configs_dir=ROOT / "examples" / "configs",
+        configs_dir=example_configs(),
         metrics_port=0,
         provision=False,
         nats=NatsSettings(url=tls_url(server), user=user, password=password, tls_ca=ca, max_reconnect_attempts=1),

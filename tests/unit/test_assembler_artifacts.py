@@ -19,9 +19,9 @@ from contracts.envelope import new_event
 from contracts.catalogue import ARTIFACT_REQUESTED
 from contracts.events import ArtifactRequested, ErrorInfo
 from services.assembler import artifacts as art
-from tests.conftest import ROOT
+from tests.conftest import example_configs
 
-EXAMPLES = ROOT / "examples" / "configs"
+EXAMPLES = example_configs()
 
 
 def parts(*specs):

@@ -58,7 +58,7 @@ class MemoryContent:
         self.objects[name] = data
         return f"obj://mem/{name}"
 
-    async def get(self, ref):
+    async def get(self, ref, max_bytes=None):
         return self.objects[ref.removeprefix("obj://mem/")]
 
 
@@ -271,6 +271,29 @@ async def test_large_batch_items_go_by_reference(deps):
     assert done.data.items is None and done.data.items_ref
     items = msgspec.json.decode(await deps.content.get(done.data.items_ref), type=list[BatchItemOutcome])
     assert [i.index for i in items] == list(range(12)) and all(i.status == "success" for i in items)
+
+
+async def test_batch_items_by_reference_are_read_back_from_the_object_store(deps):
+    req = batch_event(5)
+    ref = await deps.content.put(f"{req.id}-items.json", msgspec.json.encode(req.data.items))
+    by_ref = msgspec.structs.replace(req, data=msgspec.structs.replace(req.data, items=[], items_ref=ref, item_count=5))
+    out = await handle(by_ref, deps)
+    assert [e.id for e in out] == [bat.item_request_id(req.id, i) for i in range(5)]
+    assert out[3].data.context == {"shared": 1, "i": 3}
+
+
+@pytest.mark.parametrize(
+    "body, count",
+    [(b"not json", None), (b'[{"content_config_id": ""}]', None), (b"[]", None), (b'[{"content_config_id": "one"}]', 2)],
+)
+async def test_batch_items_by_reference_that_are_not_items_are_rejected(deps, body, count):
+    req = batch_event(1)
+    ref = await deps.content.put("bad-items.json", body)
+    by_ref = msgspec.structs.replace(req, data=msgspec.structs.replace(req.data, items=[], items_ref=ref, item_count=count))
+    with pytest.raises(Reject) as e:
+        await handle(by_ref, deps)
+    assert e.value.code == "INVALID_DATA"
+    assert f"batch.{req.id}" not in deps.state.data  # nothing started
 
 
 async def test_outcomes_without_or_with_unknown_origin_are_ignored(deps):

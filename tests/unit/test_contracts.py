@@ -13,7 +13,7 @@ from cloudevents.core.v1.event import CloudEvent as SdkEvent
 from contracts import schemas
 from contracts.catalogue import CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED, subject_for
 from contracts.envelope import EnvelopeError, decode, encode_binary, encode_structured, new_event
-from contracts.events import ContentGenerated, GenerationRequested
+from contracts.events import BatchItem, BatchRequested, ContentGenerated, GenerationRequested
 from contracts.tracing import child_traceparent, parse_traceparent, w3c_trace_id
 
 
@@ -117,3 +117,21 @@ def test_schema_validates_what_the_struct_encodes():
     assert set(doc["$defs"]["ContentGenerated"]["required"]) == {"request_id", "content_config_id", "status"}
     payload = msgspec.json.encode(ContentGenerated(request_id="r", content_config_id="c", status="error"))
     assert json.loads(payload)["status"] == "error"
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        ({"items": []}, "at least one item"),
+        ({}, "at least one item"),
+        ({"items": [{"content_config_id": "a"}], "items_ref": "obj://B/x"}, "exclusive"),
+        ({"items_ref": "obj://B/x", "item_count": 0}, ">= 1"),
+    ],
+)
+def test_a_batch_request_has_its_items_inline_or_by_reference(data, problem):
+    with pytest.raises(msgspec.ValidationError, match=problem):
+        msgspec.json.decode(json.dumps(data), type=BatchRequested)
+    by_ref = msgspec.json.decode(b'{"items_ref": "obj://B/x", "item_count": 3}', type=BatchRequested)
+    assert by_ref.items == [] and by_ref.item_count == 3
+    inline = msgspec.json.decode(b'{"items": [{"content_config_id": "a"}]}', type=BatchRequested)
+    assert inline.items == [BatchItem(content_config_id="a")] and inline.items_ref is None

@@ -314,3 +314,13 @@ async def test_jetstream_figures_poll_failure_keeps_last_and_flags_it(tmp_path):
         assert reg.get_sample_value("chora_jetstream_monitor_up") == 1
     finally:
         await app.close()
+
+
+def test_the_documented_prometheus_commands_listen_on_loopback_only():
+    """Prometheus listens on every interface unless told otherwise: each command the README
+    and the scrape config show binds it to 127.0.0.1."""
+    texts = [(ROOT / p).read_text().replace("\\\n", " ") for p in ("README.md", "dashboards/prometheus.yml")]  # join continued lines
+    commands = [m.group(0) for t in texts for m in re.finditer(r"prometheus --config\.file[^\n]*", t)]
+    assert len(commands) >= 2
+    for c in commands:
+        assert "--web.listen-address=127.0.0.1:" in c, c

@@ -18,9 +18,9 @@ from composition.configs import ConfigStore
 from services.generator.generators import GeneratorRegistry
 from services.generator.handlers import MAX_MESSAGE_CHARS, MAX_OUTPUT_BYTES, Deps, on_generation_requested
 from services.generator.service import SOURCE, GeneratorApp, build
-from tests.conftest import ROOT, write
+from tests.conftest import example_configs, write
 
-EXAMPLES = ROOT / "examples" / "configs"
+EXAMPLES = example_configs()
 
 
 def request(config_id="greet", context=None, *, trace_id="trace-1"):

@@ -10,9 +10,9 @@ import pytest
 
 from chora.cli import main
 from composition.configs import ConfigStore
-from tests.conftest import ROOT, child_env, write
+from tests.conftest import child_env, example_configs, write
 
-EXAMPLES = ROOT / "examples" / "configs"
+EXAMPLES = example_configs()
 
 
 @pytest.fixture

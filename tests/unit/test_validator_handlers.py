@@ -27,9 +27,9 @@ from services.validator.handlers import (
 )
 from services.validator.rules import RuleCache
 from services.validator.service import ValidatorApp, build
-from tests.conftest import ROOT, write
+from tests.conftest import example_configs, write
 
-EXAMPLES = ROOT / "examples" / "configs"
+EXAMPLES = example_configs()
 
 
 class MemoryState:

@@ -38,7 +38,7 @@ from contracts.events import (
 from services.assembler import batches as bat
 from services.assembler.handlers import Deps, handle
 from services.assembler.state import batch_item_key, decode_batch, decode_run
-from tests.unit.test_assembler_state import MemoryState
+from tests.fakes import Clock, MemoryState
 
 
 class MemoryContent:
@@ -51,14 +51,6 @@ class MemoryContent:
 
     async def get(self, ref):
         return self.objects[ref.removeprefix("obj://mem/")]
-
-
-class Clock:
-    def __init__(self, t=1000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -86,8 +87,10 @@ async def nc(nats_server):
     await conn.close()
 
 
-async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = "condition"):
-    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds.
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = "condition", interval: float = 0.01
+):
+    """Poll ``predicate`` every ``interval`` seconds until true; fail with ``what`` after ``timeout`` seconds.
 
     This waits on an observable state (file contents, counts), never a fixed sleep.
     """
@@ -101,7 +104,16 @@ async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: flo
             return r
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(interval)
+
+
+async def stop_services(stop: asyncio.Event, tasks: list[asyncio.Task]) -> list[str]:
+    """Set ``stop`` and wait for in-process services (``run_service`` tasks) to drain; what any
+    of them raised (at start, while running or while draining) as "name: error" lines, so the
+    test can assert there was none after the rest of its cleanup ran."""
+    stop.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    return [f"{t.get_name()}: {r!r}" for t, r in zip(tasks, results) if isinstance(r, BaseException)]
 
 
 def write(path: Path, doc) -> Path:
@@ -111,7 +123,30 @@ def write(path: Path, doc) -> Path:
     return path
 
 
+def under_ci() -> bool:
+    """Whether the suite runs under CI: ``CI`` is 1, true or yes (any case), as CI services and
+    .ci/run set it. A test whose tool is missing fails there instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHORA_", "NATS_"))}
     env.update(extra)
     return env
+
+
+def acked(metrics_url: str, event_type: str | None = None) -> float:
+    """Messages (of ``event_type``, or all) that one service instance's consumer loops handled
+    and acknowledged, read from that instance's own /metrics (``chora_events_consumed_total``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "chora_events_consumed_total"
+        and sample.labels.get("outcome") == "ack"
+        and event_type in (None, sample.labels.get("event_type"))
+    )

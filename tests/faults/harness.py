@@ -1,5 +1,10 @@
 """A stack of real processes for fault tests: nats-server and each service as its
-own OS process, so kill -9 means kill -9. Reads outcomes from the JSONL."""
+own OS process, so kill -9 means kill -9. Reads outcomes from the JSONL.
+
+Every service does real work: the notifier has a subscription (``CHORA_NOTIFIER_CONFIG``)
+to the batch's facts, delivered to a real HTTP receiver on 127.0.0.1 that the test runs
+(:class:`tests.webhook.Webhook`), and the validator checks every outcome against the
+config's rules."""
 
 from __future__ import annotations
 
@@ -14,14 +19,40 @@ from collections import Counter
 from pathlib import Path
 
 from bus.server import EmbeddedServer
-from tests.conftest import ROOT, example_configs, child_env
+from contracts.catalogue import BATCH_COMPLETED, CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
+from tests.conftest import ROOT, child_env, example_configs
+from tests.webhook import Webhook
 
 SERVICES = ("generator", "validator", "assembler", "telemetry", "notifier")
 
+# The tests' own named waits, and a pytest timeout above their sum (pyproject's 120 s would
+# cut them off anonymously): a stuck fault test fails saying what it was waiting for.
+BATCH_WAIT_S = 240
+DRAIN_WAIT_S = 120
+TEST_TIMEOUT_S = 600
+
+# The webhook subscription of the fault stack: event-type patterns only (no filters), one
+# delivery per item (its validation: the last fact of an item) and one for the completion.
+# Subscribing content_generated too would double the notifier's share of a fault test's time
+# (it delivers a few hundred events/s on the shared 2-core VM) and test nothing more.
+HOOK_NAME = "faults"
+HOOK_EVENTS = (CONTENT_VALIDATED, BATCH_COMPLETED)
+HOOK_SECRET_ENV = "FAULTS_HOOK_SECRET"
+HOOK_SECRET = "fault-stack-hook-secret"
+
 
 class ProcStack:
-    def __init__(self, tmp: Path, server: EmbeddedServer | None = None, *, urls: str | None = None, extra_env: dict | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        server: EmbeddedServer | None = None,
+        *,
+        hook: Webhook,
+        urls: str | None = None,
+        extra_env: dict | None = None,
+    ):
         self.tmp = tmp
+        self.hook = hook
         self.home = tmp / "var"
         self.server = server
         self.url = urls or (server.url if server else None)
@@ -29,12 +60,19 @@ class ProcStack:
         self.procs: dict[str, list[subprocess.Popen]] = {}
         self._pos = 0
         self._counts: Counter = Counter()
+        notifier_config = tmp / "notifier.json"
+        notifier_config.write_text(json.dumps({"subscriptions": [
+            {"name": HOOK_NAME, "events": list(HOOK_EVENTS), "url": hook.url, "secret_env": HOOK_SECRET_ENV,
+             "timeout_s": 2.0, "max_in_flight": 64},
+        ]}))
         self.env = child_env(
             NATS_URL=self.url,
             CHORA_HOME=str(self.home),
             CHORA_PREFIX=self.prefix,
             CHORA_CONFIGS_DIR=str(example_configs()),
             CHORA_METRICS_PORT="0",
+            CHORA_NOTIFIER_CONFIG=str(notifier_config),
+            **{HOOK_SECRET_ENV: HOOK_SECRET},
             **(extra_env or {}),
         )
 
@@ -42,24 +80,27 @@ class ProcStack:
     def jsonl(self) -> Path:
         return self.home / "telemetry" / "events.jsonl"
 
-    def spawn(self, name: str, timeout: float = 30.0) -> subprocess.Popen:
+    def spawn(self, *names: str, timeout: float = 60.0) -> list[subprocess.Popen]:
+        """Start a process for each of ``names`` (all at once), then wait until each is ready."""
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
-        log = open(self.home / "logs" / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "chora", "service", "run", name],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        log.close()
-        ready = self.home / "run" / f"{name}.{proc.pid}.json"
+        started = []
+        for name in names:
+            with open(self.home / "logs" / f"{name}.log", "ab") as log:
+                started.append((name, subprocess.Popen(
+                    [sys.executable, "-m", "chora", "service", "run", name],
+                    env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )))
         deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited {proc.returncode}: " + (self.home / "logs" / f"{name}.log").read_text()[-2000:])
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not ready in {timeout}s")
-            time.sleep(0.02)  # polling a readiness file written by the child
-        self.procs.setdefault(name, []).append(proc)
-        return proc
+        for name, proc in started:
+            ready = self.home / "run" / f"{name}.{proc.pid}.json"
+            while not ready.exists():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited {proc.returncode}: " + (self.home / "logs" / f"{name}.log").read_text()[-2000:])
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} not ready in {timeout}s")
+                time.sleep(0.02)  # polling a readiness file written by the child
+            self.procs.setdefault(name, []).append(proc)
+        return [proc for _, proc in started]
 
     def kill9(self, name: str) -> None:
         proc = self.procs[name].pop(0)
@@ -114,20 +155,40 @@ class ProcStack:
         return self._counts[(event_type, batch_id)]
 
 
-def batch_report(lines: list[dict], batch_id: str) -> dict:
-    """Per-event-type counts for one batch, and the duplicates."""
+def batch_report(lines: list[dict], batch_id: str, items: int, hook_keys: Counter) -> dict:
+    """What the JSONL and the webhook receiver hold for one batch: per stage (request,
+    outcome, validation, the webhook POST of the validation), the items missing and the
+    items seen twice; the duplicate lines; the completions; the webhook keys that were
+    expected, missing, unexpected or POSTed again (a retry or a redelivery repeats its key)."""
     ids = Counter(rec["event_id"] for rec in lines)
-    outcomes = [r for r in lines if r["event_type"] == "chora.content_generated" and (r.get("origin") or {}).get("id") == batch_id]
-    requests = [r for r in lines if r["event_type"] == "chora.generation.requested" and (r.get("origin") or {}).get("id") == batch_id]
-    completed = [r for r in lines if r["event_type"] == "chora.batch_completed" and r.get("batch_id") == batch_id]
-    keys = Counter(r["origin"]["key"] for r in outcomes)
+    mine = [r for r in lines if (r.get("origin") or {}).get("id") == batch_id]
+    completed = [r for r in lines if r["event_type"] == BATCH_COMPLETED and r.get("batch_id") == batch_id]
+    item_of = {r["event_id"]: (r["event_type"], r["origin"]["key"]) for r in mine}
+    hooked = [item_of[k.rsplit(":", 1)[0]] for k in hook_keys if k and k.rsplit(":", 1)[0] in item_of]
+    stages = {
+        "request": [r["origin"]["key"] for r in mine if r["event_type"] == GENERATION_REQUESTED],
+        "content_generated": [r["origin"]["key"] for r in mine if r["event_type"] == CONTENT_GENERATED],
+        "content_validated": [r["origin"]["key"] for r in mine if r["event_type"] == CONTENT_VALIDATED],
+        "webhook content_validated": [key for t, key in hooked if t == CONTENT_VALIDATED],
+    }
+    wanted = {str(i) for i in range(items)}
+    complete = wanted.intersection(*map(set, stages.values()))
+    repeated = {key for keys in stages.values() for key, c in Counter(keys).items() if c > 1}
+    expected_keys = {f"{r['event_id']}:{HOOK_NAME}" for r in mine + completed if r["event_type"] in HOOK_EVENTS}
     return {
         "duplicate_lines": sum(c - 1 for c in ids.values() if c > 1),
-        "requests": len(requests),
-        "outcomes": len(outcomes),
-        "distinct_items": len(keys),
-        "items_twice": sum(1 for c in keys.values() if c > 1),
+        "lost": {stage: len(wanted - set(keys)) for stage, keys in stages.items()},
+        "twice": {stage: sum(1 for c in Counter(keys).values() if c > 1) for stage, keys in stages.items()},
+        "items_lost": len(wanted - complete),
+        "items_twice": len(repeated),
+        "invalid": sum(1 for r in mine if r["event_type"] == CONTENT_VALIDATED and not r.get("valid")),
         "completed": completed,
+        "hook_expected": len(expected_keys),
+        "hook_missing": len(expected_keys - set(hook_keys)),
+        "hook_unexpected": len(set(hook_keys) - expected_keys),
+        "hook_posts": sum(hook_keys.values()),
+        "hook_repeated": sum(c - 1 for c in hook_keys.values() if c > 1),
+        "notifications": Counter(r["event_type"] for r in lines if r["event_type"].startswith("chora.notification_")),
     }
 
 
@@ -172,6 +233,51 @@ class LocalCluster:
     def stop(self) -> None:
         for n in self.nodes:
             n.stop()
+
+
+async def undrained(stack: ProcStack) -> dict[str, tuple[int, int]] | None:
+    """The durable consumers (the webhook subscription's too) that still have messages
+    pending or unacknowledged, as name -> (pending, ack pending); None if unreadable."""
+    import nats
+
+    nc = await nats.connect(stack.url.split(","))
+    try:
+        infos = await nc.jetstream().consumers_info(f"{stack.prefix.upper()}_EVENTS")
+        return {c.name: (c.num_pending, c.num_ack_pending) for c in infos if c.num_pending or c.num_ack_pending}
+    except Exception:
+        return None
+    finally:
+        await nc.close()
+
+
+async def dead_letters(stack: ProcStack) -> int:
+    """Messages in the stack's dead-letter stream."""
+    import nats
+
+    nc = await nats.connect(stack.url.split(","))
+    try:
+        return (await nc.jetstream().stream_info(f"{stack.prefix.upper()}_DLQ")).state.messages
+    finally:
+        await nc.close()
+
+
+async def batch_state(stack: ProcStack, batch_id: str) -> dict | None:
+    """The assembler's record of the batch (done, closed, finished), read from the KV bucket."""
+    import nats
+
+    from chora.commands.assembly import read_batch_status
+    from chora.settings import NatsSettings, Settings
+
+    nc = await nats.connect(stack.url.split(","))
+    try:
+        return await read_batch_status(nc, Settings(prefix=stack.prefix, nats=NatsSettings(url=stack.url)), batch_id)
+    finally:
+        await nc.close()
+
+
+def instance_metrics(stack: ProcStack, name: str) -> list[str]:
+    """The /metrics URL of each running instance of ``name`` (from its readiness file)."""
+    return [json.loads(f.read_text())["metrics_url"] for f in sorted((stack.home / "run").glob(f"{name}.*.json"))]
 
 
 async def js_ready(urls: str) -> bool:

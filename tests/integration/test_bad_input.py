@@ -46,6 +46,14 @@ MALFORMED = [
 ]
 
 
+async def settled(js, topo: Topology) -> bool:
+    """Every service's consumer has nothing pending and nothing unacknowledged."""
+    for c in await js.consumers_info(topo.events_stream):
+        if c.name in SERVICES and (c.num_ack_pending or c.num_pending):
+            return False
+    return True
+
+
 @pytest.fixture
 async def services(settings):
     settings.max_deliver = 3
@@ -107,13 +115,7 @@ async def test_malformed_events_are_dead_lettered_and_nothing_else_is_lost(nc, s
     assert m.headers["Chora-Dlq-Reason"] and m.headers["Chora-Dlq-Subject"] == subject
 
     # Nothing is left unacknowledged or waiting for a retry.
-    async def settled():
-        for c in await js.consumers_info(topo.events_stream):
-            if c.name in SERVICES and (c.num_ack_pending or c.num_pending):
-                return False
-        return True
-
-    await wait_for(settled, timeout=30, what="every consumer settled")
+    await wait_for(lambda: settled(js, topo), timeout=30, what="every consumer settled")
 
 
 async def test_a_bad_config_is_an_error_event_not_a_dead_letter(nc, settings, services):
@@ -134,5 +136,8 @@ async def test_a_bad_config_is_an_error_event_not_a_dead_letter(nc, settings, se
             got[ids[body["request_id"]]] = (body["status"], body["error"]["code"])
     await sub.unsubscribe()
     assert got == {cid: ("error", code) for cid, code in cases.items()}
+    # every service has handled (or given up on) everything it was sent: only then can the
+    # dead-letter stream's emptiness mean that nobody dead-lettered these requests
+    await wait_for(lambda: settled(js, topo), timeout=30, what="every consumer settled")
     info = await js.stream_info(topo.dlq_stream)
     assert info.state.messages == 0

@@ -234,19 +234,22 @@ async def test_work_longer_than_ack_wait_is_kept_alive_not_redelivered(nc, js_to
     from dataclasses import replace as _replace
 
     js, topo = js_topo
-    spec = _replace(topo.consumers["generator"], ack_wait_s=0.6)
+    # ack_wait 2 s: the loop's +WPI every ack_wait / 3 leaves 1.3 s of slack per period for a
+    # loaded machine to be late in (0.6 s / 0.2 s left 0.4 s, too little under CPU contention).
+    ack_wait = 2.0
+    spec = _replace(topo.consumers["generator"], ack_wait_s=ack_wait)
     await provision(js, topo, consumers=[], extra=[spec])
     calls = []
 
     async def slow(ev, delivery):
         calls.append(ev.id)
-        await asyncio.sleep(2.0)  # the work itself takes over three ack_waits
+        await asyncio.sleep(2.5 * ack_wait)  # the work itself outlasts two ack_waits
         return []
 
     loop = ConsumerLoop(nc, js, topo, spec, slow)
     task = asyncio.create_task(loop.run())
     await Publisher(js, topo.prefix).publish(request())
-    await wait_for(lambda: loop.stats.acked == 1, timeout=10, what="the slow message acked")
+    await wait_for(lambda: loop.stats.acked == 1, timeout=60, what="the slow message acked")
     await loop.stop()
     await task
     assert len(calls) == 1, "redelivered while still being worked on"

@@ -20,7 +20,8 @@ from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import decode, encode_binary, new_event
 from contracts.events import GenerationRequested
 from tests.conftest import child_env, wait_for
-from tests.integration.test_notifier_webhooks import Notifier, Webhook, generated, publish, subscription
+from tests.integration.test_notifier_webhooks import Notifier, generated, publish, subscription
+from tests.webhook import Webhook
 
 
 def request(config_id: str) -> object:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from bus.monitor import JetStreamMonitor, SnapshotError, monitor_urls
 from bus.topology import Topology, provision
 from services.telemetry.metrics import TelemetryMetrics
-
-
-def dead_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+from tests.webhook import dead_url
 
 
 def test_monitor_urls_setting():
@@ -26,7 +19,7 @@ async def test_servers_figures_next_to_the_jetstream_figures(settings, nats_serv
     topo = Topology.from_settings(settings)
     js = nc.jetstream()
     await provision(js, topo)
-    dead = dead_url()
+    dead = dead_url(path="")
     monitor = JetStreamMonitor(js, topo, server_urls=[nats_server.monitor_url, dead])
     snap = await monitor.snapshot()
     assert {s.stream for s in snap.streams} == {topo.events_stream, topo.dlq_stream}

@@ -30,7 +30,7 @@ from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED, subject
 from contracts.envelope import decode, new_event
 from contracts.events import GenerationRequested
 from services.runtime import ServiceStartError, ready_file, run_service
-from tests.conftest import ROOT, example_configs, wait_for
+from tests.conftest import ROOT, example_configs, stop_services, wait_for
 
 TLS_CONF = ROOT / "deploy" / "nats" / "tls.conf"
 USERS = ("admin", "generator", "telemetry", "validator", "assembler", "notifier", "client")
@@ -98,7 +98,7 @@ async def test_the_services_run_over_tls_under_their_own_users(tmp_path, tls_ser
         await provision(admin.jetstream(), topo)
         for name in ("generator", "telemetry"):
             s = settings_for(tmp_path, tls_server, name, passwords[name], pki["ca"])
-            tasks.append(asyncio.create_task(run_service(name, s, stop=stop)))
+            tasks.append(asyncio.create_task(run_service(name, s, stop=stop), name=name))
 
         def ready() -> bool:
             for t in tasks:
@@ -132,11 +132,11 @@ async def test_the_services_run_over_tls_under_their_own_users(tmp_path, tls_ser
             (c["authorized_user"], c.get("tls_version")) for c in conns
         ]
     finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        failed = await stop_services(stop, tasks)
         if client is not None:
             await client.close()
         await admin.close()
+        assert not failed, f"services failed: {failed}"
 
 
 def test_a_plain_text_client_is_refused_before_it_sends_a_password(tls_server, passwords):

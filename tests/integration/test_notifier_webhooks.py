@@ -1,7 +1,7 @@
 """The notifier against a real nats-server and real local HTTP endpoints.
 
-Endpoints are stdlib ``http.server`` instances in threads on 127.0.0.1:0: one
-that accepts (and checks nothing itself: the test verifies what it recorded),
+Endpoints are :class:`tests.webhook.Webhook` (stdlib ``http.server`` in a thread on
+127.0.0.1:0): one that accepts (and checks nothing itself: the test verifies what it recorded),
 one that fails N times with 503 + ``Retry-After: 0`` then accepts, one that is
 down (a port nobody listens on) and one that is slow (answers only when
 released). The notifier runs in-process with :func:`services.runtime.run_service`.
@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from nats.js.errors import NotFoundError
@@ -36,77 +31,9 @@ from services.notifier.circuit import CLOSED, HALF_OPEN, OPEN
 from services.notifier.signing import verify
 from services.runtime import ready_file, run_service
 from tests.conftest import wait_for
+from tests.webhook import Webhook, dead_url
 
 SECRET = "integration-secret-1"
-
-
-# --------------------------------------------------------------------------- endpoints
-
-
-@dataclass
-class Received:
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-
-class Webhook:
-    """A real HTTP endpoint in a thread. ``respond(n)`` -> (status, headers) for the n-th request (0-based)."""
-
-    def __init__(self, respond=None, *, hold: bool = False):
-        self.respond = respond or (lambda n: (200, {}))
-        self.hold = hold  # answer only once released (a slow endpoint)
-        self.released = threading.Event()
-        self.received: list[Received] = []
-        self.answered = 0
-        self._lock = threading.Lock()
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with hook._lock:
-                    n = len(hook.received)
-                    hook.received.append(Received(dict(self.headers.items()), body, time.time()))
-                if hook.hold:
-                    hook.released.wait(30)
-                status, headers = hook.respond(n)
-                try:
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", "2")
-                    self.end_headers()
-                    self.wfile.write(b"ok")
-                except OSError:  # the client gave up (timeout)
-                    return
-                with hook._lock:
-                    hook.answered += 1
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self) -> "Webhook":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def dead_url() -> str:
-    """A URL on a port nobody listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/hook"
 
 
 def fail_then_accept(n_failures: int):
@@ -256,16 +183,18 @@ async def test_retries_then_succeeds_counting_attempts(nc, settings, tmp_path, m
 
 
 async def test_dead_endpoint_dead_letters_with_notification_failed_and_opens_the_circuit(nc, settings, tmp_path, monkeypatch):
+    # The exact counts below need delivery 3 (after a backoff of at most 0.1 s) to arrive
+    # while the circuit is still open: a 5 s open window leaves room for a loaded machine.
     subs = [
         subscription(
             "down", dead_url(), max_attempts=3,
-            circuit={"failure_threshold": 2, "reset_timeout_s": 1.0, "half_open_max_calls": 1},
+            circuit={"failure_threshold": 2, "reset_timeout_s": 5.0, "half_open_max_calls": 1},
         )
     ]
     async with Notifier(nc, settings, tmp_path, monkeypatch, subs) as n:
         ev = generated()
         await publish(nc, settings, ev)
-        await wait_for(lambda: n.failed("down"), 15, "notification_failed")
+        await wait_for(lambda: n.failed("down"), 30, "notification_failed")
         [f] = n.failed("down")
         assert (f.event_id, f.attempts, f.dead_lettered, f.error.code) == (ev.id, 3, True, "MAX_ATTEMPTS")
         assert "CONNECT_ERROR" in f.error.message
@@ -293,12 +222,13 @@ async def test_dead_endpoint_dead_letters_with_notification_failed_and_opens_the
 
 async def test_slow_endpoint_does_not_delay_a_healthy_subscription(nc, settings, tmp_path, monkeypatch):
     with Webhook(hold=True) as slow, Webhook() as fast:
-        subs = [subscription("slow", slow.url, timeout_s=2.0), subscription("fast", fast.url)]
+        # The slow endpoint answers nothing until released, and its timeout outlasts the test's
+        # waits: were deliveries serialised behind it, the fast ones could never arrive first.
+        subs = [subscription("slow", slow.url, timeout_s=120.0), subscription("fast", fast.url)]
         async with Notifier(nc, settings, tmp_path, monkeypatch, subs) as n:
             events = [generated() for _ in range(5)]
             await publish(nc, settings, *events)
-            # Were deliveries serialised behind the slow endpoint, this would take 5 x 2 s.
-            await wait_for(lambda: len(n.delivered("fast")) == 5, 3, "5 deliveries to the fast endpoint")
+            await wait_for(lambda: len(n.delivered("fast")) == 5, 30, "5 deliveries to the fast endpoint while the slow one hangs")
             assert {d.event_id for d in n.delivered("fast")} == {e.id for e in events}
             assert len(slow.received) >= 1 and slow.answered == 0  # still hanging on the slow one
             assert n.delivered("slow") == []

@@ -20,7 +20,7 @@ from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, GenerationRequested
 from contracts.tracing import parse_traceparent
-from tests.conftest import ROOT, child_env, wait_for
+from tests.conftest import ROOT, child_env, under_ci, wait_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
@@ -40,9 +40,9 @@ def _otel_available() -> bool:
 def require_otel() -> None:
     if _otel_available():
         return
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    if under_ci():
         pytest.fail("opentelemetry-sdk / opentelemetry-exporter-otlp-proto-http missing: install the 'otel' extra")
-    pytest.skip("OpenTelemetry not installed (the 'otel' extra); fails under CI=true")
+    pytest.skip("OpenTelemetry not installed (the 'otel' extra); fails under CI")
 
 
 class _Receiver:

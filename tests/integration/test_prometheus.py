@@ -18,7 +18,7 @@ return data, which proves it watches series that exist with the labels it
 groups by. Two alerts that this load really triggers (dead letters growing,
 error ratio high) must also return data as written.
 
-Skipped only when the prometheus binary is absent outside CI; under CI=true
+Skipped only when the prometheus binary is absent outside CI; under CI (CI=1/true/yes)
 a missing binary fails the test.
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -46,7 +45,7 @@ from contracts.envelope import new_event
 from contracts.events import ArtifactRequested, BatchItem, BatchRequested, GenerationRequested
 from chora.up import write_prometheus_targets
 from services.runtime import ready_file, run_service
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, stop_services, under_ci, wait_for
 
 DASHBOARD = ROOT / "dashboards" / "chora-compose.json"
 ALERTS = ROOT / "dashboards" / "alerts.yml"
@@ -58,7 +57,7 @@ SERVICES = ("generator", "validator", "assembler", "notifier", "telemetry")
 def prometheus_binary() -> str:
     path = shutil.which("prometheus")
     if path is None:
-        if os.environ.get("CI") == "true":
+        if under_ci():
             pytest.fail("prometheus is not installed (CI must install it: apt-get install -y prometheus)")
         pytest.skip("prometheus binary not installed")
     return path
@@ -391,8 +390,8 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, nats_s
         for expr, op, want in figures:
             await expect(expr, op, want)
     finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        failed = await stop_services(stop, tasks)
         prom.stop()
         http.shutdown()
         http.server_close()
+        assert not failed, f"services failed: {failed}"

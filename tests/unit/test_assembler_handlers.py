@@ -39,7 +39,7 @@ from services.assembler import batches as bat
 from services.assembler import handlers
 from services.assembler.handlers import Deps
 from services.assembler.state import batch_item_key, decode_batch, decode_run
-from tests.unit.test_assembler_state import MemoryState
+from tests.fakes import Clock, MemoryState
 
 
 FIRST = Delivery.first("assembler")
@@ -60,14 +60,6 @@ class MemoryContent:
 
     async def get(self, ref, max_bytes=None):
         return self.objects[ref.removeprefix("obj://mem/")]
-
-
-class Clock:
-    def __init__(self, t=1000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
 
 
 @pytest.fixture

@@ -34,47 +34,7 @@ from services.assembler.state import (
     set_bit,
     unset_bits,
 )
-
-
-class MemoryState:
-    """KV with revisions and compare-and-set, in memory (what bus.state.StateStore does on NATS)."""
-
-    def __init__(self):
-        self.data: dict[str, tuple[bytes, int]] = {}
-        self.seq = 0
-        self.updates = 0
-
-    async def get(self, key):
-        await asyncio.sleep(0)
-        return self.data.get(key)
-
-    async def create(self, key, value):
-        await asyncio.sleep(0)
-        if key in self.data:
-            return None
-        self.seq += 1
-        self.data[key] = (value, self.seq)
-        return self.seq
-
-    async def update(self, key, value, revision):
-        await asyncio.sleep(0)
-        cur = self.data.get(key)
-        if cur is None or cur[1] != revision:
-            return None
-        self.seq += 1
-        self.updates += 1
-        self.data[key] = (value, self.seq)
-        return self.seq
-
-    async def put(self, key, value):
-        await asyncio.sleep(0)
-        self.seq += 1
-        self.data[key] = (value, self.seq)
-        return self.seq
-
-    async def items(self, prefix):
-        await asyncio.sleep(0)
-        return {k: v for k, (v, _) in self.data.items() if k.startswith(prefix + ".")}
+from tests.fakes import MemoryState
 
 
 # --------------------------------------------------------------------------- keys and bitmaps

@@ -22,6 +22,7 @@ from services.telemetry import rotation
 from services.telemetry.lines import encode_line
 from services.telemetry.sink import JsonlSink
 from tests.conftest import child_env, wait_for
+from tests.fakes import Clock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,14 +38,6 @@ def gen(trace: str, status: str = "success"):
     err = ErrorInfo(code="TEMPLATE_ERROR", message="boom") if status == "error" else None
     data = ContentGenerated(request_id=cause.id, content_config_id="welcome", status=status, error=err)
     return new_event(CONTENT_GENERATED, data, source="generator", cause=cause)
-
-
-class Clock:
-    def __init__(self, t: float):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def run(capsys, *argv: str) -> tuple[int, list[str], str]:

@@ -21,6 +21,7 @@ from contracts.events import GenerationRequested
 from services.telemetry import rotation
 from services.telemetry import sink as sink_mod
 from services.telemetry.sink import JsonlSink
+from tests.fakes import Clock
 
 DAY1 = dt.datetime(2025, 3, 9, 23, 59, 0, tzinfo=dt.timezone.utc).timestamp()
 DAY2 = DAY1 + 120  # 2025-03-10 00:01
@@ -30,14 +31,6 @@ def requested(i: int = 0, trace: str | None = None):
     return new_event(
         GENERATION_REQUESTED, GenerationRequested(content_config_id="welcome", context={"i": i}), source="t", trace_id=trace
     )
-
-
-class Clock:
-    def __init__(self, t: float):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def read_all(d, live="events.jsonl") -> list[dict]:

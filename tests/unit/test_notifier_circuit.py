@@ -6,14 +6,7 @@ import pytest
 
 from services.notifier.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen
 from services.notifier.config import CircuitConfig
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.fakes import Clock
 
 
 def breaker(threshold=3, reset=10.0, half_open=1, clock=None) -> CircuitBreaker:

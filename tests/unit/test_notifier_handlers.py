@@ -15,6 +15,7 @@ from services.notifier.config import parse_config
 from services.notifier.delivery import DeliveryResult
 from services.notifier import handlers
 from services.notifier.handlers import Deps, Target
+from tests.fakes import Clock
 
 CONFIG = """
 subscriptions:
@@ -44,18 +45,11 @@ class ScriptedSender:
         return self.results.pop(0)
 
 
-class Clock:
-    t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def target(*results: DeliveryResult, clock=None, name_suffix: str = "") -> Target:
     sub = parse_config(CONFIG).subscriptions[0]
     if name_suffix:
         sub = sub.model_copy(update={"name": sub.name + name_suffix})
-    return Target(sub, ScriptedSender(*results), CircuitBreaker(sub.circuit, clock=clock or Clock()), rng=random.Random(1))
+    return Target(sub, ScriptedSender(*results), CircuitBreaker(sub.circuit, clock=clock or Clock(0.0)), rng=random.Random(1))
 
 
 def failed_generation(**kw) -> CloudEvent:
@@ -164,7 +158,7 @@ async def test_permanent_refusal_dead_letters_at_once_and_keeps_the_circuit_clos
 
 
 async def test_open_circuit_defers_without_calling_and_does_not_use_up_attempts():
-    clock = Clock()
+    clock = Clock(0.0)
     t = target(UNAVAILABLE, UNAVAILABLE, UNAVAILABLE, clock=clock)
     ev = failed_generation()
     for n in (1, 2):
@@ -187,7 +181,7 @@ async def test_open_circuit_defers_without_calling_and_does_not_use_up_attempts(
 
 
 async def test_circuit_open_on_the_consumers_last_delivery_dead_letters():
-    clock = Clock()
+    clock = Clock(0.0)
     t = target(UNAVAILABLE, UNAVAILABLE, clock=clock)
     for n in (1, 2):
         on_delivery(n, t, seq=1)

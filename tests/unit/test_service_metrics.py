@@ -20,6 +20,7 @@ from services.metrics import MAX_LABEL_VALUES, OTHER, ServiceMetrics
 from services.notifier.circuit import CircuitBreaker
 from services.notifier.config import CircuitConfig
 from services.notifier.metrics import NotifierMetrics
+from tests.fakes import Clock
 
 
 def generated(status: str):
@@ -102,14 +103,6 @@ def test_an_apps_registry_is_served_on_the_same_endpoint():
 
 
 # ---------------------------------------------------------------------- the notifier
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def states(m: NotifierMetrics, sub: str) -> dict[str, float]:
     return {
         s: m.registry.get_sample_value("chora_webhook_circuit_state", {"subscription": sub, "state": s})
@@ -139,7 +132,7 @@ def test_circuit_state_is_live_and_reading_it_moves_nothing():
 
     # the reset timeout passes: a scrape shows half_open at once, without waiting for a delivery,
     # and without moving the breaker (that stays the event loop's business)
-    clock.now += 30
+    clock.t += 30
     assert states(m, "hook") == {"closed": 0, "open": 0, "half_open": 1}
     assert breaker._state == "open" and breaker.transition_count == 1
     assert breaker.state == "half_open"  # the breaker's own read moves it

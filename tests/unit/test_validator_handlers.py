@@ -28,29 +28,9 @@ from services.validator.handlers import (
 from services.validator.rules import RuleCache
 from services.validator.service import ValidatorApp, build
 from tests.conftest import example_configs, write
+from tests.fakes import MemoryState
 
 EXAMPLES = example_configs()
-
-
-class MemoryState:
-    """An in-memory stand-in for the KV state store with the same create/get contract."""
-
-    def __init__(self):
-        self.data: dict[str, tuple[bytes, int]] = {}
-        self.rev = 0
-        self.creates = 0
-
-    async def create(self, key, value):
-        self.creates += 1
-        await asyncio.sleep(0)  # let concurrent handlers interleave here
-        if key in self.data:
-            return None
-        self.rev += 1
-        self.data[key] = (value, self.rev)
-        return self.rev
-
-    async def get(self, key):
-        return self.data.get(key)
 
 
 class BrokenState:

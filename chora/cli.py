@@ -53,7 +53,9 @@ async def generate(args: argparse.Namespace) -> int:
     link = Link()
     nc = await connect_cli(settings, link)
     try:
-        got = await request_and_wait(nc, settings, link, request, [CONTENT_GENERATED, CONTENT_VALIDATED], args.timeout, done)
+        got = await request_and_wait(
+            nc, settings, link, request, [CONTENT_GENERATED, CONTENT_VALIDATED], args.timeout, done
+        )
     finally:
         await close_cli(nc, link)
     ev = got.get(CONTENT_GENERATED)
@@ -81,8 +83,11 @@ async def generate(args: argparse.Namespace) -> int:
         for i in verdict.data.issues:
             print(f"chora: {i.severity}: {i.rule}: {i.message}", file=sys.stderr)
     if verdict is not None and not verdict.data.valid and not allow_invalid:
-        print(f"chora: the validator marked the content of {data.content_config_id} invalid; not printed "
-              "(--allow-invalid prints it anyway)", file=sys.stderr)
+        print(
+            f"chora: the validator marked the content of {data.content_config_id} invalid; not printed "
+            "(--allow-invalid prints it anyway)",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     sys.stdout.write(data.content or "")
     if data.content and not data.content.endswith("\n"):

@@ -49,6 +49,7 @@ def parse_context(arg: str | None) -> dict:
             text = Path(arg[1:]).read_text()
         except OSError as e:
             raise SystemExit(f"chora: cannot read context file {arg[1:]}: {e.strerror}") from None
+
     def no_constants(name: str):
         raise ValueError(f"{name} is not valid JSON")
 
@@ -123,7 +124,9 @@ async def publish_request(nc, settings: Settings, request, what: str = "the requ
     from bus.publisher import Publisher
 
     try:
-        await Publisher(nc.jetstream(), settings.prefix, max_bytes=settings.max_event_bytes, content=content).publish(request)
+        await Publisher(nc.jetstream(), settings.prefix, max_bytes=settings.max_event_bytes, content=content).publish(
+            request
+        )
     except Exception as e:
         hint = ""
         if "no response from stream" in str(e):
@@ -153,15 +156,23 @@ async def follow(nc, settings: Settings, link: Link, event_types: list[str], on_
     try:
         await follower.start()
     except Exception as e:
-        print(f"chora: cannot read the events stream {settings.stream_name}: {e}. Run `chora nats provision`, "
-              "or start the services once, which provision it.", file=sys.stderr)
+        print(
+            f"chora: cannot read the events stream {settings.stream_name}: {e}. Run `chora nats provision`, "
+            "or start the services once, which provision it.",
+            file=sys.stderr,
+        )
         raise SystemExit(EXIT_FAILED) from None
     link.on_return.append(lambda: follower.resume(lambda: not link.closing))
     return follower
 
 
 async def request_and_wait(
-    nc, settings: Settings, link: Link, request, outcome_types: list[str], timeout: float,
+    nc,
+    settings: Settings,
+    link: Link,
+    request,
+    outcome_types: list[str],
+    timeout: float,
     done: Callable[[dict[str, Any]], bool] = bool,
 ) -> dict[str, Any]:
     """Publish ``request`` and collect, per type in ``outcome_types``, the event whose

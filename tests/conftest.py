@@ -35,9 +35,11 @@ def example_configs() -> Path:
     dst = Path(tempfile.mkdtemp(prefix="chora-example-configs-")) / "configs"
     atexit.register(shutil.rmtree, dst.parent, True)
     try:
-        listed = subprocess.run(
-            ["git", "ls-files", "-z", "--", "."], cwd=src, capture_output=True, check=True, timeout=30
-        ).stdout.decode().split("\0")
+        listed = (
+            subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=src, capture_output=True, check=True, timeout=30)
+            .stdout.decode()
+            .split("\0")
+        )
         files = [f for f in listed if f]
     except (OSError, subprocess.SubprocessError):
         files = []
@@ -88,7 +90,10 @@ async def nc(nats_server):
 
 
 async def wait_for(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = "condition", interval: float = 0.01
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.01,
 ):
     """Poll ``predicate`` every ``interval`` seconds until true; fail with ``what`` after ``timeout`` seconds.
 

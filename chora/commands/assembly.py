@@ -58,7 +58,9 @@ async def assemble(args: argparse.Namespace) -> int:
     settings = load_settings()
     trace_id = trace_id_or_exit(args, settings)
     try:
-        data = msgspec.convert({"artifact_id": args.artifact_id, "context": parse_context(args.context)}, ArtifactRequested)
+        data = msgspec.convert(
+            {"artifact_id": args.artifact_id, "context": parse_context(args.context)}, ArtifactRequested
+        )
     except msgspec.ValidationError as e:
         print(f"chora: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -67,7 +69,9 @@ async def assemble(args: argparse.Namespace) -> int:
     nc = await connect_cli(settings, link)
     try:
         js = nc.jetstream()
-        ev = (await request_and_wait(nc, settings, link, request, [ARTIFACT_ASSEMBLED], args.timeout)).get(ARTIFACT_ASSEMBLED)
+        ev = (await request_and_wait(nc, settings, link, request, [ARTIFACT_ASSEMBLED], args.timeout)).get(
+            ARTIFACT_ASSEMBLED
+        )
         if ev is None:
             print(
                 f"chora: no outcome for artifact request {request.id} within {args.timeout}s "
@@ -79,7 +83,9 @@ async def assemble(args: argparse.Namespace) -> int:
         content = out.content
         if out.status == "success" and content is None and out.content_ref:
             try:
-                content = (await ContentStore(js, Topology.from_settings(settings).content_bucket).get(out.content_ref)).decode("utf-8")
+                content = (
+                    await ContentStore(js, Topology.from_settings(settings).content_bucket).get(out.content_ref)
+                ).decode("utf-8")
             except ContentMissing as e:
                 print(f"chora: the artifact's content is gone: {e}", file=sys.stderr)
                 return EXIT_FAILED
@@ -91,7 +97,10 @@ async def assemble(args: argparse.Namespace) -> int:
     if out.status != "success":
         where = f" (part {out.failed_part})" if out.failed_part else ""
         err = out.error
-        print(f"chora: assembly failed{where}: {err.code}: {err.message}" if err else f"chora: assembly failed{where}", file=sys.stderr)
+        print(
+            f"chora: assembly failed{where}: {err.code}: {err.message}" if err else f"chora: assembly failed{where}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     content = content or ""
     if args.output:
@@ -125,7 +134,9 @@ def load_batch_file(path: str):
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         doc = json.loads(text) if p.suffix == ".json" else yaml.load(text, Loader=loader)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise SystemExit(f"chora: batch file {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+        raise SystemExit(
+            f"chora: batch file {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}"
+        ) from None
     if not isinstance(doc, dict):
         raise SystemExit(f"chora: batch file {path} must hold a mapping with 'items'")
     try:
@@ -250,7 +261,12 @@ def print_summary(console, completed, items, max_failed: int = 50) -> None:
         ft.add_column("error code")
         ft.add_column("message", overflow="fold")
         for i in failed[:max_failed]:
-            ft.add_row(str(i.index), i.content_config_id, i.error.code if i.error else "", (i.error.message if i.error else "")[:200])
+            ft.add_row(
+                str(i.index),
+                i.content_config_id,
+                i.error.code if i.error else "",
+                (i.error.message if i.error else "")[:200],
+            )
         console.print(ft)
         if len(failed) > max_failed:
             console.print(f"... and {len(failed) - max_failed} more")
@@ -299,7 +315,9 @@ def register(sub) -> None:
     sp.add_argument("--timeout", type=float, default=60.0)
     sp.set_defaults(func=lambda a: asyncio.run(assemble(a)))
 
-    bt = sub.add_parser("batch", help="generate many items as one batch").add_subparsers(dest="batch_cmd", required=True)
+    bt = sub.add_parser("batch", help="generate many items as one batch").add_subparsers(
+        dest="batch_cmd", required=True
+    )
     sp = bt.add_parser("run", help="run the batch in FILE (YAML or JSON) with a progress bar")
     sp.add_argument("file")
     sp.add_argument("--trace-id")

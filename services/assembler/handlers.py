@@ -198,7 +198,9 @@ async def batch_items(data: BatchRequested, deps: Deps) -> BatchRequested:
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise Reject("INVALID_DATA", f"the items at {data.items_ref} are not a list of batch items: {e}") from None
     if not items or (data.item_count is not None and data.item_count != len(items)):
-        raise Reject("INVALID_DATA", f"{data.items_ref} holds {len(items)} items, expected {data.item_count or 'at least 1'}")
+        raise Reject(
+            "INVALID_DATA", f"{data.items_ref} holds {len(items)} items, expected {data.item_count or 'at least 1'}"
+        )
     return msgspec.structs.replace(data, items=items, items_ref=None, item_count=None)
 
 
@@ -214,8 +216,12 @@ async def on_batch_requested(event: CloudEvent, delivery: Delivery, deps: Deps) 
         if record is None:
             raise Retry("the batch record exists but cannot be read yet")
         if record.total != total:
-            log.warning("batch %s: a request with this id and %d items was already handled (%d items); ignored",
-                        batch_id, total, record.total)
+            log.warning(
+                "batch %s: a request with this id and %d items was already handled (%d items); ignored",
+                batch_id,
+                total,
+                record.total,
+            )
             return []
         if record.closed:
             return []
@@ -273,7 +279,9 @@ async def on_item_outcome(event: CloudEvent, delivery: Delivery, deps: Deps) -> 
     return []  # the batch stopped before this outcome: not counted, reported as skipped
 
 
-async def _batch_again(event: CloudEvent, batch_id: str, committer: Committer, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
+async def _batch_again(
+    event: CloudEvent, batch_id: str, committer: Committer, delivery: Delivery, deps: Deps
+) -> list[CloudEvent]:
     """A redelivered (or duplicate) outcome: if it is the one that closed the batch and the
     completion is not known to be in the stream, announce it (again: same id)."""
     record = await committer.read(fresh=True)
@@ -339,10 +347,14 @@ async def on_artifact_requested(event: CloudEvent, delivery: Delivery, deps: Dep
         return await _run_again(event, existing, delivery, deps)
     committer.prime(run, rev)
     deps.count("artifact_started")
-    return await _caused_by(event, run, delivery, deps, again=False)  # the first parts (requested_by = run id), or the refusal
+    return await _caused_by(
+        event, run, delivery, deps, again=False
+    )  # the first parts (requested_by = run id), or the refusal
 
 
-async def on_part_outcome(event: CloudEvent, delivery: Delivery, deps: Deps, *, ok: bool, error: ErrorInfo | None = None) -> list[CloudEvent]:
+async def on_part_outcome(
+    event: CloudEvent, delivery: Delivery, deps: Deps, *, ok: bool, error: ErrorInfo | None = None
+) -> list[CloudEvent]:
     data = event.data
     run_id, part_id = data.origin.id, data.origin.key
     committer = deps.run(run_id)
@@ -378,7 +390,9 @@ async def _run_again(event: CloudEvent, run: ArtifactRun, delivery: Delivery, de
     return await _caused_by(event, run, delivery, deps, again=True)
 
 
-async def _caused_by(event: CloudEvent, run: ArtifactRun, delivery: Delivery, deps: Deps, *, again: bool) -> list[CloudEvent]:
+async def _caused_by(
+    event: CloudEvent, run: ArtifactRun, delivery: Delivery, deps: Deps, *, again: bool
+) -> list[CloudEvent]:
     """What handling ``event`` decided, as events: the parts it requested that are still
     waiting for an outcome, and the completion if it closed the run (unless finished).
 
@@ -387,7 +401,11 @@ async def _caused_by(event: CloudEvent, run: ArtifactRun, delivery: Delivery, de
     CONTEXT_TOO_LARGE; a redelivery of ``event`` finds it failed already."""
     out: list[CloudEvent] = []
     while not run.closed:
-        waiting = [p.id for p in run.parts if run.state[p.id].status == "requested" and run.state[p.id].requested_by == event.id]
+        waiting = [
+            p.id
+            for p in run.parts
+            if run.state[p.id].status == "requested" and run.state[p.id].requested_by == event.id
+        ]
         out = await part_requests(event, run, waiting, deps) if waiting else []
         too_big = [(e, n) for e in out if (n := _size(e)) > deps.max_event_bytes - 4096]
         if not too_big:

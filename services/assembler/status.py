@@ -57,5 +57,7 @@ async def find_batch(nc: Any, settings: BusSettings, batch_id: str) -> tuple[str
         raise BatchLookupError(f"no batch {batch_id} (no batch id starts with it; unknown, or expired)")
     if len(hits) > 1:
         shown = ", ".join(h[0] for h in hits[:10]) + (f" and {len(hits) - 10} more" if len(hits) > 10 else "")
-        raise BatchLookupError(f"{batch_id} is ambiguous: {len(hits)} batches start with it ({shown}); give more characters")
+        raise BatchLookupError(
+            f"{batch_id} is ambiguous: {len(hits)} batches start with it ({shown}); give more characters"
+        )
     return hits[0]

@@ -81,7 +81,10 @@ async def test_a_closed_pipe_ends_the_command_quietly(settings, batches):
 
     def run_into_closed_pipe():
         proc = subprocess.Popen(
-            CHORA + ["batch", "status", BATCHES[0]], env=cli_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            CHORA + ["batch", "status", BATCHES[0]],
+            env=cli_env(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         proc.stdout.close()  # the reader is gone: the first write gets EPIPE
         return proc.wait(60), proc.stderr.read().decode()
@@ -100,8 +103,10 @@ def test_generate_on_an_unprovisioned_server_says_to_provision(settings):
 @pytest.fixture
 def strict_configs(tmp_path, settings):
     d = tmp_path / "configs"
-    write(d / "too-short.yaml", "id: too-short\ngenerator: demonstration\nexample_output: hi\n"
-          "validation:\n  - {type: length, min_words: 5}\n")
+    write(
+        d / "too-short.yaml",
+        "id: too-short\ngenerator: demonstration\nexample_output: hi\nvalidation:\n  - {type: length, min_words: 5}\n",
+    )
     return settings.model_copy(update={"configs_dir": d})
 
 

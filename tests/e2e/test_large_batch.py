@@ -67,8 +67,12 @@ async def test_a_100000_item_batch_completes_once_with_every_success(tmp_path, s
         await asyncio.to_thread(stack.spawn, "assembler")
         t0 = time.perf_counter()
         r = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "chora", "batch", "run", str(batch), "--timeout", "500"],
-            env=stack.env, capture_output=True, text=True, timeout=560,
+            subprocess.run,
+            [sys.executable, "-m", "chora", "batch", "run", str(batch), "--timeout", "500"],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=560,
         )
         elapsed = time.perf_counter() - t0
     finally:

@@ -61,10 +61,22 @@ class ProcStack:
         self._pos = 0
         self._counts: Counter = Counter()
         notifier_config = tmp / "notifier.json"
-        notifier_config.write_text(json.dumps({"subscriptions": [
-            {"name": HOOK_NAME, "events": list(HOOK_EVENTS), "url": hook.url, "secret_env": HOOK_SECRET_ENV,
-             "timeout_s": 2.0, "max_in_flight": 64},
-        ]}))
+        notifier_config.write_text(
+            json.dumps(
+                {
+                    "subscriptions": [
+                        {
+                            "name": HOOK_NAME,
+                            "events": list(HOOK_EVENTS),
+                            "url": hook.url,
+                            "secret_env": HOOK_SECRET_ENV,
+                            "timeout_s": 2.0,
+                            "max_in_flight": 64,
+                        },
+                    ]
+                }
+            )
+        )
         self.env = child_env(
             NATS_URL=self.url,
             CHORA_HOME=str(self.home),
@@ -86,16 +98,26 @@ class ProcStack:
         started = []
         for name in names:
             with open(self.home / "logs" / f"{name}.log", "ab") as log:
-                started.append((name, subprocess.Popen(
-                    [sys.executable, "-m", "chora", "service", "run", name],
-                    env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                )))
+                started.append(
+                    (
+                        name,
+                        subprocess.Popen(
+                            [sys.executable, "-m", "chora", "service", "run", name],
+                            env=self.env,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        ),
+                    )
+                )
         deadline = time.monotonic() + timeout
         for name, proc in started:
             ready = self.home / "run" / f"{name}.{proc.pid}.json"
             while not ready.exists():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited {proc.returncode}: " + (self.home / "logs" / f"{name}.log").read_text()[-2000:])
+                    raise RuntimeError(
+                        f"{name} exited {proc.returncode}: " + (self.home / "logs" / f"{name}.log").read_text()[-2000:]
+                    )
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} not ready in {timeout}s")
                 time.sleep(0.02)  # polling a readiness file written by the child

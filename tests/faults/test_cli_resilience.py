@@ -57,7 +57,9 @@ class Cli:
         return any(text in line for line in self.err)
 
     async def wait_said(self, text: str, timeout: float = 30.0) -> None:
-        await wait_for(lambda: self.said(text) or self.proc.returncode is not None, timeout, what=f"the CLI to say {text!r}")
+        await wait_for(
+            lambda: self.said(text) or self.proc.returncode is not None, timeout, what=f"the CLI to say {text!r}"
+        )
         assert self.said(text), f"the CLI exited ({self.proc.returncode}) without saying {text!r}:\n{''.join(self.err)}"
 
     def batch_id(self) -> str:
@@ -76,7 +78,9 @@ class Cli:
 
 def batch_file(tmp_path, n: int):
     path = tmp_path / "batch.json"
-    path.write_text(json.dumps({"items": [{"content_config_id": "hello-world", "context": {"name": f"n{i}"}} for i in range(n)]}))
+    path.write_text(
+        json.dumps({"items": [{"content_config_id": "hello-world", "context": {"name": f"n{i}"}} for i in range(n)]})
+    )
     return str(path)
 
 
@@ -92,7 +96,9 @@ async def provisioned(nc, settings):
     return topo
 
 
-async def test_batch_run_reports_a_nats_restart_and_finishes_with_the_summary(settings, nats_server, provisioned, tmp_path):
+async def test_batch_run_reports_a_nats_restart_and_finishes_with_the_summary(
+    settings, nats_server, provisioned, tmp_path
+):
     n = 5000
     async with running(("generator", settings), ("assembler", settings)):
         cli = await Cli.start(settings, "batch", "run", batch_file(tmp_path, n), "--timeout", "120")
@@ -142,17 +148,25 @@ class CuttableProxy:
         self.writers.clear()
 
 
-async def test_an_outcome_published_while_the_cli_was_cut_off_is_read_from_the_stream(settings, nats_server, nc, provisioned, tmp_path):
+async def test_an_outcome_published_while_the_cli_was_cut_off_is_read_from_the_stream(
+    settings, nats_server, nc, provisioned, tmp_path
+):
     n = 20
     proxy = await CuttableProxy(int(nats_server.url.rsplit(":", 1)[1])).open()
-    cli = await Cli.start(settings, "batch", "run", batch_file(tmp_path, n), "--timeout", "120", url=f"nats://127.0.0.1:{proxy.port}")
+    cli = await Cli.start(
+        settings, "batch", "run", batch_file(tmp_path, n), "--timeout", "120", url=f"nats://127.0.0.1:{proxy.port}"
+    )
     try:
         await cli.wait_said(f": {n} items")  # published; no service runs yet
         await proxy.cut()
         await cli.wait_said("lost the connection to NATS")
         async with running(("generator", settings), ("assembler", settings)):
             js = nc.jetstream()
-            await wait_for(lambda: count_stored(js, provisioned, BATCH_COMPLETED), timeout=60, what="the batch_completed in the stream")
+            await wait_for(
+                lambda: count_stored(js, provisioned, BATCH_COMPLETED),
+                timeout=60,
+                what="the batch_completed in the stream",
+            )
         assert not cli.said("reconnected"), "the CLI found another way to the server"
         await proxy.open()  # the same port again
         rc = await cli.finish()

@@ -52,7 +52,13 @@ async def test_kill_the_stream_leader_mid_batch(cluster, tmp_path, hook):
         await wait_for(new_leader, timeout=60, what="a new stream leader")
         elected = time.monotonic() - t0
         print(f"stream leader {leader} killed: new leader after {elected:.2f}s")
-        await finish_and_check(stack, batch_id, f"kill -9 the R3 stream leader (3-node cluster; new leader after {elected:.1f}s)", t0, at_fault)
+        await finish_and_check(
+            stack,
+            batch_id,
+            f"kill -9 the R3 stream leader (3-node cluster; new leader after {elected:.1f}s)",
+            t0,
+            at_fault,
+        )
     finally:
         stack.stop_all()
         await nc.close()

@@ -52,7 +52,10 @@ def record(fault: str, rep: dict, at_fault: dict | None) -> dict:
         "fault": fault,
         "items": ITEMS,
         "lost": rep["items_lost"],
-        "duplicated": rep["items_twice"] + rep["duplicate_lines"] + max(0, len(rep["completed"]) - 1) + rep["hook_unexpected"],
+        "duplicated": rep["items_twice"]
+        + rep["duplicate_lines"]
+        + max(0, len(rep["completed"]) - 1)
+        + rep["hook_unexpected"],
         "webhook_posts": rep["hook_posts"],
         "webhook_repeated": rep["hook_repeated"],
         "dead_letters": rep["dead_letters"],
@@ -74,7 +77,9 @@ async def publish_batch(stack: ProcStack, n: int) -> str:
     try:
         ev = new_event(
             BATCH_REQUESTED,
-            BatchRequested(items=[BatchItem(content_config_id="hello-world", context={"name": f"n{i}"}) for i in range(n)]),
+            BatchRequested(
+                items=[BatchItem(content_config_id="hello-world", context={"name": f"n{i}"}) for i in range(n)]
+            ),
             source="faults",
         )
         await Publisher(nc.jetstream(), stack.prefix, max_bytes=8 << 20).publish(ev)
@@ -96,11 +101,16 @@ async def running_at_fault(stack: ProcStack, batch_id: str) -> dict:
     return {**st, "webhook_posts": len(stack.hook.received)}
 
 
-async def finish_and_check(stack: ProcStack, batch_id: str, fault: str, fault_at: float | None, at_fault: dict | None) -> dict:
+async def finish_and_check(
+    stack: ProcStack, batch_id: str, fault: str, fault_at: float | None, at_fault: dict | None
+) -> dict:
     """Wait for the batch and for every consumer to drain, check every item at every stage
     exactly once, record the row."""
-    await wait_for(lambda: stack.count("chora.batch_completed", batch_id) >= 1, timeout=BATCH_WAIT_S,
-                   what=f"batch_completed after: {fault}")
+    await wait_for(
+        lambda: stack.count("chora.batch_completed", batch_id) >= 1,
+        timeout=BATCH_WAIT_S,
+        what=f"batch_completed after: {fault}",
+    )
     completed_at = time.monotonic()
     left: dict | None = None
 
@@ -111,15 +121,20 @@ async def finish_and_check(stack: ProcStack, batch_id: str, fault: str, fault_at
 
     try:
         # polled 5 times a second (each poll is a new connection): the drained_s figure is +-0.2 s
-        await wait_for(drained, timeout=DRAIN_WAIT_S, what="every consumer drained (validator and webhook subscription included)",
-                       interval=0.2)
+        await wait_for(
+            drained,
+            timeout=DRAIN_WAIT_S,
+            what="every consumer drained (validator and webhook subscription included)",
+            interval=0.2,
+        )
     except AssertionError as e:
         raise AssertionError(f"{e}; still (pending, ack pending): {left}") from None
     drained_at = time.monotonic()
     rep = batch_report(stack.lines(), batch_id, ITEMS, stack.hook.keys())
     rep["dead_letters"] = await dead_letters(stack)
     rep["bad_signatures"] = sum(
-        1 for r in stack.hook.received
+        1
+        for r in stack.hook.received
         if not verify(HOOK_SECRET.encode(), r.headers["X-Chora-Timestamp"], r.body, r.headers["X-Chora-Signature"])
     )
     rep["completed_s"] = None if fault_at is None else round(completed_at - fault_at, 2)
@@ -191,7 +206,9 @@ async def test_sigterm_during_load_finishes_in_flight_work(tmp_path, nats_server
         at_fault = await running_at_fault(stack, batch_id)
         t0 = time.monotonic()
         stack.spawn("generator", "assembler", "telemetry")
-        await finish_and_check(stack, batch_id, "SIGTERM generator, assembler, telemetry under load, restart", t0, at_fault)
+        await finish_and_check(
+            stack, batch_id, "SIGTERM generator, assembler, telemetry under load, restart", t0, at_fault
+        )
     finally:
         stack.stop_all()
 

@@ -104,10 +104,16 @@ class Notifier:
         await asyncio.wait_for(self.task, 30)
 
     def delivered(self, sub: str | None = None) -> list:
-        return [e.data for e in self.notifications if e.type == NOTIFICATION_DELIVERED and sub in (None, e.data.subscription)]
+        return [
+            e.data
+            for e in self.notifications
+            if e.type == NOTIFICATION_DELIVERED and sub in (None, e.data.subscription)
+        ]
 
     def failed(self, sub: str | None = None) -> list:
-        return [e.data for e in self.notifications if e.type == NOTIFICATION_FAILED and sub in (None, e.data.subscription)]
+        return [
+            e.data for e in self.notifications if e.type == NOTIFICATION_FAILED and sub in (None, e.data.subscription)
+        ]
 
     async def settled(self, durable: str) -> bool:
         ci = await self.nc.jetstream().consumer_info(self.topo.events_stream, durable)
@@ -117,8 +123,12 @@ class Notifier:
 def generated(status: str = "success", config_id: str = "hello-world") -> CloudEvent:
     return new_event(
         CONTENT_GENERATED,
-        ContentGenerated(request_id="req-1", content_config_id=config_id, status=status,
-                         content="hi" if status == "success" else None),
+        ContentGenerated(
+            request_id="req-1",
+            content_config_id=config_id,
+            status=status,
+            content="hi" if status == "success" else None,
+        ),
         source="chora://generator",
     )
 
@@ -182,12 +192,16 @@ async def test_retries_then_succeeds_counting_attempts(nc, settings, tmp_path, m
             assert n.app.status()["flaky"]["retried"] == 2
 
 
-async def test_dead_endpoint_dead_letters_with_notification_failed_and_opens_the_circuit(nc, settings, tmp_path, monkeypatch):
+async def test_dead_endpoint_dead_letters_with_notification_failed_and_opens_the_circuit(
+    nc, settings, tmp_path, monkeypatch
+):
     # The exact counts below need delivery 3 (after a backoff of at most 0.1 s) to arrive
     # while the circuit is still open: a 5 s open window leaves room for a loaded machine.
     subs = [
         subscription(
-            "down", dead_url(), max_attempts=3,
+            "down",
+            dead_url(),
+            max_attempts=3,
             circuit={"failure_threshold": 2, "reset_timeout_s": 5.0, "half_open_max_calls": 1},
         )
     ]
@@ -228,12 +242,16 @@ async def test_slow_endpoint_does_not_delay_a_healthy_subscription(nc, settings,
         async with Notifier(nc, settings, tmp_path, monkeypatch, subs) as n:
             events = [generated() for _ in range(5)]
             await publish(nc, settings, *events)
-            await wait_for(lambda: len(n.delivered("fast")) == 5, 30, "5 deliveries to the fast endpoint while the slow one hangs")
+            await wait_for(
+                lambda: len(n.delivered("fast")) == 5, 30, "5 deliveries to the fast endpoint while the slow one hangs"
+            )
             assert {d.event_id for d in n.delivered("fast")} == {e.id for e in events}
             assert len(slow.received) >= 1 and slow.answered == 0  # still hanging on the slow one
             assert n.delivered("slow") == []
             slow.released.set()
-            await wait_for(lambda: len({d.event_id for d in n.delivered("slow")}) == 5, 15, "slow deliveries once released")
+            await wait_for(
+                lambda: len({d.event_id for d in n.delivered("slow")}) == 5, 15, "slow deliveries once released"
+            )
 
 
 async def test_no_config_means_no_subscriptions(nc, settings, caplog):
@@ -249,4 +267,3 @@ async def test_no_config_means_no_subscriptions(nc, settings, caplog):
     assert "no subscriptions" in caplog.text
     stop.set()
     await asyncio.wait_for(task, 15)
-

@@ -11,11 +11,15 @@ from contracts.events import BatchItem
 
 def test_a_yaml_batch_file_keeps_its_types(tmp_path):
     f = tmp_path / "b.yaml"
-    f.write_text("context: {lang: en}\ncontinue_on_error: false\nitems:\n"
-                 "- {content_config_id: a, context: {n: 1, ok: true, tags: [x, y]}}\n- content_config_id: b\n")
+    f.write_text(
+        "context: {lang: en}\ncontinue_on_error: false\nitems:\n"
+        "- {content_config_id: a, context: {n: 1, ok: true, tags: [x, y]}}\n- content_config_id: b\n"
+    )
     b = load_batch_file(str(f))
-    assert b.items == [BatchItem(content_config_id="a", context={"n": 1, "ok": True, "tags": ["x", "y"]}),
-                       BatchItem(content_config_id="b")]
+    assert b.items == [
+        BatchItem(content_config_id="a", context={"n": 1, "ok": True, "tags": ["x", "y"]}),
+        BatchItem(content_config_id="b"),
+    ]
     assert b.context == {"lang": "en"} and b.continue_on_error is False
 
 

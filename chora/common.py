@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from services.settings import Settings
 
-# Exit codes of every command (README, "Exit codes"). 2 is left to argparse: a command line it
+# Exit codes of every command (docs/operations.md, "Settings"). 2 is left to argparse: a command line it
 # cannot parse.
 EXIT_FAILED = 1  # the outcome is an error (generation, assembly, a batch with failed items, ...)
 EXIT_INVALID = 3  # `chora generate`: the validator marked the content invalid (unless --allow-invalid)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def example_configs() -> Path:
     """A copy of the example configs as shipped (the files git tracks in examples/configs),
     made once per test process: tests never depend on what else a user keeps in that folder
-    (the README tells people to put their own configs there). Outside a git checkout, the
+    (docs/configs.md tells people to put their own configs there). Outside a git checkout, the
     folder is copied as it is."""
     src = ROOT / "examples" / "configs"
     dst = Path(tempfile.mkdtemp(prefix="chora-example-configs-")) / "configs"

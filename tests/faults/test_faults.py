@@ -10,7 +10,7 @@ many repeated a key already delivered (a redelivery: the receiver dedupes by the
 two figures: seconds from the fault to batch_completed, and from the fault to every
 consumer drained (the validator's and the webhook deliveries included), restart included.
 The row is printed; with CHORA_RELIABILITY_REPORT=path it is also appended there as a
-JSON line (the README's reliability table is made from such a run).
+JSON line (the reliability table in docs/reliability.md is made from such a run).
 """
 
 from __future__ import annotations

@@ -434,7 +434,8 @@ def test_the_documented_prometheus_commands_listen_on_loopback_only():
     """Prometheus listens on every interface unless told otherwise: each command the README
     and the scrape config show binds it to 127.0.0.1."""
     texts = [
-        (ROOT / p).read_text().replace("\\\n", " ") for p in ("README.md", "docs/operations.md", "dashboards/prometheus.yml")
+        (ROOT / p).read_text().replace("\\\n", " ")
+        for p in ("README.md", "docs/operations.md", "dashboards/prometheus.yml")
     ]  # join continued lines
     commands = [m.group(0) for t in texts for m in re.finditer(r"prometheus --config\.file[^\n]*", t)]
     assert len(commands) >= 2

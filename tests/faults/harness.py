@@ -47,7 +47,7 @@ class ProcStack:
         tmp: Path,
         server: EmbeddedServer | None = None,
         *,
-        hook: Webhook,
+        hook: Webhook | None = None,
         urls: str | None = None,
         extra_env: dict | None = None,
     ):
@@ -60,31 +60,34 @@ class ProcStack:
         self.procs: dict[str, list[subprocess.Popen]] = {}
         self._pos = 0
         self._counts: Counter = Counter()
-        notifier_config = tmp / "notifier.json"
-        notifier_config.write_text(
-            json.dumps(
-                {
-                    "subscriptions": [
-                        {
-                            "name": HOOK_NAME,
-                            "events": list(HOOK_EVENTS),
-                            "url": hook.url,
-                            "secret_env": HOOK_SECRET_ENV,
-                            "timeout_s": 2.0,
-                            "max_in_flight": 64,
-                        },
-                    ]
-                }
+        # the notifier delivers to ``hook`` (a stack without a hook runs no notifier)
+        notifier_env: dict[str, str] = {}
+        if hook is not None:
+            notifier_config = tmp / "notifier.json"
+            notifier_config.write_text(
+                json.dumps(
+                    {
+                        "subscriptions": [
+                            {
+                                "name": HOOK_NAME,
+                                "events": list(HOOK_EVENTS),
+                                "url": hook.url,
+                                "secret_env": HOOK_SECRET_ENV,
+                                "timeout_s": 2.0,
+                                "max_in_flight": 64,
+                            },
+                        ]
+                    }
+                )
             )
-        )
+            notifier_env = {"CHORA_NOTIFIER_CONFIG": str(notifier_config), HOOK_SECRET_ENV: HOOK_SECRET}
         self.env = child_env(
             NATS_URL=self.url,
             CHORA_HOME=str(self.home),
             CHORA_PREFIX=self.prefix,
             CHORA_CONFIGS_DIR=str(example_configs()),
             CHORA_METRICS_PORT="0",
-            CHORA_NOTIFIER_CONFIG=str(notifier_config),
-            **{HOOK_SECRET_ENV: HOOK_SECRET},
+            **notifier_env,
             **(extra_env or {}),
         )
 
@@ -287,8 +290,9 @@ async def batch_state(stack: ProcStack, batch_id: str) -> dict | None:
     """The assembler's record of the batch (done, closed, finished), read from the KV bucket."""
     import nats
 
-    from chora.commands.assembly import read_batch_status
-    from chora.settings import NatsSettings, Settings
+    from bus.settings import NatsSettings
+    from services.assembler.status import read_batch_status
+    from services.settings import Settings
 
     nc = await nats.connect(stack.url.split(","))
     try:

@@ -78,8 +78,8 @@ async def test_a_100000_item_batch_completes_once_with_every_success(tmp_path, s
     finally:
         await asyncio.to_thread(stack.stop_all)
     print(f"\n{N:,} items end to end through `chora batch run`: {elapsed:.1f} s")
-    print("phases:", await phases(js, topo))
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    print("phases:", await phases(js, topo))
     assert re.search(rf"successful\s*\S\s*{N}\b", r.stdout) and re.search(r"failed\s*\S\s*0\b", r.stdout), r.stdout
     assert await count_stored(js, topo, BATCH_COMPLETED) == 1
     assert await count_stored(js, topo, GENERATION_REQUESTED) == N

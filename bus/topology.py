@@ -70,6 +70,7 @@ class Topology:
     consumers: dict[str, ConsumerSpec] = field(default_factory=dict)
     state_bucket: str = ""  # KV: the assembler's artifact and batch state
     content_bucket: str = ""  # Object Store: content too large to travel inline
+    cache_bucket: str = ""  # KV: the generator's result cache (per-entry TTL, bucket max age as the ceiling)
 
     @classmethod
     def from_settings(cls, s: BusSettings, replicas: int | None = None) -> "Topology":
@@ -81,6 +82,7 @@ class Topology:
             prefix=s.prefix,
             state_bucket=f"{base}_STATE",
             content_bucket=f"{base}_CONTENT",
+            cache_bucket=f"{base}_CACHE",
             events_stream=s.stream_name,
             dlq_stream=s.dlq_stream_name,
             max_age_s=s.stream_max_age_s,
@@ -222,13 +224,16 @@ async def provision(
         if any(getattr(current, f) != getattr(cfg, f) for f in _STREAM_FIELDS):
             await js.update_stream(cfg)
             log.info("updated stream %s", cfg.name)
-    try:
-        await js.key_value(topo.state_bucket)
-    except (NotFoundError, BucketNotFoundError):
-        await js.create_key_value(
-            KeyValueConfig(bucket=topo.state_bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas,
-                           ttl=topo.max_age_s, description="chora assembler state")
-        )
+    for bucket, description in ((topo.state_bucket, "chora assembler state"), (topo.cache_bucket, "chora result cache")):
+        if not bucket:
+            continue
+        try:
+            await js.key_value(bucket)
+        except (NotFoundError, BucketNotFoundError):
+            await js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas,
+                               ttl=topo.max_age_s, description=description)
+            )
     try:
         await js.object_store(topo.content_bucket)
     except (NotFoundError, BucketNotFoundError):

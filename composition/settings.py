@@ -50,6 +50,11 @@ class CompositionSettings(BaseSettings):
     # The embedded nats-server of `chora up` (unused when NATS_URL is set); 0 = a free port.
     nats_port: int = 4222
     nats_http_port: int = 8222
+    # The generator's result cache: the TTL of an entry whose config does not set one
+    # (``cache:`` in the config), and how long a request waits for an identical render
+    # another generator instance has under way before it renders itself.
+    cache_ttl_s: int = 3600
+    cache_wait_s: float = 10.0
     # The notifier's webhook subscriptions (YAML or JSON); none: no webhooks.
     notifier_config: Path | None = None
 

@@ -39,6 +39,9 @@ class GenerationRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
     content_config_id: ConfigId
     context: dict[str, Any] = {}
     origin: Origin | None = None
+    no_cache: Annotated[
+        bool, Meta(description="true: render afresh, never serve this request from the result cache")
+    ] = False
 
 
 class ContentGenerated(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -55,6 +58,9 @@ class ContentGenerated(msgspec.Struct, kw_only=True, omit_defaults=True):
     content_ref: Annotated[str | None, Meta(description="Object Store name when the content travels by reference")] = None
     error: ErrorInfo | None = None
     origin: Origin | None = None
+    cached: Annotated[
+        bool | None, Meta(description="success only: true when the content was not rendered for this request")
+    ] = None
 
 
 class ValidationIssue(msgspec.Struct, kw_only=True, omit_defaults=True):

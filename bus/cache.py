@@ -22,7 +22,8 @@ import math
 
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.api import Header
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from bus.content import ContentMissing, ContentStore
@@ -79,10 +80,24 @@ class ResultCacheStore:
     async def claim(self, key: str, ttl_s: float) -> bool:
         """Write a marker under ``key`` unless one is there: True when this caller wrote it.
         It goes away after ``ttl_s`` (a crashed holder), or on :meth:`release`."""
+        ttl = max(1, math.ceil(ttl_s))
+        kv = await self.kv()
         try:
-            await (await self.kv()).create(key, b"", msg_ttl=max(1, math.ceil(ttl_s)))
+            await kv.create(key, b"1", msg_ttl=ttl)
+            return True
         except KeyWrongLastSequenceError:
+            pass
+        try:  # what is there may be the marker an expired claim left: take its place
+            entry = await kv.get(key)
+        except KeyNotFoundError:
             return False
+        if entry.value or not entry.revision:
+            return False  # a live claim
+        headers = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(entry.revision)}
+        try:
+            await self.js.publish(self._subject(key), b"1", headers=headers, msg_ttl=ttl)
+        except APIError:
+            return False  # someone else took it first
         return True
 
     async def release(self, key: str) -> None:
@@ -105,18 +120,21 @@ class ResultCacheStore:
         finally:
             await watcher.stop()
 
-    async def count(self, config_id: str | None = None) -> int:
-        """How many entries (keys of two tokens, ``<config id>.<hash>``) there are, of
-        ``config_id`` or all; longer keys (pending markers) are not counted."""
+    async def keys(self, pattern: str = "*.*") -> list[str]:
+        """The current keys matching ``pattern`` (a subject pattern: ``greet.*``); entries are
+        ``<config id>.<hash>``, two tokens, so the default leaves pending markers out."""
+        watcher = await (await self.kv()).watch(pattern, ignore_deletes=True, meta_only=True)
+        keys = []
         try:
-            keys = await (await self.kv()).keys(filters=[f"{config_id}.*" if config_id else "*.*"])
-        except NoKeysError:
-            return 0
-        return len(keys)
+            while (entry := await watcher.updates(timeout=10)) is not None:
+                keys.append(entry.key)
+        finally:
+            await watcher.stop()
+        return keys
 
     async def purge(self, config_id: str | None = None) -> int:
         """Remove every key (of ``config_id``, or all); return how many entries there were."""
-        n = await self.count(config_id)
+        n = len(await self.keys(f"{config_id}.*" if config_id else "*.*"))
         subject = self._subject(f"{config_id}.>") if config_id else None
         await self.js.purge_stream(f"KV_{self.bucket}", subject=subject)
         return n

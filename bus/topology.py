@@ -224,7 +224,9 @@ async def provision(
         if any(getattr(current, f) != getattr(cfg, f) for f in _STREAM_FIELDS):
             await js.update_stream(cfg)
             log.info("updated stream %s", cfg.name)
-    for bucket, description in ((topo.state_bucket, "chora assembler state"), (topo.cache_bucket, "chora result cache")):
+    # The cache's entries expire by a TTL each; limit markers make an expiry visible to watchers.
+    buckets = ((topo.state_bucket, "chora assembler state", None), (topo.cache_bucket, "chora result cache", 60.0))
+    for bucket, description, marker_ttl in buckets:
         if not bucket:
             continue
         try:
@@ -232,7 +234,7 @@ async def provision(
         except (NotFoundError, BucketNotFoundError):
             await js.create_key_value(
                 KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas,
-                               ttl=topo.max_age_s, description=description)
+                               ttl=topo.max_age_s, description=description, limit_marker_ttl=marker_ttl)
             )
     try:
         await js.object_store(topo.content_bucket)

@@ -7,11 +7,11 @@ import asyncio
 import logging
 import sys
 
-from chora.commands import assembly, configs, dlq, events
+from chora.commands import assembly, cache, configs, dlq, events
 from chora.common import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context, request_and_wait, trace_id_or_exit
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
-COMMAND_MODULES = [configs, dlq, assembly, events]
+COMMAND_MODULES = [configs, dlq, assembly, events, cache]
 
 
 # ---------------------------------------------------------------------- generate
@@ -24,7 +24,9 @@ async def generate(args: argparse.Namespace) -> int:
     trace_id = trace_id_or_exit(args, settings)
     request = new_event(
         GENERATION_REQUESTED,
-        GenerationRequested(content_config_id=args.config_id, context=parse_context(args.context)),
+        GenerationRequested(
+            content_config_id=args.config_id, context=parse_context(args.context), no_cache=args.no_cache
+        ),
         source="chora://cli",
         trace_id=trace_id,
     )
@@ -120,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--context", help="JSON object, or @file with one")
     sp.add_argument("--trace-id")
     sp.add_argument("--timeout", type=float, default=30.0)
+    sp.add_argument("--no-cache", action="store_true", help="render afresh, not from the result cache")
     sp.set_defaults(func=lambda a: asyncio.run(generate(a)))
 
     nt = sub.add_parser("nats", help="NATS administration").add_subparsers(dest="nats_cmd", required=True)

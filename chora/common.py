@@ -76,6 +76,20 @@ async def connect_cli(settings: Settings):
         ) from None
 
 
+def run_connected(run) -> int:
+    """``run(nc, settings)`` on a connection from the CLI's settings, closed afterwards."""
+
+    async def main() -> int:
+        settings = load_settings()
+        nc = await connect_cli(settings)
+        try:
+            return await run(nc, settings)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
 async def request_and_wait(nc, settings: Settings, request, outcome_type: str, timeout: float):
     """Publish ``request`` and return the ``outcome_type`` event whose ``request_id`` is its id,
     or None after ``timeout``. The subscription is made before the publish, so the outcome

@@ -2,17 +2,22 @@
 
 One KV bucket (``<PREFIX>_CACHE``, declared in :mod:`bus.topology`) shared by
 every generator instance. Keys are made by the generator
-(``<config id>.<sha256 hex>``, see :mod:`services.generator.cache`); this
-module only stores bytes under them:
+(``<config id>.<sha256 hex>``, see :mod:`services.generator.cache`); under a
+key ``K`` this module keeps two KV keys:
 
-- an entry is published with a per-message TTL (``Nats-TTL``): the server
-  removes it when the TTL runs out; the bucket's max age is the ceiling;
-- a value larger than the content threshold goes to the Object Store
-  (:class:`bus.content.ContentStore`) and the entry holds its reference;
-- ``claim`` writes a pending marker with KV ``create`` (it fails when the
-  key exists): across instances, the one that wins renders and the others
-  wait for its entry (:meth:`ResultCacheStore.wait`), best effort;
-- ``purge`` removes every entry, or a config's (its id is the key's first token).
+- ``K.v``, the entry, published with a per-message TTL (``Nats-TTL``): the
+  server removes it when the TTL runs out (the bucket's max age is the
+  ceiling) and leaves a marker that watchers see. A value larger than the
+  content threshold goes to the Object Store (:class:`bus.content.ContentStore`)
+  and the entry holds its reference.
+- ``K.p``, the pending marker: :meth:`ResultCacheStore.claim` writes it with
+  KV ``create`` (which fails when it exists), so across instances one renders;
+  the others :meth:`~ResultCacheStore.wait`, watching ``K.*``, for the entry
+  or for the marker's release (the holder failed: they render themselves).
+  A holder that dies leaves a marker that expires after its TTL. Best effort:
+  nothing here is a lock that correctness depends on.
+
+``purge`` removes every key, or a config's (its id is the first token).
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from bus.content import ContentMissing, ContentStore
 
 INLINE = b"="  # the value follows
 BY_REF = b"@"  # an Object Store reference follows
+ENTRY, PENDING = ".v", ".p"
+RELEASED_MARKER_TTL_S = 60  # how long the marker of a released claim stays for watchers
 
 
 class ResultCacheStore:
-    """Bytes by key in the cache bucket, with a TTL per entry."""
+    """Bytes by key in the cache bucket, with a TTL per entry and a claim per key."""
 
     def __init__(self, js: JetStreamContext, bucket: str, content: ContentStore):
         self.js = js
@@ -46,8 +53,8 @@ class ResultCacheStore:
             self._kv = await self.js.key_value(self.bucket)
         return self._kv
 
-    def _subject(self, key: str) -> str:
-        return f"$KV.{self.bucket}.{key}"
+    def _subject(self, kv_key: str) -> str:
+        return f"$KV.{self.bucket}.{kv_key}"
 
     async def _decode(self, body: bytes | None) -> bytes | None:
         if not body:
@@ -64,7 +71,7 @@ class ResultCacheStore:
     async def get(self, key: str) -> bytes | None:
         """The value under ``key``, or None (never stored, expired, purged)."""
         try:
-            entry = await (await self.kv()).get(key)
+            entry = await (await self.kv()).get(key + ENTRY)
         except KeyNotFoundError:  # KeyDeletedError is a KeyNotFoundError
             return None
         return await self._decode(entry.value)
@@ -75,66 +82,73 @@ class ResultCacheStore:
             body = BY_REF + (await self.content.put(f"cache.{key}", value)).encode()
         else:
             body = INLINE + value
-        await self.js.publish(self._subject(key), body, msg_ttl=max(1, math.ceil(ttl_s)))
+        await self.js.publish(self._subject(key + ENTRY), body, msg_ttl=max(1, math.ceil(ttl_s)))
 
     async def claim(self, key: str, ttl_s: float) -> bool:
-        """Write a marker under ``key`` unless one is there: True when this caller wrote it.
-        It goes away after ``ttl_s`` (a crashed holder), or on :meth:`release`."""
+        """Mark ``key`` as being rendered unless it is: True when this caller marked it.
+        The mark goes on :meth:`release`, or after ``ttl_s`` (a holder that died)."""
         ttl = max(1, math.ceil(ttl_s))
         kv = await self.kv()
         try:
-            await kv.create(key, b"1", msg_ttl=ttl)
+            await kv.create(key + PENDING, b"1", msg_ttl=ttl)
             return True
         except KeyWrongLastSequenceError:
             pass
-        try:  # what is there may be the marker an expired claim left: take its place
-            entry = await kv.get(key)
+        try:  # what is there may be the marker the server left when a claim expired
+            entry = await kv.get(key + PENDING)
         except KeyNotFoundError:
             return False
         if entry.value or not entry.revision:
             return False  # a live claim
         headers = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(entry.revision)}
         try:
-            await self.js.publish(self._subject(key), b"1", headers=headers, msg_ttl=ttl)
+            await self.js.publish(self._subject(key + PENDING), b"1", headers=headers, msg_ttl=ttl)
         except APIError:
-            return False  # someone else took it first
+            return False  # another instance took it first
         return True
 
     async def release(self, key: str) -> None:
-        """Remove ``key`` without leaving a delete marker behind."""
-        await self.js.purge_stream(f"KV_{self.bucket}", subject=self._subject(key))
+        """End a claim (after the entry was stored, or the render failed)."""
+        await (await self.kv()).purge(key + PENDING, msg_ttl=RELEASED_MARKER_TTL_S)
 
     async def wait(self, key: str, timeout: float) -> bytes | None:
-        """The value under ``key`` once it is there (watching the key), or None after ``timeout``."""
-        watcher = await (await self.kv()).watch(key)
-        deadline = asyncio.get_running_loop().time() + timeout
+        """The value under ``key`` once it is stored; None when the claim on it ends without
+        one, or after ``timeout``. Watches ``key.*``: the entry is stored before the claim
+        is released, so a release seen first means there is none."""
+        watcher = await (await self.kv()).watch(key + ".*")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            while (left := deadline - loop.time()) > 0:
                 try:
                     entry = await watcher.updates(timeout=left)
                 except NatsTimeoutError:
                     return None
-                if entry is not None and entry.operation is None and entry.value:
+                if entry is None:
+                    continue  # the end of what was there when the watch began
+                if entry.key.endswith(ENTRY) and entry.operation is None and entry.value:
                     return await self._decode(entry.value)
+                if entry.key.endswith(PENDING) and entry.operation is not None:
+                    return None  # released (or expired) without an entry
             return None
         finally:
             await watcher.stop()
 
-    async def keys(self, pattern: str = "*.*") -> list[str]:
-        """The current keys matching ``pattern`` (a subject pattern: ``greet.*``); entries are
-        ``<config id>.<hash>``, two tokens, so the default leaves pending markers out."""
+    async def keys(self, config_id: str | None = None) -> list[str]:
+        """The keys that have an entry (of ``config_id``, or all)."""
+        pattern = f"{config_id or '*'}.*{ENTRY}"
         watcher = await (await self.kv()).watch(pattern, ignore_deletes=True, meta_only=True)
         keys = []
         try:
             while (entry := await watcher.updates(timeout=10)) is not None:
-                keys.append(entry.key)
+                keys.append(entry.key.removesuffix(ENTRY))
         finally:
             await watcher.stop()
         return keys
 
     async def purge(self, config_id: str | None = None) -> int:
-        """Remove every key (of ``config_id``, or all); return how many entries there were."""
-        n = len(await self.keys(f"{config_id}.*" if config_id else "*.*"))
+        """Remove every entry and claim (of ``config_id``, or all); return how many entries there were."""
+        n = len(await self.keys(config_id))
         subject = self._subject(f"{config_id}.>") if config_id else None
         await self.js.purge_stream(f"KV_{self.bucket}", subject=subject)
         return n

@@ -15,10 +15,10 @@ request with ``no_cache: true`` renders afresh and refreshes the entry.
 Only successful renders are stored: an error (a :class:`GenerationError`, a
 retry, any exception) reaches every request that waited for it and is stored
 nowhere. Identical requests in flight in one instance share one render
-(single flight). Across instances, the first writes a pending marker with KV
-``create``; the others watch for its entry for up to ``wait_s`` and then
-render themselves (best effort: a holder that dies leaves a marker that
-expires after ``wait_s``).
+(single flight). Across instances, the first claims the key (a pending marker
+written with KV ``create``); the others watch for its entry, and render
+themselves when the claim ends without one or after ``wait_s`` (best effort:
+a holder that dies leaves a marker that expires after ``wait_s``).
 
 The store is a :class:`CacheBackend` (:class:`bus.cache.ResultCacheStore` in
 the service); trouble with it is logged and counted, and the request is
@@ -48,7 +48,6 @@ from composition.configs import LoadedConfig
 log = logging.getLogger("chora.generator")
 
 _canonical = msgspec.json.Encoder(order="sorted").encode
-PENDING = ".pending"  # suffix of the cross-instance pending marker of a key
 
 
 class CacheBackend(Protocol):
@@ -58,11 +57,13 @@ class CacheBackend(Protocol):
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None: ...
 
-    async def claim(self, key: str, ttl_s: float) -> bool: ...
+    async def claim(self, key: str, ttl_s: float) -> bool:
+        """Mark ``key`` as being rendered here, for ``ttl_s`` at most: False when it already is."""
 
     async def release(self, key: str) -> None: ...
 
-    async def wait(self, key: str, timeout: float) -> bytes | None: ...
+    async def wait(self, key: str, timeout: float) -> bytes | None:
+        """The value once stored; None when the claim on ``key`` ends without one, or on timeout."""
 
 
 def canonical_json(value: Any) -> bytes:
@@ -185,23 +186,21 @@ class ResultCache:
         raw = await self._call("get", self.backend.get(key))
         if raw is not None:
             return raw.decode("utf-8"), True
-        pending = key + PENDING
-        claimed = await self._call("claim", self.backend.claim(pending, self.wait_s))
+        claimed = await self._call("claim", self.backend.claim(key, self.wait_s))
         if claimed is False:  # another instance renders it: wait for its entry
             raw = await self._call("wait", self.backend.wait(key, self.wait_s))
-            if raw is not None:
-                return raw.decode("utf-8"), True
         elif claimed:  # it may have been stored between our get and our claim
             raw = await self._call("get", self.backend.get(key))
-            if raw is not None:
-                await self._call("release", self.backend.release(pending))
-                return raw.decode("utf-8"), True
+        if raw is not None:
+            if claimed:
+                await self._call("release", self.backend.release(key))
+            return raw.decode("utf-8"), True
         try:
             content = await render()
             await self._put(key, content, ttl)
         finally:
             if claimed:
-                await self._call("release", self.backend.release(pending))
+                await self._call("release", self.backend.release(key))
         return content, False
 
     async def _put(self, key: str, content: str, ttl: float) -> None:

@@ -132,10 +132,14 @@ async def client(nc, cache_settings) -> Client:
     return await Client(nc, cache_settings).start()
 
 
-async def cache_keys(nc, settings: Settings, pattern: str) -> list[str]:
+def cache_store(nc, settings: Settings) -> ResultCacheStore:
     js = nc.jetstream()
     topo = Topology.from_settings(settings)
-    return await ResultCacheStore(js, topo.cache_bucket, ContentStore(js, topo.content_bucket)).keys(pattern)
+    return ResultCacheStore(js, topo.cache_bucket, ContentStore(js, topo.content_bucket))
+
+
+async def cache_keys(nc, settings: Settings, config_id: str | None = None) -> list[str]:
+    return await cache_store(nc, settings).keys(config_id)
 
 
 CTX = {"name": "Ada", "tags": ["curious", "exact"]}
@@ -170,13 +174,13 @@ async def test_a_config_with_cache_off_is_rendered_every_time(cache_settings, cl
         outcomes = [await client.generate("fresh", CTX) for _ in range(2)]
         assert [o.cached for o in outcomes] == [False, False]
         assert (await g.count("miss"), await g.count("hit")) == (0, 0)  # the cache never saw them
-        assert await cache_keys(client.nc, cache_settings, "fresh.>") == []
+        assert await cache_keys(client.nc, cache_settings, "fresh") == []
 
 
 async def test_an_entry_disappears_when_its_ttl_runs_out(cache_settings, client, nc):
     async with generator(cache_settings):  # it provisions the bucket
         kv = await nc.jetstream().key_value(Topology.from_settings(cache_settings).cache_bucket)
-        watcher = await kv.watch("brief.*")  # before the request: the put and its expiry are both seen
+        watcher = await kv.watch("brief.*.v")  # entries only; before the request: the put and its expiry are both seen
         try:
             first = await client.generate("brief", CTX)  # cache: 1s
             assert first.cached is False
@@ -188,8 +192,8 @@ async def test_an_entry_disappears_when_its_ttl_runs_out(cache_settings, client,
         finally:
             await watcher.stop()
         [(key, stored), (expired_key, how)] = seen
-        assert (stored, expired_key, how) == (None, key, "PURGE"), f"the watch of brief.* saw {seen}"
-        assert await cache_keys(nc, cache_settings, "brief.*") == []
+        assert (stored, expired_key, how) == (None, key, "PURGE"), f"the watch of brief.*.v saw {seen}"
+        assert await cache_keys(nc, cache_settings, "brief") == []
         again = await client.generate("brief", CTX)
         assert (again.cached, again.content) == (False, first.content)
 
@@ -208,13 +212,13 @@ async def test_purge_of_one_config_leaves_the_others(cache_settings, client, nc)
         for name in ("Ada", "Grace"):
             assert (await client.generate("greet", {**CTX, "name": name})).cached is False
         assert (await client.generate("other", CTX)).cached is False
-        assert len(await cache_keys(nc, cache_settings, "greet.*")) == 2
+        assert len(await cache_keys(nc, cache_settings, "greet")) == 2
 
         out = io.StringIO()
         assert await run_purge(nc, cache_settings, "greet", out=out) == 0
         assert out.getvalue().startswith("purged 2 cache entries of greet from ")
-        assert await cache_keys(nc, cache_settings, "greet.*") == []
-        assert len(await cache_keys(nc, cache_settings, "other.*")) == 1
+        assert await cache_keys(nc, cache_settings, "greet") == []
+        assert len(await cache_keys(nc, cache_settings, "other")) == 1
 
         assert (await client.generate("greet", CTX)).cached is False
         assert (await client.generate("other", CTX)).cached is True
@@ -223,7 +227,7 @@ async def test_purge_of_one_config_leaves_the_others(cache_settings, client, nc)
         out = io.StringIO()
         assert await run_purge(nc, cache_settings, None, out=out) == 0  # everything
         assert out.getvalue().startswith("purged 2 cache entries from ")
-        assert await cache_keys(nc, cache_settings, ">") == []
+        assert await cache_keys(nc, cache_settings) == []
 
 
 async def test_an_edited_template_is_a_miss_with_the_new_content(cache_settings, client, configs):
@@ -245,7 +249,7 @@ async def test_errors_are_never_cached(cache_settings, client, nc):
         for _ in range(2):
             failed = await client.generate("greet", {"name": "Ada"})  # no tags
             assert (failed.status, failed.error.code, failed.cached) == ("error", "MISSING_VARIABLE", None)
-        assert await cache_keys(nc, cache_settings, "greet.>") == []
+        assert await cache_keys(nc, cache_settings, "greet") == []
         assert (await g.count("miss"), await g.count("hit")) == (0, 0)
 
 
@@ -266,7 +270,7 @@ async def test_a_large_result_is_cached_by_reference_in_the_object_store(cache_s
         second = await client.generate("big", {"n": 20_000})
         assert (first.cached, second.cached) == (False, True)
         assert second.content_hash == first.content_hash and second.content_length == 20_000
-        [key] = await cache_keys(nc, cache_settings, "big.*")
+        [key] = await cache_keys(nc, cache_settings, "big")
         kv = await nc.jetstream().key_value(Topology.from_settings(cache_settings).cache_bucket)
-        body = (await kv.get(key)).value
+        body = (await kv.get(key + ".v")).value
         assert body.startswith(b"@obj://") and len(body) < 200

@@ -225,8 +225,12 @@ async def provision(
             await js.update_stream(cfg)
             log.info("updated stream %s", cfg.name)
     # The cache's entries expire by a TTL each; limit markers make an expiry visible to watchers.
-    buckets = ((topo.state_bucket, "chora assembler state", None), (topo.cache_bucket, "chora result cache", 60.0))
-    for bucket, description, marker_ttl in buckets:
+    # Its reads are direct gets (one per request on the hot path), served by any replica.
+    buckets = (
+        (topo.state_bucket, "chora assembler state", None, False),
+        (topo.cache_bucket, "chora result cache", 60.0, True),
+    )
+    for bucket, description, marker_ttl, direct in buckets:
         if not bucket:
             continue
         try:
@@ -234,7 +238,8 @@ async def provision(
         except (NotFoundError, BucketNotFoundError):
             await js.create_key_value(
                 KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas,
-                               ttl=topo.max_age_s, description=description, limit_marker_ttl=marker_ttl)
+                               ttl=topo.max_age_s, description=description, limit_marker_ttl=marker_ttl,
+                               direct=direct)
             )
     try:
         await js.object_store(topo.content_bucket)

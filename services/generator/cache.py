@@ -186,15 +186,13 @@ class ResultCache:
         raw = await self._call("get", self.backend.get(key))
         if raw is not None:
             return raw.decode("utf-8"), True
+        # Across instances: one claims the key and renders; the others wait for its entry. (An
+        # entry stored between our get and our claim is rendered again: harmless, and rare.)
         claimed = await self._call("claim", self.backend.claim(key, self.wait_s))
-        if claimed is False:  # another instance renders it: wait for its entry
+        if claimed is False:
             raw = await self._call("wait", self.backend.wait(key, self.wait_s))
-        elif claimed:  # it may have been stored between our get and our claim
-            raw = await self._call("get", self.backend.get(key))
-        if raw is not None:
-            if claimed:
-                await self._call("release", self.backend.release(key))
-            return raw.decode("utf-8"), True
+            if raw is not None:
+                return raw.decode("utf-8"), True
         try:
             content = await render()
             await self._put(key, content, ttl)

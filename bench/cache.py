@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.e2e import _machine, _rss_mb
-from bus.connection import connect
+from bench.stack import running_stack
 from bus.publisher import Publisher
 from bus.settings import NatsSettings
-from chora.up import Stack
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED, subject_for
 from contracts.envelope import decode, new_event
 from contracts.events import GenerationRequested
@@ -100,28 +98,16 @@ async def main(args: argparse.Namespace) -> dict:
             home=Path(tmp) / "var", prefix="benchcache", nats_port=0, nats_http_port=0, metrics_port=0,
             configs_dir=configs, nats=NatsSettings(url=None),
         )
-        stack = Stack(settings, services=["generator"], out=sys.stderr)
-        stop = asyncio.Event()
-        task = asyncio.create_task(stack.run(stop))
-        while not settings.stack_file.exists():
-            if task.done():
-                await task
-            await asyncio.sleep(0.05)
-        nc = await connect(settings.nats, stack.url, name="chora-bench")
-        pub = Publisher(nc.jetstream(), settings.prefix)
-        outcomes = Outcomes()
-        await nc.subscribe(subject_for(CONTENT_GENERATED, settings.prefix), cb=outcomes.on_msg)
-        try:
+        async with running_stack(settings, ["generator"]) as (stack, nc):
+            pub = Publisher(nc.jetstream(), settings.prefix)
+            outcomes = Outcomes()
+            await nc.subscribe(subject_for(CONTENT_GENERATED, settings.prefix), cb=outcomes.on_msg)
             await run_path(pub, outcomes, "uncached", 200, args.rows, same=False)  # warm-up
             off = await run_path(pub, outcomes, "uncached", args.requests, args.rows, same=False)
             miss = await run_path(pub, outcomes, "cached", args.requests, args.rows, same=False)
             await run_path(pub, outcomes, "cached", 1, args.rows, same=True)  # the one entry of the hit path
             hit = await run_path(pub, outcomes, "cached", args.requests, args.rows, same=True)
             rss = _rss_mb(stack.children["generator"].pid)
-        finally:
-            await nc.close()
-            stop.set()
-            await task
         return {
             "machine": _machine(),
             "template_rows": args.rows,

@@ -23,19 +23,22 @@ key ``K`` this module keeps two KV keys:
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import Header
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT, KeyValue
 
 from bus.content import ContentMissing, ContentStore
 
 INLINE = b"="  # the value follows
 BY_REF = b"@"  # an Object Store reference follows
 ENTRY, PENDING = ".v", ".p"
+log = logging.getLogger("chora.bus")
+
 RELEASED_MARKER_TTL_S = 60  # how long the marker of a released claim stays for watchers
 
 
@@ -47,6 +50,9 @@ class ResultCacheStore:
         self.bucket = bucket
         self.content = content
         self._kv: KeyValue | None = None
+        self._sending: set[asyncio.Future] = set()
+        self.ack_timeout_s = 10.0
+        self.failed_sends = 0
 
     async def kv(self) -> KeyValue:
         if self._kv is None:
@@ -77,12 +83,13 @@ class ResultCacheStore:
         return await self._decode(entry.value)
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
-        """Store ``value`` under ``key`` for ``ttl_s`` seconds (whole seconds, at least 1)."""
+        """Store ``value`` under ``key`` for ``ttl_s`` seconds (whole seconds, at least 1).
+        Returns once the entry is sent; its PubAck is awaited in the background (see :meth:`_send`)."""
         if len(value) > self.content.threshold:
             body = BY_REF + (await self.content.put(f"cache.{key}", value)).encode()
         else:
             body = INLINE + value
-        await self.js.publish(self._subject(key + ENTRY), body, msg_ttl=max(1, math.ceil(ttl_s)))
+        await self._send(key + ENTRY, body, {}, ttl_s)
 
     async def claim(self, key: str, ttl_s: float) -> bool:
         """Mark ``key`` as being rendered unless it is: True when this caller marked it.
@@ -108,8 +115,29 @@ class ResultCacheStore:
         return True
 
     async def release(self, key: str) -> None:
-        """End a claim (after the entry was stored, or the render failed)."""
-        await (await self.kv()).purge(key + PENDING, msg_ttl=RELEASED_MARKER_TTL_S)
+        """End a claim (after the entry was sent, or the render failed). The entry and the
+        release travel in order on one connection to one stream, so a watcher sees the
+        entry first."""
+        await self._send(key + PENDING, b"", {KV_OP: KV_PURGE, Header.ROLLUP.value: MSG_ROLLUP_SUBJECT},
+                         RELEASED_MARKER_TTL_S)
+
+    async def _send(self, kv_key: str, body: bytes, headers: dict[str, str], ttl_s: float) -> None:
+        """Publish pipelined: a miss costs the requester no wait for these PubAcks. A full
+        pipeline raises (TooManyStalledMsgsError) after 1 s; a PubAck that does not come
+        within ``ack_timeout_s`` (or an error) is logged and counted in ``failed_sends``."""
+        ack = await self.js.publish_async(
+            self._subject(kv_key), body, headers=headers or None, msg_ttl=max(1, math.ceil(ttl_s)), wait_stall=1.0
+        )
+        task = asyncio.ensure_future(self._settle(kv_key, ack))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _settle(self, kv_key: str, ack: asyncio.Future) -> None:
+        try:
+            await asyncio.wait_for(ack, self.ack_timeout_s)  # a timeout cancels it: its pipeline slot is freed
+        except Exception as e:
+            self.failed_sends += 1
+            log.warning("result cache: %s not stored: %s: %s", kv_key, type(e).__name__, e)
 
     async def wait(self, key: str, timeout: float) -> bytes | None:
         """The value under ``key`` once it is stored; None when the claim on it ends without

@@ -212,7 +212,11 @@ async def test_purge_of_one_config_leaves_the_others(cache_settings, client, nc)
         for name in ("Ada", "Grace"):
             assert (await client.generate("greet", {**CTX, "name": name})).cached is False
         assert (await client.generate("other", CTX)).cached is False
-        assert len(await cache_keys(nc, cache_settings, "greet")) == 2
+
+        async def stored() -> bool:  # entries are stored just after their outcome is published
+            return (len(await cache_keys(nc, cache_settings, "greet")), len(await cache_keys(nc, cache_settings, "other"))) == (2, 1)
+
+        await wait_for(stored, 10, "the entries of greet (2) and other (1) stored")
 
         out = io.StringIO()
         assert await run_purge(nc, cache_settings, "greet", out=out) == 0

@@ -13,9 +13,9 @@ key ``K`` this module keeps two KV keys:
 - ``K.p``, the pending marker: :meth:`ResultCacheStore.claim` writes it with
   KV ``create`` (which fails when it exists), so across instances one renders;
   the others :meth:`~ResultCacheStore.wait`, watching ``K.*``, for the entry
-  or for the marker's release (the holder failed: they render themselves).
-  A holder that dies leaves a marker that expires after its TTL. Best effort:
-  nothing here is a lock that correctness depends on.
+  or for the end of the claim (released when the render failed, or expired:
+  they render themselves). Best effort: nothing here is a lock that
+  correctness depends on.
 
 ``purge`` removes every key, or a config's (its id is the first token).
 """
@@ -89,7 +89,7 @@ class ResultCacheStore:
             body = BY_REF + (await self.content.put(f"cache.{key}", value)).encode()
         else:
             body = INLINE + value
-        await self._send(key + ENTRY, body, {}, ttl_s)
+        await self._send(key + ENTRY, body, ttl_s)
 
     async def claim(self, key: str, ttl_s: float) -> bool:
         """Mark ``key`` as being rendered unless it is: True when this caller marked it.
@@ -115,19 +115,15 @@ class ResultCacheStore:
         return True
 
     async def release(self, key: str) -> None:
-        """End a claim (after the entry was sent, or the render failed). The entry and the
-        release travel in order on one connection to one stream, so a watcher sees the
-        entry first."""
-        await self._send(key + PENDING, b"", {KV_OP: KV_PURGE, Header.ROLLUP.value: MSG_ROLLUP_SUBJECT},
-                         RELEASED_MARKER_TTL_S)
+        """End a claim early (the render failed): watchers stop waiting."""
+        headers = {KV_OP: KV_PURGE, Header.ROLLUP.value: MSG_ROLLUP_SUBJECT}
+        await self.js.publish(self._subject(key + PENDING), b"", headers=headers, msg_ttl=RELEASED_MARKER_TTL_S)
 
-    async def _send(self, kv_key: str, body: bytes, headers: dict[str, str], ttl_s: float) -> None:
-        """Publish pipelined: a miss costs the requester no wait for these PubAcks. A full
+    async def _send(self, kv_key: str, body: bytes, ttl_s: float) -> None:
+        """Publish pipelined: a miss costs the requester no wait for this PubAck. A full
         pipeline raises (TooManyStalledMsgsError) after 1 s; a PubAck that does not come
         within ``ack_timeout_s`` (or an error) is logged and counted in ``failed_sends``."""
-        ack = await self.js.publish_async(
-            self._subject(kv_key), body, headers=headers or None, msg_ttl=max(1, math.ceil(ttl_s)), wait_stall=1.0
-        )
+        ack = await self.js.publish_async(self._subject(kv_key), body, msg_ttl=max(1, math.ceil(ttl_s)), wait_stall=1.0)
         task = asyncio.ensure_future(self._settle(kv_key, ack))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)

@@ -16,9 +16,10 @@ Only successful renders are stored: an error (a :class:`GenerationError`, a
 retry, any exception) reaches every request that waited for it and is stored
 nowhere. Identical requests in flight in one instance share one render
 (single flight). Across instances, the first claims the key (a pending marker
-written with KV ``create``); the others watch for its entry, and render
-themselves when the claim ends without one or after ``wait_s`` (best effort:
-a holder that dies leaves a marker that expires after ``wait_s``).
+written with KV ``create``, for at most ``wait_s`` and the entry's TTL); the
+others watch for its entry, and render themselves when the claim ends without
+one (the render failed, or the claim expired) or after ``wait_s``. Best
+effort: it saves renders, correctness never depends on it.
 
 The store is a :class:`CacheBackend` (:class:`bus.cache.ResultCacheStore` in
 the service); trouble with it is logged and counted, and the request is
@@ -188,17 +189,20 @@ class ResultCache:
             return raw.decode("utf-8"), True
         # Across instances: one claims the key and renders; the others wait for its entry. (An
         # entry stored between our get and our claim is rendered again: harmless, and rare.)
-        claimed = await self._call("claim", self.backend.claim(key, self.wait_s))
+        # A claim lasts no longer than the entry would, and is released only when the render
+        # fails: after a success, the entry is what the others wait for.
+        claimed = await self._call("claim", self.backend.claim(key, min(self.wait_s, ttl)))
         if claimed is False:
             raw = await self._call("wait", self.backend.wait(key, self.wait_s))
             if raw is not None:
                 return raw.decode("utf-8"), True
         try:
             content = await render()
-            await self._put(key, content, ttl)
-        finally:
+        except BaseException:
             if claimed:
                 await self._call("release", self.backend.release(key))
+            raise
+        await self._put(key, content, ttl)
         return content, False
 
     async def _put(self, key: str, content: str, ttl: float) -> None:

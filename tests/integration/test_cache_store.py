@@ -64,8 +64,7 @@ async def test_wait_gets_the_entry_that_the_holder_stores(stores):
     one, two = stores
     assert await one.claim(KEY, 30)
     waiting = asyncio.create_task(two.wait(KEY, 30))
-    await one.put(KEY, "Hello".encode(), 60)
-    await one.release(KEY)
+    await one.put(KEY, "Hello".encode(), 60)  # the claim stays: the entry is what b waits for
     assert await asyncio.wait_for(waiting, 10) == b"Hello"
     assert await two.get(KEY) == b"Hello"
 

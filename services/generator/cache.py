@@ -21,6 +21,13 @@ others watch for its entry, and render themselves when the claim ends without
 one (the render failed, or the claim expired) or after ``wait_s``. Best
 effort: it saves renders, correctness never depends on it.
 
+A claim is one more KV write per miss. ``claims="auto"`` (the default) claims
+only for generators that are not deterministic (an upstream call such as a
+model, slow and paid for: a duplicate costs more than the write), not for the
+local template renders, where instances may each render a key once (measured:
+the claim costs more than the render; see bench/cache.py). ``always`` and
+``never`` (``CHORA_CACHE_CLAIMS``) override.
+
 The store is a :class:`CacheBackend` (:class:`bus.cache.ResultCacheStore` in
 the service); trouble with it is logged and counted, and the request is
 rendered as if there were no cache.
@@ -114,11 +121,13 @@ class ResultCache:
         *,
         default_ttl_s: float = 3600,
         wait_s: float = 10.0,
+        claims: str = "auto",
     ):
         self.backend = backend
         self.metrics = metrics
         self.default_ttl_s = default_ttl_s
         self.wait_s = wait_s
+        self.claims = claims
         self._inflight: dict[str, asyncio.Future[str]] = {}
 
     def ttl_for(self, config: LoadedConfig, generator: Any) -> float | None:
@@ -169,7 +178,7 @@ class ResultCache:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            content, cached = await self._lookup_or_render(key, ttl, render)
+            content, cached = await self._lookup_or_render(key, ttl, render, self.claims_for(generator))
         except Exception as e:
             future.set_exception(e)
             future.exception()  # retrieved: no "never retrieved" warning when nobody waited
@@ -183,7 +192,15 @@ class ResultCache:
         (self.metrics.hit if cached else self.metrics.miss).inc()
         return content, cached
 
-    async def _lookup_or_render(self, key: str, ttl: float, render: Callable[[], Awaitable[str]]) -> tuple[str, bool]:
+    def claims_for(self, generator: Any) -> bool:
+        """Whether a miss claims its key across instances (see the module doc)."""
+        if self.claims == "auto":
+            return getattr(generator, "deterministic", False) is not True
+        return self.claims == "always"
+
+    async def _lookup_or_render(
+        self, key: str, ttl: float, render: Callable[[], Awaitable[str]], claim: bool
+    ) -> tuple[str, bool]:
         raw = await self._call("get", self.backend.get(key))
         if raw is not None:
             return raw.decode("utf-8"), True
@@ -191,7 +208,9 @@ class ResultCache:
         # entry stored between our get and our claim is rendered again: harmless, and rare.)
         # A claim lasts no longer than the entry would, and is released only when the render
         # fails: after a success, the entry is what the others wait for.
-        claimed = await self._call("claim", self.backend.claim(key, min(self.wait_s, ttl)))
+        claimed = None
+        if claim:
+            claimed = await self._call("claim", self.backend.claim(key, min(self.wait_s, ttl)))
         if claimed is False:
             raw = await self._call("wait", self.backend.wait(key, self.wait_s))
             if raw is not None:

@@ -10,7 +10,7 @@ With a result cache store in the runtime's context (``ctx.cache``), the
 handler gets a :class:`~services.generator.cache.ResultCache` over it; its
 figures are in :attr:`GeneratorApp.metrics_registry`.
 
-Settings read: ``configs_dir``, ``max_event_bytes``, ``cache_ttl_s`` and ``cache_wait_s``.
+Settings read: ``configs_dir``, ``max_event_bytes``, ``cache_ttl_s``, ``cache_wait_s`` and ``cache_claims``.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ class GeneratorApp:
         max_event_bytes: int | None = None,
         cache_ttl_s: float = 3600,
         cache_wait_s: float = 10.0,
+        cache_claims: str = "auto",
     ):
         self.deps = Deps(store, registry or GeneratorRegistry(), source, max_output_bytes, max_event_bytes)
-        self.cache_ttl_s, self.cache_wait_s = cache_ttl_s, cache_wait_s
+        self.cache_ttl_s, self.cache_wait_s, self.cache_claims = cache_ttl_s, cache_wait_s, cache_claims
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.cache_metrics = CacheMetrics(self.metrics_registry)
         self.store, self.registry = self.deps.store, self.deps.registry
@@ -59,7 +60,8 @@ class GeneratorApp:
         backend = getattr(ctx, "cache", None)
         if backend is not None:
             self.deps.cache = ResultCache(
-                backend, self.cache_metrics, default_ttl_s=self.cache_ttl_s, wait_s=self.cache_wait_s
+                backend, self.cache_metrics, default_ttl_s=self.cache_ttl_s, wait_s=self.cache_wait_s,
+                claims=self.cache_claims,
             )
         self.config_errors = {}
         for config_id in self.store.list():
@@ -89,4 +91,5 @@ def build(settings: Settings) -> GeneratorApp:
         max_event_bytes=settings.max_event_bytes,
         cache_ttl_s=settings.cache_ttl_s,
         cache_wait_s=settings.cache_wait_s,
+        cache_claims=settings.cache_claims,
     )

@@ -84,7 +84,8 @@ async def watchers(store: ResultCacheStore) -> int:
 
 
 def _cache(store: ResultCacheStore, wait_s: float) -> ResultCache:
-    return ResultCache(store, CacheMetrics(CollectorRegistry()), default_ttl_s=600, wait_s=wait_s)
+    # claims for every generator (the default claims only for generators that are not deterministic)
+    return ResultCache(store, CacheMetrics(CollectorRegistry()), default_ttl_s=600, wait_s=wait_s, claims="always")
 
 
 @pytest.fixture

@@ -131,3 +131,17 @@ def test_every_builtin_generator_has_a_version():
     assert generator_version(Jinja2Generator()).startswith("1+jinja2.")
     assert generator_version(TemplateFillGenerator()) == "1"
     assert generator_version(_Nondeterministic()) == "0"  # none declared
+
+
+@pytest.mark.parametrize(
+    "claims, generator, claimed",
+    [
+        ("auto", Jinja2Generator(), False),  # a local render: cheaper than the KV write of a claim
+        ("auto", _Nondeterministic(), True),  # an upstream call: worth a claim
+        ("always", Jinja2Generator(), True),
+        ("never", _Nondeterministic(), False),
+    ],
+)
+def test_misses_claim_their_key_across_instances_by_the_generators_kind(claims, generator, claimed):
+    cache = ResultCache(backend=None, metrics=CacheMetrics(CollectorRegistry()), claims=claims)  # type: ignore[arg-type]
+    assert cache.claims_for(generator) is claimed

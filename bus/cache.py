@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -50,7 +51,7 @@ class ResultCacheStore:
         self.bucket = bucket
         self.content = content
         self._kv: KeyValue | None = None
-        self._sending: set[asyncio.Future] = set()
+        self._acks: deque[tuple[float, asyncio.Future]] = deque()  # (deadline, PubAck future)
         self.ack_timeout_s = 10.0
         self.failed_sends = 0
 
@@ -122,18 +123,22 @@ class ResultCacheStore:
     async def _send(self, kv_key: str, body: bytes, ttl_s: float) -> None:
         """Publish pipelined: a miss costs the requester no wait for this PubAck. A full
         pipeline raises (TooManyStalledMsgsError) after 1 s; a PubAck that does not come
-        within ``ack_timeout_s`` (or an error) is logged and counted in ``failed_sends``."""
+        within ``ack_timeout_s`` is given up (its pipeline slot freed) and, like an error,
+        logged and counted in ``failed_sends``."""
         ack = await self.js.publish_async(self._subject(kv_key), body, msg_ttl=max(1, math.ceil(ttl_s)), wait_stall=1.0)
-        task = asyncio.ensure_future(self._settle(kv_key, ack))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        ack.add_done_callback(self._acked)
+        now = asyncio.get_running_loop().time()
+        acks = self._acks
+        acks.append((now + self.ack_timeout_s, ack))
+        while acks and (acks[0][1].done() or acks[0][0] < now):
+            _, oldest = acks.popleft()
+            oldest.cancel()  # nothing if it is done
 
-    async def _settle(self, kv_key: str, ack: asyncio.Future) -> None:
-        try:
-            await asyncio.wait_for(ack, self.ack_timeout_s)  # a timeout cancels it: its pipeline slot is freed
-        except Exception as e:
+    def _acked(self, ack: asyncio.Future) -> None:
+        error = "no PubAck in time" if ack.cancelled() else ack.exception()
+        if error is not None:
             self.failed_sends += 1
-            log.warning("result cache: %s not stored: %s: %s", kv_key, type(e).__name__, e)
+            log.warning("result cache: an entry was not stored: %s", error)
 
     async def wait(self, key: str, timeout: float) -> bytes | None:
         """The value under ``key`` once it is stored; None when the claim on it ends without

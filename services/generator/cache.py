@@ -154,10 +154,13 @@ class ResultCache:
         ttl = self.ttl_for(config, generator)
         if ttl is None:
             return await render(), False
-        key = cache_key(
-            config.id, config.spec.generator, generator_version(generator), config.config_hash,
-            config.template_hash, context,
-        )
+        try:
+            key = cache_key(
+                config.id, config.spec.generator, generator_version(generator), config.config_hash,
+                config.template_hash, context,
+            )
+        except (TypeError, ValueError):  # a default no JSON can say (a YAML oddity): not cacheable
+            return await render(), False
         if bypass:
             self.metrics.bypass.inc()
             content = await render()

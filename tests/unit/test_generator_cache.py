@@ -145,3 +145,15 @@ def test_every_builtin_generator_has_a_version():
 def test_misses_claim_their_key_across_instances_by_the_generators_kind(claims, generator, claimed):
     cache = ResultCache(backend=None, metrics=CacheMetrics(CollectorRegistry()), claims=claims)  # type: ignore[arg-type]
     assert cache.claims_for(generator) is claimed
+
+
+async def test_a_context_no_canonical_json_can_say_is_rendered_and_not_cached(tmp_path):
+    # YAML allows non-string keys; the canonical form (sorted string keys) does not
+    write(tmp_path / "c.yaml", "id: c\ngenerator: jinja2\ntemplate: x\ncontext: {a: {1: one}}\n")
+    config = ConfigStore(tmp_path).get("c")
+    cache = _cache()  # no backend: any use of it would fail
+
+    async def render() -> str:
+        return "rendered"
+
+    assert await cache.fetch(config, Jinja2Generator(), dict(config.defaults), render) == ("rendered", False)

@@ -72,8 +72,9 @@ async def run_path(pub: Publisher, outcomes: Outcomes, config_id: str, n: int, r
     events = [
         new_event(
             GENERATION_REQUESTED,
-            GenerationRequested(content_config_id=config_id, context={"name": "Ada", "rows": rows,
-                                                                        "seed": 0 if same else i}),
+            GenerationRequested(
+                content_config_id=config_id, context={"name": "Ada", "rows": rows, "seed": 0 if same else i}
+            ),
             source="chora://bench",
         )
         for i in range(n)
@@ -85,8 +86,13 @@ async def run_path(pub: Publisher, outcomes: Outcomes, config_id: str, n: int, r
         await pub.publish_many(events[i : i + 1000])
     await asyncio.wait_for(outcomes.done.wait(), max(120.0, n / 50))
     seconds = time.perf_counter() - t0
-    return {"requests": n, "per_s": round(n / seconds), "seconds": round(seconds, 2),
-            "cached_outcomes": outcomes.cached, "errors": outcomes.errors}
+    return {
+        "requests": n,
+        "per_s": round(n / seconds),
+        "seconds": round(seconds, 2),
+        "cached_outcomes": outcomes.cached,
+        "errors": outcomes.errors,
+    }
 
 
 async def main(args: argparse.Namespace) -> dict:
@@ -95,8 +101,13 @@ async def main(args: argparse.Namespace) -> dict:
         configs.mkdir()
         write_configs(configs)
         settings = Settings(
-            home=Path(tmp) / "var", prefix="benchcache", nats_port=0, nats_http_port=0, metrics_port=0,
-            configs_dir=configs, nats=NatsSettings(url=None),
+            home=Path(tmp) / "var",
+            prefix="benchcache",
+            nats_port=0,
+            nats_http_port=0,
+            metrics_port=0,
+            configs_dir=configs,
+            nats=NatsSettings(url=None),
         )
         async with running_stack(settings, ["generator"]) as (stack, nc):
             pub = Publisher(nc.jetstream(), settings.prefix)

@@ -99,12 +99,16 @@ def generator_version(generator: Any) -> str:
 class CacheMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.requests = Counter(
-            "chora_generator_cache_requests", "Generation requests seen by the result cache, by result.",
-            ["result"], registry=registry,
+            "chora_generator_cache_requests",
+            "Generation requests seen by the result cache, by result.",
+            ["result"],
+            registry=registry,
         )
         self.errors = Counter(
-            "chora_generator_cache_errors", "Result cache operations that failed (the request was rendered).",
-            ["operation"], registry=registry,
+            "chora_generator_cache_errors",
+            "Result cache operations that failed (the request was rendered).",
+            ["operation"],
+            registry=registry,
         )
         self.hit, self.miss, self.bypass = (self.requests.labels(r) for r in ("hit", "miss", "bypass"))
         for op in ("get", "put", "claim", "release", "wait"):
@@ -156,8 +160,12 @@ class ResultCache:
             return await render(), False
         try:
             key = cache_key(
-                config.id, config.spec.generator, generator_version(generator), config.config_hash,
-                config.template_hash, context,
+                config.id,
+                config.spec.generator,
+                generator_version(generator),
+                config.config_hash,
+                config.template_hash,
+                context,
             )
         except (TypeError, ValueError):  # a default no JSON can say (a YAML oddity): not cacheable
             return await render(), False

@@ -60,7 +60,10 @@ class GeneratorApp:
         backend = getattr(ctx, "cache", None)
         if backend is not None:
             self.deps.cache = ResultCache(
-                backend, self.cache_metrics, default_ttl_s=self.cache_ttl_s, wait_s=self.cache_wait_s,
+                backend,
+                self.cache_metrics,
+                default_ttl_s=self.cache_ttl_s,
+                wait_s=self.cache_wait_s,
                 claims=self.cache_claims,
             )
         self.config_errors = {}

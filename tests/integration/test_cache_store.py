@@ -25,8 +25,10 @@ async def stores(nats_server, settings):
     topo = Topology.from_settings(settings)
     conns = [await nats.connect(nats_server.url) for _ in range(2)]
     await provision(conns[0].jetstream(), topo, consumers=[])
-    yield [ResultCacheStore(c.jetstream(), topo.cache_bucket, ContentStore(c.jetstream(), topo.content_bucket))
-           for c in conns]
+    yield [
+        ResultCacheStore(c.jetstream(), topo.cache_bucket, ContentStore(c.jetstream(), topo.content_bucket))
+        for c in conns
+    ]
     for c in conns:
         await c.close()
 
@@ -104,6 +106,7 @@ async def test_two_instances_render_an_identical_request_once(stores, config):
             renders.append(who)
             await gate.wait()
             return "Hello Ada"
+
         return render
 
     gen = Jinja2Generator()
@@ -146,5 +149,11 @@ async def test_when_the_holder_fails_the_other_instance_renders_without_waiting_
 
 
 def key(config, gen) -> str:
-    return cache_key(config.id, config.spec.generator, generator_version(gen), config.config_hash,
-                     config.template_hash, {"name": "Ada"})
+    return cache_key(
+        config.id,
+        config.spec.generator,
+        generator_version(gen),
+        config.config_hash,
+        config.template_hash,
+        {"name": "Ada"},
+    )

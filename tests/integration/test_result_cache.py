@@ -96,7 +96,8 @@ class Client:
 
     async def send(self, config_id: str, context: dict[str, Any] | None = None, **fields: Any) -> str:
         ev = new_event(
-            GENERATION_REQUESTED, GenerationRequested(content_config_id=config_id, context=context or {}, **fields),
+            GENERATION_REQUESTED,
+            GenerationRequested(content_config_id=config_id, context=context or {}, **fields),
             source="test",
         )
         await self.pub.publish(ev)
@@ -214,7 +215,10 @@ async def test_purge_of_one_config_leaves_the_others(cache_settings, client, nc)
         assert (await client.generate("other", CTX)).cached is False
 
         async def stored() -> bool:  # entries are stored just after their outcome is published
-            return (len(await cache_keys(nc, cache_settings, "greet")), len(await cache_keys(nc, cache_settings, "other"))) == (2, 1)
+            return (
+                len(await cache_keys(nc, cache_settings, "greet")),
+                len(await cache_keys(nc, cache_settings, "other")),
+            ) == (2, 1)
 
         await wait_for(stored, 10, "the entries of greet (2) and other (1) stored")
 
@@ -243,8 +247,10 @@ async def test_an_edited_template_is_a_miss_with_the_new_content(cache_settings,
         assert (after.cached, after.content) == (False, "Goodbye Ada!")
         assert before.content != after.content
         # the config file itself: a change of any field is a new key too
-        write(configs / "greet.json", {"id": "greet", "generator": "jinja2", "template_file": "greet.j2",
-                                       "cache": "1h", "description": "edited"})
+        write(
+            configs / "greet.json",
+            {"id": "greet", "generator": "jinja2", "template_file": "greet.j2", "cache": "1h", "description": "edited"},
+        )
         assert (await client.generate("greet", CTX)).cached is False
 
 

@@ -63,8 +63,19 @@ def test_the_key_starts_with_the_config_id_and_is_a_valid_kv_key():
 
 @pytest.mark.parametrize(
     "given, parsed",
-    [(None, None), ("on", "on"), (True, "on"), ("off", "off"), (False, "off"), (90, 90), ("30s", 30),
-     ("15m", 900), ("1h", 3600), ("2d", 172800), ("45", 45)],
+    [
+        (None, None),
+        ("on", "on"),
+        (True, "on"),
+        ("off", "off"),
+        (False, "off"),
+        (90, 90),
+        ("30s", 30),
+        ("15m", 900),
+        ("1h", 3600),
+        ("2d", 172800),
+        ("45", 45),
+    ],
 )
 def test_cache_settings_are_read_as_seconds_on_or_off(given, parsed):
     assert parse_cache(given) == parsed

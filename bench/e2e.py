@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -32,11 +31,10 @@ from pathlib import Path
 
 import msgspec
 
-from bus.connection import connect
+from bench.stack import running_stack
 from bus.publisher import Publisher
 from bus.settings import NatsSettings
 from services.settings import Settings
-from chora.up import Stack
 from contracts.catalogue import GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import GenerationRequested
@@ -216,18 +214,10 @@ async def main(args: argparse.Namespace) -> dict:
             configs_dir=Path(__file__).resolve().parent.parent / "examples" / "configs",
             nats=NatsSettings(url=None),
         )
-        stack = Stack(settings, services=args.services.split(",") if args.services else None, out=sys.stderr)
-        stop = asyncio.Event()
-        task = asyncio.create_task(stack.run(stop))
-        while not settings.stack_file.exists():
-            if task.done():
-                await task
-            await asyncio.sleep(0.05)
-        nc = await connect(settings.nats, stack.url, name="chora-bench")
-        pub = Publisher(nc.jetstream(), settings.prefix)
-        follower = JsonlFollower(settings.jsonl_path)
-        run = uuid.uuid4().hex
-        try:
+        async with running_stack(settings, args.services.split(",") if args.services else None) as (stack, nc):
+            pub = Publisher(nc.jetstream(), settings.prefix)
+            follower = JsonlFollower(settings.jsonl_path)
+            run = uuid.uuid4().hex
             await fixed_rate(pub, follower, args.rate, 2, run)  # warm-up: imports, caches, connections
             sat = await saturation(pub, follower, args.requests, run)
             lat = await fixed_rate(pub, follower, args.rate, args.seconds, run)
@@ -235,10 +225,6 @@ async def main(args: argparse.Namespace) -> dict:
             sink_rss = _rss_mb(stack.children["telemetry"].pid)
             gen_rss = _rss_mb(stack.children["generator"].pid)
             services = sorted(stack.children)
-        finally:
-            await nc.close()
-            stop.set()
-            await task
         return {
             "machine": _machine(),
             "services": services,

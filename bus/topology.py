@@ -70,6 +70,7 @@ class Topology:
     consumers: dict[str, ConsumerSpec] = field(default_factory=dict)
     state_bucket: str = ""  # KV: the assembler's artifact and batch state
     content_bucket: str = ""  # Object Store: content too large to travel inline
+    cache_bucket: str = ""  # KV: the generator's result cache (per-entry TTL, bucket max age as the ceiling)
 
     @classmethod
     def from_settings(cls, s: BusSettings, replicas: int | None = None) -> "Topology":
@@ -83,6 +84,7 @@ class Topology:
             prefix=s.prefix,
             state_bucket=f"{base}_STATE",
             content_bucket=f"{base}_CONTENT",
+            cache_bucket=f"{base}_CACHE",
             events_stream=s.stream_name,
             dlq_stream=s.dlq_stream_name,
             max_age_s=s.stream_max_age_s,
@@ -237,19 +239,30 @@ async def provision(
         if _stream_differs(info.config, cfg):
             await js.update_stream(cfg)
             log.info("updated stream %s", cfg.name)
-    try:
-        await js.key_value(topo.state_bucket)
-    except (NotFoundError, BucketNotFoundError):
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=topo.state_bucket,
-                history=1,
-                storage=StorageType.FILE,
-                replicas=topo.replicas,
-                ttl=topo.max_age_s,
-                description="chora assembler state",
+    # The cache's entries expire by a TTL each; limit markers make an expiry visible to watchers.
+    # Its reads are direct gets (one per request on the hot path), served by any replica.
+    buckets = (
+        (topo.state_bucket, "chora assembler state", None, False),
+        (topo.cache_bucket, "chora result cache", 60.0, True),
+    )
+    for bucket, description, marker_ttl, direct in buckets:
+        if not bucket:
+            continue
+        try:
+            await js.key_value(bucket)
+        except (NotFoundError, BucketNotFoundError):
+            await js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket,
+                    history=1,
+                    storage=StorageType.FILE,
+                    replicas=topo.replicas,
+                    ttl=topo.max_age_s,
+                    description=description,
+                    limit_marker_ttl=marker_ttl,
+                    direct=direct,
+                )
             )
-        )
     try:
         await js.object_store(topo.content_bucket)
     except (NotFoundError, BucketNotFoundError):

@@ -10,7 +10,7 @@ import sys
 
 from typing import Any
 
-from chora.commands import assembly, configs, dlq, events
+from chora.commands import assembly, cache, configs, dlq, events
 from chora.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -27,7 +27,7 @@ from chora.common import (
 )
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
-COMMAND_MODULES = [configs, dlq, assembly, events]
+COMMAND_MODULES = [configs, dlq, assembly, events, cache]
 
 
 # ---------------------------------------------------------------------- generate
@@ -40,7 +40,9 @@ async def generate(args: argparse.Namespace) -> int:
     trace_id = trace_id_or_exit(args, settings)
     request = new_event(
         GENERATION_REQUESTED,
-        GenerationRequested(content_config_id=args.config_id, context=parse_context(args.context)),
+        GenerationRequested(
+            content_config_id=args.config_id, context=parse_context(args.context), no_cache=args.no_cache
+        ),
         source="chora://cli",
         trace_id=trace_id,
     )
@@ -169,6 +171,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the content even if the validator marks it invalid (and do not wait for its verdict); exit 0",
     )
+    sp.add_argument("--no-cache", action="store_true", help="render afresh, not from the result cache")
     sp.set_defaults(func=lambda a: asyncio.run(generate(a)))
 
     nt = sub.add_parser("nats", help="NATS administration").add_subparsers(dest="nats_cmd", required=True)

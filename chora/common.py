@@ -112,6 +112,20 @@ async def connect_cli(settings: Settings, link: Link | None = None):
         ) from None
 
 
+def run_connected(run) -> int:
+    """``run(nc, settings)`` on a connection from the CLI's settings, closed afterwards."""
+
+    async def main() -> int:
+        settings = load_settings()
+        nc = await connect_cli(settings)
+        try:
+            return await run(nc, settings)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
 async def close_cli(nc, link: Link | None = None) -> None:
     if link is not None:
         link.closing = True

@@ -75,6 +75,25 @@ def valid_config_id(config_id: object) -> bool:
 
 # --------------------------------------------------------------------------- the file format
 
+_TTL_RE = re.compile(r"(\d+)\s*(s|m|h|d)?")
+_TTL_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_cache(v: Any) -> int | Literal["on", "off"] | None:
+    """A config's ``cache:``: a TTL (``90``, ``"30s"``, ``"15m"``, ``"1h"``, ``"2d"``) as whole
+    seconds, ``"on"`` (the default TTL, also for a generator that is not deterministic),
+    ``"off"``, or None (unset: on for deterministic generators only)."""
+    if v is None or v == "on" or v is True:
+        return None if v is None else "on"
+    if v == "off" or v is False:
+        return "off"
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return v
+    if isinstance(v, str) and (m := _TTL_RE.fullmatch(v.strip())) and int(m.group(1)) >= 1:
+        return int(m.group(1)) * _TTL_UNITS[m.group(2)]
+    raise ValueError(f"must be a TTL of at least 1 s (90, '30s', '15m', '1h', '2d'), 'on' or 'off'; got {v!r}")
+
+
 ConfigIdStr = Annotated[str, StringConstraints(pattern=ID_PATTERN, max_length=ID_MAX_LENGTH)]
 
 
@@ -93,6 +112,13 @@ class ContentConfig(BaseModel):
     output_format: Literal["markdown", "text", "json", "code"] = "markdown"
     # Rules for the validator service; kept as written, not interpreted here.
     validation: list[dict[str, Any]] = []
+    # The generator's result cache (see parse_cache): a TTL, "on", "off"; unset: the generator's default.
+    cache: int | Literal["on", "off"] | None = None
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _a_cache_setting(cls, v: Any) -> int | str | None:
+        return parse_cache(v)
 
     @field_validator("template_file")
     @classmethod
@@ -120,7 +146,8 @@ class LoadedConfig:
 
     ``template`` is the template source (inline or read from ``template_file``),
     ``template_hash`` the sha256 hex of it (generators key compiled templates on
-    ``(id, template_hash)``), ``template_name`` names it in error messages.
+    ``(id, template_hash)``), ``template_name`` names it in error messages,
+    ``config_hash`` the sha256 hex of the config's canonical JSON (the result cache's key).
     """
 
     spec: ContentConfig
@@ -129,6 +156,7 @@ class LoadedConfig:
     template_hash: str | None = None
     template_name: str = "<inline template>"
     defaults: dict[str, Any] = field(default_factory=dict)
+    config_hash: str | None = None
 
     @property
     def id(self) -> str:
@@ -345,6 +373,9 @@ class ConfigStore:
             template_hash=thash,
             template_name=template_name,
             defaults=dict(spec.context),
+            config_hash=hashlib.sha256(
+                json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+            ).hexdigest(),
         )
         return _Entry(path=path, key=_key(st), config=loaded, template_path=tpath, template_key=tkey)
 

@@ -8,6 +8,7 @@ as one :class:`services.settings.Settings`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,14 @@ class CompositionSettings(BaseSettings):
     # The embedded nats-server of `chora up` (unused when NATS_URL is set); 0 = a free port.
     nats_port: int = 4222
     nats_http_port: int = 8222
+    # The generator's result cache: the TTL of an entry whose config does not set one
+    # (``cache:`` in the config), and how long a request waits for an identical render
+    # another generator instance has under way before it renders itself.
+    cache_ttl_s: int = 3600
+    cache_wait_s: float = 10.0
+    # Which misses claim their key across instances (one KV write each): "auto" (generators
+    # that are not deterministic, e.g. model calls), "always" or "never".
+    cache_claims: Literal["auto", "always", "never"] = "auto"
     # The notifier's webhook subscriptions (YAML or JSON); none: no webhooks.
     notifier_config: Path | None = None
 

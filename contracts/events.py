@@ -39,6 +39,9 @@ class GenerationRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
     content_config_id: ConfigId
     context: dict[str, Any] = {}
     origin: Origin | None = None
+    no_cache: Annotated[
+        bool, Meta(description="true: render afresh, never serve this request from the result cache")
+    ] = False
 
 
 class ContentGenerated(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -57,6 +60,9 @@ class ContentGenerated(msgspec.Struct, kw_only=True, omit_defaults=True):
     )
     error: ErrorInfo | None = None
     origin: Origin | None = None
+    cached: Annotated[
+        bool | None, Meta(description="success only: true when the content was not rendered for this request")
+    ] = None
 
 
 class ValidationIssue(msgspec.Struct, kw_only=True, omit_defaults=True):

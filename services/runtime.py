@@ -25,6 +25,7 @@ from typing import Any, Protocol, Sequence
 
 from dataclasses import dataclass
 
+from bus.cache import ResultCacheStore
 from bus.connection import connect, settle
 from bus.consumer import ConsumerLoop, Handler
 from bus.content import ContentStore
@@ -60,6 +61,7 @@ class BusContext:
     topology: Topology
     state: StateStore
     content: ContentStore
+    cache: ResultCacheStore | None = None  # the generator's result cache
 
 
 class ServiceApp(Protocol):
@@ -120,7 +122,8 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         content = ContentStore(js, topo.content_bucket, settings.content_threshold_bytes)
         if settings.provision:
             await provision(js, topo, consumers=[])
-        await app.start(BusContext(settings, topo, StateStore(js, topo.state_bucket), content))
+        cache = ResultCacheStore(js, topo.cache_bucket, content)
+        await app.start(BusContext(settings, topo, StateStore(js, topo.state_bucket), content, cache))
         pairs: list[tuple[ConsumerSpec, Handler]] = (
             app.consumers(topo) if hasattr(app, "consumers") else [(topo.consumers[name], app.handle)]
         )

@@ -19,7 +19,6 @@ which consumers see a replayed message.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import sys
@@ -142,18 +141,9 @@ async def run_replay(
 
 
 def _connected(run) -> int:
-    """``run(nc, settings)`` on a connection from the CLI's settings, closed afterwards."""
-    from chora.common import connect_cli, load_settings
+    from chora.common import run_connected
 
-    async def main() -> int:
-        settings = load_settings()
-        nc = await connect_cli(settings)
-        try:
-            return await run(nc, settings)
-        finally:
-            await nc.close()
-
-    return asyncio.run(main())
+    return run_connected(run)
 
 
 def _list(args: argparse.Namespace) -> int:

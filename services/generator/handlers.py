@@ -29,6 +29,7 @@ from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
 from contracts.handling import Delivery, EventHandlers, Reject, Retry, expect
 from composition.configs import ConfigStore, GenerationError
+from services.generator.cache import ResultCache
 from services.generator.generators import GeneratorRegistry
 
 log = logging.getLogger("chora.generator")
@@ -54,6 +55,8 @@ class Deps:
     max_output_bytes: int = MAX_OUTPUT_BYTES
     # the largest event body the bus will publish (None: no check here)
     max_event_bytes: int | None = None
+    # the result cache (None: every request is rendered)
+    cache: ResultCache | None = None
 
 
 def _error(
@@ -106,24 +109,33 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
         defaults = config.defaults
         if defaults:
             context = {**defaults, **context}
-        content = generator.render(config, context)
-        if type(content) is not str:
-            if inspect.isawaitable(content):
-                content = await content
-            if not isinstance(content, str):
+
+        async def render() -> str:
+            content = generator.render(config, context)
+            if type(content) is not str:
+                if inspect.isawaitable(content):
+                    content = await content
+                if not isinstance(content, str):
+                    raise GenerationError(
+                        "GENERATOR_FAILED", f"generator {generator_type!r} returned {type(content).__name__}, not text"
+                    )
+            try:
+                size = len(content.encode("utf-8"))
+            except UnicodeEncodeError as e:
                 raise GenerationError(
-                    "GENERATOR_FAILED", f"generator {generator_type!r} returned {type(content).__name__}, not text"
+                    "INVALID_OUTPUT", f"output is not valid Unicode text at character {e.start}"
+                ) from None
+            if size > max_output_bytes:
+                raise GenerationError(
+                    "OUTPUT_TOO_LARGE", f"output has {size} bytes, over the limit of {max_output_bytes}"
                 )
-        try:
-            raw = content.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise GenerationError(
-                "INVALID_OUTPUT", f"output is not valid Unicode text at character {e.start}"
-            ) from None
-        if len(raw) > max_output_bytes:
-            raise GenerationError(
-                "OUTPUT_TOO_LARGE", f"output has {len(raw)} bytes, over the limit of {max_output_bytes}"
-            )
+            return content
+
+        if deps.cache is None:
+            content, cached = await render(), False
+        else:  # the result cache (services/generator/cache.py): errors are never stored
+            content, cached = await deps.cache.fetch(config, generator, context, render, bypass=data.no_cache)
+        raw = content.encode("utf-8")
         out = ContentGenerated(
             request_id=event.id,
             content_config_id=config_id,
@@ -133,6 +145,7 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
             content_hash="sha256:" + _sha256(raw).hexdigest(),
             content_length=len(content),
             origin=data.origin,
+            cached=cached,
         )
         # JSON escaping can grow text up to 6x; only a large output can overflow the event.
         if max_event_bytes is not None and len(raw) * 8 > max_event_bytes:

@@ -6,7 +6,11 @@ directory once, logging (not failing on) the broken ones: they still answer
 their requests with an error outcome, and a fixed file is picked up on the
 next request.
 
-Settings read: ``configs_dir`` and ``max_event_bytes``.
+With a result cache store in the runtime's context (``ctx.cache``), the
+handler gets a :class:`~services.generator.cache.ResultCache` over it; its
+figures are in :attr:`GeneratorApp.metrics_registry`.
+
+Settings read: ``configs_dir``, ``max_event_bytes``, ``cache_ttl_s``, ``cache_wait_s`` and ``cache_claims``.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from composition.configs import ConfigError, ConfigStore
 from contracts.handling import route
+from services.generator.cache import CacheMetrics, ResultCache
 from services.generator.generators import GeneratorRegistry
 from services.generator.handlers import EVENT_HANDLERS, MAX_OUTPUT_BYTES, SOURCE, Deps
 from services.settings import Settings
@@ -36,14 +43,29 @@ class GeneratorApp:
         source: str = SOURCE,
         max_output_bytes: int = MAX_OUTPUT_BYTES,
         max_event_bytes: int | None = None,
+        cache_ttl_s: float = 3600,
+        cache_wait_s: float = 10.0,
+        cache_claims: str = "auto",
     ):
         self.deps = Deps(store, registry or GeneratorRegistry(), source, max_output_bytes, max_event_bytes)
+        self.cache_ttl_s, self.cache_wait_s, self.cache_claims = cache_ttl_s, cache_wait_s, cache_claims
+        self.metrics_registry = CollectorRegistry(auto_describe=True)
+        self.cache_metrics = CacheMetrics(self.metrics_registry)
         self.store, self.registry = self.deps.store, self.deps.registry
         self.config_errors: dict[str, str] = {}
         self.handle = route(EVENT_HANDLERS, self.deps, self.name)
 
     async def start(self, ctx: Any = None) -> None:
         self.registry.load()
+        backend = getattr(ctx, "cache", None)
+        if backend is not None:
+            self.deps.cache = ResultCache(
+                backend,
+                self.cache_metrics,
+                default_ttl_s=self.cache_ttl_s,
+                wait_s=self.cache_wait_s,
+                claims=self.cache_claims,
+            )
         self.config_errors = {}
         for config_id in self.store.list():
             try:
@@ -70,4 +92,7 @@ def build(settings: Settings) -> GeneratorApp:
         GeneratorRegistry(),
         source=SOURCE,
         max_event_bytes=settings.max_event_bytes,
+        cache_ttl_s=settings.cache_ttl_s,
+        cache_wait_s=settings.cache_wait_s,
+        cache_claims=settings.cache_claims,
     )

@@ -21,6 +21,11 @@ class Generator:
     """Base class for generators (subclassing it is optional: the protocol is what counts)."""
 
     name: str = ""
+    # Part of the result cache's key: bump it when the same input renders differently.
+    version: str = "1"
+    # True: the same config and context always give the same output, so results are
+    # cached unless the config says `cache: off` (else only when it says `cache: on` or a TTL).
+    deterministic: bool = False
 
     def render(self, config: LoadedConfig, context: dict[str, Any]) -> str:
         raise NotImplementedError

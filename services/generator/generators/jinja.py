@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jinja2
 from jinja2 import StrictUndefined, Template, TemplateSyntaxError, UndefinedError
 from jinja2.exceptions import SecurityError, TemplateError
 
@@ -28,6 +29,8 @@ def _template_line(exc: BaseException) -> int | None:
 
 class Jinja2Generator(Generator):
     name = "jinja2"
+    deterministic = True  # the result cache is on by default
+    version = f"1+jinja2.{jinja2.__version__}"  # another jinja2 may render differently: other cache keys
 
     def __init__(self, max_output_chars: int = MAX_OUTPUT_CHARS, max_render_seconds: float = MAX_RENDER_SECONDS):
         self.env = _Sandbox(

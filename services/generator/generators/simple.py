@@ -25,6 +25,7 @@ def _fill_value(v: Any) -> str:
 
 class TemplateFillGenerator(Generator):
     name = "template_fill"
+    deterministic = True
 
     def __init__(self) -> None:
         # config id -> (template hash, literals, placeholders); placeholders are
@@ -80,6 +81,7 @@ class TemplateFillGenerator(Generator):
 
 class DemonstrationGenerator(Generator):
     name = "demonstration"
+    deterministic = True
 
     def render(self, config: LoadedConfig, context: dict[str, Any]) -> str:
         out = config.example_output

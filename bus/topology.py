@@ -40,6 +40,8 @@ from contracts.catalogue import (
 
 log = logging.getLogger("chora.bus")
 
+LIMITS_TTL_S = 180.0  # a rate-limit window is one minute; its counter is gone three minutes after
+
 
 @dataclass(frozen=True)
 class ConsumerSpec:
@@ -70,6 +72,7 @@ class Topology:
     consumers: dict[str, ConsumerSpec] = field(default_factory=dict)
     state_bucket: str = ""  # KV: the assembler's artifact and batch state
     content_bucket: str = ""  # Object Store: content too large to travel inline
+    limits_bucket: str = ""  # KV: the generator's rate-limit counters, one per model per minute
 
     @classmethod
     def from_settings(cls, s: BusSettings, replicas: int | None = None) -> "Topology":
@@ -81,6 +84,7 @@ class Topology:
             prefix=s.prefix,
             state_bucket=f"{base}_STATE",
             content_bucket=f"{base}_CONTENT",
+            limits_bucket=f"{base}_LIMITS",
             events_stream=s.stream_name,
             dlq_stream=s.dlq_stream_name,
             max_age_s=s.stream_max_age_s,
@@ -228,6 +232,13 @@ async def provision(
         await js.create_key_value(
             KeyValueConfig(bucket=topo.state_bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas,
                            ttl=topo.max_age_s, description="chora assembler state")
+        )
+    try:
+        await js.key_value(topo.limits_bucket)
+    except (NotFoundError, BucketNotFoundError):
+        await js.create_key_value(
+            KeyValueConfig(bucket=topo.limits_bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas,
+                           ttl=LIMITS_TTL_S, description="chora rate-limit counters (one per model per minute)")
         )
     try:
         await js.object_store(topo.content_bucket)

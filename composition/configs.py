@@ -30,6 +30,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator, model_validator
 
+from composition.codegen import CodeGenerationSpec
+
 ID_PATTERN = r"^[a-z][a-z0-9-]*$"
 ID_MAX_LENGTH = 128
 # fullmatch, so a trailing newline never slips through as ``$`` would let it.
@@ -93,6 +95,8 @@ class ContentConfig(BaseModel):
     output_format: Literal["markdown", "text", "json", "code"] = "markdown"
     # Rules for the validator service; kept as written, not interpreted here.
     validation: list[dict[str, Any]] = []
+    # Settings of the code_generation generator (composition/codegen.py).
+    code_generation: CodeGenerationSpec | None = None
 
     @field_validator("template_file")
     @classmethod

@@ -60,6 +60,7 @@ class BusContext:
     topology: Topology
     state: StateStore
     content: ContentStore
+    limits: StateStore | None = None  # the rate-limit counters (KV, compare-and-set)
 
 
 class ServiceApp(Protocol):
@@ -120,7 +121,9 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         content = ContentStore(js, topo.content_bucket, settings.content_threshold_bytes)
         if settings.provision:
             await provision(js, topo, consumers=[])
-        await app.start(BusContext(settings, topo, StateStore(js, topo.state_bucket), content))
+        await app.start(
+            BusContext(settings, topo, StateStore(js, topo.state_bucket), content, StateStore(js, topo.limits_bucket))
+        )
         pairs: list[tuple[ConsumerSpec, Handler]] = (
             app.consumers(topo) if hasattr(app, "consumers") else [(topo.consumers[name], app.handle)]
         )

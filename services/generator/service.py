@@ -6,7 +6,11 @@ directory once, logging (not failing on) the broken ones: they still answer
 their requests with an error outcome, and a fixed file is picked up on the
 next request.
 
-Settings read: ``configs_dir`` and ``max_event_bytes``.
+Settings read: ``configs_dir`` and ``max_event_bytes``; the model API's
+``CHORA_ANTHROPIC_*`` (:class:`services.generator.upstream.UpstreamSettings`).
+On start, generators with an ``upstream`` count their rate limits in the bus's
+shared KV bucket (every instance against one budget) and report their calls and
+tokens on this process's ``/metrics``.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from composition.configs import ConfigError, ConfigStore
 from contracts.handling import route
 from services.generator.generators import GeneratorRegistry
 from services.generator.handlers import EVENT_HANDLERS, MAX_OUTPUT_BYTES, SOURCE, Deps
+from services.generator.upstream import Upstream, UpstreamMetrics, UpstreamSettings
 from services.settings import Settings
 
 log = logging.getLogger("chora.generator")
@@ -36,7 +43,11 @@ class GeneratorApp:
         source: str = SOURCE,
         max_output_bytes: int = MAX_OUTPUT_BYTES,
         max_event_bytes: int | None = None,
+        upstream_settings: UpstreamSettings | None = None,
     ):
+        self.upstream_settings = upstream_settings
+        self.metrics_registry = CollectorRegistry()
+        self.upstream_metrics = UpstreamMetrics(self.metrics_registry)
         self.deps = Deps(store, registry or GeneratorRegistry(), source, max_output_bytes, max_event_bytes)
         self.store, self.registry = self.deps.store, self.deps.registry
         self.config_errors: dict[str, str] = {}
@@ -44,6 +55,11 @@ class GeneratorApp:
 
     async def start(self, ctx: Any = None) -> None:
         self.registry.load()
+        limits = getattr(ctx, "limits", None)
+        for name in self.registry.names():
+            gen = self.registry.get_generator(name)
+            if isinstance(getattr(gen, "upstream", None), Upstream):
+                gen.upstream = Upstream(gen.upstream.name, self.upstream_settings, limits, self.upstream_metrics)
         self.config_errors = {}
         for config_id in self.store.list():
             try:
@@ -70,4 +86,5 @@ def build(settings: Settings) -> GeneratorApp:
         GeneratorRegistry(),
         source=SOURCE,
         max_event_bytes=settings.max_event_bytes,
+        upstream_settings=UpstreamSettings(),
     )

@@ -250,8 +250,8 @@ class CodeGenerationGenerator(Generator):
         }
         if spec.system_prompt:
             params["system"] = spec.system_prompt
-        if spec.temperature is not None:
-            params["temperature"] = spec.temperature
+        if spec.temperature is not None:  # a Messages API field this SDK's signature leaves out
+            params["extra_body"] = {"temperature": spec.temperature}
         if spec.stop_sequences:
             params["stop_sequences"] = list(spec.stop_sequences)
         async with up.slot():
@@ -263,7 +263,7 @@ class CodeGenerationGenerator(Generator):
                 raise
             try:
                 message = await self.client().messages.create(**params)
-            except Exception as e:  # the SDK's errors, or a body it could not even parse
+            except (anthropic.AnthropicError, ValueError) as e:  # the SDK's errors, a body it could not parse
                 f = classify(e)
                 (up.breaker.failure if f.upstream_down else up.breaker.success)(permit)
                 metrics.call(UPSTREAM, spec.model, f.code)

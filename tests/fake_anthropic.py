@@ -13,7 +13,7 @@ the user message (default ``ok``):
 - ``malformed``: 200 with a body that is not JSON;
 - ``flaky``: 529 with ``retry-after`` on the first ``flaky_failures`` calls (counted per server), then ``ok``.
 
-Every request is recorded (headers and JSON body) in :attr:`FakeMessagesAPI.requests`.
+Every request is recorded (headers, JSON body, monotonic arrival time) in :attr:`FakeMessagesAPI.requests`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ class FakeMessagesAPI:
                 length = int(self.headers.get("content-length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with fake._lock:
-                    fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    fake.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "at": time.monotonic()}
+                    )
                 status, headers, payload = fake.answer(self.path, body)
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:

@@ -15,6 +15,7 @@ tokens on this process's ``/metrics``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -51,6 +52,7 @@ class GeneratorApp:
         self.deps = Deps(store, registry or GeneratorRegistry(), source, max_output_bytes, max_event_bytes)
         self.store, self.registry = self.deps.store, self.deps.registry
         self.config_errors: dict[str, str] = {}
+        self._preparing: list[asyncio.Task] = []
         self.handle = route(EVENT_HANDLERS, self.deps, self.name)
 
     async def start(self, ctx: Any = None) -> None:
@@ -58,6 +60,9 @@ class GeneratorApp:
         limits = getattr(ctx, "limits", None)
         for name in self.registry.names():
             gen = self.registry.get_generator(name)
+            prepare = getattr(gen, "prepare", None)
+            if callable(prepare):  # slow set-up in the background: requests are served meanwhile
+                self._preparing.append(asyncio.create_task(asyncio.to_thread(prepare)))
             if isinstance(getattr(gen, "upstream", None), Upstream):
                 gen.upstream = Upstream(gen.upstream.name, self.upstream_settings, limits, self.upstream_metrics)
         self.config_errors = {}
@@ -69,7 +74,10 @@ class GeneratorApp:
                 log.warning("content config %r is broken: %s", config_id, e)
 
     async def close(self) -> None:
-        pass
+        results = await asyncio.gather(*self._preparing, return_exceptions=True)
+        for r in results:
+            if isinstance(r, Exception):
+                log.warning("a generator's set-up failed: %s", r)
 
     def info(self) -> dict[str, Any]:
         return {

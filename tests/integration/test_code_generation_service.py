@@ -113,7 +113,11 @@ async def test_success_and_a_retry_through_redelivery_after_retry_after(cg_setti
                 and 'chora_generator_upstream_calls_total{model="claude-test-1",outcome="UPSTREAM_OVERLOADED",upstream="anthropic"} 2.0' in text
             )
 
-        await wait_for(counted, 10, "token and call counters on the generator's /metrics")
+        try:
+            await wait_for(counted, 10, "token and call counters on the generator's /metrics")
+        except AssertionError:
+            print([ln for ln in (await asyncio.to_thread(scrape)).splitlines() if "chora_generator" in ln])
+            raise
 
 
 async def test_on_the_last_delivery_a_rate_limit_is_one_error_outcome(cg_settings, nc, api):

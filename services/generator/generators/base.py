@@ -5,7 +5,8 @@ credentials by environment variable name, upstream endpoints, whether renders
 may run concurrently) and tell whether it has it (:class:`Readiness`). The
 handler refuses a request for a generator that is not ready with one error
 outcome, CREDENTIALS_MISSING (:func:`ensure_ready`); `chora doctor` shows the
-same readiness per config.
+same readiness per config. ``prepare()`` does slow set-up (a heavy import) in a
+thread, started with the service, so no request waits on the event loop for it.
 
 ``render`` returns text, or :class:`Generated` (text plus what the upstream
 said: model, stop reason, token usage) for generators that call a model. A
@@ -87,6 +88,9 @@ class Generator:
 
     def readiness(self) -> Readiness:
         return credentials_readiness(self.requirements())
+
+    def prepare(self) -> None:
+        """Slow set-up (a heavy import): the service runs it in a thread when it starts."""
 
 
 def requirements_of(generator: Any) -> Requirements:

@@ -25,15 +25,14 @@ Upstream failures (:func:`classify`):
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import inspect
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import anthropic
+from typing import TYPE_CHECKING, Any
 
 from composition.codegen import CodeGenerationSpec
 from composition.configs import GenerationError, LoadedConfig
@@ -47,6 +46,9 @@ from services.generator.generators.base import (
 )
 from services.generator.generators.jinja import Jinja2Generator
 from services.generator.upstream import Upstream
+
+if TYPE_CHECKING:  # the SDK takes seconds to import: only a process that calls the API pays for it
+    import anthropic
 
 API_KEY_ENV = "ANTHROPIC_API_KEY"
 BASE_URL_ENV = "ANTHROPIC_BASE_URL"
@@ -146,13 +148,15 @@ def retry_after(headers: Any, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _api_message(e: anthropic.APIStatusError) -> str:
+def _api_message(e: "anthropic.APIStatusError") -> str:
     msg = getattr(e, "api_message", None) or ""
     return f"{e.status_code} {msg}".strip()[:500]
 
 
 def classify(e: Exception) -> Failure:
     """The stable code of an SDK error, and whether (and when) to try again."""
+    import anthropic
+
     if isinstance(e, anthropic.APITimeoutError):
         return Failure("UPSTREAM_TIMEOUT", "no reply within the timeout", True, upstream_down=True)
     if isinstance(e, anthropic.APIConnectionError):
@@ -202,7 +206,7 @@ class CodeGenerationGenerator(Generator):
     def __init__(self, upstream: Upstream | None = None):
         self.upstream = upstream or Upstream(UPSTREAM)
         self.prompts = Jinja2Generator(max_output_chars=MAX_PROMPT_CHARS)
-        self._client: anthropic.AsyncAnthropic | None = None
+        self._client: "anthropic.AsyncAnthropic | None" = None
         self._client_for: tuple[str, str | None] | None = None
 
     def requirements(self) -> Requirements:
@@ -213,8 +217,15 @@ class CodeGenerationGenerator(Generator):
     def readiness(self) -> Readiness:
         return credentials_readiness(self.requirements())
 
-    def client(self) -> anthropic.AsyncAnthropic:
+    def prepare(self) -> None:
+        """Import the SDK (seconds of CPU on a busy machine): done in a thread, on the
+        service's start and before the first call, never on the event loop."""
+        import anthropic  # noqa: F401
+
+    def client(self) -> "anthropic.AsyncAnthropic":
         """One client per key and base URL (read from the environment, so a rotated key is used)."""
+        import anthropic
+
         key = (os.environ.get(API_KEY_ENV, ""), os.environ.get(BASE_URL_ENV) or None)
         if self._client is None or self._client_for != key:
             self._client = anthropic.AsyncAnthropic(api_key=key[0], base_url=key[1], max_retries=0, open_telemetry=False)
@@ -254,6 +265,11 @@ class CodeGenerationGenerator(Generator):
             params["extra_body"] = {"temperature": spec.temperature}
         if spec.stop_sequences:
             params["stop_sequences"] = list(spec.stop_sequences)
+        if self._client is None:
+            await asyncio.to_thread(self.prepare)
+        client = self.client()
+        from anthropic import AnthropicError
+
         async with up.slot():
             permit = up.permit()
             try:
@@ -262,8 +278,8 @@ class CodeGenerationGenerator(Generator):
                 up.breaker.release(permit)
                 raise
             try:
-                message = await self.client().messages.create(**params)
-            except (anthropic.AnthropicError, ValueError) as e:  # the SDK's errors, a body it could not parse
+                message = await client.messages.create(**params)
+            except (AnthropicError, ValueError) as e:  # the SDK's errors, a body it could not parse
                 f = classify(e)
                 (up.breaker.failure if f.upstream_down else up.breaker.success)(permit)
                 metrics.call(UPSTREAM, spec.model, f.code)

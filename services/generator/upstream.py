@@ -17,6 +17,8 @@ per upstream, and a rate limit shared by every generator instance.
   ``max_tokens``) before it is made and corrects the tokens to the reported usage
   afterwards. Over the limit: retried at the start of the next window. A request
   that alone needs more tokens than a window holds may use an empty window.
+  Counters that cannot be used (bucket missing, NATS down) are
+  RATE_LIMIT_UNAVAILABLE, retried: no call is made without counting it.
 
 Settings (environment, ``CHORA_ANTHROPIC_*``): see :class:`UpstreamSettings`.
 """
@@ -136,15 +138,22 @@ class RateLimiter:
         return f"ratelimit.{_KEY_UNSAFE.sub('_', model)}.{window}", (window + 1) * WINDOW_S - now
 
     async def _change(self, key: str, change: Callable[[dict[str, int]], dict[str, int]]) -> None:
-        for _ in range(CAS_ATTEMPTS):
-            cur = await self.counters.get(key)
-            if cur is None:
-                if await self.counters.create(key, json.dumps(change({"r": 0, "t": 0})).encode()) is not None:
+        try:
+            for _ in range(CAS_ATTEMPTS):
+                cur = await self.counters.get(key)
+                if cur is None:
+                    if await self.counters.create(key, json.dumps(change({"r": 0, "t": 0})).encode()) is not None:
+                        return
+                    continue
+                value, rev = cur
+                if await self.counters.update(key, json.dumps(change(json.loads(value))).encode(), rev) is not None:
                     return
-                continue
-            value, rev = cur
-            if await self.counters.update(key, json.dumps(change(json.loads(value))).encode(), rev) is not None:
-                return
+        except (RateLimited, RetriableGenerationError):
+            raise
+        except Exception as e:  # the KV bucket is not there, NATS does not answer, ...: try again later
+            raise RetriableGenerationError(
+                "RATE_LIMIT_UNAVAILABLE", f"the shared rate-limit counters cannot be used: {type(e).__name__}: {e}"
+            ) from None
         raise RetriableGenerationError("UPSTREAM_RATE_LIMITED", f"the rate limit counter {key} is contended", 1.0)
 
     async def reserve(self, model: str, tokens: int) -> Reservation:

@@ -225,3 +225,15 @@ def test_generators_that_need_nothing_are_ready():
     reg = GeneratorRegistry()
     for name in ("jinja2", "template_fill", "demonstration"):
         assert readiness_of(reg.get_generator(name)).ready
+
+
+class BrokenCounters(MemoryCounters):
+    async def get(self, key: str):
+        raise ConnectionError("no KV bucket")
+
+
+async def test_counters_that_cannot_be_used_are_a_retry_not_a_call():
+    limiter = RateLimiter(BrokenCounters(), UpstreamSettings(), Clock())
+    with pytest.raises(RetriableGenerationError) as e:
+        await limiter.reserve("m", 10)
+    assert e.value.code == "RATE_LIMIT_UNAVAILABLE" and "no KV bucket" in e.value.message

@@ -129,7 +129,10 @@ def check_config(store: Any, config_id: str, cache: Any, registry: Any = None) -
 
         ready = readiness_of(registry.get_generator(config.generator))
         if not ready.ready:
-            return True, f"{summary}, not rendered: generator {config.generator!r} is not ready (missing {', '.join(ready.missing)})"
+            return (
+                True,
+                f"{summary}, not rendered: generator {config.generator!r} is not ready (missing {', '.join(ready.missing)})",
+            )
         content = _render(config, registry)
     except GenerationError as e:
         return False, f"rendering with the default context failed: {e.code}: {e.message}"

@@ -32,7 +32,9 @@ SERVICES = ("generator", "validator", "assembler", "telemetry")
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("doctor", help="check every config's generator and the running stack; exit 1 if not ready")
+    p = subparsers.add_parser(
+        "doctor", help="check every config's generator and the running stack; exit 1 if not ready"
+    )
     p.add_argument("path", nargs="?", help="a configs directory (default: CHORA_CONFIGS_DIR)")
     p.add_argument("--json", action="store_true", help="the same report as JSON")
     p.add_argument("--no-stack", action="store_true", help="check the configs only, not NATS and the services")
@@ -86,8 +88,13 @@ def check_configs(configs_dir: Path) -> list[ConfigReport]:
         req, ready = requirements_of(gen), readiness_of(gen)
         reports.append(
             ConfigReport(
-                config_id, config.generator, ready.ready, list(ready.missing),
-                list(req.credentials), list(req.endpoints), req.concurrent,
+                config_id,
+                config.generator,
+                ready.ready,
+                list(ready.missing),
+                list(req.credentials),
+                list(req.endpoints),
+                req.concurrent,
             )
         )
     return reports
@@ -118,8 +125,13 @@ async def check_stack(settings: Any, timeout: float) -> StackReport:
     try:
         js = nc.jetstream(timeout=timeout)
         topo = Topology.from_settings(settings)
-        names = [topo.events_stream, topo.dlq_stream, f"KV_{topo.state_bucket}", f"KV_{topo.limits_bucket}",
-                 f"OBJ_{topo.content_bucket}"]
+        names = [
+            topo.events_stream,
+            topo.dlq_stream,
+            f"KV_{topo.state_bucket}",
+            f"KV_{topo.limits_bucket}",
+            f"OBJ_{topo.content_bucket}",
+        ]
         for name in names:
             try:
                 await js.stream_info(name)

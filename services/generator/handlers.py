@@ -104,9 +104,7 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
         ensure_ready(generator, generator_type)  # else CREDENTIALS_MISSING, at once
         context = data.context
         if not isinstance(context, dict):
-            raise GenerationError(
-                "INVALID_CONTEXT", f"context must be a JSON object, not {type(context).__name__}"
-            )
+            raise GenerationError("INVALID_CONTEXT", f"context must be a JSON object, not {type(context).__name__}")
         defaults = config.defaults
         if defaults:
             context = {**defaults, **context}
@@ -124,7 +122,9 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
         try:
             raw = content.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise GenerationError("INVALID_OUTPUT", f"output is not valid Unicode text at character {e.start}") from None
+            raise GenerationError(
+                "INVALID_OUTPUT", f"output is not valid Unicode text at character {e.start}"
+            ) from None
         if len(raw) > max_output_bytes:
             raise GenerationError(
                 "OUTPUT_TOO_LARGE", f"output has {len(raw)} bytes, over the limit of {max_output_bytes}"

@@ -186,16 +186,22 @@ class UpstreamMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.tokens = Counter(
-            "chora_generator_tokens", "Tokens used by model API calls, by model and kind (input, output).",
-            ["model", "kind"], registry=registry,
+            "chora_generator_tokens",
+            "Tokens used by model API calls, by model and kind (input, output).",
+            ["model", "kind"],
+            registry=registry,
         )
         self.calls = Counter(
-            "chora_generator_upstream_calls", "Model API calls by upstream, model and outcome (ok or an error code).",
-            ["upstream", "model", "outcome"], registry=registry,
+            "chora_generator_upstream_calls",
+            "Model API calls by upstream, model and outcome (ok or an error code).",
+            ["upstream", "model", "outcome"],
+            registry=registry,
         )
         self.circuit = Gauge(
-            "chora_generator_circuit_state", "1 for the state the upstream's circuit is in, 0 for the others.",
-            ["upstream", "state"], registry=registry,
+            "chora_generator_circuit_state",
+            "1 for the state the upstream's circuit is in, 0 for the others.",
+            ["upstream", "state"],
+            registry=registry,
         )
         self._model = Bounded()
 
@@ -221,10 +227,10 @@ class UpstreamMetrics:
 class Upstream:
     """Everything a call to one upstream goes through. Use::
 
-        async with upstream.slot():
-            permit = upstream.permit()
-            reservation = await upstream.reserve(model, tokens)
-            ... call, then upstream.breaker.success(permit) / failure(permit) / release(permit)
+    async with upstream.slot():
+        permit = upstream.permit()
+        reservation = await upstream.reserve(model, tokens)
+        ... call, then upstream.breaker.success(permit) / failure(permit) / release(permit)
     """
 
     def __init__(
@@ -276,7 +282,9 @@ class _Slot:
         u = self.upstream
         if u._slots.locked() and u._waiting >= u.settings.max_waiting:
             raise RetriableGenerationError(
-                "UPSTREAM_BUSY", f"{u.name}: {u._waiting} requests already wait for a call slot", u.settings.busy_retry_s
+                "UPSTREAM_BUSY",
+                f"{u.name}: {u._waiting} requests already wait for a call slot",
+                u.settings.busy_retry_s,
             )
         u._waiting += 1
         try:

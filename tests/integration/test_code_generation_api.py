@@ -92,7 +92,9 @@ async def test_success_gives_the_code_with_model_stop_reason_and_usage(api, deps
     assert tokens == {("claude-test-1", "input"): 42.0, ("claude-test-1", "output"): 17.0}
 
 
-@pytest.mark.parametrize("scenario, code", [("401", "UPSTREAM_AUTH"), ("403", "UPSTREAM_AUTH"), ("400", "UPSTREAM_REJECTED")])
+@pytest.mark.parametrize(
+    "scenario, code", [("401", "UPSTREAM_AUTH"), ("403", "UPSTREAM_AUTH"), ("400", "UPSTREAM_REJECTED")]
+)
 async def test_other_4xx_fail_at_once(api, deps, scenario, code):
     d = await handle(deps, scenario, attempt=1)
     assert d.status == "error" and d.error.code == code

@@ -56,7 +56,9 @@ class Generator:
 
         self.sub = await self.nc.subscribe(subject_for(CONTENT_GENERATED, self.settings.prefix), cb=on_msg)
         self.task = asyncio.create_task(run_service("generator", self.settings, stop=self.stop))
-        await wait_for(lambda: self.task.done() or ready_file(self.settings, "generator").exists(), 30, "generator ready")
+        await wait_for(
+            lambda: self.task.done() or ready_file(self.settings, "generator").exists(), 30, "generator ready"
+        )
         if self.task.done():
             self.task.result()
         self.metrics_url = json.loads(ready_file(self.settings, "generator").read_text())["metrics_url"]
@@ -82,7 +84,9 @@ class Generator:
 
     async def stored_outcomes(self) -> int:
         subject = subject_for(CONTENT_GENERATED, self.settings.prefix)
-        info = await self.nc.jetstream().stream_info(Topology.from_settings(self.settings).events_stream, subjects_filter=subject)
+        info = await self.nc.jetstream().stream_info(
+            Topology.from_settings(self.settings).events_stream, subjects_filter=subject
+        )
         return (info.state.subjects or {}).get(subject, 0)
 
 
@@ -93,7 +97,12 @@ async def test_success_and_a_retry_through_redelivery_after_retry_after(cg_setti
         await wait_for(lambda: g.outcome_of(ok_id) and g.outcome_of(flaky_id), 30, "both outcomes")
         ok, flaky = g.outcome_of(ok_id), g.outcome_of(flaky_id)
         assert ok.status == "success" and ok.content == "def add(a, b):\n    return a + b\n"
-        assert (ok.model, ok.stop_reason, ok.usage.input_tokens, ok.usage.output_tokens) == ("claude-test-1", "end_turn", 42, 17)
+        assert (ok.model, ok.stop_reason, ok.usage.input_tokens, ok.usage.output_tokens) == (
+            "claude-test-1",
+            "end_turn",
+            42,
+            17,
+        )
         assert flaky.status == "success", flaky.error
         flaky_calls = [r["at"] for r in api.requests if "scenario=flaky" in r["body"]["messages"][0]["content"]]
         assert len(flaky_calls) == 3  # two 529s, then the answer: the SDK retried nothing itself
@@ -110,7 +119,8 @@ async def test_success_and_a_retry_through_redelivery_after_retry_after(cg_setti
             return (
                 'chora_generator_tokens_total{kind="input",model="claude-test-1"} 84.0' in text
                 and 'chora_generator_tokens_total{kind="output",model="claude-test-1"} 34.0' in text
-                and 'chora_generator_upstream_calls_total{model="claude-test-1",outcome="UPSTREAM_OVERLOADED",upstream="anthropic"} 2.0' in text
+                and 'chora_generator_upstream_calls_total{model="claude-test-1",outcome="UPSTREAM_OVERLOADED",upstream="anthropic"} 2.0'
+                in text
             )
 
         try:

@@ -21,7 +21,9 @@ CHORA = [sys.executable, "-m", "chora"]
 @pytest.fixture
 def cdir(tmp_path):
     d = tmp_path / "configs"
-    write(d / "hello.json", {"id": "hello", "generator": "jinja2", "template": "Hi {{ name }}", "context": {"name": "x"}})
+    write(
+        d / "hello.json", {"id": "hello", "generator": "jinja2", "template": "Hi {{ name }}", "context": {"name": "x"}}
+    )
     write(d / "add-function.json", CONFIG)
     return d
 
@@ -32,8 +34,13 @@ async def doctor(*args: str, **env: str) -> tuple[int, str, str]:
     if "ANTHROPIC_API_KEY" in env:
         environ["ANTHROPIC_API_KEY"] = env["ANTHROPIC_API_KEY"]
     proc = await asyncio.create_subprocess_exec(
-        *CHORA, "doctor", *args, cwd=ROOT, env=environ,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *CHORA,
+        "doctor",
+        *args,
+        cwd=ROOT,
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode, out.decode(), err.decode()
@@ -49,7 +56,12 @@ async def test_a_missing_key_makes_its_config_not_ready(cdir):
     assert rc == 1
     assert out.splitlines()[0].split() == ["CONFIG", "GENERATOR", "READY", "MISSING"]
     assert row(out, "hello") == ["hello", "jinja2", "yes", "-"]
-    assert row(out, "add-function") == ["add-function", "code_generation", "no", "environment variable ANTHROPIC_API_KEY"]
+    assert row(out, "add-function") == [
+        "add-function",
+        "code_generation",
+        "no",
+        "environment variable ANTHROPIC_API_KEY",
+    ]
     assert "2 configs: 1 ready, 1 not ready" in err
 
     rc, out, _ = await doctor("--no-stack", "--json", str(cdir))
@@ -85,8 +97,13 @@ async def test_nats_that_does_not_answer_makes_everything_not_ready(cdir, tmp_pa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     rc, out, _ = await doctor(
-        "--json", "--timeout", "1", str(cdir), ANTHROPIC_API_KEY="sk-test",
-        NATS_URL=f"nats://127.0.0.1:{port}", CHORA_HOME=str(tmp_path / "var"),
+        "--json",
+        "--timeout",
+        "1",
+        str(cdir),
+        ANTHROPIC_API_KEY="sk-test",
+        NATS_URL=f"nats://127.0.0.1:{port}",
+        CHORA_HOME=str(tmp_path / "var"),
     )
     doc = json.loads(out)
     assert rc == 1 and doc["stack"]["reachable"] is False
@@ -96,7 +113,10 @@ async def test_nats_that_does_not_answer_makes_everything_not_ready(cdir, tmp_pa
 async def test_the_running_stack_provisioned_and_the_generator_seen(settings, cdir, nats_server):
     s = settings.model_copy(update={"configs_dir": cdir})
     env = dict(
-        NATS_URL=nats_server.url, CHORA_PREFIX=s.prefix, CHORA_HOME=str(s.home), ANTHROPIC_API_KEY="sk-test",
+        NATS_URL=nats_server.url,
+        CHORA_PREFIX=s.prefix,
+        CHORA_HOME=str(s.home),
+        ANTHROPIC_API_KEY="sk-test",
     )
     # nothing provisioned yet: the topology is missing
     rc, out, _ = await doctor("--json", str(cdir), **env)

@@ -133,7 +133,7 @@ async def test_tokens_are_reserved_then_corrected_to_the_usage():
         await limiter.reserve("m", 200)
     await limiter.settle(r, 100)  # it used far less than it reserved
     await limiter.reserve("m", 200)
-    (value, _), = [await counters.get(r.key)]
+    ((value, _),) = [await counters.get(r.key)]
     assert value == b'{"r": 2, "t": 300}'
 
 

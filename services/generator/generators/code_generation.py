@@ -84,7 +84,7 @@ def code_blocks(text: str) -> list[tuple[str, str]]:
     for line in text.splitlines():
         if fence is None:
             m = _OPEN.match(line)
-            if m and not (m.group(1)[0] == "`" and "`" in line[m.end(1):]):
+            if m and not (m.group(1)[0] == "`" and "`" in line[m.end(1) :]):
                 fence, lang, body = m.group(1), m.group(2).lower().lstrip("{."), []
             continue
         stripped = line.strip()
@@ -182,7 +182,9 @@ def _read_reply(message: Any, default_model: str) -> Generated:
     inp, out = getattr(usage, "input_tokens", None), getattr(usage, "output_tokens", None)
     if not isinstance(content, list) or not isinstance(inp, int) or not isinstance(out, int):
         raise GenerationError("UPSTREAM_BAD_RESPONSE", "the reply is not a Messages API answer (no content or usage)")
-    texts = [b.text for b in content if getattr(b, "type", None) == "text" and isinstance(getattr(b, "text", None), str)]
+    texts = [
+        b.text for b in content if getattr(b, "type", None) == "text" and isinstance(getattr(b, "text", None), str)
+    ]
     text = "".join(texts)
     if len(text) > MAX_REPLY_CHARS:
         raise GenerationError("UPSTREAM_BAD_RESPONSE", f"the reply has {len(text)} characters, over {MAX_REPLY_CHARS}")
@@ -228,7 +230,9 @@ class CodeGenerationGenerator(Generator):
 
         key = (os.environ.get(API_KEY_ENV, ""), os.environ.get(BASE_URL_ENV) or None)
         if self._client is None or self._client_for != key:
-            self._client = anthropic.AsyncAnthropic(api_key=key[0], base_url=key[1], max_retries=0, open_telemetry=False)
+            self._client = anthropic.AsyncAnthropic(
+                api_key=key[0], base_url=key[1], max_retries=0, open_telemetry=False
+            )
             self._client_for = key
         return self._client
 
@@ -236,7 +240,9 @@ class CodeGenerationGenerator(Generator):
     def spec(config: LoadedConfig) -> CodeGenerationSpec:
         spec = config.spec.code_generation
         if spec is None:
-            raise GenerationError("CONFIG_INVALID", f"config {config.id!r} uses code_generation but has no code_generation block")
+            raise GenerationError(
+                "CONFIG_INVALID", f"config {config.id!r} uses code_generation but has no code_generation block"
+            )
         return spec
 
     async def render(self, config: LoadedConfig, context: dict[str, Any]) -> Generated:

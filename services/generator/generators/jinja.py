@@ -82,7 +82,8 @@ class Jinja2Generator(Generator):
                 n += len(chunk)
                 if n > limit:
                     raise GenerationError(
-                        "OUTPUT_TOO_LARGE", f"{config.template_name}: output passed {limit} characters; rendering stopped"
+                        "OUTPUT_TOO_LARGE",
+                        f"{config.template_name}: output passed {limit} characters; rendering stopped",
                     )
                 parts.append(chunk)
         except GenerationError:
@@ -98,11 +99,15 @@ class Jinja2Generator(Generator):
         try:
             self.env.handle_exception()  # re-raises with template lines in the traceback
         except UndefinedError as e:
-            raise GenerationError("MISSING_VARIABLE", self._where(config, e) + f"template variable: {e.message}") from None
+            raise GenerationError(
+                "MISSING_VARIABLE", self._where(config, e) + f"template variable: {e.message}"
+            ) from None
         except TemplateLimitError as e:
             raise GenerationError("TEMPLATE_SECURITY", self._where(config, e) + f"resource limit: {e}") from None
         except SecurityError as e:
-            raise GenerationError("TEMPLATE_SECURITY", self._where(config, e) + f"not allowed in the sandbox: {e}") from None
+            raise GenerationError(
+                "TEMPLATE_SECURITY", self._where(config, e) + f"not allowed in the sandbox: {e}"
+            ) from None
         except TemplateError as e:
             raise GenerationError("TEMPLATE_ERROR", self._where(config, e) + str(e.message or e)) from None
         except Exception as e:  # a runtime error inside the template: 1 / 0, a bad filter argument, ...

@@ -226,7 +226,10 @@ class _TokenLimit(Extension):
         for n, token in enumerate(stream, 1):
             if n > limit:
                 raise TemplateSyntaxError(
-                    f"the template has more than {limit} tokens; split it up", token.lineno, stream.name, stream.filename
+                    f"the template has more than {limit} tokens; split it up",
+                    token.lineno,
+                    stream.name,
+                    stream.filename,
                 )
             yield token
 
@@ -325,7 +328,12 @@ def _check_indent(env: "_Sandbox", s: Any, width: Any = 4, first: Any = False, b
 
 @_filter_check("wordwrap")
 def _check_wordwrap(
-    env: "_Sandbox", s: Any, width: Any = 79, break_long_words: Any = True, wrapstring: Any = None, break_on_hyphens: Any = True
+    env: "_Sandbox",
+    s: Any,
+    width: Any = 79,
+    break_long_words: Any = True,
+    wrapstring: Any = None,
+    break_on_hyphens: Any = True,
 ) -> None:
     s = env.text_of(s)
     ws = len(wrapstring) if isinstance(wrapstring, str) else 1
@@ -350,7 +358,9 @@ def _check_format(env: "_Sandbox", value: Any, *args: Any, **kwargs: Any) -> Non
 
 
 @_filter_check("join")
-def _check_join(env: "_Sandbox", value: Any, d: Any = "", attribute: Any = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _check_join(
+    env: "_Sandbox", value: Any, d: Any = "", attribute: Any = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     items = env.as_list(value)
     if attribute is not None:
         getter = make_attrgetter(env, attribute)
@@ -428,7 +438,9 @@ def _sort_keys(env: "_Sandbox", items: list[Any], attribute: Any, multi: bool = 
 
 
 @_filter_check("sort")
-def _check_sort(env: "_Sandbox", value: Any, reverse: Any = False, case_sensitive: Any = False, attribute: Any = None) -> Any:
+def _check_sort(
+    env: "_Sandbox", value: Any, reverse: Any = False, case_sensitive: Any = False, attribute: Any = None
+) -> Any:
     items = env.as_list(value)
     _sort_keys(env, items, attribute, multi=True)
     return (items, reverse, case_sensitive, attribute), {}
@@ -452,14 +464,18 @@ _FILTER_CHECKS["max"] = _check_min
 
 
 @_filter_check("groupby")
-def _check_groupby(env: "_Sandbox", value: Any, attribute: Any, default: Any = None, case_sensitive: Any = False) -> Any:
+def _check_groupby(
+    env: "_Sandbox", value: Any, attribute: Any, default: Any = None, case_sensitive: Any = False
+) -> Any:
     items = env.as_list(value)
     _sort_keys(env, items, attribute)
     return (items, attribute, default, case_sensitive), {}
 
 
 @_filter_check("dictsort")
-def _check_dictsort(env: "_Sandbox", value: Any, case_sensitive: Any = False, by: Any = "key", reverse: Any = False) -> None:
+def _check_dictsort(
+    env: "_Sandbox", value: Any, case_sensitive: Any = False, by: Any = "key", reverse: Any = False
+) -> None:
     limit = env.max_compare_chars
     if env.shape(value, limit=limit)[0] > limit:
         raise TemplateLimitError(f"sorting more than {limit} characters of keys is too much work")

@@ -278,7 +278,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                     while k < end and "0" <= fmt[k] <= "9":
                         k += 1
                     if k - m > 9:
-                        raise TemplateLimitError(f"a format width of {fmt[m:m + 12]}... is over the limit")
+                        raise TemplateLimitError(f"a format width of {fmt[m : m + 12]}... is over the limit")
                     if k > m:
                         numbers.append(int(fmt[m:k]))
                 if k < end and fmt[k] == "." and len(numbers) < 2:

@@ -40,6 +40,8 @@ from contracts.catalogue import (
 
 log = logging.getLogger("chora.bus")
 
+LIMITS_TTL_S = 180.0  # a rate-limit window is one minute; its counter is gone three minutes after
+
 
 @dataclass(frozen=True)
 class ConsumerSpec:
@@ -71,6 +73,7 @@ class Topology:
     state_bucket: str = ""  # KV: the assembler's artifact and batch state
     content_bucket: str = ""  # Object Store: content too large to travel inline
     cache_bucket: str = ""  # KV: the generator's result cache (per-entry TTL, bucket max age as the ceiling)
+    limits_bucket: str = ""  # KV: the generator's rate-limit counters, one per model per minute
 
     @classmethod
     def from_settings(cls, s: BusSettings, replicas: int | None = None) -> "Topology":
@@ -85,6 +88,7 @@ class Topology:
             state_bucket=f"{base}_STATE",
             content_bucket=f"{base}_CONTENT",
             cache_bucket=f"{base}_CACHE",
+            limits_bucket=f"{base}_LIMITS",
             events_stream=s.stream_name,
             dlq_stream=s.dlq_stream_name,
             max_age_s=s.stream_max_age_s,
@@ -242,10 +246,11 @@ async def provision(
     # The cache's entries expire by a TTL each; limit markers make an expiry visible to watchers.
     # Its reads are direct gets (one per request on the hot path), served by any replica.
     buckets = (
-        (topo.state_bucket, "chora assembler state", None, False),
-        (topo.cache_bucket, "chora result cache", 60.0, True),
+        (topo.state_bucket, "chora assembler state", topo.max_age_s, None, False),
+        (topo.cache_bucket, "chora result cache", topo.max_age_s, 60.0, True),
+        (topo.limits_bucket, "chora rate-limit counters (one per model per minute)", LIMITS_TTL_S, None, False),
     )
-    for bucket, description, marker_ttl, direct in buckets:
+    for bucket, description, ttl, marker_ttl, direct in buckets:
         if not bucket:
             continue
         try:
@@ -257,7 +262,7 @@ async def provision(
                     history=1,
                     storage=StorageType.FILE,
                     replicas=topo.replicas,
-                    ttl=topo.max_age_s,
+                    ttl=ttl,
                     description=description,
                     limit_marker_ttl=marker_ttl,
                     direct=direct,

@@ -30,6 +30,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator, model_validator
 
+from composition.codegen import CodeGenerationSpec
+
 ID_PATTERN = r"^[a-z][a-z0-9-]*$"
 ID_MAX_LENGTH = 128
 # fullmatch, so a trailing newline never slips through as ``$`` would let it.
@@ -119,6 +121,9 @@ class ContentConfig(BaseModel):
     @classmethod
     def _a_cache_setting(cls, v: Any) -> int | str | None:
         return parse_cache(v)
+
+    # Settings of the code_generation generator (composition/codegen.py).
+    code_generation: CodeGenerationSpec | None = None
 
     @field_validator("template_file")
     @classmethod

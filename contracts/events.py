@@ -44,6 +44,13 @@ class GenerationRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
     ] = False
 
 
+class TokenUsage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Tokens a model call used (what it costs)."""
+
+    input_tokens: int
+    output_tokens: int
+
+
 class ContentGenerated(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The outcome of one generation request, success or error: there is always one."""
 
@@ -63,6 +70,10 @@ class ContentGenerated(msgspec.Struct, kw_only=True, omit_defaults=True):
     cached: Annotated[
         bool | None, Meta(description="success only: true when the content was not rendered for this request")
     ] = None
+    # Generators that call a model (code_generation): which model answered, why it stopped, what it used.
+    model: str | None = None
+    stop_reason: Annotated[str | None, Meta(description="e.g. end_turn, max_tokens, stop_sequence")] = None
+    usage: TokenUsage | None = None
 
 
 class ValidationIssue(msgspec.Struct, kw_only=True, omit_defaults=True):

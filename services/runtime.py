@@ -62,6 +62,7 @@ class BusContext:
     state: StateStore
     content: ContentStore
     cache: ResultCacheStore | None = None  # the generator's result cache
+    limits: StateStore | None = None  # the rate-limit counters (KV, compare-and-set)
 
 
 class ServiceApp(Protocol):
@@ -123,7 +124,10 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         if settings.provision:
             await provision(js, topo, consumers=[])
         cache = ResultCacheStore(js, topo.cache_bucket, content)
-        await app.start(BusContext(settings, topo, StateStore(js, topo.state_bucket), content, cache))
+        limits = StateStore(js, topo.limits_bucket)
+        await app.start(
+            BusContext(settings, topo, StateStore(js, topo.state_bucket), content, cache=cache, limits=limits)
+        )
         pairs: list[tuple[ConsumerSpec, Handler]] = (
             app.consumers(topo) if hasattr(app, "consumers") else [(topo.consumers[name], app.handle)]
         )

@@ -134,6 +134,23 @@ def under_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+def self_contained_examples() -> list[str]:
+    """The example configs whose generator needs nothing from outside (no credential, no
+    upstream): those render anywhere. The others (code_generation) are tested against a
+    local Messages API server in tests/integration/test_code_generation_*.py."""
+    from composition.configs import ConfigStore
+    from services.generator.generators import GeneratorRegistry
+    from services.generator.generators.base import requirements_of
+
+    store, registry = ConfigStore(example_configs()), GeneratorRegistry()
+    ids = []
+    for config_id in store.list():
+        req = requirements_of(registry.get_generator(store.get(config_id).generator))
+        if not req.credentials and not req.endpoints:
+            ids.append(config_id)
+    return ids
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHORA_", "NATS_"))}
     env.update(extra)

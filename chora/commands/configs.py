@@ -14,7 +14,9 @@ not fail the run; named explicitly, it does.
 With ``--render`` each loadable config is also rendered with its default
 context by its generator (which for some generators means calling out, e.g.
 to a model API) and its rules applied: an error issue makes it invalid,
-warnings are shown.
+warnings are shown. A config whose generator is not ready (a credential not
+set: see `chora doctor`) is not rendered; it is reported ``ok`` with
+``not rendered: ... not ready``, since the config itself is fine.
 
 ``chora configs list [PATH]`` prints one line per config: id, generator,
 output format, number of rules, description (or why it is broken).
@@ -135,6 +137,14 @@ def check_config(store: Any, config_id: str, cache: Any, registry: Any, render: 
     if not render:
         return True, f"{summary}, template compiles" if config.template is not None else summary
     try:
+        from services.generator.generators.base import readiness_of
+
+        ready = readiness_of(registry.get_generator(config.generator))
+        if not ready.ready:
+            return (
+                True,
+                f"{summary}, not rendered: generator {config.generator!r} is not ready (missing {', '.join(ready.missing)})",
+            )
         content = _render(config, registry)
     except GenerationError as e:
         return False, f"rendering with the default context failed: {e.code}: {e.message}"

@@ -26,11 +26,12 @@ import msgspec
 
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
-from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
+from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested, TokenUsage
 from contracts.handling import Delivery, EventHandlers, Reject, Retry, expect
 from composition.configs import ConfigStore, GenerationError
 from services.generator.cache import ResultCache
 from services.generator.generators import GeneratorRegistry
+from services.generator.generators.base import Generated, RetriableGenerationError, ensure_ready
 
 log = logging.getLogger("chora.generator")
 
@@ -103,18 +104,23 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
         config = store.get(data.content_config_id)
         generator_type = config.spec.generator
         generator = registry.get_generator(generator_type)
+        ensure_ready(generator, generator_type)  # else CREDENTIALS_MISSING, at once
         context = data.context
         if not isinstance(context, dict):
             raise GenerationError("INVALID_CONTEXT", f"context must be a JSON object, not {type(context).__name__}")
         defaults = config.defaults
         if defaults:
             context = {**defaults, **context}
+        meta: Generated | None = None  # what a model-calling generator adds (model, usage)
 
         async def render() -> str:
+            nonlocal meta
             content = generator.render(config, context)
             if type(content) is not str:
                 if inspect.isawaitable(content):
                     content = await content
+                if isinstance(content, Generated):
+                    meta, content = content, content.text
                 if not isinstance(content, str):
                     raise GenerationError(
                         "GENERATOR_FAILED", f"generator {generator_type!r} returned {type(content).__name__}, not text"
@@ -147,6 +153,10 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
             origin=data.origin,
             cached=cached,
         )
+        if meta is not None:
+            out.model, out.stop_reason = meta.model, meta.stop_reason
+            if meta.input_tokens is not None and meta.output_tokens is not None:
+                out.usage = TokenUsage(input_tokens=meta.input_tokens, output_tokens=meta.output_tokens)
         # JSON escaping can grow text up to 6x; only a large output can overflow the event.
         if max_event_bytes is not None and len(raw) * 8 > max_event_bytes:
             size = len(_encode_data(out)) + 24  # room for the duration filled in below
@@ -155,6 +165,10 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
                     "OUTPUT_TOO_LARGE",
                     f"the outcome event would have {size} bytes, over the event limit of {max_event_bytes}",
                 )
+    except RetriableGenerationError as e:  # transient (an upstream): a redelivery, or on the last one an outcome
+        if not delivery.last:
+            raise Retry(f"{e.code}: {e.message}", delay=e.delay) from None
+        return _error(event, config_id, generator_type, t0, e.code, e.message, source)
     except GenerationError as e:
         return _error(event, config_id, generator_type, t0, e.code, e.message, source)
     except (Retry, Reject):

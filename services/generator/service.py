@@ -10,11 +10,17 @@ With a result cache store in the runtime's context (``ctx.cache``), the
 handler gets a :class:`~services.generator.cache.ResultCache` over it; its
 figures are in :attr:`GeneratorApp.metrics_registry`.
 
-Settings read: ``configs_dir``, ``max_event_bytes``, ``cache_ttl_s``, ``cache_wait_s`` and ``cache_claims``.
+Settings read: ``configs_dir``, ``max_event_bytes``, ``cache_ttl_s``, ``cache_wait_s``,
+``cache_claims``; the model API's
+``CHORA_ANTHROPIC_*`` (:class:`services.generator.upstream.UpstreamSettings`).
+On start, generators with an ``upstream`` count their rate limits in the bus's
+shared KV bucket (every instance against one budget) and report their calls and
+tokens on this process's ``/metrics``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -25,6 +31,7 @@ from contracts.handling import route
 from services.generator.cache import CacheMetrics, ResultCache
 from services.generator.generators import GeneratorRegistry
 from services.generator.handlers import EVENT_HANDLERS, MAX_OUTPUT_BYTES, SOURCE, Deps
+from services.generator.upstream import Upstream, UpstreamMetrics, UpstreamSettings
 from services.settings import Settings
 
 log = logging.getLogger("chora.generator")
@@ -46,13 +53,17 @@ class GeneratorApp:
         cache_ttl_s: float = 3600,
         cache_wait_s: float = 10.0,
         cache_claims: str = "auto",
+        upstream_settings: UpstreamSettings | None = None,
     ):
+        self.upstream_settings = upstream_settings
         self.deps = Deps(store, registry or GeneratorRegistry(), source, max_output_bytes, max_event_bytes)
         self.cache_ttl_s, self.cache_wait_s, self.cache_claims = cache_ttl_s, cache_wait_s, cache_claims
         self.metrics_registry = CollectorRegistry(auto_describe=True)
+        self.upstream_metrics = UpstreamMetrics(self.metrics_registry)
         self.cache_metrics = CacheMetrics(self.metrics_registry)
         self.store, self.registry = self.deps.store, self.deps.registry
         self.config_errors: dict[str, str] = {}
+        self._preparing: list[asyncio.Task] = []
         self.handle = route(EVENT_HANDLERS, self.deps, self.name)
 
     async def start(self, ctx: Any = None) -> None:
@@ -66,6 +77,14 @@ class GeneratorApp:
                 wait_s=self.cache_wait_s,
                 claims=self.cache_claims,
             )
+        limits = getattr(ctx, "limits", None)
+        for name in self.registry.names():
+            gen = self.registry.get_generator(name)
+            prepare = getattr(gen, "prepare", None)
+            if callable(prepare):  # slow set-up in the background: requests are served meanwhile
+                self._preparing.append(asyncio.create_task(asyncio.to_thread(prepare)))
+            if isinstance(getattr(gen, "upstream", None), Upstream):
+                gen.upstream = Upstream(gen.upstream.name, self.upstream_settings, limits, self.upstream_metrics)
         self.config_errors = {}
         for config_id in self.store.list():
             try:
@@ -75,7 +94,10 @@ class GeneratorApp:
                 log.warning("content config %r is broken: %s", config_id, e)
 
     async def close(self) -> None:
-        pass
+        results = await asyncio.gather(*self._preparing, return_exceptions=True)
+        for r in results:
+            if isinstance(r, Exception):
+                log.warning("a generator's set-up failed: %s", r)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -95,4 +117,5 @@ def build(settings: Settings) -> GeneratorApp:
         cache_ttl_s=settings.cache_ttl_s,
         cache_wait_s=settings.cache_wait_s,
         cache_claims=settings.cache_claims,
+        upstream_settings=UpstreamSettings(),
     )

@@ -81,7 +81,7 @@ class Backoff(BaseModel):
 
 
 class CircuitConfig(BaseModel):
-    """The per-subscription circuit breaker (see services.notifier.circuit).
+    """The per-subscription circuit breaker (see services.circuit).
 
     ``max_deferrals``: deliveries of one event that may be put off because the
     circuit is open, on top of ``max_attempts`` real attempts (they do not count

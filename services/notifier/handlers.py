@@ -47,7 +47,7 @@ from contracts.catalogue import NOTIFICATION_DELIVERED, NOTIFICATION_FAILED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ErrorInfo, NotificationDelivered, NotificationFailed
 from contracts.handling import ANY, Delivery, EventHandlers, Reject, Retry
-from services.notifier.circuit import CircuitBreaker, CircuitOpen
+from services.circuit import CircuitBreaker, CircuitOpen
 from services.notifier.config import NOTIFICATION_TYPES, Subscription
 from services.notifier.delivery import UndeliverableEvent, WebhookSender, backoff_delay
 

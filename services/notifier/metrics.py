@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.metrics import label
-from services.notifier.circuit import CLOSED, HALF_OPEN, OPEN
+from services.circuit import CLOSED, HALF_OPEN, OPEN
 
 if TYPE_CHECKING:
     from services.notifier.handlers import Target

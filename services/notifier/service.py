@@ -27,7 +27,7 @@ from typing import Any
 
 from bus.topology import ConsumerSpec, Topology
 from contracts.handling import Bound, route
-from services.notifier.circuit import CircuitBreaker
+from services.circuit import CircuitBreaker
 from services.notifier.config import NotifierConfig, load_config, load_secrets
 from services.notifier.delivery import WebhookSender
 from services.notifier.handlers import EVENT_HANDLERS, SOURCE, Deps, Target

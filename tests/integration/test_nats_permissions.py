@@ -657,3 +657,19 @@ async def test_content_bucket_write_and_read_rights(provisioned, connect):
         )
     names = {o.name for o in await (await admin.js(10).object_store(topo.content_bucket)).list()}
     assert names == {f"obj-{u}" for u in writers}
+
+
+async def test_only_the_generator_counts_in_the_rate_limit_bucket(provisioned, connect):
+    from services.generator.upstream import RateLimiter, UpstreamSettings
+
+    admin, topo = provisioned
+    gen, val = await connect("generator"), await connect("validator")
+    limits = UpstreamSettings(requests_per_minute=5)
+    limiter = RateLimiter(StateStore(gen.js(), topo.limits_bucket), limits)
+    r = await limiter.reserve("claude-test-1", 100)  # create, then compare-and-set updates
+    await limiter.reserve("claude-test-1", 100)
+    await limiter.settle(r, 30)
+    kv = await admin.js(10).key_value(topo.limits_bucket)
+    assert json.loads((await kv.get(r.key)).value) == {"r": 2, "t": 130}
+    # another service cannot touch the counters
+    await refused(StateStore(val.js(), topo.limits_bucket).get(r.key), val, "$JS.API.STREAM.INFO.KV_CHORA_LIMITS")

@@ -27,7 +27,7 @@ from contracts.catalogue import (
 from contracts.envelope import CloudEvent, EnvelopeError, decode, new_event
 from contracts.events import ContentGenerated, GenerationRequested
 from services.notifier import service as notifier_service
-from services.notifier.circuit import CLOSED, HALF_OPEN, OPEN
+from services.circuit import CLOSED, HALF_OPEN, OPEN
 from services.notifier.signing import verify
 from services.runtime import ready_file, run_service
 from tests.conftest import wait_for

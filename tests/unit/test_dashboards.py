@@ -273,7 +273,7 @@ def exposed_text() -> str:
     from types import SimpleNamespace
 
     from services.metrics import ServiceMetrics
-    from services.notifier.circuit import CircuitBreaker
+    from services.circuit import CircuitBreaker
     from services.notifier.metrics import NotifierMetrics
 
     service = ServiceMetrics()

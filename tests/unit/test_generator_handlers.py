@@ -18,7 +18,7 @@ from composition.configs import ConfigStore
 from services.generator.generators import GeneratorRegistry
 from services.generator.handlers import MAX_MESSAGE_CHARS, MAX_OUTPUT_BYTES, Deps, on_generation_requested
 from services.generator.service import SOURCE, GeneratorApp, build
-from tests.conftest import example_configs, write
+from tests.conftest import example_configs, self_contained_examples, write
 
 EXAMPLES = example_configs()
 
@@ -344,8 +344,12 @@ def test_examples_are_there_in_json_and_yaml():
     assert "name" in store.get("hello-world").defaults
 
 
-@pytest.mark.parametrize("config_id", sorted(ConfigStore(EXAMPLES).list()))
-async def test_every_example_renders_without_context(config_id, registry):
+def test_only_the_code_generation_example_needs_an_upstream():
+    assert set(ConfigStore(EXAMPLES).list()) - set(self_contained_examples()) == {"python-function"}
+
+
+@pytest.mark.parametrize("config_id", self_contained_examples())
+async def test_every_self_contained_example_renders_without_context(config_id, registry):
     store = ConfigStore(EXAMPLES)
     d = await handle(request(config_id), store, registry)
     assert d.status == "success", d.error

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.notifier.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen
+from services.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen
 from services.notifier.config import CircuitConfig
 from tests.fakes import Clock
 

@@ -10,7 +10,7 @@ from contracts.handling import Delivery, Reject, Retry
 from contracts.catalogue import CONTENT_GENERATED, NOTIFICATION_DELIVERED, NOTIFICATION_FAILED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, ErrorInfo, NotificationDelivered, NotificationFailed
-from services.notifier.circuit import CLOSED, OPEN, CircuitBreaker
+from services.circuit import CLOSED, OPEN, CircuitBreaker
 from services.notifier.config import parse_config
 from services.notifier.delivery import DeliveryResult
 from services.notifier import handlers

@@ -17,7 +17,7 @@ from contracts.catalogue import CATALOGUE, CONTENT_GENERATED, CONTENT_VALIDATED,
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, ContentValidated
 from services.metrics import MAX_LABEL_VALUES, OTHER, ServiceMetrics
-from services.notifier.circuit import CircuitBreaker
+from services.circuit import CircuitBreaker
 from services.notifier.config import CircuitConfig
 from services.notifier.metrics import NotifierMetrics
 from tests.fakes import Clock

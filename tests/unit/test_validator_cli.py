@@ -58,10 +58,17 @@ def test_the_examples_are_all_valid(capsys):
     assert "invalid" in err and "0 invalid" in err
 
 
-def test_the_examples_render_valid_with_no_context(capsys):
+def test_the_examples_render_valid_with_no_context(capsys, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     rc, lines, _ = cli(capsys, "validate", "--render", str(EXAMPLES))
     assert rc == 0, lines
-    assert all("rendered content passes" in ln for ln in lines)
+    needs_key = [ln for ln in lines if ln.split()[1] == "python-function"]
+    assert len(needs_key) == 1 and needs_key[0].startswith("ok ")
+    assert (
+        "not rendered: generator 'code_generation' is not ready (missing environment variable ANTHROPIC_API_KEY)"
+        in needs_key[0]
+    )
+    assert all("rendered content passes" in ln for ln in lines if ln not in needs_key)
 
 
 def test_default_directory_comes_from_the_settings(capsys, monkeypatch, cdir):

@@ -1,4 +1,4 @@
-"""A circuit breaker per webhook subscription.
+"""A circuit breaker, one per upstream: a webhook subscription (notifier), a model API (generator).
 
 - closed: calls go through; ``failure_threshold`` consecutive failures open it.
 - open: no call goes through; :meth:`CircuitBreaker.acquire` raises
@@ -11,8 +11,9 @@ A call's outcome is reported with the :class:`Permit` it got, so that a call
 started before a transition (e.g. still running when the circuit opened)
 cannot close or reopen it afterwards: only outcomes of the current phase count.
 
-"Failure" means the endpoint is unavailable (connection error, timeout, 5xx,
-408, 429); an endpoint that answers, even with a 4xx, is available.
+"Failure" means the endpoint is unavailable; what that is is the caller's
+business (the notifier: connection error, timeout, 5xx, 408, 429); an endpoint
+that answers a bad request with a 4xx is available.
 
 The clock is injected (monotonic seconds), so the transitions are tested
 without sleeping. ``peek()``, ``transitions`` and ``on_transition`` are there
@@ -24,11 +25,32 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
-from services.notifier.config import CircuitConfig
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class BreakerPolicy(Protocol):
+    """What a breaker reads of its config (the notifier's ``CircuitConfig`` is one)."""
+
+    @property
+    def failure_threshold(self) -> int: ...
+
+    @property
+    def reset_timeout_s(self) -> float: ...
+
+    @property
+    def half_open_max_calls(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A plain :class:`BreakerPolicy`: the defaults."""
+
+    failure_threshold: int = 5
+    reset_timeout_s: float = 30.0
+    half_open_max_calls: int = 1
 
 
 class CircuitOpen(Exception):
@@ -49,13 +71,13 @@ class Permit:
 class CircuitBreaker:
     def __init__(
         self,
-        config: CircuitConfig | None = None,
+        config: BreakerPolicy | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
         busy_retry_s: float = 1.0,
         on_transition: Callable[[str, str], None] | None = None,
     ):
-        self.config = config or CircuitConfig()
+        self.config: BreakerPolicy = config or Policy()
         self.clock = clock
         # While half-open with every trial slot taken: how long others wait (at most reset_timeout_s).
         self.busy_retry_s = busy_retry_s

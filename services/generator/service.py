@@ -1,16 +1,19 @@
 """Wiring of the generator: ``build(settings)`` -> :class:`GeneratorApp`.
 
 Nothing happens at import or build time. :meth:`GeneratorApp.start` loads the
-``chora.generators`` entry points and checks every config in the configs
+``chora.generators`` entry points, starts the render pool (jinja2 renders run in
+worker processes, see :mod:`.isolation`) and checks every config in the configs
 directory once, logging (not failing on) the broken ones: they still answer
 their requests with an error outcome, and a fixed file is picked up on the
-next request.
+next request. ``template_fill`` and ``demonstration`` stay on the event loop:
+their cost is linear in the template and the context, which the message size bounds.
 
-Settings read: ``configs_dir`` and ``max_event_bytes``.
+Settings read: ``configs_dir``, ``max_event_bytes`` and ``render_*``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -18,13 +21,18 @@ from composition.configs import ConfigError, ConfigStore
 from contracts.handling import route
 from services.generator.generators import GeneratorRegistry
 from services.generator.handlers import EVENT_HANDLERS, MAX_OUTPUT_BYTES, SOURCE, Deps
+from services.generator.isolation import IsolatedJinja2, RenderLimits, RenderPool
 from services.settings import Settings
 
 log = logging.getLogger("chora.generator")
 
 
 class GeneratorApp:
-    """The generator service app (see :class:`services.runtime.ServiceApp`)."""
+    """The generator service app (see :class:`services.runtime.ServiceApp`).
+
+    ``limits`` given (the default): jinja2 renders go through a :class:`RenderPool`;
+    ``None``: they run on the event loop (benchmarks, trusted templates).
+    """
 
     name = "generator"
 
@@ -36,14 +44,20 @@ class GeneratorApp:
         source: str = SOURCE,
         max_output_bytes: int = MAX_OUTPUT_BYTES,
         max_event_bytes: int | None = None,
+        limits: RenderLimits | None = RenderLimits(),
     ):
         self.deps = Deps(store, registry or GeneratorRegistry(), source, max_output_bytes, max_event_bytes)
         self.store, self.registry = self.deps.store, self.deps.registry
+        self.pool = RenderPool(limits) if limits is not None else None
+        if self.pool is not None:
+            self.registry.register("jinja2", IsolatedJinja2(self.pool))
         self.config_errors: dict[str, str] = {}
         self.handle = route(EVENT_HANDLERS, self.deps, self.name)
 
     async def start(self, ctx: Any = None) -> None:
         self.registry.load()
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.start)
         self.config_errors = {}
         for config_id in self.store.list():
             try:
@@ -52,8 +66,14 @@ class GeneratorApp:
                 self.config_errors[config_id] = str(e)
                 log.warning("content config %r is broken: %s", config_id, e)
 
+    async def drain(self) -> None:
+        """Stopping: requests still waiting for a render worker are handed back (nak)."""
+        if self.pool is not None:
+            self.pool.drain()
+
     async def close(self) -> None:
-        pass
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.close)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -61,13 +81,22 @@ class GeneratorApp:
             "configs": self.store.list(),
             "generators": self.registry.names(),
             "broken_configs": sorted(self.config_errors),
+            "render_workers": self.pool.size if self.pool is not None else 0,
         }
 
 
 def build(settings: Settings) -> GeneratorApp:
+    limits = None
+    if settings.render_isolation:
+        limits = RenderLimits(
+            workers=settings.render_workers,
+            timeout_s=settings.render_timeout_s,
+            memory_mb=settings.render_memory_mb,
+        )
     return GeneratorApp(
         ConfigStore(settings.configs_dir),
         GeneratorRegistry(),
         source=SOURCE,
         max_event_bytes=settings.max_event_bytes,
+        limits=limits,
     )

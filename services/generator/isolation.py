@@ -55,6 +55,7 @@ from services.generator.generators.limits import MAX_RENDER_SECONDS
 log = logging.getLogger("chora.generator")
 
 SLOW_MEMORY_S = 60.0  # how long a config that ran to the deadline counts as slow
+BOOT_TIMEOUT_S = 30.0  # a worker that is not ready after this long is killed
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class RenderLimits:
 
 
 # --------------------------------------------------------------------------- the worker
+
+
+_encode_reply = msgspec.msgpack.Encoder().encode
+_decode_reply = msgspec.msgpack.Decoder().decode
 
 
 def _vm_bytes() -> int:
@@ -102,31 +107,42 @@ def worker_main(conn: Connection, limits: RenderLimits) -> None:
         cap = _vm_bytes() + (limits.memory_mb << 20)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     gen = Jinja2Generator(limits.max_output_chars)
-    encode = msgspec.msgpack.Encoder().encode
-    cpu_s = limits.timeout_s + 1
-    while True:
-        try:
-            config_id, template_hash, name, source, context = pickle.loads(conn.recv_bytes())
-        except EOFError:
-            return
-        _limit_cpu(resource, cpu_s)
-        code = "ok"
-        try:
-            tmpl = gen.compiled(config_id, template_hash)
-            if tmpl is None:
-                if source is None:
-                    raise GenerationError("GENERATOR_FAILED", f"{name}: the worker has no source for this template")
-                tmpl = gen.compile_source(config_id, template_hash, name, source)
-            reply = encode(("ok", gen.render_template(tmpl, name, context)))
-        except GenerationError as e:
-            code = e.code
-            reply = encode(("error", e.code, e.message))
-        except MemoryError:
-            code = "RENDER_MEMORY"
-            reply = encode(("error", code, f"{name}: the render passed its memory limit; stopped"))
-        conn.send_bytes(reply)
-        if code == "RENDER_MEMORY":
-            return  # start afresh: the parent replaces this worker
+    try:
+        conn.send_bytes(b"ready")  # the deadline of the first job starts after the worker's own start
+        while True:
+            _serve(conn, gen, resource, limits.timeout_s + 1)
+    except (EOFError, OSError):  # the parent closed our pipe (or is gone): done
+        return
+    except _Recycle:
+        return
+
+
+class _Recycle(Exception):
+    """The worker ends after this job (it passed its memory limit): the parent starts another."""
+
+
+def _serve(conn: Connection, gen: Any, resource: Any, cpu_s: float) -> None:
+    """One job: read it, render it under a fresh CPU limit, answer."""
+    encode = _encode_reply
+    config_id, template_hash, name, source, context = pickle.loads(conn.recv_bytes())
+    _limit_cpu(resource, cpu_s)
+    code = "ok"
+    try:
+        tmpl = gen.compiled(config_id, template_hash)
+        if tmpl is None:
+            if source is None:
+                raise GenerationError("GENERATOR_FAILED", f"{name}: the worker has no source for this template")
+            tmpl = gen.compile_source(config_id, template_hash, name, source)
+        reply = encode(("ok", gen.render_template(tmpl, name, context)))
+    except GenerationError as e:
+        code = e.code
+        reply = encode(("error", e.code, e.message))
+    except MemoryError:
+        code = "RENDER_MEMORY"
+        reply = encode(("error", code, f"{name}: the render passed its memory limit; stopped"))
+    conn.send_bytes(reply)
+    if code == "RENDER_MEMORY":
+        raise _Recycle
 
 
 # --------------------------------------------------------------------------- the parent's side
@@ -141,6 +157,7 @@ class _Worker:
     loop: asyncio.AbstractEventLoop | None = None  # where our reader of its pipe is registered
     waiter: asyncio.Future[None] | None = None
     poller: Any = None
+    booted: bool = False  # its "ready" was read
 
     def __post_init__(self) -> None:
         self.poller = select.poll()
@@ -175,7 +192,6 @@ class _Worker:
         self.loop = None
 
 
-_decode_reply = msgspec.msgpack.Decoder().decode
 
 
 class RenderPool:
@@ -325,6 +341,8 @@ class RenderPool:
         except Exception as e:
             raise GenerationError("INVALID_CONTEXT", f"the context cannot be sent to a render worker: {e}") from None
         loop = asyncio.get_running_loop()
+        if not w.booted:
+            await self._boot(w, loop, name)
         try:
             w.conn.send_bytes(job)
         except OSError:
@@ -358,6 +376,19 @@ class RenderPool:
             raise GenerationError(reply[1], reply[2])
         self._kill(w)
         raise GenerationError("RENDER_FAILED", f"{name}: the render worker answered nonsense")
+
+    async def _boot(self, w: _Worker, loop: asyncio.AbstractEventLoop, name: str) -> None:
+        """Wait for a new worker's "ready" (its start does not count against a render's deadline)."""
+        ready = w.wait(loop)
+        try:
+            await asyncio.wait_for(ready, BOOT_TIMEOUT_S)
+            ok = w.conn.recv_bytes(16) == b"ready"
+        except (asyncio.TimeoutError, EOFError, OSError):
+            ok = False
+        if not ok:
+            self._kill(w)
+            raise GenerationError("RENDER_FAILED", f"{name}: a render worker did not start; try again")
+        w.booted = True
 
     def _died(self, w: _Worker, config: LoadedConfig) -> GenerationError:
         w.proc.join(1.0)

@@ -56,6 +56,9 @@ log = logging.getLogger("chora.generator")
 
 SLOW_MEMORY_S = 60.0  # how long a config that ran to the deadline counts as slow
 BOOT_TIMEOUT_S = 30.0  # a worker that is not ready after this long is killed
+# A request handed back while stopping comes back after this long: past the consumer's drain,
+# so it reaches another instance (or this one restarted) instead of bouncing off this one.
+HANDBACK_DELAY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,7 @@ class RenderPool:
             while queue:
                 fut, _ = queue.popleft()
                 if not fut.done():
-                    fut.set_exception(Retry("the generator is stopping", delay=0))
+                    fut.set_exception(Retry("the generator is stopping", delay=HANDBACK_DELAY_S))
 
     def close(self, timeout: float = 2.0) -> None:
         """End every worker: end of input, then SIGKILL for one that does not exit in ``timeout``."""
@@ -272,7 +275,7 @@ class RenderPool:
 
     async def _acquire(self, config_id: str) -> tuple[_Worker, bool]:
         if self._draining or not self.started:
-            raise Retry("the generator is stopping", delay=0)
+            raise Retry("the generator is stopping", delay=HANDBACK_DELAY_S)
         slow = self.is_slow(config_id)
         if self._idle and not self._waiting and (not slow or self._slow_running < self.slow_cap):
             w = self._idle.pop()

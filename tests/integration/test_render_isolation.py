@@ -66,82 +66,88 @@ def _request(config_id: str, context: dict):
     )
 
 
-async def _start(settings):
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_service("generator", settings, stop=stop))
-    await wait_for(lambda: task.done() or ready_file(settings, "generator").exists(), 60, "the generator ready")
-    if task.done():
-        task.result()
-    return stop, task
+class Generator:
+    """The generator service running in this process, a client, and the outcomes it saw."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.topo = Topology.from_settings(settings)
+        self.outcomes = Outcomes()
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    async def connect(self) -> None:
+        self.nc = await connect(self.settings.nats, name="test-isolation")
+        await self.nc.subscribe(self.topo.subject(CONTENT_GENERATED), cb=self.outcomes.on_msg)
+        self.pub = Publisher(self.nc.jetstream(), self.settings.prefix)
+
+    async def start(self) -> None:
+        self.stop = asyncio.Event()
+        task = self.task = asyncio.create_task(run_service("generator", self.settings, stop=self.stop))
+        await wait_for(lambda: task.done() or ready_file(self.settings, "generator").exists(), 60, "the generator ready")
+        if task.done():
+            task.result()
+
+    async def send_slow(self, n: int) -> set[str]:
+        """``n`` slow requests; returns once the first has its outcome (the rest run or wait)."""
+        slow = [_request("nested", {"items": ITEMS}) for _ in range(n)]
+        ids = {e.id for e in slow}
+        await self.pub.publish_many(slow)
+        await wait_for(lambda: len(self.outcomes.of(ids)) >= 1, 30, "the first slow outcome")
+        return ids
 
 
-async def test_slow_renders_do_not_stall_ordinary_requests(slow_settings):
-    settings = slow_settings
-    topo = Topology.from_settings(settings)
-    nc = await connect(settings.nats, name="test-stall")
-    outcomes = Outcomes()
-    await nc.subscribe(topo.subject(CONTENT_GENERATED), cb=outcomes.on_msg)
-    stop, task = await _start(settings)
-    try:
-        pub = Publisher(nc.jetstream(), settings.prefix)
-        slow = [_request("nested", {"items": ITEMS}) for _ in range(SLOW)]
-        slow_ids = {e.id for e in slow}
-        await pub.publish_many(slow)
-        # the first slow renders met their deadline: the rest are running or waiting in the pool
-        await wait_for(lambda: len(outcomes.of(slow_ids)) >= 1, 30, "the first slow outcome")
-        ordinary = [_request("hello", {"name": f"n{i}"}) for i in range(ORDINARY)]
-        ordinary_ids = {e.id for e in ordinary}
-        await pub.publish_many(ordinary)
-        await wait_for(lambda: len(outcomes.of(ordinary_ids)) == ORDINARY, 30, "the ordinary outcomes")
-        slow_done_then = len(outcomes.of(slow_ids))
-        await wait_for(lambda: len(outcomes.of(slow_ids)) >= SLOW, 60, "every slow outcome")
-        await nc.flush()
-
-        # the ordinary requests were answered while most slow ones were still running or waiting
-        assert slow_done_then <= SLOW // 2, f"{slow_done_then} of {SLOW} slow outcomes came before the ordinary ones"
-        assert all(status == "success" for _, status, _ in outcomes.of(ordinary_ids))
-        # exactly one outcome per request, each slow one a clear error
-        seen_ids = [i for i, _, _ in outcomes.seen]
-        assert sorted(seen_ids) == sorted(slow_ids | ordinary_ids), "a request with no outcome or with two"
-        assert {code for _, _, code in outcomes.of(slow_ids)} == {"RENDER_TIMEOUT"}
-        # no nak, no redelivery (a PubAck timeout or an expired ack_wait would show here)
-        info = await nc.jetstream().consumer_info(topo.events_stream, topo.consumers["generator"].durable)
-        assert info.num_redelivered == 0 and info.num_ack_pending == 0, info
-    finally:
-        stop.set()
-        await task
-        await nc.close()
+@pytest.fixture
+async def generator(slow_settings):
+    g = Generator(slow_settings)
+    await g.connect()
+    await g.start()
+    yield g
+    g.stop.set()
+    if g.task is not None:
+        await g.task
+    await g.nc.close()
 
 
-async def test_sigterm_drains_quickly_and_loses_nothing(slow_settings):
+async def test_slow_renders_do_not_stall_ordinary_requests(generator):
+    outcomes = generator.outcomes
+    slow_ids = await generator.send_slow(SLOW)
+    ordinary = [_request("hello", {"name": f"n{i}"}) for i in range(ORDINARY)]
+    ordinary_ids = {e.id for e in ordinary}
+    await generator.pub.publish_many(ordinary)
+    await wait_for(lambda: len(outcomes.of(ordinary_ids)) == ORDINARY, 30, "the ordinary outcomes")
+    slow_done_then = len(outcomes.of(slow_ids))
+    await wait_for(lambda: len(outcomes.of(slow_ids)) >= SLOW, 60, "every slow outcome")
+    await generator.nc.flush()
+
+    # the ordinary requests were answered while most slow ones were still running or waiting
+    assert slow_done_then <= SLOW // 2, f"{slow_done_then} of {SLOW} slow outcomes came before the ordinary ones"
+    assert all(status == "success" for _, status, _ in outcomes.of(ordinary_ids))
+    # exactly one outcome per request, each slow one a clear error
+    seen_ids = [i for i, _, _ in outcomes.seen]
+    assert sorted(seen_ids) == sorted(slow_ids | ordinary_ids), "a request with no outcome or with two"
+    assert {code for _, _, code in outcomes.of(slow_ids)} == {"RENDER_TIMEOUT"}
+    # no nak, no redelivery (a PubAck timeout or an expired ack_wait would show here)
+    topo = generator.topo
+    info = await generator.nc.jetstream().consumer_info(topo.events_stream, topo.consumers["generator"].durable)
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0, info
+
+
+async def test_sigterm_drains_quickly_and_loses_nothing(generator):
     """Stopping with slow renders queued: the running ones meet their deadline, the queued ones
     are handed back (nak) and answered by the next generator, each exactly once."""
-    settings = slow_settings
-    topo = Topology.from_settings(settings)
-    nc = await connect(settings.nats, name="test-drain")
-    outcomes = Outcomes()
-    await nc.subscribe(topo.subject(CONTENT_GENERATED), cb=outcomes.on_msg)
-    stop, task = await _start(settings)
+    outcomes = generator.outcomes
+    slow_ids = await generator.send_slow(8)
+    generator.stop.set()
+    # a render deadline (0.5 s) and the consumer's drain, not 8 queued renders
+    assert generator.task is not None
     try:
-        pub = Publisher(nc.jetstream(), settings.prefix)
-        slow = [_request("nested", {"items": ITEMS}) for _ in range(8)]
-        slow_ids = {e.id for e in slow}
-        await pub.publish_many(slow)
-        await wait_for(lambda: len(outcomes.of(slow_ids)) >= 1, 30, "the first slow outcome")
-        stop.set()
-        # a render deadline (0.5 s) and the consumer's drain, not 8 queued renders
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 10)
-        except asyncio.TimeoutError:
-            pytest.fail("the generator did not drain within 10 s of SIGTERM")
-        assert len(outcomes.of(slow_ids)) < len(slow_ids), "nothing was left to hand back"
-        stop, task = await _start(settings)
-        await wait_for(lambda: len(outcomes.of(slow_ids)) >= len(slow_ids), 60, "every slow outcome after the restart")
-        await nc.flush()
-        ids = [i for i, _, _ in outcomes.seen]
-        assert sorted(ids) == sorted(slow_ids), "a request with no outcome or with two"
-    finally:
-        stop.set()
-        await task
-        await nc.close()
-
+        await asyncio.wait_for(asyncio.shield(generator.task), 10)
+    except asyncio.TimeoutError:
+        pytest.fail("the generator did not drain within 10 s of SIGTERM")
+    assert len(outcomes.of(slow_ids)) < len(slow_ids), "nothing was left to hand back"
+    await generator.start()
+    await wait_for(lambda: len(outcomes.of(slow_ids)) >= len(slow_ids), 60, "every slow outcome after the restart")
+    await generator.nc.flush()
+    ids = [i for i, _, _ in outcomes.seen]
+    assert sorted(ids) == sorted(slow_ids), "a request with no outcome or with two"

@@ -59,6 +59,8 @@ BOOT_TIMEOUT_S = 30.0  # a worker that is not ready after this long is killed
 # A request handed back while stopping comes back after this long: past the consumer's drain,
 # so it reaches another instance (or this one restarted) instead of bouncing off this one.
 HANDBACK_DELAY_S = 5.0
+MAX_BATCH = 32  # jobs one worker takes at once
+FLUSH_S = 0.002  # a worker sends its answers at least this often while it works through a batch
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def _limit_cpu(resource: Any, seconds: float) -> None:
 
 
 def worker_main(conn: Connection, limits: RenderLimits) -> None:
-    """A worker's life: set its limits, then render jobs until its input ends."""
+    """A worker's life: set its limits, then render batches of jobs until its input ends."""
     import resource
 
     from services.generator.generators.jinja import Jinja2Generator
@@ -112,40 +114,49 @@ def worker_main(conn: Connection, limits: RenderLimits) -> None:
     gen = Jinja2Generator(limits.max_output_chars)
     try:
         conn.send_bytes(b"ready")  # the deadline of the first job starts after the worker's own start
-        while True:
-            _serve(conn, gen, resource, limits.timeout_s + 1)
+        while _serve(conn, gen, resource, limits.timeout_s + 1):
+            pass
     except (EOFError, OSError):  # the parent closed our pipe (or is gone): done
         return
-    except _Recycle:
-        return
 
 
-class _Recycle(Exception):
-    """The worker ends after this job (it passed its memory limit): the parent starts another."""
-
-
-def _serve(conn: Connection, gen: Any, resource: Any, cpu_s: float) -> None:
-    """One job: read it, render it under a fresh CPU limit, answer."""
-    encode = _encode_reply
-    config_id, template_hash, name, source, context = pickle.loads(conn.recv_bytes())
-    _limit_cpu(resource, cpu_s)
-    code = "ok"
+def _render(gen: Any, config_id: str, template_hash: str | None, name: str, source: str | None, context: Any) -> tuple:
     try:
         tmpl = gen.compiled(config_id, template_hash)
         if tmpl is None:
             if source is None:
                 raise GenerationError("GENERATOR_FAILED", f"{name}: the worker has no source for this template")
             tmpl = gen.compile_source(config_id, template_hash, name, source)
-        reply = encode(("ok", gen.render_template(tmpl, name, context)))
+        return ("ok", gen.render_template(tmpl, name, context))
     except GenerationError as e:
-        code = e.code
-        reply = encode(("error", e.code, e.message))
+        return ("error", e.code, e.message)
     except MemoryError:
-        code = "RENDER_MEMORY"
-        reply = encode(("error", code, f"{name}: the render passed its memory limit; stopped"))
-    conn.send_bytes(reply)
-    if code == "RENDER_MEMORY":
-        raise _Recycle
+        return ("error", "RENDER_MEMORY", f"{name}: the render passed its memory limit; stopped")
+
+
+def _serve(conn: Connection, gen: Any, resource: Any, cpu_s: float) -> bool:
+    """One batch of jobs: each rendered under a fresh CPU limit. Answers go back in order,
+    flushed at least every FLUSH_S (the parent times each job from the previous answer).
+    After a memory error the rest of the batch is handed back and the worker ends (False)."""
+    jobs = pickle.loads(conn.recv_bytes())
+    replies: list[tuple] = []
+    flushed = time.monotonic()
+    recycle = False
+    for job in jobs:
+        if recycle:
+            replies.append(("again",))
+            continue
+        _limit_cpu(resource, cpu_s)
+        reply = _render(gen, *job)
+        recycle = reply[1] == "RENDER_MEMORY"
+        replies.append(reply)
+        now = time.monotonic()
+        if now - flushed >= FLUSH_S:
+            conn.send_bytes(_encode_reply(replies))
+            replies, flushed = [], now
+    if replies:
+        conn.send_bytes(_encode_reply(replies))
+    return not recycle
 
 
 # --------------------------------------------------------------------------- the parent's side
@@ -156,23 +167,23 @@ class _Worker:
     proc: Any
     conn: Connection
     known: dict[str, str | None] = field(default_factory=dict)  # config id -> template hash compiled
-
     loop: asyncio.AbstractEventLoop | None = None  # where our reader of its pipe is registered
     waiter: asyncio.Future[None] | None = None
     poller: Any = None
     booted: bool = False  # its "ready" was read
+    retiring: bool = False  # it passed its memory limit: it ends after its batch
 
     def __post_init__(self) -> None:
         self.poller = select.poll()
         self.poller.register(self.conn.fileno(), select.POLLIN)
 
     @property
-    def ready(self) -> bool:
+    def alive(self) -> bool:
         return self.proc.is_alive()
 
     def wait(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """A future done when the worker's answer is readable. The reader stays registered
-        between renders (two epoll calls less per render); one with no waiter unregisters."""
+        """A future done when the worker's next message is readable. The reader stays
+        registered between batches; one with no waiter unregisters."""
         self.waiter = fut = loop.create_future()
         if self.loop is not loop:
             self.unwatch()
@@ -182,7 +193,7 @@ class _Worker:
 
     def _readable(self) -> None:
         if self.conn.closed or not self.poller.poll(0):
-            return  # a stale call, queued before the last answer was read
+            return  # a stale call, queued before the last message was read
         fut = self.waiter
         if fut is None or fut.done():
             self.unwatch()  # end of input of a dead worker: do not spin on it
@@ -195,23 +206,45 @@ class _Worker:
         self.loop = None
 
 
+@dataclass(eq=False)
+class _Job:
+    config: LoadedConfig
+    source: str
+    context: dict[str, Any]
+    future: asyncio.Future[str]
+
+    def wire(self, w: _Worker) -> tuple:
+        c = self.config
+        known = w.known.get(c.id, False) == c.template_hash
+        w.known[c.id] = c.template_hash
+        return (c.id, c.template_hash, c.template_name, None if known else self.source, self.context)
+
+    def fail(self, code: str, message: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(GenerationError(code, message))
 
 
 class RenderPool:
-    """``workers`` processes rendering jinja2 templates; see the module's doc."""
+    """``workers`` processes rendering jinja2 templates; see the module's doc.
+
+    Jobs queue in the pool; an idle worker takes a batch of them (up to MAX_BATCH, shared
+    between the idle workers), so under load one wake-up of a worker serves many renders.
+    Each job still has its own deadline, counted from the previous answer of its worker.
+    """
 
     def __init__(self, limits: RenderLimits = RenderLimits()):
         self.limits = limits
         self._ctx = multiprocessing.get_context("forkserver")
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
-        self._waiting: collections.deque[tuple[asyncio.Future[_Worker], str]] = collections.deque()
-        self._waiting_slow: collections.deque[tuple[asyncio.Future[_Worker], str]] = collections.deque()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._slow_queue: collections.deque[_Job] = collections.deque()
         self._slow_until: dict[str, float] = {}
         self._slow_running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
         self.started = False
-        self.kills = 0  # workers killed at their deadline (or replaced after dying)
+        self.kills = 0  # workers killed at their deadline or replaced after dying
 
     @property
     def size(self) -> int:
@@ -243,17 +276,18 @@ class RenderPool:
     def drain(self) -> None:
         """Stop taking work: requests waiting for a worker get Retry (nak'ed for another instance)."""
         self._draining = True
-        for queue in (self._waiting, self._waiting_slow):
+        for queue in (self._queue, self._slow_queue):
             while queue:
-                fut, _ = queue.popleft()
-                if not fut.done():
-                    fut.set_exception(Retry("the generator is stopping", delay=HANDBACK_DELAY_S))
+                job = queue.popleft()
+                if not job.future.done():
+                    job.future.set_exception(Retry("the generator is stopping", delay=HANDBACK_DELAY_S))
 
     def close(self, timeout: float = 2.0) -> None:
         """End every worker: end of input, then SIGKILL for one that does not exit in ``timeout``."""
         self.drain()
         workers, self._all, self._idle = list(self._all), set(), []
         for w in workers:
+            w.unwatch()
             w.conn.close()
         deadline = time.monotonic() + timeout
         for w in workers:
@@ -273,114 +307,133 @@ class RenderPool:
             return False
         return True
 
-    async def _acquire(self, config_id: str) -> tuple[_Worker, bool]:
-        if self._draining or not self.started:
-            raise Retry("the generator is stopping", delay=HANDBACK_DELAY_S)
-        slow = self.is_slow(config_id)
-        if self._idle and not self._waiting and (not slow or self._slow_running < self.slow_cap):
-            w = self._idle.pop()
-        else:
-            fut: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
-            (self._waiting_slow if slow else self._waiting).append((fut, config_id))
-            try:
-                w = await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    self._release(fut.result(), False)  # handed to us as we were cancelled
-                raise
-            slow = self.is_slow(config_id)
-        if slow:
-            self._slow_running += 1
-        return w, slow
-
-    def _release(self, w: _Worker, slow: bool) -> None:
-        if slow:
-            self._slow_running -= 1
-        if w not in self._all:  # closed meanwhile
-            return
-        if not w.ready:
-            self._all.discard(w)
-            w = self._spawn()
-        self._idle.append(w)
-        self._hand_out()
-
-    def _hand_out(self) -> None:
-        while self._idle:
-            fut = self._next_waiter()
-            if fut is None:
-                return
-            fut.set_result(self._idle.pop())
-
-    def _next_waiter(self) -> asyncio.Future[_Worker] | None:
-        while self._waiting:
-            fut, config_id = self._waiting.popleft()
-            if fut.done():
-                continue
-            if self.is_slow(config_id):  # it became slow while it waited: behind the others
-                self._waiting_slow.append((fut, config_id))
-                continue
-            return fut
-        while self._waiting_slow and self._slow_running < self.slow_cap:
-            fut, _ = self._waiting_slow.popleft()
-            if not fut.done():
-                return fut
-        return None
-
-    # ------------------------------------------------------------------ a render
     async def render(self, config: LoadedConfig, context: dict[str, Any]) -> str:
         """Render ``config`` with ``context`` in a worker; GenerationError on any failure."""
+        if self._draining or not self.started:
+            raise Retry("the generator is stopping", delay=HANDBACK_DELAY_S)
         source = _needs_template(config, "jinja2")
-        w, slow = await self._acquire(config.id)
-        try:
-            return await self._run(w, config, source, context)
-        finally:
-            self._release(w, slow)
+        job = _Job(config, source, context, asyncio.get_running_loop().create_future())
+        (self._slow_queue if self.is_slow(config.id) else self._queue).append(job)
+        self._pump()
+        return await job.future
 
-    async def _run(self, w: _Worker, config: LoadedConfig, source: str, context: dict[str, Any]) -> str:
-        name = config.template_name
-        known = w.known.get(config.id, False) == config.template_hash
-        try:
-            job = pickle.dumps((config.id, config.template_hash, name, None if known else source, context), 5)
-        except Exception as e:
-            raise GenerationError("INVALID_CONTEXT", f"the context cannot be sent to a render worker: {e}") from None
+    def _pump(self) -> None:
+        """Hand queued jobs to idle workers."""
+        while self._idle:
+            batch, slow = self._take()
+            if not batch:
+                return
+            w = self._idle.pop()
+            if slow:
+                self._slow_running += 1
+            task = asyncio.get_running_loop().create_task(self._run_batch(w, batch, slow))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> tuple[list[_Job], bool]:
+        """The next batch: ordinary jobs first (a share of the queue per idle worker), else one
+        slow job if the slow ones hold fewer than ``slow_cap`` workers."""
+        share = min(MAX_BATCH, -(-len(self._queue) // len(self._idle)))
+        batch: list[_Job] = []
+        while self._queue and len(batch) < share:
+            job = self._queue.popleft()
+            if job.future.done():
+                continue
+            if self.is_slow(job.config.id):  # it became slow while it waited: behind the others
+                self._slow_queue.append(job)
+                continue
+            batch.append(job)
+        if batch:
+            return batch, False
+        while self._slow_queue and self._slow_running < self.slow_cap:
+            job = self._slow_queue.popleft()
+            if not job.future.done():
+                return [job], True
+        return [], False
+
+    def _requeue(self, jobs: list[_Job]) -> None:
+        """Jobs a worker did not get to: back to the front of their queue."""
+        for job in reversed(jobs):
+            if not job.future.done():
+                (self._slow_queue if self.is_slow(job.config.id) else self._queue).appendleft(job)
+
+    # ------------------------------------------------------------------ a batch in a worker
+    async def _run_batch(self, w: _Worker, jobs: list[_Job], slow: bool) -> None:
         loop = asyncio.get_running_loop()
-        if not w.booted:
-            await self._boot(w, loop, name)
+        done = 0
         try:
-            w.conn.send_bytes(job)
-        except OSError:
-            self._kill(w)
-            raise GenerationError("RENDER_FAILED", f"{name}: the render worker was gone; try again") from None
-        w.known[config.id] = config.template_hash
+            if not w.booted and not await self._boot(w, loop):
+                return
+            try:
+                w.conn.send_bytes(pickle.dumps([job.wire(w) for job in jobs], 5))
+            except OSError:
+                self._kill(w)
+                return
+            except Exception as e:  # a context pickle cannot carry (JSON always can)
+                for job in jobs:
+                    job.fail("INVALID_CONTEXT", f"the context cannot be sent to a render worker: {e}")
+                done = len(jobs)
+                return
+            while done < len(jobs):
+                replies = await self._next(w, loop, jobs[done])
+                if replies is None:
+                    done += 1  # that job failed; the worker is gone
+                    return
+                for reply in replies[: len(jobs) - done]:
+                    if isinstance(reply, list) and reply[1:2] == ["RENDER_MEMORY"]:
+                        w.retiring = True  # it ends after this batch
+                    self._settle(jobs[done], reply)
+                    done += 1
+        finally:
+            self._requeue(jobs[done:])
+            if slow:
+                self._slow_running -= 1
+            self._release(w)
+
+    async def _next(self, w: _Worker, loop: asyncio.AbstractEventLoop, job: _Job) -> list | None:
+        """The worker's next answers, or None when ``job`` met its deadline or the worker died."""
         ready = w.wait(loop)
-        timer = loop.call_later(self.limits.timeout_s, ready.cancel)
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            ready.cancel()
+
+        timer = loop.call_later(self.limits.timeout_s, expire)
         try:
             await ready
         except asyncio.CancelledError:
-            if not ready.cancelled() or timer.when() > loop.time():  # our task was cancelled: state unknown
-                self._kill(w)
-                raise
             self._kill(w)
-            self._slow_until[config.id] = time.monotonic() + SLOW_MEMORY_S
-            raise GenerationError(
-                "RENDER_TIMEOUT", f"{name}: the render took more than {self.limits.timeout_s:g} s; stopped"
-            ) from None
+            if not expired:
+                raise  # the loop is shutting down
+            self._slow_until[job.config.id] = time.monotonic() + SLOW_MEMORY_S
+            job.fail("RENDER_TIMEOUT", f"{job.config.template_name}: the render took more than {self.limits.timeout_s:g} s; stopped")
+            return None
         finally:
             timer.cancel()
         try:
-            reply = _decode_reply(w.conn.recv_bytes(16 * self.limits.max_output_chars + 4096))
-        except (EOFError, OSError, msgspec.DecodeError):
-            raise self._died(w, config) from None
-        if reply[0] == "ok" and isinstance(reply[1], str):
-            return reply[1]
-        if reply[0] == "error" and len(reply) == 3 and isinstance(reply[1], str) and isinstance(reply[2], str):
-            if reply[1] == "RENDER_MEMORY":
-                w.proc.join(1.0)  # it exits after saying so; _release starts another
-            raise GenerationError(reply[1], reply[2])
-        self._kill(w)
-        raise GenerationError("RENDER_FAILED", f"{name}: the render worker answered nonsense")
+            replies = _decode_reply(w.conn.recv_bytes(16 * self.limits.max_output_chars + 4096))
+            if not isinstance(replies, list):
+                raise ValueError("not a list")
+        except (EOFError, OSError, ValueError, msgspec.DecodeError):
+            self._died(w, job)
+            return None
+        return replies
 
-    async def _boot(self, w: _Worker, loop: asyncio.AbstractEventLoop, name: str) -> None:
+    def _settle(self, job: _Job, reply: Any) -> None:
+        if not isinstance(reply, list) or not reply:
+            job.fail("RENDER_FAILED", f"{job.config.template_name}: the render worker answered nonsense")
+        elif reply[0] == "ok" and len(reply) == 2 and isinstance(reply[1], str):
+            if not job.future.done():
+                job.future.set_result(reply[1])
+        elif reply[0] == "error" and len(reply) == 3 and isinstance(reply[1], str) and isinstance(reply[2], str):
+            job.fail(reply[1], reply[2])
+        elif reply[0] == "again":
+            self._requeue([job])
+        else:
+            job.fail("RENDER_FAILED", f"{job.config.template_name}: the render worker answered nonsense")
+
+    async def _boot(self, w: _Worker, loop: asyncio.AbstractEventLoop) -> bool:
         """Wait for a new worker's "ready" (its start does not count against a render's deadline)."""
         ready = w.wait(loop)
         try:
@@ -389,19 +442,21 @@ class RenderPool:
         except (asyncio.TimeoutError, EOFError, OSError):
             ok = False
         if not ok:
+            log.warning("a render worker did not start; replacing it")
             self._kill(w)
-            raise GenerationError("RENDER_FAILED", f"{name}: a render worker did not start; try again")
-        w.booted = True
+        w.booted = ok
+        return ok
 
-    def _died(self, w: _Worker, config: LoadedConfig) -> GenerationError:
+    def _died(self, w: _Worker, job: _Job) -> None:
         w.proc.join(1.0)
         code = w.proc.exitcode
         self._kill(w)
-        name = config.template_name
+        name = job.config.template_name
         if code == -signal.SIGXCPU:
-            self._slow_until[config.id] = time.monotonic() + SLOW_MEMORY_S
-            return GenerationError("RENDER_TIMEOUT", f"{name}: the render used its CPU limit; stopped")
-        return GenerationError("RENDER_FAILED", f"{name}: the render worker died (exit code {code})")
+            self._slow_until[job.config.id] = time.monotonic() + SLOW_MEMORY_S
+            job.fail("RENDER_TIMEOUT", f"{name}: the render used its CPU limit; stopped")
+        else:
+            job.fail("RENDER_FAILED", f"{name}: the render worker died (exit code {code})")
 
     def _kill(self, w: _Worker) -> None:
         """SIGKILL and reap ``w`` (it is replaced when released)."""
@@ -411,6 +466,19 @@ class RenderPool:
             w.proc.kill()
         w.proc.join(1.0)
         w.conn.close()
+
+    def _release(self, w: _Worker) -> None:
+        if w not in self._all:  # the pool was closed meanwhile
+            return
+        if w.retiring or w.conn.closed or not w.alive:
+            self._kill(w)
+            self._all.discard(w)
+            if self._draining:
+                return
+            w = self._spawn()
+        self._idle.append(w)
+        if self._queue or self._slow_queue:
+            self._pump()
 
 
 class IsolatedJinja2:

@@ -60,7 +60,6 @@ BOOT_TIMEOUT_S = 30.0  # a worker that is not ready after this long is killed
 # so it reaches another instance (or this one restarted) instead of bouncing off this one.
 HANDBACK_DELAY_S = 5.0
 MAX_BATCH = 32  # jobs one worker takes at once
-FLUSH_S = 0.002  # a worker sends its answers at least this often while it works through a batch
 
 
 @dataclass(frozen=True)
@@ -135,27 +134,19 @@ def _render(gen: Any, config_id: str, template_hash: str | None, name: str, sour
 
 
 def _serve(conn: Connection, gen: Any, resource: Any, cpu_s: float) -> bool:
-    """One batch of jobs: each rendered under a fresh CPU limit. Answers go back in order,
-    flushed at least every FLUSH_S (the parent times each job from the previous answer).
+    """One batch of jobs, each rendered under a fresh CPU limit and answered as soon as it is
+    done (the parent times each job from the previous answer, so it knows which one ran long).
     After a memory error the rest of the batch is handed back and the worker ends (False)."""
     jobs = pickle.loads(conn.recv_bytes())
-    replies: list[tuple] = []
-    flushed = time.monotonic()
     recycle = False
     for job in jobs:
         if recycle:
-            replies.append(("again",))
+            conn.send_bytes(_encode_reply(("again",)))
             continue
         _limit_cpu(resource, cpu_s)
         reply = _render(gen, *job)
         recycle = reply[1] == "RENDER_MEMORY"
-        replies.append(reply)
-        now = time.monotonic()
-        if now - flushed >= FLUSH_S:
-            conn.send_bytes(_encode_reply(replies))
-            replies, flushed = [], now
-    if replies:
-        conn.send_bytes(_encode_reply(replies))
+        conn.send_bytes(_encode_reply(reply))
     return not recycle
 
 
@@ -244,7 +235,7 @@ class RenderPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
         self.started = False
-        self.kills = 0  # workers killed at their deadline or replaced after dying
+        self.kills = 0  # workers this pool killed (at a deadline, or its render was cancelled)
 
     @property
     def size(self) -> int:
@@ -375,7 +366,7 @@ class RenderPool:
                 done = len(jobs)
                 return
             while done < len(jobs):
-                replies = await self._next(w, loop, jobs[done])
+                replies = await self._next(w, loop, jobs[done], len(jobs) - done)
                 if replies is None:
                     done += 1  # that job failed; the worker is gone
                     return
@@ -390,7 +381,7 @@ class RenderPool:
                 self._slow_running -= 1
             self._release(w)
 
-    async def _next(self, w: _Worker, loop: asyncio.AbstractEventLoop, job: _Job) -> list | None:
+    async def _next(self, w: _Worker, loop: asyncio.AbstractEventLoop, job: _Job, left: int) -> list | None:
         """The worker's next answers, or None when ``job`` met its deadline or the worker died."""
         ready = w.wait(loop)
         expired: list[bool] = []
@@ -411,14 +402,17 @@ class RenderPool:
             return None
         finally:
             timer.cancel()
+        replies: list[Any] = []
         try:
-            replies = _decode_reply(w.conn.recv_bytes(16 * self.limits.max_output_chars + 4096))
-            if not isinstance(replies, list):
-                raise ValueError("not a list")
-        except (EOFError, OSError, ValueError, msgspec.DecodeError):
+            while True:  # every answer already there, in one go
+                replies.append(_decode_reply(w.conn.recv_bytes(16 * self.limits.max_output_chars + 4096)))
+                if len(replies) >= left or not w.poller.poll(0):
+                    return replies
+        except (EOFError, OSError, msgspec.DecodeError):
+            if replies:
+                return replies  # the next read finds the end again, for the job it concerns
             self._died(w, job)
             return None
-        return replies
 
     def _settle(self, job: _Job, reply: Any) -> None:
         if not isinstance(reply, list) or not reply:
@@ -460,9 +454,9 @@ class RenderPool:
 
     def _kill(self, w: _Worker) -> None:
         """SIGKILL and reap ``w`` (it is replaced when released)."""
-        self.kills += 1
         w.unwatch()
         if w.proc.is_alive():
+            self.kills += 1
             w.proc.kill()
         w.proc.join(1.0)
         w.conn.close()

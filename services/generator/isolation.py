@@ -345,7 +345,11 @@ class RenderPool:
     def _requeue(self, jobs: list[_Job]) -> None:
         """Jobs a worker did not get to: back to the front of their queue."""
         for job in reversed(jobs):
-            if not job.future.done():
+            if job.future.done():
+                continue
+            if self._draining:  # no worker may come back for it: hand it back now
+                job.future.set_exception(Retry("the generator is stopping", delay=HANDBACK_DELAY_S))
+            else:
                 (self._slow_queue if self.is_slow(job.config.id) else self._queue).appendleft(job)
 
     # ------------------------------------------------------------------ a batch in a worker

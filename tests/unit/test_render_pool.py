@@ -63,6 +63,9 @@ async def test_a_render_past_its_memory_limit_is_render_memory_and_the_pool_goes
 
 
 async def test_a_worker_killed_from_outside_is_render_failed_and_replaced(pool, store):
+    # every worker started (a worker that dies before it is ready only costs a retry elsewhere)
+    await asyncio.gather(*(pool.render(store.get("hello"), {"name": "x"}) for _ in range(pool.size)))
+    assert all(w.booted for w in pool._all)
     slow = asyncio.create_task(pool.render(store.get("nested"), {"items": ITEMS}))
     await wait_for(lambda: len(pool._idle) == pool.size - 1, 10, "the slow render handed to a worker")
     (busy,) = pool._all - set(pool._idle)

@@ -86,7 +86,9 @@ async def full_stack(requests: int, rate: float, seconds: float, rounds: int) ->
         for mode, flag in (("in_loop", "false"), ("pool", "true")):
             os.environ["CHORA_RENDER_ISOLATION"] = flag  # read by the generator process
             out = await e2e.main(args)
-            runs[mode].append({"saturation": out["saturation"], "latency": out["latency"], "generator": out["generator"]})
+            runs[mode].append(
+                {"saturation": out["saturation"], "latency": out["latency"], "generator": out["generator"]}
+            )
     os.environ.pop("CHORA_RENDER_ISOLATION", None)
 
     def best(mode: str) -> dict:

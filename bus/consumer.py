@@ -325,7 +325,9 @@ class ConsumerLoop:
             return "dead"
         delay = e.delay if isinstance(e, Retry) and e.delay is not None else self.spec.nak_delay(delivered)
         if not isinstance(e, Retry):
-            log.warning("%s: handler failed (delivery %d), retrying in %.1fs: %s", self.spec.durable, delivered, delay, reason)
+            log.warning(
+                "%s: handler failed (delivery %d), retrying in %.1fs: %s", self.spec.durable, delivered, delay, reason
+            )
         await msg.nak(delay=delay)
         self.stats.naked += 1
         return "retry"
@@ -339,7 +341,9 @@ class ConsumerLoop:
             await msg.nak(delay=self.spec.nak_delay(msg.metadata.num_delivered))
             self.stats.naked += 1
             return
-        log.warning("%s: dead-lettered stream seq %s: %s %s", self.spec.durable, msg.metadata.sequence.stream, code, reason)
+        log.warning(
+            "%s: dead-lettered stream seq %s: %s %s", self.spec.durable, msg.metadata.sequence.stream, code, reason
+        )
         await msg.term()
         self.stats.dead += 1
 

@@ -74,7 +74,9 @@ class Topology:
     @classmethod
     def from_settings(cls, s: BusSettings, replicas: int | None = None) -> "Topology":
         def spec(name: str, types: tuple[str, ...] | None) -> ConsumerSpec:
-            return ConsumerSpec(name, types, s.ack_wait_s, s.max_deliver, max_ack_pending=max(1024, s.max_concurrency * 2))
+            return ConsumerSpec(
+                name, types, s.ack_wait_s, s.max_deliver, max_ack_pending=max(1024, s.max_concurrency * 2)
+            )
 
         base = s.stream_name.removesuffix("_EVENTS")
         return cls(
@@ -136,7 +138,9 @@ class Topology:
             ),
         ]
 
-    def consumer_spec(self, durable: str, event_types: tuple[str, ...] | None, template: str = "generator", **overrides) -> ConsumerSpec:
+    def consumer_spec(
+        self, durable: str, event_types: tuple[str, ...] | None, template: str = "generator", **overrides
+    ) -> ConsumerSpec:
         """A consumer declared at run time (e.g. one per webhook subscription), with the delivery
         policy of ``template`` unless overridden."""
         base = self.consumers[template]
@@ -226,16 +230,23 @@ async def provision(
         await js.key_value(topo.state_bucket)
     except (NotFoundError, BucketNotFoundError):
         await js.create_key_value(
-            KeyValueConfig(bucket=topo.state_bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas,
-                           ttl=topo.max_age_s, description="chora assembler state")
+            KeyValueConfig(
+                bucket=topo.state_bucket,
+                history=1,
+                storage=StorageType.FILE,
+                replicas=topo.replicas,
+                ttl=topo.max_age_s,
+                description="chora assembler state",
+            )
         )
     try:
         await js.object_store(topo.content_bucket)
     except (NotFoundError, BucketNotFoundError):
         await js.create_object_store(
             topo.content_bucket,
-            ObjectStoreConfig(storage=StorageType.FILE, replicas=topo.replicas, ttl=topo.max_age_s,
-                              description="chora large content"),
+            ObjectStoreConfig(
+                storage=StorageType.FILE, replicas=topo.replicas, ttl=topo.max_age_s, description="chora large content"
+            ),
         )
     specs = [topo.consumers[n] for n in (consumers if consumers is not None else list(topo.consumers))]
     for spec in [*specs, *extra]:

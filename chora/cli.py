@@ -8,7 +8,16 @@ import logging
 import sys
 
 from chora.commands import assembly, configs, dlq, events
-from chora.common import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context, request_and_wait, trace_id_or_exit
+from chora.common import (
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    connect_cli,
+    load_settings,
+    parse_context,
+    request_and_wait,
+    trace_id_or_exit,
+)
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
 COMMAND_MODULES = [configs, dlq, assembly, events]

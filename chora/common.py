@@ -42,6 +42,7 @@ def parse_context(arg: str | None) -> dict:
             text = Path(arg[1:]).read_text()
         except OSError as e:
             raise SystemExit(f"chora: cannot read context file {arg[1:]}: {e.strerror}") from None
+
     def no_constants(name: str):
         raise ValueError(f"{name} is not valid JSON")
 

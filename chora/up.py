@@ -255,8 +255,15 @@ class Stack:
         if quiet:
             return
         lines = ["chora is up"]
-        for key in ("nats_url", "nats_monitor_url", "metrics_url", "prometheus_targets", "jsonl_path", "configs_dir",
-                    "logs_dir"):
+        for key in (
+            "nats_url",
+            "nats_monitor_url",
+            "metrics_url",
+            "prometheus_targets",
+            "jsonl_path",
+            "configs_dir",
+            "logs_dir",
+        ):
             if stack[key]:
                 lines.append(f"  {key:18} {stack[key]}")
         lines.append(f"  services           {', '.join(f'{n} (pid {p})' for n, p in stack['services'].items())}")
@@ -274,7 +281,9 @@ class Stack:
                 return
             for name, proc in list(self.children.items()):
                 if proc.poll() is not None:
-                    print(f"chora: {self.why_exited(name, proc)}\nchora: restarting {name}", file=sys.stderr, flush=True)
+                    print(
+                        f"chora: {self.why_exited(name, proc)}\nchora: restarting {name}", file=sys.stderr, flush=True
+                    )
                     await asyncio.sleep(RESTART_DELAY_S)
                     self.restarted[name] = self.spawn(name)
             self.note_restarts()

@@ -229,15 +229,20 @@ class ArtifactStore:
         if not valid_config_id(artifact_id):
             shown = repr(artifact_id if not isinstance(artifact_id, str) else artifact_id[:140])
             raise ArtifactError(
-                "INVALID_ARTIFACT_ID", f"artifact id {shown} must match {ID_PATTERN} and have at most {ID_MAX_LENGTH} characters"
+                "INVALID_ARTIFACT_ID",
+                f"artifact id {shown} must match {ID_PATTERN} and have at most {ID_MAX_LENGTH} characters",
             )
         found = candidates(self.dir, artifact_id)
         if not found:
             raise ArtifactError(
-                "ARTIFACT_NOT_FOUND", f"no artifact config {artifact_id!r} ({ARTIFACTS_SUBDIR}/{artifact_id}.json|.yaml|.yml)"
+                "ARTIFACT_NOT_FOUND",
+                f"no artifact config {artifact_id!r} ({ARTIFACTS_SUBDIR}/{artifact_id}.json|.yaml|.yml)",
             )
         if len(found) > 1:
-            raise ArtifactError("ARTIFACT_INVALID", f"artifact {artifact_id!r} is ambiguous: {' and '.join(p.name for p in found)} both exist")
+            raise ArtifactError(
+                "ARTIFACT_INVALID",
+                f"artifact {artifact_id!r} is ambiguous: {' and '.join(p.name for p in found)} both exist",
+            )
         path = found[0]
         name = f"{ARTIFACTS_SUBDIR}/{path.name}"
         real = self._inside(path, self.root, f"artifact config {name}")
@@ -263,7 +268,8 @@ class ArtifactStore:
             rel = Path(spec.compose.layout_file)
             if rel.is_absolute():
                 raise ArtifactError(
-                    "PATH_OUTSIDE_CONFIGS", f"{name}: layout_file {layout_name!r} must be relative to the configs directory"
+                    "PATH_OUTSIDE_CONFIGS",
+                    f"{name}: layout_file {layout_name!r} must be relative to the configs directory",
                 )
             lpath = self.root / rel
             lreal = self._inside(lpath, self.root, f"{name}: layout_file {layout_name!r}")
@@ -274,7 +280,9 @@ class ArtifactStore:
             try:
                 layout = ConfigStore._read(lreal, lst, f"layout_file {layout_name!r}", "TEMPLATE_NOT_FOUND")
             except ConfigError as e:
-                raise ArtifactError("LAYOUT_NOT_FOUND" if e.code == "TEMPLATE_NOT_FOUND" else "ARTIFACT_INVALID", e.message) from None
+                raise ArtifactError(
+                    "LAYOUT_NOT_FOUND" if e.code == "TEMPLATE_NOT_FOUND" else "ARTIFACT_INVALID", e.message
+                ) from None
         return LoadedArtifact(spec=spec, path=path, layout=layout, layout_name=layout_name)
 
 
@@ -288,7 +296,11 @@ def check_artifact(loaded: LoadedArtifact, configs: ConfigStore) -> list[str]:
         try:
             configs.get(p.content_config_id)
         except ConfigError as e:
-            code = "PART_CONFIG_NOT_FOUND" if e.code in ("CONFIG_NOT_FOUND", "INVALID_CONFIG_ID") else "PART_CONFIG_INVALID"
+            code = (
+                "PART_CONFIG_NOT_FOUND"
+                if e.code in ("CONFIG_NOT_FOUND", "INVALID_CONFIG_ID")
+                else "PART_CONFIG_INVALID"
+            )
             raise ArtifactError(code, f"part {p.id!r}: content config {p.content_config_id!r}: {e.message}") from None
     return order
 
@@ -304,4 +316,3 @@ __all__ = [
     "dependency_order",
     "find_cycle",
 ]
-

@@ -356,12 +356,16 @@ class ConfigStore:
             else:
                 doc = yaml.load(text, Loader=_YamlLoader)
         except json.JSONDecodeError as e:
-            raise ConfigError("CONFIG_INVALID", f"{path.name}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+            raise ConfigError(
+                "CONFIG_INVALID", f"{path.name}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}"
+            ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e)
             raise ConfigError("CONFIG_INVALID", f"{path.name}: not valid YAML{where}: {problem}") from None
         if not isinstance(doc, dict):
-            raise ConfigError("CONFIG_INVALID", f"{path.name}: the top level must be a mapping, not {type(doc).__name__}")
+            raise ConfigError(
+                "CONFIG_INVALID", f"{path.name}: the top level must be a mapping, not {type(doc).__name__}"
+            )
         return doc

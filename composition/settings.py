@@ -27,7 +27,15 @@ class CompositionSettings(BaseSettings):
     # Keys whose values the JSONL never shows (any depth of an event's data, case-insensitive);
     # CHORA_TELEMETRY_REDACT_KEYS='["password","api_key","my_key"]'.
     telemetry_redact_keys: list[str] = [
-        "password", "passwd", "secret", "token", "api_key", "apikey", "authorization", "access_token", "private_key",
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "api_key",
+        "apikey",
+        "authorization",
+        "access_token",
+        "private_key",
     ]
     # Rotate events.jsonl when a batch would take it past this many bytes (0: never), and at UTC midnight.
     telemetry_rotate_bytes: int = 64 << 20

@@ -52,13 +52,17 @@ class ContentGenerated(msgspec.Struct, kw_only=True, omit_defaults=True):
     content: str | None = None
     content_hash: Annotated[str | None, Meta(description="sha256:<hex> of the UTF-8 content")] = None
     content_length: Annotated[int | None, Meta(description="length in characters")] = None
-    content_ref: Annotated[str | None, Meta(description="Object Store name when the content travels by reference")] = None
+    content_ref: Annotated[str | None, Meta(description="Object Store name when the content travels by reference")] = (
+        None
+    )
     error: ErrorInfo | None = None
     origin: Origin | None = None
 
 
 class ValidationIssue(msgspec.Struct, kw_only=True, omit_defaults=True):
-    rule: Annotated[str, Meta(description="rule type, e.g. length, required_sections, regex, json_schema, placeholders")]
+    rule: Annotated[
+        str, Meta(description="rule type, e.g. length, required_sections, regex, json_schema, placeholders")
+    ]
     severity: Literal["error", "warning"]
     message: str
 

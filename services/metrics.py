@@ -150,18 +150,27 @@ class ServiceMetrics(MetricsServer):
         super().__init__(registry or CollectorRegistry(auto_describe=True))
         r = self.registry
         self.consumed_total = Counter(
-            "chora_events_consumed", "Messages settled by a consumer loop, by event type and outcome.",
-            ["consumer", "event_type", "outcome"], registry=r,
+            "chora_events_consumed",
+            "Messages settled by a consumer loop, by event type and outcome.",
+            ["consumer", "event_type", "outcome"],
+            registry=r,
         )
         self.published_total = Counter(
-            "chora_events_published", "Events published as the outcome of handling a message.",
-            ["consumer", "event_type", "status"], registry=r,
+            "chora_events_published",
+            "Events published as the outcome of handling a message.",
+            ["consumer", "event_type", "status"],
+            registry=r,
         )
         self.handler_duration = Histogram(
-            "chora_handler_duration_seconds", "Time to decode, handle, publish the outcome of and settle one message.",
-            ["consumer"], buckets=HANDLER_BUCKETS, registry=r,
+            "chora_handler_duration_seconds",
+            "Time to decode, handle, publish the outcome of and settle one message.",
+            ["consumer"],
+            buckets=HANDLER_BUCKETS,
+            registry=r,
         )
-        self.build_info = Gauge("chora_build_info", "Always 1; the labels tell the build.", ["version", "python"], registry=r)
+        self.build_info = Gauge(
+            "chora_build_info", "Always 1; the labels tell the build.", ["version", "python"], registry=r
+        )
         self.build_info.labels(build_version(), platform.python_version()).set(1)
         if process:
             ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...

@@ -147,7 +147,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
                 settings,
                 name,
                 f"{name}: cannot serve /metrics on {settings.metrics_host}:{settings.metrics_port}: {e}. "
-                "Set CHORA_METRICS_PORT to a free port (0 picks one, -1 serves none)."
+                "Set CHORA_METRICS_PORT to a free port (0 picks one, -1 serves none).",
             ) from e
     loops = [
         ConsumerLoop(

@@ -26,7 +26,16 @@ from pathlib import Path
 
 import msgspec
 
-from chora.common import EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, connect_cli, load_settings, parse_context, request_and_wait, trace_id_or_exit
+from chora.common import (
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    connect_cli,
+    load_settings,
+    parse_context,
+    request_and_wait,
+    trace_id_or_exit,
+)
 
 
 # ---------------------------------------------------------------------- assemble
@@ -40,7 +49,9 @@ async def assemble(args: argparse.Namespace) -> int:
     settings = load_settings()
     trace_id = trace_id_or_exit(args, settings)
     try:
-        data = msgspec.convert({"artifact_id": args.artifact_id, "context": parse_context(args.context)}, ArtifactRequested)
+        data = msgspec.convert(
+            {"artifact_id": args.artifact_id, "context": parse_context(args.context)}, ArtifactRequested
+        )
     except msgspec.ValidationError as e:
         print(f"chora: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -60,7 +71,9 @@ async def assemble(args: argparse.Namespace) -> int:
         content = out.content
         if out.status == "success" and content is None and out.content_ref:
             try:
-                content = (await ContentStore(js, Topology.from_settings(settings).content_bucket).get(out.content_ref)).decode("utf-8")
+                content = (
+                    await ContentStore(js, Topology.from_settings(settings).content_bucket).get(out.content_ref)
+                ).decode("utf-8")
             except ContentMissing as e:
                 print(f"chora: the artifact's content is gone: {e}", file=sys.stderr)
                 return EXIT_FAILED
@@ -72,7 +85,10 @@ async def assemble(args: argparse.Namespace) -> int:
     if out.status != "success":
         where = f" (part {out.failed_part})" if out.failed_part else ""
         err = out.error
-        print(f"chora: assembly failed{where}: {err.code}: {err.message}" if err else f"chora: assembly failed{where}", file=sys.stderr)
+        print(
+            f"chora: assembly failed{where}: {err.code}: {err.message}" if err else f"chora: assembly failed{where}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     content = content or ""
     if args.output:
@@ -104,7 +120,9 @@ def load_batch_file(path: str):
     try:
         doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise SystemExit(f"chora: batch file {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+        raise SystemExit(
+            f"chora: batch file {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}"
+        ) from None
     if not isinstance(doc, dict):
         raise SystemExit(f"chora: batch file {path} must hold a mapping with 'items'")
     try:
@@ -123,7 +141,6 @@ async def batch_run(args: argparse.Namespace) -> int:
     from contracts.catalogue import BATCH_COMPLETED, BATCH_REQUESTED, CONTENT_GENERATED, subject_for
     from contracts.envelope import EnvelopeError, decode, new_event
     from contracts.events import BatchItemOutcome
-
 
     settings = load_settings()
     trace_id = trace_id_or_exit(args, settings)
@@ -232,7 +249,12 @@ def print_summary(console, completed, items, max_failed: int = 50) -> None:
         ft.add_column("error code")
         ft.add_column("message", overflow="fold")
         for i in failed[:max_failed]:
-            ft.add_row(str(i.index), i.content_config_id, i.error.code if i.error else "", (i.error.message if i.error else "")[:200])
+            ft.add_row(
+                str(i.index),
+                i.content_config_id,
+                i.error.code if i.error else "",
+                (i.error.message if i.error else "")[:200],
+            )
         console.print(ft)
         if len(failed) > max_failed:
             console.print(f"... and {len(failed) - max_failed} more")
@@ -278,7 +300,9 @@ def register(sub) -> None:
     sp.add_argument("--timeout", type=float, default=60.0)
     sp.set_defaults(func=lambda a: asyncio.run(assemble(a)))
 
-    bt = sub.add_parser("batch", help="generate many items as one batch").add_subparsers(dest="batch_cmd", required=True)
+    bt = sub.add_parser("batch", help="generate many items as one batch").add_subparsers(
+        dest="batch_cmd", required=True
+    )
     sp = bt.add_parser("run", help="run the batch in FILE (YAML or JSON) with a progress bar")
     sp.add_argument("file")
     sp.add_argument("--trace-id")

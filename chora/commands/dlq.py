@@ -71,7 +71,12 @@ def as_json(dl) -> dict:
 
 
 async def run_list(
-    nc, settings: Settings, *, consumer: str | None = None, limit: int | None = None, as_json_lines: bool = False,
+    nc,
+    settings: Settings,
+    *,
+    consumer: str | None = None,
+    limit: int | None = None,
+    as_json_lines: bool = False,
     out: TextIO | None = None,
 ) -> int:
     from bus.dlq import DlqError, list_dead_letters
@@ -87,12 +92,19 @@ async def run_list(
     for dl in entries:
         out.write((json.dumps(as_json(dl)) if as_json_lines else format_line(dl)) + "\n")
     if not entries:
-        print(f"chora: no dead letters in {topo.dlq_stream}" + (f" for {consumer}" if consumer else ""), file=sys.stderr)
+        print(
+            f"chora: no dead letters in {topo.dlq_stream}" + (f" for {consumer}" if consumer else ""), file=sys.stderr
+        )
     return 0
 
 
 async def run_replay(
-    nc, settings: Settings, *, ids: Sequence[int] = (), all_: bool = False, consumer: str | None = None,
+    nc,
+    settings: Settings,
+    *,
+    ids: Sequence[int] = (),
+    all_: bool = False,
+    consumer: str | None = None,
     out: TextIO | None = None,
 ) -> int:
     from bus.dlq import DlqError, Replayed, replay, replay_all
@@ -123,7 +135,9 @@ async def run_replay(
     for _seq, reason in failed:
         print(f"chora: {reason}", file=sys.stderr)
     if not (done or failed or superseded):
-        print(f"chora: nothing to replay in {topo.dlq_stream}" + (f" for {consumer}" if consumer else ""), file=sys.stderr)
+        print(
+            f"chora: nothing to replay in {topo.dlq_stream}" + (f" for {consumer}" if consumer else ""), file=sys.stderr
+        )
     return 1 if failed else 0
 
 
@@ -157,7 +171,9 @@ def _replay(args: argparse.Namespace) -> int:
     if args.consumer and not args.all:
         print("chora: --consumer goes with --all", file=sys.stderr)
         return EXIT_USAGE
-    return _connected(lambda nc, settings: run_replay(nc, settings, ids=args.ids, all_=args.all, consumer=args.consumer))
+    return _connected(
+        lambda nc, settings: run_replay(nc, settings, ids=args.ids, all_=args.all, consumer=args.consumer)
+    )
 
 
 def _positive(text: str) -> int:
@@ -177,7 +193,9 @@ def _consumer(text: str) -> str:
 
 
 def register(subparsers) -> None:
-    dlq = subparsers.add_parser("dlq", help="dead letters: list and replay").add_subparsers(dest="dlq_cmd", required=True)
+    dlq = subparsers.add_parser("dlq", help="dead letters: list and replay").add_subparsers(
+        dest="dlq_cmd", required=True
+    )
 
     sp = dlq.add_parser("list", help="one line per dead letter, oldest first")
     sp.add_argument("--consumer", type=_consumer, help="only this consumer's (e.g. generator, notify-<subscription>)")
@@ -186,7 +204,9 @@ def register(subparsers) -> None:
     sp.set_defaults(func=_list)
 
     sp = dlq.add_parser("replay", help="re-publish dead letters for the consumer that failed, then delete them")
-    sp.add_argument("ids", nargs="*", type=_positive, metavar="ID", help="DLQ stream sequence(s), from `chora dlq list`")
+    sp.add_argument(
+        "ids", nargs="*", type=_positive, metavar="ID", help="DLQ stream sequence(s), from `chora dlq list`"
+    )
     sp.add_argument("--all", action="store_true", help="every dead letter (of --consumer)")
     sp.add_argument("--consumer", type=_consumer, help="with --all: only this consumer's")
     sp.set_defaults(func=_replay)

@@ -409,7 +409,9 @@ def _quiet_stdout() -> None:
 
 # ---------------------------------------------------------------------- registration
 def register(subparsers: Any) -> None:
-    ev = subparsers.add_parser("events", help="read the telemetry JSONL").add_subparsers(dest="events_cmd", required=True)
+    ev = subparsers.add_parser("events", help="read the telemetry JSONL").add_subparsers(
+        dest="events_cmd", required=True
+    )
 
     sp = ev.add_parser("tail", help="print events, then follow new ones across rotations (one JSON object per line)")
     sp.add_argument("--trace-id")
@@ -427,6 +429,9 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--status", help="the line's status (success, error, ok, partial, ...)")
     sp.add_argument("--since", help="RFC3339 time or a duration back from now (15m, 2h, 7d); inclusive")
     sp.add_argument("--until", help="RFC3339 time or a duration back from now; exclusive")
-    sp.add_argument("--file", help="a directory (live + rotated files) or one .jsonl/.jsonl.gz file "
-                    "(default: the telemetry sink's directory)")
+    sp.add_argument(
+        "--file",
+        help="a directory (live + rotated files) or one .jsonl/.jsonl.gz file "
+        "(default: the telemetry sink's directory)",
+    )
     sp.set_defaults(func=events_query)

@@ -104,7 +104,9 @@ def failed_run(run_id: str, artifact_id: str, error: ErrorInfo, now: float) -> A
     )
 
 
-def _close(run: ArtifactRun, event_id: str, now: float, *, failed_part: str | None = None, error: ErrorInfo | None = None) -> None:
+def _close(
+    run: ArtifactRun, event_id: str, now: float, *, failed_part: str | None = None, error: ErrorInfo | None = None
+) -> None:
     run.closed = True
     run.closed_at = now
     run.closed_by = event_id
@@ -130,14 +132,21 @@ def advance(run: ArtifactRun, event_id: str, now: float) -> list[str]:
             dep_status = [run.state[d].status for d in p.depends_on]
             omitted = [d for d, s in zip(p.depends_on, dep_status) if s in ("omitted", "failed")]
             if omitted:
-                err = ErrorInfo(code="DEPENDENCY_OMITTED", message=f"part {p.id!r} depends on omitted part {omitted[0]!r}")
+                err = ErrorInfo(
+                    code="DEPENDENCY_OMITTED", message=f"part {p.id!r} depends on omitted part {omitted[0]!r}"
+                )
                 st.settled_by = event_id
                 st.error = err
                 if p.required:
                     st.status = "failed"
                     _close(
-                        run, event_id, now, failed_part=p.id,
-                        error=ErrorInfo(code="PART_FAILED", message=f"required part {p.id!r} depends on omitted part {omitted[0]!r}"),
+                        run,
+                        event_id,
+                        now,
+                        failed_part=p.id,
+                        error=ErrorInfo(
+                            code="PART_FAILED", message=f"required part {p.id!r} depends on omitted part {omitted[0]!r}"
+                        ),
                     )
                     return requested
                 st.status = "omitted"
@@ -186,8 +195,14 @@ def fold(run: ArtifactRun, ops: Sequence[PartOp | FinishOp], now: float) -> tupl
             if plan is not None and plan.required:
                 st.status = "failed"
                 _close(
-                    run, op.event_id, now, failed_part=op.part_id,
-                    error=ErrorInfo(code="PART_FAILED", message=f"required part {op.part_id!r} failed: {st.error.code}: {st.error.message}"),
+                    run,
+                    op.event_id,
+                    now,
+                    failed_part=op.part_id,
+                    error=ErrorInfo(
+                        code="PART_FAILED",
+                        message=f"required part {op.part_id!r} failed: {st.error.code}: {st.error.message}",
+                    ),
                 )
                 continue
             st.status = "omitted"

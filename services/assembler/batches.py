@@ -82,7 +82,9 @@ def fold(record: BatchRecord, ops: Sequence[ItemOp | FinishOp], now: float) -> t
                 results.append(Result.FINISHED)
             continue
         if record.closed or not 0 <= op.index < record.total:
-            results.append(Result.DUPLICATE if 0 <= op.index < record.total and bit_is_set(bitmap, op.index) else Result.IGNORED)
+            results.append(
+                Result.DUPLICATE if 0 <= op.index < record.total and bit_is_set(bitmap, op.index) else Result.IGNORED
+            )
             continue
         if not set_bit(bitmap, op.index):
             results.append(Result.DUPLICATE)
@@ -109,9 +111,7 @@ def fold(record: BatchRecord, ops: Sequence[ItemOp | FinishOp], now: float) -> t
 # --------------------------------------------------------------------------- events
 
 
-def item_requests(
-    event: CloudEvent, data: BatchRequested, indexes: Iterable[int], source: str
-) -> list[CloudEvent]:
+def item_requests(event: CloudEvent, data: BatchRequested, indexes: Iterable[int], source: str) -> list[CloudEvent]:
     """One generation request per item: context = shared context < item context."""
     batch_id = event.id
     shared = data.context or {}

@@ -54,7 +54,11 @@ def _environment() -> ImmutableSandboxedEnvironment:
     global _env
     if _env is None:
         _env = ImmutableSandboxedEnvironment(
-            undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True
+            undefined=StrictUndefined,
+            autoescape=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
         )
     return _env
 

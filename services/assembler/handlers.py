@@ -194,8 +194,12 @@ async def on_batch_requested(event: CloudEvent, delivery: Delivery, deps: Deps) 
         if record is None:
             raise Retry("the batch record exists but cannot be read yet")
         if record.total != total:
-            log.warning("batch %s: a request with this id and %d items was already handled (%d items); ignored",
-                        batch_id, total, record.total)
+            log.warning(
+                "batch %s: a request with this id and %d items was already handled (%d items); ignored",
+                batch_id,
+                total,
+                record.total,
+            )
             return []
         if record.closed:
             return []
@@ -253,7 +257,9 @@ async def on_item_outcome(event: CloudEvent, delivery: Delivery, deps: Deps) -> 
     return []  # the batch stopped before this outcome: not counted, reported as skipped
 
 
-async def _batch_again(event: CloudEvent, batch_id: str, committer: Committer, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
+async def _batch_again(
+    event: CloudEvent, batch_id: str, committer: Committer, delivery: Delivery, deps: Deps
+) -> list[CloudEvent]:
     """A redelivered (or duplicate) outcome: if it is the one that closed the batch and the
     completion is not known to be in the stream, announce it (again: same id)."""
     record = await committer.read(fresh=True)
@@ -319,10 +325,14 @@ async def on_artifact_requested(event: CloudEvent, delivery: Delivery, deps: Dep
         return await _run_again(event, existing, delivery, deps)
     committer.prime(run, rev)
     deps.count("artifact_started")
-    return await _caused_by(event, run, delivery, deps, again=False)  # the first parts (requested_by = run id), or the refusal
+    return await _caused_by(
+        event, run, delivery, deps, again=False
+    )  # the first parts (requested_by = run id), or the refusal
 
 
-async def on_part_outcome(event: CloudEvent, delivery: Delivery, deps: Deps, *, ok: bool, error: ErrorInfo | None = None) -> list[CloudEvent]:
+async def on_part_outcome(
+    event: CloudEvent, delivery: Delivery, deps: Deps, *, ok: bool, error: ErrorInfo | None = None
+) -> list[CloudEvent]:
     data = event.data
     run_id, part_id = data.origin.id, data.origin.key
     committer = deps.run(run_id)
@@ -358,7 +368,9 @@ async def _run_again(event: CloudEvent, run: ArtifactRun, delivery: Delivery, de
     return await _caused_by(event, run, delivery, deps, again=True)
 
 
-async def _caused_by(event: CloudEvent, run: ArtifactRun, delivery: Delivery, deps: Deps, *, again: bool) -> list[CloudEvent]:
+async def _caused_by(
+    event: CloudEvent, run: ArtifactRun, delivery: Delivery, deps: Deps, *, again: bool
+) -> list[CloudEvent]:
     """What handling ``event`` decided, as events: the parts it requested that are still
     waiting for an outcome, and the completion if it closed the run (unless finished).
 
@@ -367,7 +379,11 @@ async def _caused_by(event: CloudEvent, run: ArtifactRun, delivery: Delivery, de
     CONTEXT_TOO_LARGE; a redelivery of ``event`` finds it failed already."""
     out: list[CloudEvent] = []
     while not run.closed:
-        waiting = [p.id for p in run.parts if run.state[p.id].status == "requested" and run.state[p.id].requested_by == event.id]
+        waiting = [
+            p.id
+            for p in run.parts
+            if run.state[p.id].status == "requested" and run.state[p.id].requested_by == event.id
+        ]
         out = await part_requests(event, run, waiting, deps) if waiting else []
         too_big = [(e, n) for e in out if (n := _size(e)) > deps.max_event_bytes - 4096]
         if not too_big:

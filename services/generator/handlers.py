@@ -102,9 +102,7 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
         generator = registry.get_generator(generator_type)
         context = data.context
         if not isinstance(context, dict):
-            raise GenerationError(
-                "INVALID_CONTEXT", f"context must be a JSON object, not {type(context).__name__}"
-            )
+            raise GenerationError("INVALID_CONTEXT", f"context must be a JSON object, not {type(context).__name__}")
         defaults = config.defaults
         if defaults:
             context = {**defaults, **context}
@@ -119,7 +117,9 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
         try:
             raw = content.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise GenerationError("INVALID_OUTPUT", f"output is not valid Unicode text at character {e.start}") from None
+            raise GenerationError(
+                "INVALID_OUTPUT", f"output is not valid Unicode text at character {e.start}"
+            ) from None
         if len(raw) > max_output_bytes:
             raise GenerationError(
                 "OUTPUT_TOO_LARGE", f"output has {len(raw)} bytes, over the limit of {max_output_bytes}"

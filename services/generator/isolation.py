@@ -402,7 +402,10 @@ class RenderPool:
             if not expired:
                 raise  # the loop is shutting down
             self._slow_until[job.config.id] = time.monotonic() + SLOW_MEMORY_S
-            job.fail("RENDER_TIMEOUT", f"{job.config.template_name}: the render took more than {self.limits.timeout_s:g} s; stopped")
+            job.fail(
+                "RENDER_TIMEOUT",
+                f"{job.config.template_name}: the render took more than {self.limits.timeout_s:g} s; stopped",
+            )
             return None
         finally:
             timer.cancel()

@@ -130,8 +130,7 @@ class Subscription(BaseModel):
         for pattern in v:
             if not _types_for(pattern):
                 raise ValueError(
-                    f"event pattern {pattern!r} matches no event type of the catalogue "
-                    f"({', '.join(sorted(CATALOGUE))})"
+                    f"event pattern {pattern!r} matches no event type of the catalogue ({', '.join(sorted(CATALOGUE))})"
                 )
         return v
 

@@ -237,11 +237,17 @@ class WebhookSender:
         except (TimeoutError, httpx.TimeoutException):
             return DeliveryResult("transient", None, ms(), "TIMEOUT", f"no answer within {sub.timeout_s}s")
         except httpx.ConnectError as e:
-            return DeliveryResult("transient", None, ms(), "CONNECT_ERROR", f"cannot connect: {_printable(str(e)) or type(e).__name__}")
+            return DeliveryResult(
+                "transient", None, ms(), "CONNECT_ERROR", f"cannot connect: {_printable(str(e)) or type(e).__name__}"
+            )
         except httpx.HTTPError as e:  # read/write/protocol errors: the endpoint may be fine next time
-            return DeliveryResult("transient", None, ms(), "TRANSPORT_ERROR", f"{type(e).__name__}: {_printable(str(e))}")
+            return DeliveryResult(
+                "transient", None, ms(), "TRANSPORT_ERROR", f"{type(e).__name__}: {_printable(str(e))}"
+            )
         except OSError as e:
-            return DeliveryResult("transient", None, ms(), "TRANSPORT_ERROR", f"{type(e).__name__}: {_printable(str(e))}")
+            return DeliveryResult(
+                "transient", None, ms(), "TRANSPORT_ERROR", f"{type(e).__name__}: {_printable(str(e))}"
+            )
         except Exception as e:  # anything else the client raises: retried, then dead-lettered, never a loop
             return DeliveryResult("transient", None, ms(), "CLIENT_ERROR", f"{type(e).__name__}: {_printable(str(e))}")
 

@@ -62,9 +62,7 @@ def matches(filters: list[Filter], data: Any) -> bool:
     """Whether ``data`` passes any of ``filters`` (no filters: everything passes)."""
     if not filters:
         return True
-    return any(
-        all(any(_same(_value(data, path), v) for v in allowed) for path, allowed in f.items()) for f in filters
-    )
+    return any(all(any(_same(_value(data, path), v) for v in allowed) for path, allowed in f.items()) for f in filters)
 
 
 # --------------------------------------------------------------------------- checking a config

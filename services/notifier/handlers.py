@@ -131,7 +131,10 @@ def _delivered(event: CloudEvent, t: Target, attempt: int, status: int, duration
         duration_ms=duration_ms,
     )
     return new_event(
-        NOTIFICATION_DELIVERED, data, source=t.source, cause=event,
+        NOTIFICATION_DELIVERED,
+        data,
+        source=t.source,
+        cause=event,
         event_id=_output_id(event, NOTIFICATION_DELIVERED, t.subscription),
     )
 
@@ -146,7 +149,10 @@ def _failed(event: CloudEvent, t: Target, attempts: int, code: str, message: str
         dead_lettered=True,
     )
     ev = new_event(
-        NOTIFICATION_FAILED, data, source=t.source, cause=event,
+        NOTIFICATION_FAILED,
+        data,
+        source=t.source,
+        cause=event,
         event_id=_output_id(event, NOTIFICATION_FAILED, t.subscription),
     )
     t.stats["failed"] += 1
@@ -174,9 +180,11 @@ async def deliver(event: CloudEvent, d: Delivery, t: Target) -> list[CloudEvent]
         if d.last:
             t.deferrals.forget(d.stream_seq)
             raise _failed(
-                event, t, attempt - 1, "CIRCUIT_OPEN",
-                f"the endpoint's circuit stayed open through {d.attempt} deliveries "
-                f"({attempt - 1} attempts made)",
+                event,
+                t,
+                attempt - 1,
+                "CIRCUIT_OPEN",
+                f"the endpoint's circuit stayed open through {d.attempt} deliveries ({attempt - 1} attempts made)",
             ) from None
         t.deferrals.add(d.stream_seq)
         t.stats["deferred"] += 1
@@ -209,7 +217,11 @@ async def deliver(event: CloudEvent, d: Delivery, t: Target) -> list[CloudEvent]
     if attempt >= sub.max_attempts or d.last:
         t.deferrals.forget(d.stream_seq)
         raise _failed(
-            event, t, attempt, "MAX_ATTEMPTS", f"gave up after {attempt} attempts; last: {result.code}: {result.message}"
+            event,
+            t,
+            attempt,
+            "MAX_ATTEMPTS",
+            f"gave up after {attempt} attempts; last: {result.code}: {result.message}",
         )
     if result.retry_after_s is not None:
         delay = min(result.retry_after_s, sub.backoff.max_s)

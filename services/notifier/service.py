@@ -77,7 +77,12 @@ class NotifierApp:
             )
         else:
             for t in self.targets.values():
-                log.info("subscription %s: %s -> %s", t.subscription.name, ", ".join(t.subscription.event_types), t.subscription.safe_url)
+                log.info(
+                    "subscription %s: %s -> %s",
+                    t.subscription.name,
+                    ", ".join(t.subscription.event_types),
+                    t.subscription.safe_url,
+                )
 
     def _transition(self, subscription: str, frm: str, to: str) -> None:
         log.warning("subscription %s: circuit %s -> %s", subscription, frm, to)

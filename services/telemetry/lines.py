@@ -33,7 +33,18 @@ from contracts.envelope import CloudEvent, now_rfc3339
 SCHEMA_VERSION = 1
 
 _HEAD_KEYS = frozenset(
-    ("schema_version", "timestamp", "event_time", "event_id", "trace_id", "traceparent", "event_type", "source", "subject", "status")
+    (
+        "schema_version",
+        "timestamp",
+        "event_time",
+        "event_id",
+        "trace_id",
+        "traceparent",
+        "event_type",
+        "source",
+        "subject",
+        "status",
+    )
 )
 
 _encoder = msgspec.json.Encoder()

@@ -116,17 +116,25 @@ class JetStreamCollector(Collector):
         if snap is None:
             return
         pending = GaugeMetricFamily(
-            "chora_consumer_pending_messages", "Messages of the stream not yet delivered to the consumer.",
-            labels=["stream", "consumer"])
+            "chora_consumer_pending_messages",
+            "Messages of the stream not yet delivered to the consumer.",
+            labels=["stream", "consumer"],
+        )
         ack_pending = GaugeMetricFamily(
-            "chora_consumer_ack_pending_messages", "Messages delivered to the consumer and not yet acknowledged.",
-            labels=["stream", "consumer"])
+            "chora_consumer_ack_pending_messages",
+            "Messages delivered to the consumer and not yet acknowledged.",
+            labels=["stream", "consumer"],
+        )
         redelivered = GaugeMetricFamily(
-            "chora_consumer_redelivered_messages", "Messages redelivered to the consumer and not yet acknowledged.",
-            labels=["stream", "consumer"])
+            "chora_consumer_redelivered_messages",
+            "Messages redelivered to the consumer and not yet acknowledged.",
+            labels=["stream", "consumer"],
+        )
         waiting = GaugeMetricFamily(
-            "chora_consumer_waiting_pulls", "Pull requests of the consumer waiting on the server.",
-            labels=["stream", "consumer"])
+            "chora_consumer_waiting_pulls",
+            "Pull requests of the consumer waiting on the server.",
+            labels=["stream", "consumer"],
+        )
         for c in snap.consumers:
             labels = [_label(c.stream), _label(c.consumer)]
             pending.add_metric(labels, c.pending)
@@ -153,34 +161,42 @@ class JetStreamCollector(Collector):
             ):
                 yield GaugeMetricFamily(name, doc, value=value)
 
-
     @staticmethod
     def _servers(servers: list[ServerFigures]) -> Iterable[Any]:
         if not servers:
             return
         gauges = {
-            "up": GaugeMetricFamily("chora_nats_server_up", "1 if the server's /varz answered at the last poll.",
-                                    labels=["server"]),
+            "up": GaugeMetricFamily(
+                "chora_nats_server_up", "1 if the server's /varz answered at the last poll.", labels=["server"]
+            ),
             "connections": GaugeMetricFamily("chora_nats_server_connections", "Client connections.", labels=["server"]),
             "subscriptions": GaugeMetricFamily("chora_nats_server_subscriptions", "Subscriptions.", labels=["server"]),
             "routes": GaugeMetricFamily("chora_nats_server_routes", "Cluster routes.", labels=["server"]),
-            "memory_bytes": GaugeMetricFamily("chora_nats_server_memory_bytes", "Resident memory of the server.",
-                                              labels=["server"]),
-            "cpu_percent": GaugeMetricFamily("chora_nats_server_cpu_percent", "CPU use of the server (100 = one core).",
-                                             labels=["server"]),
+            "memory_bytes": GaugeMetricFamily(
+                "chora_nats_server_memory_bytes", "Resident memory of the server.", labels=["server"]
+            ),
+            "cpu_percent": GaugeMetricFamily(
+                "chora_nats_server_cpu_percent", "CPU use of the server (100 = one core).", labels=["server"]
+            ),
         }
         counters = {
-            "in_msgs": CounterMetricFamily("chora_nats_server_messages_received", "Messages the server received.",
-                                           labels=["server"]),
-            "out_msgs": CounterMetricFamily("chora_nats_server_messages_sent", "Messages the server sent.",
-                                            labels=["server"]),
-            "in_bytes": CounterMetricFamily("chora_nats_server_received_bytes", "Bytes the server received.",
-                                            labels=["server"]),
-            "out_bytes": CounterMetricFamily("chora_nats_server_sent_bytes", "Bytes the server sent.",
-                                             labels=["server"]),
-            "slow_consumers": CounterMetricFamily("chora_nats_server_slow_consumers",
-                                                  "Clients the server cut off for not reading fast enough.",
-                                                  labels=["server"]),
+            "in_msgs": CounterMetricFamily(
+                "chora_nats_server_messages_received", "Messages the server received.", labels=["server"]
+            ),
+            "out_msgs": CounterMetricFamily(
+                "chora_nats_server_messages_sent", "Messages the server sent.", labels=["server"]
+            ),
+            "in_bytes": CounterMetricFamily(
+                "chora_nats_server_received_bytes", "Bytes the server received.", labels=["server"]
+            ),
+            "out_bytes": CounterMetricFamily(
+                "chora_nats_server_sent_bytes", "Bytes the server sent.", labels=["server"]
+            ),
+            "slow_consumers": CounterMetricFamily(
+                "chora_nats_server_slow_consumers",
+                "Clients the server cut off for not reading fast enough.",
+                labels=["server"],
+            ),
         }
         for s in servers:
             labels = [_label(s.server)]
@@ -202,7 +218,9 @@ class TelemetryMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.events = Counter("chora_events_total", "Events mirrored by the telemetry sink.", ["event_type", "status"], registry=r)
+        self.events = Counter(
+            "chora_events_total", "Events mirrored by the telemetry sink.", ["event_type", "status"], registry=r
+        )
         self.generation_duration = Histogram(
             "chora_generation_duration_seconds",
             "Duration of successful generations (content_generated duration_ms).",
@@ -211,14 +229,24 @@ class TelemetryMetrics:
             registry=r,
         )
         self.sink_lag = Histogram(
-            "chora_sink_lag_seconds", "Time from an event's time to its line being written.", buckets=LAG_BUCKETS, registry=r
+            "chora_sink_lag_seconds",
+            "Time from an event's time to its line being written.",
+            buckets=LAG_BUCKETS,
+            registry=r,
         )
-        self.lines_written = Counter("chora_sink_lines_written", "Lines appended to the telemetry JSONL file.", registry=r)
+        self.lines_written = Counter(
+            "chora_sink_lines_written", "Lines appended to the telemetry JSONL file.", registry=r
+        )
         self.duplicates_skipped = Counter(
-            "chora_sink_duplicates_skipped", "Events not written again because their id was already written.", registry=r
+            "chora_sink_duplicates_skipped",
+            "Events not written again because their id was already written.",
+            registry=r,
         )
         self.generation_errors = Counter(
-            "chora_generation_errors", "content_generated events with status error, by error code.", ["code"], registry=r
+            "chora_generation_errors",
+            "content_generated events with status error, by error code.",
+            ["code"],
+            registry=r,
         )
         self.validations = Counter(
             "chora_validations", "content_validated events by result (valid or invalid).", ["result"], registry=r
@@ -227,11 +255,16 @@ class TelemetryMetrics:
             "chora_validation_issues", "Issues reported by content_validated events.", ["rule", "severity"], registry=r
         )
         self.batch_size = Histogram(
-            "chora_batch_size", "Items per completed batch (batch_completed total).", buckets=BATCH_SIZE_BUCKETS, registry=r
+            "chora_batch_size",
+            "Items per completed batch (batch_completed total).",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
         )
         self.batch_duration = Histogram(
-            "chora_batch_duration_seconds", "Duration of completed batches (batch_completed duration_ms).",
-            buckets=BATCH_DURATION_BUCKETS, registry=r,
+            "chora_batch_duration_seconds",
+            "Duration of completed batches (batch_completed duration_ms).",
+            buckets=BATCH_DURATION_BUCKETS,
+            registry=r,
         )
         self.batch_items = Counter(
             "chora_batch_items", "Items of completed batches by outcome.", ["outcome"], registry=r
@@ -240,16 +273,23 @@ class TelemetryMetrics:
             "chora_artifacts_assembled", "artifact_assembled events by status.", ["status"], registry=r
         )
         self.artifact_duration = Histogram(
-            "chora_artifact_duration_seconds", "Duration of artifact assembly (artifact_assembled duration_ms).",
-            buckets=BATCH_DURATION_BUCKETS, registry=r,
+            "chora_artifact_duration_seconds",
+            "Duration of artifact assembly (artifact_assembled duration_ms).",
+            buckets=BATCH_DURATION_BUCKETS,
+            registry=r,
         )
         self.webhook_deliveries = Counter(
-            "chora_webhook_deliveries", "Webhook notifications by subscription and outcome (delivered or failed).",
-            ["subscription", "outcome"], registry=r,
+            "chora_webhook_deliveries",
+            "Webhook notifications by subscription and outcome (delivered or failed).",
+            ["subscription", "outcome"],
+            registry=r,
         )
         self.webhook_duration = Histogram(
-            "chora_webhook_delivery_duration_seconds", "Duration of the successful webhook call.",
-            ["subscription"], buckets=WEBHOOK_BUCKETS, registry=r,
+            "chora_webhook_delivery_duration_seconds",
+            "Duration of the successful webhook call.",
+            ["subscription"],
+            buckets=WEBHOOK_BUCKETS,
+            registry=r,
         )
         self.monitor_up = Gauge(
             "chora_jetstream_monitor_up", "1 if the last poll of the JetStream figures succeeded, else 0.", registry=r
@@ -258,7 +298,8 @@ class TelemetryMetrics:
             "chora_jetstream_monitor_errors", "Polls of the JetStream figures that failed.", registry=r
         )
         self.monitor_last_success = Gauge(
-            "chora_jetstream_monitor_last_success_timestamp_seconds", "When the JetStream figures were last read.",
+            "chora_jetstream_monitor_last_success_timestamp_seconds",
+            "When the JetStream figures were last read.",
             registry=r,
         )
         self._zero_known_series()

@@ -66,9 +66,7 @@ class Rotated:
 
 def _pattern(live: Path) -> re.Pattern[str]:
     stem, suffix = _split(live)
-    return re.compile(
-        "^" + re.escape(stem) + r"-(\d{4}-\d{2}-\d{2})-(\d+)" + re.escape(suffix) + r"(\.gz)?(\.tmp)?$"
-    )
+    return re.compile("^" + re.escape(stem) + r"-(\d{4}-\d{2}-\d{2})-(\d+)" + re.escape(suffix) + r"(\.gz)?(\.tmp)?$")
 
 
 def list_rotated(live: Path, *, include_tmp: bool = False) -> list[Rotated]:

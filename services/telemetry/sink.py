@@ -478,6 +478,6 @@ class JsonlSink:
             except (OSError, EOFError) as e:
                 log.warning("telemetry sink: could not read ids from %s: %s", r.path, e)
                 keys = []
-            per_file.append(keys[-(wanted - got):])
+            per_file.append(keys[-(wanted - got) :])
             got += len(per_file[-1])
         return [k for keys in reversed(per_file) for k in keys]

@@ -167,7 +167,9 @@ async def on_content_generated(event: CloudEvent, delivery: Delivery, deps: Deps
     else:
         code, message = ruleset
         what = "has invalid validation rules" if code == RulesError.code else "cannot be loaded"
-        issues = [ValidationIssue(rule="config", severity="error", message=_cut(f"config {config_id!r} {what}: {message}"))]
+        issues = [
+            ValidationIssue(rule="config", severity="error", message=_cut(f"config {config_id!r} {what}: {message}"))
+        ]
         if await claim_report(state, report_key(config_id, chash), event.id):
             log.warning("content config %r (%s) is broken: %s: %s", config_id, chash[:19], code, message)
             report = ConfigValidated(
@@ -177,7 +179,9 @@ async def on_content_generated(event: CloudEvent, delivery: Delivery, deps: Deps
                 error=ErrorInfo(code=code, message=_cut(message)),
             )
             out.append(
-                new_event(CONFIG_VALIDATED, report, source=source, cause=event, event_id=config_report_id(config_id, chash))
+                new_event(
+                    CONFIG_VALIDATED, report, source=source, cause=event, event_id=config_report_id(config_id, chash)
+                )
             )
 
     verdict = ContentValidated(

@@ -28,7 +28,14 @@ class ValidatorApp:
 
     name = "validator"
 
-    def __init__(self, store: ConfigStore, rules: RuleCache | None = None, *, state: StateLike | None = None, source: str = SOURCE):
+    def __init__(
+        self,
+        store: ConfigStore,
+        rules: RuleCache | None = None,
+        *,
+        state: StateLike | None = None,
+        source: str = SOURCE,
+    ):
         self.deps = Deps(store, rules if rules is not None else RuleCache(), state, source)
         self.store, self.rules = self.deps.store, self.deps.rules
         self.config_errors: dict[str, str] = {}

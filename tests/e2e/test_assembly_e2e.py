@@ -34,7 +34,9 @@ async def test_assemble_and_batch_run_from_the_cli(stack, tmp_path):  # noqa: F8
 
     # 2. chora batch run: exit 0 and the summary.
     btrace = "batch-" + uuid.uuid4().hex[:8]
-    r = run_cli(stack, "batch", "run", str(ROOT / "examples" / "batches" / "hundred.yaml"), "--trace-id", btrace, timeout=120)
+    r = run_cli(
+        stack, "batch", "run", str(ROOT / "examples" / "batches" / "hundred.yaml"), "--trace-id", btrace, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"total\s*│\s*100\b", r.stdout), r.stdout
     assert re.search(r"successful\s*│\s*100\b", r.stdout) and re.search(r"failed\s*│\s*0\b", r.stdout)

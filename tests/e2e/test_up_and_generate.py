@@ -38,7 +38,9 @@ def up_env(tmp_path, **extra: str) -> dict[str, str]:
 def stack(tmp_path):
     """`chora up` with its own home, prefix and free ports; stopped with SIGTERM."""
     env = up_env(tmp_path)
-    proc = subprocess.Popen(CHORA + ["up"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        CHORA + ["up"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines = []
     for line in proc.stdout:  # blocks until `chora up` has printed its readiness
         lines.append(line)
@@ -55,7 +57,9 @@ def stack(tmp_path):
 
 
 def run_cli(stack, *args, timeout=60):
-    return subprocess.run(CHORA + list(args), cwd=stack["home"].parent, env=stack["env"], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        CHORA + list(args), cwd=stack["home"].parent, env=stack["env"], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def jsonl(stack) -> list[dict]:
@@ -116,7 +120,12 @@ async def test_generate_from_cli_and_from_another_service(stack):
 
     # 3. Every event of this trace stands once in the JSONL: 3 requests, 3 outcomes.
     def traced():
-        return [e for e in jsonl(stack) if e.get("trace_id") == trace and e["event_type"] in ("chora.generation.requested", "chora.content_generated")]
+        return [
+            e
+            for e in jsonl(stack)
+            if e.get("trace_id") == trace
+            and e["event_type"] in ("chora.generation.requested", "chora.content_generated")
+        ]
 
     def verdicts():
         return [e for e in jsonl(stack) if e.get("trace_id") == trace and e["event_type"] == "chora.content_validated"]
@@ -126,7 +135,11 @@ async def test_generate_from_cli_and_from_another_service(stack):
     assert len({e["event_id"] for e in lines}) == 6
     types = sorted(e["event_type"] for e in lines)
     assert types == ["chora.content_generated"] * 3 + ["chora.generation.requested"] * 3
-    assert sorted(e["status"] for e in lines if e["event_type"] == "chora.content_generated") == ["error", "success", "success"]
+    assert sorted(e["status"] for e in lines if e["event_type"] == "chora.content_generated") == [
+        "error",
+        "success",
+        "success",
+    ]
     assert (Path(stack["jsonl_path"]).stat().st_mode & 0o777) == 0o600
     await wait_for(lambda: len(verdicts()) == 2, timeout=20, what="2 content_validated lines (one per success)")
 
@@ -143,10 +156,12 @@ async def test_generate_from_cli_and_from_another_service(stack):
         name: [url.split("/")[2]] for name, url in stack["metrics_urls"].items()
     }
     generator = urllib.request.urlopen(stack["metrics_urls"]["generator"], timeout=5).read().decode()
-    assert ('chora_events_consumed_total{consumer="generator",event_type="chora.generation.requested",'
-            'outcome="ack"} 3.0') in generator
-    assert ('chora_events_published_total{consumer="generator",event_type="chora.content_generated",'
-            'status="success"} 2.0') in generator
+    assert (
+        'chora_events_consumed_total{consumer="generator",event_type="chora.generation.requested",outcome="ack"} 3.0'
+    ) in generator
+    assert (
+        'chora_events_published_total{consumer="generator",event_type="chora.content_generated",status="success"} 2.0'
+    ) in generator
     assert "process_resident_memory_bytes" in generator
 
     # 5. `chora events tail` filters by trace id.
@@ -213,7 +228,9 @@ def test_up_with_nats_url_starts_no_server(nats_server, tmp_path):
     r = subprocess.run(CHORA + ["nats", "provision"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "provisioned streams" in r.stdout
-    proc = subprocess.Popen(CHORA + ["up"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        CHORA + ["up"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         for line in proc.stdout:
             if "Try:" in line:
@@ -221,7 +238,9 @@ def test_up_with_nats_url_starts_no_server(nats_server, tmp_path):
         info = json.loads((tmp_path / "var" / "run" / "stack.json").read_text())
         assert info["embedded"] is False and info["nats_url"] == nats_server.url
         assert not (tmp_path / "var" / "nats").exists()
-        r = subprocess.run(CHORA + ["generate", "welcome-email"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            CHORA + ["generate", "welcome-email"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip()
     finally:

@@ -23,7 +23,10 @@ def test_a_missing_webhook_secret_is_named_on_the_chora_up_terminal(tmp_path):
     r = subprocess.run(CHORA + ["up"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "chora: service notifier exited with 1:" in r.stderr
-    assert "subscription 'release-hook': environment variable CHORA_TEST_UNSET_HOOK_SECRET (secret_env) is not set" in r.stderr
+    assert (
+        "subscription 'release-hook': environment variable CHORA_TEST_UNSET_HOOK_SECRET (secret_env) is not set"
+        in r.stderr
+    )
     assert "Traceback" not in r.stderr and "chora is up" not in r.stdout
     assert "chora: stopped" in r.stdout  # what had started was stopped again
     assert not list((tmp_path / "var" / "run").glob("notifier.*.error"))  # read and cleared

@@ -20,7 +20,9 @@ SERVICES = ("generator", "validator", "assembler", "telemetry", "notifier")
 
 
 class ProcStack:
-    def __init__(self, tmp: Path, server: EmbeddedServer | None = None, *, urls: str | None = None, extra_env: dict | None = None):
+    def __init__(
+        self, tmp: Path, server: EmbeddedServer | None = None, *, urls: str | None = None, extra_env: dict | None = None
+    ):
         self.tmp = tmp
         self.home = tmp / "var"
         self.server = server
@@ -47,14 +49,19 @@ class ProcStack:
         log = open(self.home / "logs" / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "chora", "service", "run", name],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         ready = self.home / "run" / f"{name}.{proc.pid}.json"
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited {proc.returncode}: " + (self.home / "logs" / f"{name}.log").read_text()[-2000:])
+                raise RuntimeError(
+                    f"{name} exited {proc.returncode}: " + (self.home / "logs" / f"{name}.log").read_text()[-2000:]
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} not ready in {timeout}s")
             time.sleep(0.02)  # polling a readiness file written by the child
@@ -117,8 +124,16 @@ class ProcStack:
 def batch_report(lines: list[dict], batch_id: str) -> dict:
     """Per-event-type counts for one batch, and the duplicates."""
     ids = Counter(rec["event_id"] for rec in lines)
-    outcomes = [r for r in lines if r["event_type"] == "chora.content_generated" and (r.get("origin") or {}).get("id") == batch_id]
-    requests = [r for r in lines if r["event_type"] == "chora.generation.requested" and (r.get("origin") or {}).get("id") == batch_id]
+    outcomes = [
+        r
+        for r in lines
+        if r["event_type"] == "chora.content_generated" and (r.get("origin") or {}).get("id") == batch_id
+    ]
+    requests = [
+        r
+        for r in lines
+        if r["event_type"] == "chora.generation.requested" and (r.get("origin") or {}).get("id") == batch_id
+    ]
     completed = [r for r in lines if r["event_type"] == "chora.batch_completed" and r.get("batch_id") == batch_id]
     keys = Counter(r["origin"]["key"] for r in outcomes)
     return {

@@ -43,7 +43,9 @@ async def test_kill_the_stream_leader_mid_batch(cluster, tmp_path):
 
         async def new_leader() -> bool:
             try:
-                i = await js.stream_info(topo.events_stream, )
+                i = await js.stream_info(
+                    topo.events_stream,
+                )
                 return bool(i.cluster.leader) and i.cluster.leader != leader
             except Exception:
                 return False
@@ -51,7 +53,9 @@ async def test_kill_the_stream_leader_mid_batch(cluster, tmp_path):
         await wait_for(new_leader, timeout=60, what="a new stream leader")
         elected = time.monotonic() - t0
         print(f"stream leader {leader} killed: new leader after {elected:.2f}s")
-        await finish_and_check(stack, batch_id, f"kill -9 the R3 stream leader (3-node cluster; new leader after {elected:.1f}s)", t0)
+        await finish_and_check(
+            stack, batch_id, f"kill -9 the R3 stream leader (3-node cluster; new leader after {elected:.1f}s)", t0
+        )
     finally:
         stack.stop_all()
         await nc.close()

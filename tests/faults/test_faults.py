@@ -46,7 +46,9 @@ async def publish_batch(stack: ProcStack, n: int) -> str:
     try:
         ev = new_event(
             BATCH_REQUESTED,
-            BatchRequested(items=[BatchItem(content_config_id="hello-world", context={"name": f"n{i}"}) for i in range(n)]),
+            BatchRequested(
+                items=[BatchItem(content_config_id="hello-world", context={"name": f"n{i}"}) for i in range(n)]
+            ),
             source="faults",
         )
         await Publisher(nc.jetstream(), stack.prefix, max_bytes=8 << 20).publish(ev)

@@ -22,8 +22,7 @@ CONFIGS = {
     ),
     "needs-var.yaml": "id: needs-var\ngenerator: jinja2\ntemplate: '{{ not_given }}'\n",
     "strict.yaml": (
-        "id: strict\ngenerator: template_fill\ntemplate: 'short'\n"
-        "validation: [{type: length, min_words: 50}]\n"
+        "id: strict\ngenerator: template_fill\ntemplate: 'short'\nvalidation: [{type: length, min_words: 50}]\n"
     ),
 }
 
@@ -93,10 +92,14 @@ async def stack(nc, asettings):
 
 async def assemble(stack, artifact_id, context=None):
     js, topo, col = stack
-    req = new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id=artifact_id, context=context or {}), source="test")
+    req = new_event(
+        ARTIFACT_REQUESTED, ArtifactRequested(artifact_id=artifact_id, context=context or {}), source="test"
+    )
     await Publisher(js, topo.prefix).publish(req)
     found = await wait_for(
-        lambda: col.of(ARTIFACT_ASSEMBLED, lambda e: e.data.request_id == req.id), timeout=30, what=f"{artifact_id} assembled"
+        lambda: col.of(ARTIFACT_ASSEMBLED, lambda e: e.data.request_id == req.id),
+        timeout=30,
+        what=f"{artifact_id} assembled",
     )
     return req, found[0]
 

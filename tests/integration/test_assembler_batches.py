@@ -40,6 +40,7 @@ async def running(*pairs):
         tasks.append(asyncio.create_task(run_service(name, s, stop=stop), name=f"svc-{name}"))
     try:
         for (name, s), t in zip(pairs, tasks):
+
             async def ready(name=name, s=s, t=t):
                 if t.done():
                     t.result()  # raise what killed it
@@ -94,7 +95,8 @@ async def count_stored(js, topo: Topology, event_type: str) -> int:
 
 def batch(n: int, *, bad=(), coe=True, config="hello-world") -> BatchRequested:
     items = [
-        BatchItem(content_config_id="no-such-config" if i in bad else config, context={"name": f"n{i}"}) for i in range(n)
+        BatchItem(content_config_id="no-such-config" if i in bad else config, context={"name": f"n{i}"})
+        for i in range(n)
     ]
     return BatchRequested(items=items, context={"topics": ["x"]}, continue_on_error=coe)
 
@@ -171,7 +173,10 @@ async def test_continue_on_error_false_stops_on_the_first_failure(settings, bus,
         await wait_for(lambda: completed_for(col, req.id), timeout=60, what="batch_completed")
         # every generation still finishes; none of the later outcomes changes the record
         await wait_for(
-            lambda: len(col.of(CONTENT_GENERATED, lambda e: e.data.origin is not None and e.data.origin.id == req.id)) >= 300,
+            lambda: (
+                len(col.of(CONTENT_GENERATED, lambda e: e.data.origin is not None and e.data.origin.id == req.id))
+                >= 300
+            ),
             timeout=60,
             what="all 300 outcomes",
         )

@@ -30,7 +30,10 @@ def spawn_assembler(settings, log_path):
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "chora", "service", "run", "assembler"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     finally:
         log.close()
@@ -55,10 +58,14 @@ async def test_kill_dash_nine_mid_batch(settings, nc, tmp_path):
     try:
         async with running(("generator", settings)):
             procs.append(spawn_assembler(settings, log))
-            await wait_for(lambda: (settings.home / "run").exists() and any((settings.home / "run").glob("assembler.*.json")),
-                           timeout=30, what="assembler ready")
+            await wait_for(
+                lambda: (settings.home / "run").exists() and any((settings.home / "run").glob("assembler.*.json")),
+                timeout=30,
+                what="assembler ready",
+            )
             await Publisher(js, topo.prefix).publish(req)
             for fraction in (0.3, 0.7):
+
                 async def past(fraction=fraction):
                     return await done_count() >= fraction * n
 
@@ -69,8 +76,11 @@ async def test_kill_dash_nine_mid_batch(settings, nc, tmp_path):
                 for f in (settings.home / "run").glob("assembler.*.json"):
                     f.unlink()
                 procs.append(spawn_assembler(settings, log))
-            await wait_for(lambda: col.of(BATCH_COMPLETED, lambda e: e.data.batch_id == req.id), timeout=90,
-                           what="batch_completed after the restarts")
+            await wait_for(
+                lambda: col.of(BATCH_COMPLETED, lambda e: e.data.batch_id == req.id),
+                timeout=90,
+                what="batch_completed after the restarts",
+            )
 
             async def finished():
                 st = await read_batch_status(nc, settings, req.id)

@@ -24,8 +24,14 @@ SERVICES = ("generator", "validator", "assembler", "telemetry")
 
 def good_headers(event_type: str = GENERATION_REQUESTED) -> dict[str, str]:
     eid = str(uuid.uuid4())
-    return {"ce-specversion": "1.0", "ce-id": eid, "ce-source": "urn:test", "ce-type": event_type,
-            "ce-datacontenttype": "application/json", "Nats-Msg-Id": eid}
+    return {
+        "ce-specversion": "1.0",
+        "ce-id": eid,
+        "ce-source": "urn:test",
+        "ce-type": event_type,
+        "ce-datacontenttype": "application/json",
+        "Nats-Msg-Id": eid,
+    }
 
 
 GOOD_BODY = json.dumps({"content_config_id": "hello-world"}).encode()
@@ -38,7 +44,12 @@ MALFORMED = [
     ("invalid json", lambda h: h, b'{"content_config_id": ', "INVALID_JSON"),
     ("wrong datacontenttype", lambda h: h | {"ce-datacontenttype": "application/xml"}, b"<x/>", "BAD_CONTENT_TYPE"),
     ("data not matching the schema", lambda h: h, b'{"context": []}', "INVALID_DATA"),
-    ("oversized data", lambda h: h, b'{"content_config_id": "hello-world", "context": {"x": "' + b"a" * (1 << 20) + b'"}}', "OVERSIZED"),
+    (
+        "oversized data",
+        lambda h: h,
+        b'{"content_config_id": "hello-world", "context": {"x": "' + b"a" * (1 << 20) + b'"}}',
+        "OVERSIZED",
+    ),
     ("invalid percent-encoding", lambda h: h | {"ce-subject": "100%"}, GOOD_BODY, "BAD_HEADER_ENCODING"),
     ("invalid UTF-8 behind percent-encoding", lambda h: h | {"ce-source": "%FF%FE"}, GOOD_BODY, "BAD_HEADER_ENCODING"),
     ("unknown type on a known subject", lambda h: h | {"ce-type": "com.example.unknown"}, GOOD_BODY, "UNKNOWN_TYPE"),
@@ -52,7 +63,9 @@ async def services(settings):
     stop = asyncio.Event()
     tasks = [asyncio.create_task(run_service(name, settings, stop=stop)) for name in SERVICES]
     ready = settings.home / "run"
-    await wait_for(lambda: ready.exists() and len(list(ready.glob("*.json"))) == len(SERVICES), timeout=30, what="services ready")
+    await wait_for(
+        lambda: ready.exists() and len(list(ready.glob("*.json"))) == len(SERVICES), timeout=30, what="services ready"
+    )
     yield
     stop.set()
     await asyncio.gather(*tasks)
@@ -65,7 +78,11 @@ async def test_malformed_events_are_dead_lettered_and_nothing_else_is_lost(nc, s
     good = []
     for name, change, body, _ in MALFORMED:
         await js.publish(subject, body, headers=change(good_headers()))
-        ev = new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world", context={"case": name}), source="t")
+        ev = new_event(
+            GENERATION_REQUESTED,
+            GenerationRequested(content_config_id="hello-world", context={"case": name}),
+            source="t",
+        )
         await Publisher(js, topo.prefix).publish(ev)
         good.append(ev.id)
 

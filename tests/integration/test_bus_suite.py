@@ -23,7 +23,9 @@ def req(i: int):
 
 
 def fact(i: int):
-    return new_event(CONTENT_GENERATED, ContentGenerated(request_id=str(i), content_config_id="c", status="success"), source="suite")
+    return new_event(
+        CONTENT_GENERATED, ContentGenerated(request_id=str(i), content_config_id="c", status="success"), source="suite"
+    )
 
 
 class Recorder:

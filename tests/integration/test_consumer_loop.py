@@ -47,7 +47,14 @@ async def test_handler_outputs_published_and_input_acked(nc, js_topo):
 
     async def handler(ev, delivery):
         seen.append(ev.id)
-        return [new_event(CONTENT_GENERATED, ContentGenerated(request_id=ev.id, content_config_id="x", status="success"), source="t", cause=ev)]
+        return [
+            new_event(
+                CONTENT_GENERATED,
+                ContentGenerated(request_id=ev.id, content_config_id="x", status="success"),
+                source="t",
+                cause=ev,
+            )
+        ]
 
     loop = ConsumerLoop(nc, js, topo, topo.consumers["generator"], handler)
     task = asyncio.create_task(loop.run())
@@ -95,7 +102,11 @@ async def test_retry_then_success_and_malformed_goes_to_dlq(nc, js_topo):
     flaky, never = request(flaky=True), request(never=True)
     await pub.publish_many([flaky, never])
     subject = topo.subject(GENERATION_REQUESTED)
-    await js.publish(subject, b"not json", headers={"ce-specversion": "1.0", "ce-id": "m1", "ce-source": "t", "ce-type": GENERATION_REQUESTED})
+    await js.publish(
+        subject,
+        b"not json",
+        headers={"ce-specversion": "1.0", "ce-id": "m1", "ce-source": "t", "ce-type": GENERATION_REQUESTED},
+    )
     await js.publish(subject, b"{}", headers={"ce-id": "m2", "ce-source": "t", "ce-type": GENERATION_REQUESTED})
     h, b = encode_structured(request())
     await js.publish(subject, b, headers=h)
@@ -172,7 +183,14 @@ async def test_large_content_travels_by_reference_transparently(nc, js_topo):
     big = "é" * 100_000  # 200,000 UTF-8 bytes
 
     async def generate(ev, delivery):
-        return [new_event(CONTENT_GENERATED, ContentGenerated(request_id=ev.id, content_config_id="x", status="success", content=big), source="g", cause=ev)]
+        return [
+            new_event(
+                CONTENT_GENERATED,
+                ContentGenerated(request_id=ev.id, content_config_id="x", status="success", content=big),
+                source="g",
+                cause=ev,
+            )
+        ]
 
     received = []
 

@@ -57,7 +57,7 @@ def _tokens(text: str) -> list[str]:
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
             if text[pos:].strip():
-                raise ValueError(f"cannot read config near {text[pos:pos + 40]!r}")
+                raise ValueError(f"cannot read config near {text[pos : pos + 40]!r}")
             break
         pos = m.end()
         if m.group(1):
@@ -178,7 +178,10 @@ def test_a_config_that_includes_auth_conf_is_refused_without_its_passwords():
     env.pop("CHORA_GENERATOR_PASSWORD")
     r = subprocess.run(
         [server_binary(), "-t", "-c", str(NATS_DIR / "cluster-compose" / "node-1.conf")],
-        env=env, capture_output=True, text=True, timeout=30,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode != 0 and "CHORA_GENERATOR_PASSWORD" in r.stdout + r.stderr
 
@@ -202,7 +205,11 @@ async def test_the_loopback_cluster_configs_carry_an_r3_stream(tmp_path):
             await wait_for(replicated, timeout=30, what="R3 stream with a leader and two current replicas")
             info = await js.stream_info(name)
             assert info.config.num_replicas == 3
-            assert {info.cluster.leader, *(p.name for p in info.cluster.replicas)} == {"chora-n1", "chora-n2", "chora-n3"}
+            assert {info.cluster.leader, *(p.name for p in info.cluster.replicas)} == {
+                "chora-n1",
+                "chora-n2",
+                "chora-n3",
+            }
 
             for n in range(20):
                 ack = await js.publish(f"{subject}.{n % 3}", f"m{n}".encode(), headers={"Nats-Msg-Id": f"id-{n}"})
@@ -458,7 +465,7 @@ def test_prometheus_scrapes_every_replica_of_every_service_on_its_metrics_port(p
         assert env["CHORA_METRICS_HOST"] == "0.0.0.0", f"{name}: bound to loopback, /metrics is unreachable"
         assert port == metrics_port, (name, port, metrics_port)
         assert str(metrics_port) in [str(e) for e in services[name].get("expose", [])], name
-        assert job_name == "chora", "dashboards and alerts select job=\"chora\""
+        assert job_name == "chora", 'dashboards and alerts select job="chora"'
         # the DNS name becomes the service label, as chora up's file_sd labels do
         assert {"source_labels": ["__meta_dns_name"], "target_label": "service"} in job["relabel_configs"]
 
@@ -523,10 +530,7 @@ def test_grafana_provisions_dashboards_that_exist(services):
             board = json.loads(d.read_text())
             assert board.get("title") and board.get("panels"), d
             # A dashboard that names a datasource by uid must name the provisioned one.
-            uids = {
-                m.group(1)
-                for m in re.finditer(r'"datasource":\s*\{[^{}]*"uid":\s*"([^"]+)"', d.read_text())
-            }
+            uids = {m.group(1) for m in re.finditer(r'"datasource":\s*\{[^{}]*"uid":\s*"([^"]+)"', d.read_text())}
             fixed = {u for u in uids if not u.startswith("$")}
             assert fixed <= datasource_uids | {"-- Grafana --", "grafana"}, (d.name, fixed - datasource_uids)
 

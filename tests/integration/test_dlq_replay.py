@@ -84,7 +84,11 @@ async def test_list_then_replay_one_to_the_consumer_that_failed(nc, settings, to
         assert len(lines) == 2
         fields = lines[0].split("  ")
         assert fields[0] == str(first.seq) and fields[2:7] == [
-            "generator", first.subject, "CONFIG_BROKEN", GENERATION_REQUESTED, bad1.id
+            "generator",
+            first.subject,
+            "CONFIG_BROKEN",
+            GENERATION_REQUESTED,
+            bad1.id,
         ]
 
         picky.refuse.clear()  # "fixed"
@@ -116,7 +120,9 @@ async def test_replay_all_for_one_consumer(nc, settings, topo):
     try:
         await wait_for(lambda: loop.stats.dead == 2, 10, "2 dead letters")
         # a dead letter of another consumer stays where it is
-        await js.publish(topo.dlq_subject("validator"), b"{}", headers={"Chora-Dlq-Code": "X", "Chora-Dlq-Consumer": "validator"})
+        await js.publish(
+            topo.dlq_subject("validator"), b"{}", headers={"Chora-Dlq-Code": "X", "Chora-Dlq-Consumer": "validator"}
+        )
         picky.refuse.clear()
         out = io.StringIO()
         assert await run_replay(nc, settings, all_=True, consumer="generator", out=out) == 0
@@ -139,8 +145,13 @@ async def test_max_deliveries_advisory_is_listed_and_replayed_from_the_events_st
     # A consumer that gives up after 2 deliveries without the loop (as when a process dies on the last one).
     await js.add_consumer(
         topo.events_stream,
-        ConsumerConfig(durable_name="raw", max_deliver=2, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
-                       filter_subject=topo.subject(CONTENT_GENERATED)),
+        ConsumerConfig(
+            durable_name="raw",
+            max_deliver=2,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            filter_subject=topo.subject(CONTENT_GENERATED),
+        ),
     )
     sub = await js.pull_subscribe_bind("raw", stream=topo.events_stream)
     for _ in range(2):
@@ -219,7 +230,9 @@ def test_the_dlq_command(nats_server, settings, tmp_path):
     env = child_env(NATS_URL=nats_server.url, CHORA_PREFIX=settings.prefix, CHORA_HOME=str(tmp_path / "var"))
 
     def chora(*args):
-        return subprocess.run([sys.executable, "-m", "chora", "dlq", *args], env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "chora", "dlq", *args], env=env, capture_output=True, text=True, timeout=60
+        )
 
     listed = chora("list", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -249,7 +262,12 @@ async def test_a_replay_that_fails_again_is_one_new_dead_letter_with_its_code_an
         assert "Nats-Expected-Stream" in (await js.get_msg(topo.events_stream, r.stream_seq)).headers
 
         [again] = await wait_for(lambda: dead_letters_except(js, topo, first.seq), 10, "the replay's dead letter")
-        assert (again.code, again.event_id, again.stream_seq, again.deliveries) == ("STILL_BROKEN", bad.id, r.stream_seq, 1)
+        assert (again.code, again.event_id, again.stream_seq, again.deliveries) == (
+            "STILL_BROKEN",
+            bad.id,
+            r.stream_seq,
+            1,
+        )
         assert "cannot render broken" in again.reason
         assert again.replay_of == f"{topo.dlq_stream}:{first.seq}"
         raw = await js.get_msg(topo.dlq_stream, again.seq)
@@ -305,7 +323,9 @@ async def test_a_replay_of_an_undecodable_message_reaches_only_the_consumer_it_t
         assert [(d.seq, d.consumer, d.replay_of) for d in entries[:1]] == [(theirs.seq, "telemetry", None)]
         assert len(entries) == 2  # telemetry's own, and exactly one new one for the replay
         assert (entries[1].consumer, entries[1].code, entries[1].replay_of) == (
-            "generator", mine.code, f"{topo.dlq_stream}:{mine.seq}"
+            "generator",
+            mine.code,
+            f"{topo.dlq_stream}:{mine.seq}",
         )
     finally:
         for loop in (gen, tel):

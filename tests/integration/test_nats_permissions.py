@@ -78,8 +78,13 @@ OWN_DURABLES = {
     "client": set(),
 }
 FACTS = {
-    "chora.content_generated", "chora.content_validated", "chora.config_validated", "chora.artifact_assembled",
-    "chora.batch_completed", "chora.notification_delivered", "chora.notification_failed",
+    "chora.content_generated",
+    "chora.content_validated",
+    "chora.config_validated",
+    "chora.artifact_assembled",
+    "chora.batch_completed",
+    "chora.notification_delivered",
+    "chora.notification_failed",
 }
 
 JS_TIMEOUT = 1.0  # a forbidden JetStream API call gets no answer: it times out
@@ -182,11 +187,15 @@ async def provisioned(tmp_path, auth_server, passwords, connect):
 
 
 def request(config_id: str = "hello-world", **ctx):
-    return new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id=config_id, context=ctx), source="urn:test")
+    return new_event(
+        GENERATION_REQUESTED, GenerationRequested(content_config_id=config_id, context=ctx), source="urn:test"
+    )
 
 
 async def subject_count(admin: Conn, subject: str) -> int:
-    info = await admin.js(10).stream_info(EVENTS if not subject.startswith("chora.dlq.") else "CHORA_DLQ", subjects_filter=subject)
+    info = await admin.js(10).stream_info(
+        EVENTS if not subject.startswith("chora.dlq.") else "CHORA_DLQ", subjects_filter=subject
+    )
     return (info.state.subjects or {}).get(subject, 0)
 
 
@@ -364,13 +373,22 @@ async def test_services_work_with_their_own_users_and_provision_off(
 
         await wait_for(lambda: len(mirrored()) >= 4, 20, "four events in the telemetry JSONL")
         assert {r["event_type"] for r in mirrored()} >= {
-            GENERATION_REQUESTED, "chora.content_generated", "chora.content_validated", "chora.notification_delivered"
+            GENERATION_REQUESTED,
+            "chora.content_generated",
+            "chora.content_validated",
+            "chora.notification_delivered",
         }
 
         # a malformed request: generator and telemetry both dead-letter it, each on its own subject
         await client.js(10).publish(
-            "chora.generation.requested", b"{not json", headers={"ce-specversion": "1.0", "ce-id": "bad-1",
-                                                              "ce-source": "urn:test", "ce-type": GENERATION_REQUESTED}
+            "chora.generation.requested",
+            b"{not json",
+            headers={
+                "ce-specversion": "1.0",
+                "ce-id": "bad-1",
+                "ce-source": "urn:test",
+                "ce-type": GENERATION_REQUESTED,
+            },
         )
 
         async def dead_lettered() -> bool:
@@ -431,11 +449,15 @@ async def test_generator_cannot_read_the_assemblers_consumer(provisioned, connec
     inbox = gen.nc.new_inbox()
     await gen.nc.subscribe(inbox, cb=on_msg)
     # a pull request on the assembler's durable, as the consumer loop would make it
-    await gen.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.assembler", b'{"batch": 10, "expires": 500000000}', reply=inbox)
+    await gen.nc.publish(
+        f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.assembler", b'{"batch": 10, "expires": 500000000}', reply=inbox
+    )
     await wait_for(lambda: gen.violations("Publish"), 5, "violation on the pull request")
     assert gen.refused("Publish") == {f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.assembler".lower()}
     # nor through a consumer of its own
-    await refused(gen.js().add_consumer(EVENTS, durable_name="sneaky"), gen, f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.sneaky")
+    await refused(
+        gen.js().add_consumer(EVENTS, durable_name="sneaky"), gen, f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.sneaky"
+    )
     await refused(gen.js().consumer_info(EVENTS, "assembler"), gen, f"$JS.API.CONSUMER.INFO.{EVENTS}.assembler")
     # the assembler's message is still there, undelivered
     ci = await admin.js(10).consumer_info(EVENTS, "assembler")
@@ -454,7 +476,14 @@ async def test_client_cannot_publish_facts_nor_read_requests_or_other_inboxes(pr
     # requests of other teams are not for the client to read, nor are the services' inboxes
     refused_subs = [
         await client.nc.subscribe(subject)
-        for subject in ("chora.generation.requested", "chora.>", "_INBOX.generator.>", "_INBOX.>", "$KV.CHORA_STATE.>", ">")
+        for subject in (
+            "chora.generation.requested",
+            "chora.>",
+            "_INBOX.generator.>",
+            "_INBOX.>",
+            "$KV.CHORA_STATE.>",
+            ">",
+        )
     ]
     await client.nc.flush()
     await wait_for(lambda: len(client.violations("Subscription")) == 6, 5, "six subscription violations")
@@ -518,7 +547,11 @@ async def test_publish_table_every_user_every_subject(auth_server, connect):
     subjects: list[str] = [s.subject("chora") for s in CATALOGUE.values()]
     for d in DURABLES:
         subjects += [f"chora.dlq.{d}", f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{d}", f"$JS.ACK.{EVENTS}.{d}.1.1.1.1.0"]
-    subjects += [f"$JS.API.STREAM.DELETE.{EVENTS}", f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.x", "$JS.API.STREAM.CREATE.X"]
+    subjects += [
+        f"$JS.API.STREAM.DELETE.{EVENTS}",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.x",
+        "$JS.API.STREAM.CREATE.X",
+    ]
     received: set[tuple[str, str]] = set()
 
     async def on_msg(msg):
@@ -532,7 +565,11 @@ async def test_publish_table_every_user_every_subject(auth_server, connect):
         if subject in EVENT_PUBLISH[user]:
             return True
         for d in OWN_DURABLES[user]:
-            if subject in (f"chora.dlq.{d}", f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{d}", f"$JS.ACK.{EVENTS}.{d}.1.1.1.1.0"):
+            if subject in (
+                f"chora.dlq.{d}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{d}",
+                f"$JS.ACK.{EVENTS}.{d}.1.1.1.1.0",
+            ):
                 return True
         return False
 

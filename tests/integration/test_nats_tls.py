@@ -104,16 +104,21 @@ async def test_the_services_run_over_tls_under_their_own_users(tmp_path, tls_ser
             for t in tasks:
                 if t.done():
                     t.result()
-            return all(ready_file(settings_for(tmp_path, tls_server, n, "", pki["ca"]), n).exists()
-                       for n in ("generator", "telemetry"))
+            return all(
+                ready_file(settings_for(tmp_path, tls_server, n, "", pki["ca"]), n).exists()
+                for n in ("generator", "telemetry")
+            )
 
         await wait_for(ready, 30, "generator and telemetry ready over TLS")
 
         client_settings = settings_for(tmp_path, tls_server, "client", passwords["client"], pki["ca"])
         client = await connect(client_settings.nats, name="client", inbox_prefix="_INBOX.client")
         outcome: asyncio.Future = asyncio.get_running_loop().create_future()
-        request = new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world",
-                                                                      context={"name": "TLS"}), source="urn:test")
+        request = new_event(
+            GENERATION_REQUESTED,
+            GenerationRequested(content_config_id="hello-world", context={"name": "TLS"}),
+            source="urn:test",
+        )
 
         async def on_outcome(msg):
             event = decode(msg.headers, msg.data)

@@ -106,7 +106,11 @@ async def test_a_consumer_made_before_start_existed_keeps_its_position_when_star
     """Durables created before `start` existed began from all; a config without `start` goes on with them."""
     js = nc.jetstream()
     topo = Topology.from_settings(settings)
-    doc = {"subscriptions": [{"name": "hook", "events": ["chora.content_generated"], "url": "http://h/", "secret_env": "S"}]}
+    doc = {
+        "subscriptions": [
+            {"name": "hook", "events": ["chora.content_generated"], "url": "http://h/", "secret_env": "S"}
+        ]
+    }
     [spec] = subscription_consumers(parse_config(json.dumps(doc), "s.json"), topo)
     await provision(js, topo, consumers=[], extra=[replace(spec, start="all")])  # as before
     await provision(js, topo, consumers=[], extra=[spec])

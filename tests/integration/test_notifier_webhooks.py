@@ -177,10 +177,16 @@ class Notifier:
         await asyncio.wait_for(self.task, 30)
 
     def delivered(self, sub: str | None = None) -> list:
-        return [e.data for e in self.notifications if e.type == NOTIFICATION_DELIVERED and sub in (None, e.data.subscription)]
+        return [
+            e.data
+            for e in self.notifications
+            if e.type == NOTIFICATION_DELIVERED and sub in (None, e.data.subscription)
+        ]
 
     def failed(self, sub: str | None = None) -> list:
-        return [e.data for e in self.notifications if e.type == NOTIFICATION_FAILED and sub in (None, e.data.subscription)]
+        return [
+            e.data for e in self.notifications if e.type == NOTIFICATION_FAILED and sub in (None, e.data.subscription)
+        ]
 
     async def settled(self, durable: str) -> bool:
         ci = await self.nc.jetstream().consumer_info(self.topo.events_stream, durable)
@@ -190,8 +196,12 @@ class Notifier:
 def generated(status: str = "success", config_id: str = "hello-world") -> CloudEvent:
     return new_event(
         CONTENT_GENERATED,
-        ContentGenerated(request_id="req-1", content_config_id=config_id, status=status,
-                         content="hi" if status == "success" else None),
+        ContentGenerated(
+            request_id="req-1",
+            content_config_id=config_id,
+            status=status,
+            content="hi" if status == "success" else None,
+        ),
         source="chora://generator",
     )
 
@@ -255,10 +265,14 @@ async def test_retries_then_succeeds_counting_attempts(nc, settings, tmp_path, m
             assert n.app.status()["flaky"]["retried"] == 2
 
 
-async def test_dead_endpoint_dead_letters_with_notification_failed_and_opens_the_circuit(nc, settings, tmp_path, monkeypatch):
+async def test_dead_endpoint_dead_letters_with_notification_failed_and_opens_the_circuit(
+    nc, settings, tmp_path, monkeypatch
+):
     subs = [
         subscription(
-            "down", dead_url(), max_attempts=3,
+            "down",
+            dead_url(),
+            max_attempts=3,
             circuit={"failure_threshold": 2, "reset_timeout_s": 1.0, "half_open_max_calls": 1},
         )
     ]
@@ -303,7 +317,9 @@ async def test_slow_endpoint_does_not_delay_a_healthy_subscription(nc, settings,
             assert len(slow.received) >= 1 and slow.answered == 0  # still hanging on the slow one
             assert n.delivered("slow") == []
             slow.released.set()
-            await wait_for(lambda: len({d.event_id for d in n.delivered("slow")}) == 5, 15, "slow deliveries once released")
+            await wait_for(
+                lambda: len({d.event_id for d in n.delivered("slow")}) == 5, 15, "slow deliveries once released"
+            )
 
 
 async def test_no_config_means_no_subscriptions(nc, settings, caplog):
@@ -319,4 +335,3 @@ async def test_no_config_means_no_subscriptions(nc, settings, caplog):
     assert "no subscriptions" in caplog.text
     stop.set()
     await asyncio.wait_for(task, 15)
-

@@ -129,13 +129,22 @@ async def test_span_exported_with_parent_from_traceparent(nc, settings, otel_env
     outputs: list[CloudEvent] = []
 
     async def handler(ev, delivery):
-        out = [new_event(CONTENT_GENERATED, ContentGenerated(request_id=ev.id, content_config_id="x", status="success"), source="t", cause=ev)]
+        out = [
+            new_event(
+                CONTENT_GENERATED,
+                ContentGenerated(request_id=ev.id, content_config_id="x", status="success"),
+                source="t",
+                cause=ev,
+            )
+        ]
         outputs.extend(out)
         return out
 
     loop = ConsumerLoop(nc, js, topo, topo.consumers["generator"], handler)
     task = asyncio.create_task(loop.run())
-    ev = new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world", context={}), source="test")
+    ev = new_event(
+        GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world", context={}), source="test"
+    )
     ev.traceparent = TRACEPARENT
     ev.traceid = TRACE_ID
     await Publisher(js, topo.prefix).publish(ev)

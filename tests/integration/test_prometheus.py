@@ -222,31 +222,50 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, nats_s
         yaml.safe_dump(
             {
                 "subscriptions": [
-                    {"name": "done-hook", "events": ["chora.batch_completed", "chora.artifact_assembled"],
-                     "url": f"{base}/ok", "secret_env": "PROM_TEST_HOOK_SECRET"},
-                    {"name": "errors-hook", "events": ["chora.content_generated"], "filters": {"status": ["error"]},
-                     "url": f"{base}/reject", "secret_env": "PROM_TEST_HOOK_SECRET", "max_attempts": 1},
-                    {"name": "down-hook", "events": ["chora.content_generated"], "filters": {"status": ["error"]},
-                     "url": f"http://127.0.0.1:{free_port()}/nobody-listens", "secret_env": "PROM_TEST_HOOK_SECRET",
-                     "max_attempts": 1, "circuit": {"failure_threshold": 2, "reset_timeout_s": 600}},
+                    {
+                        "name": "done-hook",
+                        "events": ["chora.batch_completed", "chora.artifact_assembled"],
+                        "url": f"{base}/ok",
+                        "secret_env": "PROM_TEST_HOOK_SECRET",
+                    },
+                    {
+                        "name": "errors-hook",
+                        "events": ["chora.content_generated"],
+                        "filters": {"status": ["error"]},
+                        "url": f"{base}/reject",
+                        "secret_env": "PROM_TEST_HOOK_SECRET",
+                        "max_attempts": 1,
+                    },
+                    {
+                        "name": "down-hook",
+                        "events": ["chora.content_generated"],
+                        "filters": {"status": ["error"]},
+                        "url": f"http://127.0.0.1:{free_port()}/nobody-listens",
+                        "secret_env": "PROM_TEST_HOOK_SECRET",
+                        "max_attempts": 1,
+                        "circuit": {"failure_threshold": 2, "reset_timeout_s": 600},
+                    },
                 ]
             }
         )
     )
     # the NATS server panels read /varz: of the real server, and of a node that is down
     dead_node = f"127.0.0.1:{free_port()}"
-    settings = settings.model_copy(update={
-        "notifier_config": notifier_config,
-        "metrics_port": 0,
-        "nats_monitor_url": f"{nats_server.monitor_url},http://{dead_node}",
-        "monitor_interval_s": 1.0,
-    })
+    settings = settings.model_copy(
+        update={
+            "notifier_config": notifier_config,
+            "metrics_port": 0,
+            "nats_monitor_url": f"{nats_server.monitor_url},http://{dead_node}",
+            "monitor_interval_s": 1.0,
+        }
+    )
 
     stop = asyncio.Event()
     tasks = [asyncio.create_task(run_service(name, settings, stop=stop), name=name) for name in SERVICES]
     prom = Prometheus(binary, tmp_path / "prometheus", free_port())
     prom.workdir.mkdir()
     try:
+
         def all_ready() -> bool:
             for t in tasks:
                 if t.done():
@@ -293,8 +312,11 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, nats_s
             for _ in range(5)
         ]
         events += [
-            new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world",
-                                                                context={"name": "two\nlines"}), source="test")
+            new_event(
+                GENERATION_REQUESTED,
+                GenerationRequested(content_config_id="hello-world", context={"name": "two\nlines"}),
+                source="test",
+            )
             for _ in range(3)
         ]
         events.append(new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id="welcome-pack"), source="test"))
@@ -307,8 +329,12 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, nats_s
         checks: list[tuple[str, str]] = list(queries)
         for rule in alerts:
             checks.append((f"alert {rule['alert']} (bool form)", bool_form(rule["expr"])))
-        firing = {"ChoraDeadLettersGrowing", "ChoraGenerationErrorRatioHigh", "ChoraWebhookCircuitOpen",
-                  "ChoraNatsServerDown"}
+        firing = {
+            "ChoraDeadLettersGrowing",
+            "ChoraGenerationErrorRatioHigh",
+            "ChoraWebhookCircuitOpen",
+            "ChoraNatsServerDown",
+        }
         checks += [(f"alert {r['alert']}", r["expr"]) for r in alerts if r["alert"] in firing]
 
         # every expression as written must parse
@@ -373,8 +399,12 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, nats_s
             ("count(count by (service) (chora_build_info))", "==", len(SERVICES)),
             # per service: what its consumer loops consumed and published
             (f'sum(chora_events_consumed_total{{{generator},outcome="ack"}})', ">=", 8 + len(items)),
-            ('sum(chora_events_published_total{service="generator",event_type="chora.content_generated",'
-             'status="error"})', ">=", 5 + 4),
+            (
+                'sum(chora_events_published_total{service="generator",event_type="chora.content_generated",'
+                'status="error"})',
+                ">=",
+                5 + 4,
+            ),
             ('sum(chora_events_consumed_total{service="telemetry",outcome="dead"})', "==", 1),
             ('sum(chora_handler_duration_seconds_count{service="validator"})', ">=", 1),
             # the breaker's live state, straight from the notifier

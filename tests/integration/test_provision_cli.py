@@ -22,7 +22,9 @@ def provision(nats_server, prefix: str, **env: str) -> subprocess.CompletedProce
     return subprocess.run(
         CHORA + ["nats", "provision"],
         env=child_env(NATS_URL=nats_server.url, CHORA_PREFIX=prefix, **env),
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

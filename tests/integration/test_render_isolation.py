@@ -84,7 +84,9 @@ class Generator:
     async def start(self) -> None:
         self.stop = asyncio.Event()
         task = self.task = asyncio.create_task(run_service("generator", self.settings, stop=self.stop))
-        await wait_for(lambda: task.done() or ready_file(self.settings, "generator").exists(), 60, "the generator ready")
+        await wait_for(
+            lambda: task.done() or ready_file(self.settings, "generator").exists(), 60, "the generator ready"
+        )
         if task.done():
             task.result()
 

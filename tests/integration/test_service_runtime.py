@@ -33,12 +33,15 @@ async def test_each_service_serves_its_consumer_figures(settings, nc):
         url = json.loads(ready_file(settings, "generator").read_text())["metrics_url"]
         # before any message: the series exist at 0
         text = await asyncio.to_thread(scrape, url)
-        assert (f'chora_events_consumed_total{{consumer="generator",event_type="{GENERATION_REQUESTED}",'
-                f'outcome="ack"}} 0.0') in text
+        assert (
+            f'chora_events_consumed_total{{consumer="generator",event_type="{GENERATION_REQUESTED}",outcome="ack"}} 0.0'
+        ) in text
 
         pub = Publisher(nc.jetstream(), settings.prefix)
         for config in ("hello-world", "no-such-config"):
-            await pub.publish(new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id=config), source="t"))
+            await pub.publish(
+                new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id=config), source="t")
+            )
 
         want = [
             f'chora_events_consumed_total{{consumer="generator",event_type="{GENERATION_REQUESTED}",outcome="ack"}} 2.0',
@@ -71,6 +74,7 @@ async def test_a_metrics_port_in_use_is_a_clear_start_error(settings, nats_serve
     msg = str(e.value)
     assert f"127.0.0.1:{port}" in msg and "CHORA_METRICS_PORT" in msg and msg.startswith("validator")
     assert not ready_file(busy, "validator").exists()
+
     # its connection was closed: the server has no client left
     def no_connections() -> bool:
         with urllib.request.urlopen(f"{nats_server.monitor_url}/connz", timeout=5) as r:

@@ -127,7 +127,9 @@ async def test_generator_and_two_validators(nc, vsettings, cdir):
         assert not d.valid and [(i.rule, i.severity) for i in d.issues] == [("length", "error")]
         for r in broken:
             d = verdicts[r.id].data
-            assert not d.valid and d.issues[0].rule == "config" and "unknown rule type 'contains'" in d.issues[0].message
+            assert (
+                not d.valid and d.issues[0].rule == "config" and "unknown rule type 'contains'" in d.issues[0].message
+            )
             assert verdicts[r.id].traceid == r.traceid
 
         # Exactly one report for the broken config, however many requests and instances.
@@ -210,10 +212,15 @@ async def test_large_content_is_judged_whole_and_passed_on_by_reference(nc, vset
     """Content over the threshold travels through the Object Store: the validator
     judges the whole text and its verdict refers to the same object."""
     vsettings.content_threshold_bytes = 1024
-    write(cdir / "big.json", {
-        "id": "big", "generator": "jinja2", "template": "{{ 'word ' * 500 }}",
-        "validation": [{"type": "length", "min_words": 500, "max_words": 500, "min_chars": 2500}],
-    })
+    write(
+        cdir / "big.json",
+        {
+            "id": "big",
+            "generator": "jinja2",
+            "template": "{{ 'word ' * 500 }}",
+            "validation": [{"type": "length", "min_words": 500, "max_words": 500, "min_chars": 2500}],
+        },
+    )
     js = nc.jetstream()
     topo = Topology.from_settings(vsettings)
     await provision(js, topo)

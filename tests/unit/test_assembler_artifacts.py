@@ -90,7 +90,9 @@ def test_the_example_loads_and_checks():
 
 def test_json_and_yaml(cdir):
     write(cdir, "a.json", '{"id": "a", "parts": [{"id": "p", "content_config_id": "one"}]}')
-    write(cdir, "b.yml", "id: b\nparts: [{id: p, content_config_id: one}]\ncompose: {strategy: concat, separator: '|'}\n")
+    write(
+        cdir, "b.yml", "id: b\nparts: [{id: p, content_config_id: one}]\ncompose: {strategy: concat, separator: '|'}\n"
+    )
     store = ArtifactStore(cdir)
     assert store.list() == ["a", "b"]
     assert store.get("a").spec.compose.separator == "\n\n"
@@ -99,7 +101,12 @@ def test_json_and_yaml(cdir):
 
 @pytest.mark.parametrize(
     "artifact_id, code",
-    [("../one", "INVALID_ARTIFACT_ID"), ("One", "INVALID_ARTIFACT_ID"), ("a\n", "INVALID_ARTIFACT_ID"), ("nope", "ARTIFACT_NOT_FOUND")],
+    [
+        ("../one", "INVALID_ARTIFACT_ID"),
+        ("One", "INVALID_ARTIFACT_ID"),
+        ("a\n", "INVALID_ARTIFACT_ID"),
+        ("nope", "ARTIFACT_NOT_FOUND"),
+    ],
 )
 def test_bad_ids(cdir, artifact_id, code):
     with pytest.raises(ArtifactError) as e:
@@ -131,10 +138,22 @@ def test_invalid_configs_say_why(cdir, text, fragment):
 def test_paths_stay_inside_the_configs_directory(cdir, tmp_path):
     outside = tmp_path / "secret.j2"
     outside.write_text("{{ parts }}")
-    write(cdir, "abs.yaml", f"id: abs\nparts: [{{id: p, content_config_id: one}}]\ncompose: {{strategy: layout, layout_file: {outside}}}\n")
-    write(cdir, "dots.yaml", "id: dots\nparts: [{id: p, content_config_id: one}]\ncompose: {strategy: layout, layout_file: ../secret.j2}\n")
+    write(
+        cdir,
+        "abs.yaml",
+        f"id: abs\nparts: [{{id: p, content_config_id: one}}]\ncompose: {{strategy: layout, layout_file: {outside}}}\n",
+    )
+    write(
+        cdir,
+        "dots.yaml",
+        "id: dots\nparts: [{id: p, content_config_id: one}]\ncompose: {strategy: layout, layout_file: ../secret.j2}\n",
+    )
     os.symlink(outside, cdir / "templates" / "link.j2")
-    write(cdir, "link.yaml", "id: link\nparts: [{id: p, content_config_id: one}]\ncompose: {strategy: layout, layout_file: templates/link.j2}\n")
+    write(
+        cdir,
+        "link.yaml",
+        "id: link\nparts: [{id: p, content_config_id: one}]\ncompose: {strategy: layout, layout_file: templates/link.j2}\n",
+    )
     other = tmp_path / "elsewhere.yaml"
     other.write_text("id: sym\nparts: [{id: p, content_config_id: one}]\n")
     os.symlink(other, cdir / "artifacts" / "sym.yaml")
@@ -143,7 +162,11 @@ def test_paths_stay_inside_the_configs_directory(cdir, tmp_path):
         with pytest.raises(ArtifactError) as e:
             store.get(aid)
         assert e.value.code == "PATH_OUTSIDE_CONFIGS", aid
-    write(cdir, "gone.yaml", "id: gone\nparts: [{id: p, content_config_id: one}]\ncompose: {strategy: layout, layout_file: templates/nope.j2}\n")
+    write(
+        cdir,
+        "gone.yaml",
+        "id: gone\nparts: [{id: p, content_config_id: one}]\ncompose: {strategy: layout, layout_file: templates/nope.j2}\n",
+    )
     with pytest.raises(ArtifactError) as e:
         store.get("gone")
     assert e.value.code == "LAYOUT_NOT_FOUND"
@@ -212,7 +235,10 @@ def test_a_required_part_failing_ends_the_run_naming_it(cdir):
     art.advance(run, "R", 0.0)
     run, res = art.fold(
         run,
-        [art.PartOp("overview", False, "g1", ErrorInfo(code="TEMPLATE_ERROR", message="boom")), art.PartOp("extra", True, "v2")],
+        [
+            art.PartOp("overview", False, "g1", ErrorInfo(code="TEMPLATE_ERROR", message="boom")),
+            art.PartOp("extra", True, "v2"),
+        ],
         1.0,
     )
     assert res == [art.Result.APPLIED, art.Result.IGNORED]

@@ -31,7 +31,13 @@ def test_layout_sees_parts_omitted_context_and_artifact_id():
         "{% for o in omitted %}(no {{ o }}){% endfor %}\n"
     )
     out = compose(
-        "layout", order=["a", "b"], parts={"a": "A"}, omitted=["b"], layout=layout, context={"product": "P"}, artifact_id="doc"
+        "layout",
+        order=["a", "b"],
+        parts={"a": "A"},
+        omitted=["b"],
+        layout=layout,
+        context={"product": "P"},
+        artifact_id="doc",
     )
     assert out == "# doc for P\nA\n(no b)"  # trim_blocks: the newline after a block tag goes
 

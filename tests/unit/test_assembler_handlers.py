@@ -108,12 +108,16 @@ def deps(cdir):
 
 def fresh(deps: Deps) -> Deps:
     """Another instance (or the same one after a restart): same KV, nothing cached."""
-    return Deps(state=deps.state, content=deps.content, configs=deps.configs, artifacts=deps.artifacts, clock=deps.clock)
+    return Deps(
+        state=deps.state, content=deps.content, configs=deps.configs, artifacts=deps.artifacts, clock=deps.clock
+    )
 
 
 def batch_event(n, *, coe=True, bad=()):
     items = [BatchItem(content_config_id="no-such" if i in bad else "one", context={"i": i}) for i in range(n)]
-    return new_event(BATCH_REQUESTED, BatchRequested(items=items, context={"shared": 1, "i": -1}, continue_on_error=coe), source="t")
+    return new_event(
+        BATCH_REQUESTED, BatchRequested(items=items, context={"shared": 1, "i": -1}, continue_on_error=coe), source="t"
+    )
 
 
 def outcome_for(req: CloudEvent, ok: bool = True, content: str | None = None) -> CloudEvent:
@@ -274,22 +278,35 @@ async def test_large_batch_items_go_by_reference(deps):
 
 
 async def test_outcomes_without_or_with_unknown_origin_are_ignored(deps):
-    plain = new_event(CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="one", status="success"), source="g")
+    plain = new_event(
+        CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="one", status="success"), source="g"
+    )
     assert await handle(plain, deps) == []
-    ghost = ContentGenerated(request_id="r", content_config_id="one", status="success", origin=Origin(kind="batch", id="nope", key="0"))
+    ghost = ContentGenerated(
+        request_id="r", content_config_id="one", status="success", origin=Origin(kind="batch", id="nope", key="0")
+    )
     assert await handle(new_event(CONTENT_GENERATED, ghost, source="g"), deps) == []
-    ghost_part = ContentValidated(request_id="r", content_config_id="one", valid=True, origin=Origin(kind="artifact", id="nope", key="p"))
+    ghost_part = ContentValidated(
+        request_id="r", content_config_id="one", valid=True, origin=Origin(kind="artifact", id="nope", key="p")
+    )
     assert await handle(new_event(CONTENT_VALIDATED, ghost_part, source="v"), deps) == []
     req = batch_event(2)
     await handle(req, deps)
-    bad_key = ContentGenerated(request_id="r", content_config_id="one", status="success", origin=Origin(kind="batch", id=req.id, key="9"))
+    bad_key = ContentGenerated(
+        request_id="r", content_config_id="one", status="success", origin=Origin(kind="batch", id=req.id, key="9")
+    )
     assert await handle(new_event(CONTENT_GENERATED, bad_key, source="g"), deps) == []
     assert decode_batch(deps.state.data[f"batch.{req.id}"][0]).done == 0
 
 
 async def test_unexpected_type_is_rejected(deps):
-    ev = new_event(NOTIFICATION_FAILED, NotificationFailed(subscription="s", event_id="e", event_type="t", attempts=1,
-                                                          error=ErrorInfo(code="X", message="y")), source="n")
+    ev = new_event(
+        NOTIFICATION_FAILED,
+        NotificationFailed(
+            subscription="s", event_id="e", event_type="t", attempts=1, error=ErrorInfo(code="X", message="y")
+        ),
+        source="n",
+    )
     with pytest.raises(Reject):
         await handle(ev, deps)
 

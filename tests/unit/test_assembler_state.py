@@ -121,7 +121,10 @@ def test_artifact_run_round_trip():
         artifact_id="a",
         started_at=1.0,
         context={"x": [1, {"y": None}]},
-        parts=[PartPlan(id="p", content_config_id="c", depends_on=["q"]), PartPlan(id="q", content_config_id="c", required=False)],
+        parts=[
+            PartPlan(id="p", content_config_id="c", depends_on=["q"]),
+            PartPlan(id="q", content_config_id="c", required=False),
+        ],
         state={"p": PartState(), "q": PartState(status="omitted", error=ErrorInfo(code="E", message="m"))},
         layout="{{ parts.p }}",
     )
@@ -184,7 +187,9 @@ def test_build_completed_lists_items_from_the_bitmap():
     outcomes = {
         0: BatchItemOutcome(index=0, content_config_id="x", status="success"),
         1: BatchItemOutcome(index=1, content_config_id="y", status="success"),  # stored, never counted
-        2: BatchItemOutcome(index=2, content_config_id="z", status="error", error=ErrorInfo(code="CONFIG_NOT_FOUND", message="m")),
+        2: BatchItemOutcome(
+            index=2, content_config_id="z", status="error", error=ErrorInfo(code="CONFIG_NOT_FOUND", message="m")
+        ),
     }
     c, items = bat.build_completed("B", r, outcomes, ["x", "y", "z", "w"])
     assert (c.status, c.total, c.successful, c.failed, c.skipped) == ("error", 4, 1, 1, 2)

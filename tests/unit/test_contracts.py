@@ -18,7 +18,9 @@ from contracts.tracing import child_traceparent, parse_traceparent, w3c_trace_id
 
 
 def req(**ctx):
-    return new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world", context=ctx), source="t")
+    return new_event(
+        GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world", context=ctx), source="t"
+    )
 
 
 def test_binary_round_trip_keeps_every_attribute():
@@ -62,8 +64,13 @@ def test_malformed_events_get_a_code(mutate, code):
 
 def test_events_from_the_official_sdk_are_accepted_in_both_modes():
     sdk_event = SdkEvent(
-        {"id": "sdk-1", "source": "urn:sdk", "type": GENERATION_REQUESTED, "specversion": "1.0",
-         "datacontenttype": "application/json"},
+        {
+            "id": "sdk-1",
+            "source": "urn:sdk",
+            "type": GENERATION_REQUESTED,
+            "specversion": "1.0",
+            "datacontenttype": "application/json",
+        },
         {"content_config_id": "hello-world", "context": {"x": 1}},
     )
     binary = ce_http.to_binary(sdk_event, JSONFormat())
@@ -76,7 +83,15 @@ def test_events_from_the_official_sdk_are_accepted_in_both_modes():
 
 def test_derived_ids_are_deterministic_and_trace_is_carried():
     cause = req()
-    out = [new_event(CONTENT_GENERATED, ContentGenerated(request_id=cause.id, content_config_id="x", status="success"), source="g", cause=cause) for _ in range(2)]
+    out = [
+        new_event(
+            CONTENT_GENERATED,
+            ContentGenerated(request_id=cause.id, content_config_id="x", status="success"),
+            source="g",
+            cause=cause,
+        )
+        for _ in range(2)
+    ]
     assert out[0].id == out[1].id != cause.id
     assert out[0].traceid == cause.traceid
     parent = parse_traceparent(cause.traceparent)
@@ -88,7 +103,12 @@ def test_a_cause_with_only_a_traceparent_keeps_its_trace():
     cause = req()
     cause.traceid = None
     cause.traceparent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
-    out = new_event(CONTENT_GENERATED, ContentGenerated(request_id=cause.id, content_config_id="x", status="success"), source="g", cause=cause)
+    out = new_event(
+        CONTENT_GENERATED,
+        ContentGenerated(request_id=cause.id, content_config_id="x", status="success"),
+        source="g",
+        cause=cause,
+    )
     assert out.traceid == "ab" * 16
     assert out.traceparent.startswith("00-" + "ab" * 16 + "-")
 

@@ -22,7 +22,18 @@ ALERTS = ROOT / "dashboards" / "alerts.yml"
 PROM = ROOT / "dashboards" / "prometheus.yml"
 
 # Grafana's own variables, always defined
-BUILTIN_VARS = {"__rate_interval", "__interval", "__interval_ms", "__range", "__range_s", "__range_ms", "__name", "__dashboard", "__from", "__to"}
+BUILTIN_VARS = {
+    "__rate_interval",
+    "__interval",
+    "__interval_ms",
+    "__range",
+    "__range_s",
+    "__range_ms",
+    "__name",
+    "__dashboard",
+    "__from",
+    "__to",
+}
 VAR_RE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
 METRIC_RE = re.compile(r"\b((?:chora|process)_[a-z0-9_]+)")
 
@@ -95,8 +106,24 @@ def test_every_target_uses_the_datasource_variable(dashboard):
 
 
 # Grafana's core panel types (what a stock Grafana 10/11 renders without plugins)
-CORE_PANELS = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "state-timeline", "status-history",
-               "barchart", "piechart", "heatmap", "histogram", "text", "logs", "nodeGraph", "alertlist"}
+CORE_PANELS = {
+    "row",
+    "timeseries",
+    "stat",
+    "gauge",
+    "bargauge",
+    "table",
+    "state-timeline",
+    "status-history",
+    "barchart",
+    "piechart",
+    "heatmap",
+    "histogram",
+    "text",
+    "logs",
+    "nodeGraph",
+    "alertlist",
+}
 MAPPING_TYPES = {"value", "range", "regex", "special"}
 
 
@@ -168,31 +195,79 @@ def exposed_text() -> str:
     """What the five services' /metrics show together once every kind of figure exists:
     the consumer loop's and process figures (every service), the telemetry sink's, the notifier's."""
     from contracts.catalogue import (
-        ARTIFACT_ASSEMBLED, BATCH_COMPLETED, CONTENT_GENERATED, CONTENT_VALIDATED,
-        NOTIFICATION_DELIVERED, NOTIFICATION_FAILED,
+        ARTIFACT_ASSEMBLED,
+        BATCH_COMPLETED,
+        CONTENT_GENERATED,
+        CONTENT_VALIDATED,
+        NOTIFICATION_DELIVERED,
+        NOTIFICATION_FAILED,
     )
     from contracts.envelope import new_event
     from contracts.events import (
-        ArtifactAssembled, BatchCompleted, ContentGenerated, ContentValidated, ErrorInfo,
-        NotificationDelivered, NotificationFailed, ValidationIssue,
+        ArtifactAssembled,
+        BatchCompleted,
+        ContentGenerated,
+        ContentValidated,
+        ErrorInfo,
+        NotificationDelivered,
+        NotificationFailed,
+        ValidationIssue,
     )
 
     m = TelemetryMetrics()
     for ev in (
-        new_event(CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="c", status="success",
-                                                      generator_type="jinja2", duration_ms=3), source="t"),
-        new_event(CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="c", status="error",
-                                                      error=ErrorInfo(code="X", message="m")), source="t"),
-        new_event(CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="c", valid=False,
-                                                      issues=[ValidationIssue(rule="regex", severity="error", message="m")]), source="t"),
-        new_event(BATCH_COMPLETED, BatchCompleted(batch_id="b", status="success", total=3, successful=2, failed=1,
-                                                  duration_ms=10), source="t"),
-        new_event(ARTIFACT_ASSEMBLED, ArtifactAssembled(request_id="r", artifact_id="a", status="success",
-                                                        duration_ms=5), source="t"),
-        new_event(NOTIFICATION_DELIVERED, NotificationDelivered(subscription="s", event_id="e", event_type="t",
-                                                                attempts=1, status_code=200, duration_ms=2), source="t"),
-        new_event(NOTIFICATION_FAILED, NotificationFailed(subscription="s", event_id="e", event_type="t", attempts=1,
-                                                          error=ErrorInfo(code="CIRCUIT_OPEN", message="m")), source="t"),
+        new_event(
+            CONTENT_GENERATED,
+            ContentGenerated(
+                request_id="r", content_config_id="c", status="success", generator_type="jinja2", duration_ms=3
+            ),
+            source="t",
+        ),
+        new_event(
+            CONTENT_GENERATED,
+            ContentGenerated(
+                request_id="r", content_config_id="c", status="error", error=ErrorInfo(code="X", message="m")
+            ),
+            source="t",
+        ),
+        new_event(
+            CONTENT_VALIDATED,
+            ContentValidated(
+                request_id="r",
+                content_config_id="c",
+                valid=False,
+                issues=[ValidationIssue(rule="regex", severity="error", message="m")],
+            ),
+            source="t",
+        ),
+        new_event(
+            BATCH_COMPLETED,
+            BatchCompleted(batch_id="b", status="success", total=3, successful=2, failed=1, duration_ms=10),
+            source="t",
+        ),
+        new_event(
+            ARTIFACT_ASSEMBLED,
+            ArtifactAssembled(request_id="r", artifact_id="a", status="success", duration_ms=5),
+            source="t",
+        ),
+        new_event(
+            NOTIFICATION_DELIVERED,
+            NotificationDelivered(
+                subscription="s", event_id="e", event_type="t", attempts=1, status_code=200, duration_ms=2
+            ),
+            source="t",
+        ),
+        new_event(
+            NOTIFICATION_FAILED,
+            NotificationFailed(
+                subscription="s",
+                event_id="e",
+                event_type="t",
+                attempts=1,
+                error=ErrorInfo(code="CIRCUIT_OPEN", message="m"),
+            ),
+            source="t",
+        ),
     ):
         m.written(ev, 0.0)
     from types import SimpleNamespace
@@ -204,20 +279,32 @@ def exposed_text() -> str:
     service = ServiceMetrics()
     service.consumer("generator", [CONTENT_GENERATED])
     service.handled("generator", CONTENT_GENERATED, "ack", 0.001)
-    service.published("generator", [new_event(CONTENT_GENERATED, ContentGenerated(
-        request_id="r", content_config_id="c", status="success"), source="t")])
+    service.published(
+        "generator",
+        [
+            new_event(
+                CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="c", status="success"), source="t"
+            )
+        ],
+    )
     notifier = NotifierMetrics()
     notifier.watch({"s": SimpleNamespace(circuit=CircuitBreaker(), stats={"delivered": 1})})
     service.include(notifier.registry)
     service.include(m.registry)
-    m.jetstream_polled(JetStreamSnapshot(
-        1.0, "E", "D",
-        streams=[StreamFigures("E", 10, 100, 2), StreamFigures("D", 1, 10, 0)],
-        consumers=[ConsumerFigures("E", "generator", 3, 2, 1, 0)],
-        account=AccountFigures(0, 110, 2, 2),
-        servers=[ServerFigures("127.0.0.1:8222", True, connections=5, in_msgs=10, slow_consumers=0),
-                 ServerFigures("nats-2:8222", False)],
-    ))
+    m.jetstream_polled(
+        JetStreamSnapshot(
+            1.0,
+            "E",
+            "D",
+            streams=[StreamFigures("E", 10, 100, 2), StreamFigures("D", 1, 10, 0)],
+            consumers=[ConsumerFigures("E", "generator", 3, 2, 1, 0)],
+            account=AccountFigures(0, 110, 2, 2),
+            servers=[
+                ServerFigures("127.0.0.1:8222", True, connections=5, in_msgs=10, slow_consumers=0),
+                ServerFigures("nats-2:8222", False),
+            ],
+        )
+    )
     m.jetstream_failed()
     return generate_latest(service.registry).decode()
 
@@ -243,9 +330,26 @@ def test_exposed_labels_carry_no_ids():
     """Label names come from a short, closed list (no id of an event, request, trace or batch)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    allowed = {"event_type", "status", "generator", "code", "result", "rule", "severity", "outcome",
-               "subscription", "consumer", "stream", "version", "python", "le", "state", "from_state", "to_state",
-               "server"}
+    allowed = {
+        "event_type",
+        "status",
+        "generator",
+        "code",
+        "result",
+        "rule",
+        "severity",
+        "outcome",
+        "subscription",
+        "consumer",
+        "stream",
+        "version",
+        "python",
+        "le",
+        "state",
+        "from_state",
+        "to_state",
+        "server",
+    }
     seen = set()
     for fam in text_string_to_metric_families(exposed_text()):
         for smp in fam.samples:
@@ -259,8 +363,13 @@ def test_alert_rules_shape():
     doc = yaml.safe_load(ALERTS.read_text())
     rules = [r for g in doc["groups"] for r in g["rules"]]
     names = {r["alert"] for r in rules}
-    assert {"ChoraDeadLettersGrowing", "ChoraConsumerLagRising", "ChoraGenerationErrorRatioHigh",
-            "ChoraWebhookCircuitOpen", "ChoraServiceDown"} <= names
+    assert {
+        "ChoraDeadLettersGrowing",
+        "ChoraConsumerLagRising",
+        "ChoraGenerationErrorRatioHigh",
+        "ChoraWebhookCircuitOpen",
+        "ChoraServiceDown",
+    } <= names
     assert len(names) == len(rules)
     for r in rules:
         assert r["labels"]["severity"] in ("warning", "critical"), r["alert"]
@@ -295,8 +404,13 @@ async def test_jetstream_figures_poll_failure_keeps_last_and_flags_it(tmp_path):
         calls.append(1)
         if len(calls) == 2:
             raise ConnectionError("nats unreachable")
-        return JetStreamSnapshot(float(len(calls)), "E", "D", streams=[StreamFigures("D", len(calls), 1, 0)],
-                                 consumers=[ConsumerFigures("E", "generator", 7, 1, 0, 0)])
+        return JetStreamSnapshot(
+            float(len(calls)),
+            "E",
+            "D",
+            streams=[StreamFigures("D", len(calls), 1, 0)],
+            consumers=[ConsumerFigures("E", "generator", 7, 1, 0, 0)],
+        )
 
     app = TelemetryApp(JsonlSink(tmp_path / "e.jsonl"), monitor=monitor, monitor_interval_s=0)
     await app.start()

@@ -28,7 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def req(trace: str, i: int = 0):
     return new_event(
-        GENERATION_REQUESTED, GenerationRequested(content_config_id="welcome", context={"i": i}), source="t", trace_id=trace
+        GENERATION_REQUESTED,
+        GenerationRequested(content_config_id="welcome", context={"i": i}),
+        source="t",
+        trace_id=trace,
     )
 
 
@@ -237,7 +240,11 @@ async def test_tail_finishes_the_old_file_then_follows_the_new_one(tmp_path):
         assert sink.rotations == 1 and not rotation.list_rotated(path)[0].path.name.endswith(".jsonl")
         waits = gate.waits
         gate.step()
-        await wait_for(lambda: got == [a1.id, a2.id, a3.id] and gate.waits > waits, 10, "the rest of the old file, then the new one")
+        await wait_for(
+            lambda: got == [a1.id, a2.id, a3.id] and gate.waits > waits,
+            10,
+            "the rest of the old file, then the new one",
+        )
         # a second rotation while following
         await sink.write(a4)  # rotates (noise, a3 full) -> a4 in a third file
         assert sink.rotations == 2
@@ -261,7 +268,10 @@ async def test_tail_cli_follows_a_rotation(tmp_path):
     await sink.write(evs[0])
     proc = subprocess.Popen(
         [sys.executable, "-m", "chora", "events", "tail", "--file", str(path), "--trace-id", "trace-t"],
-        cwd=ROOT, env=child_env(CHORA_HOME=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=child_env(CHORA_HOME=str(tmp_path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     got: list[str] = []
 

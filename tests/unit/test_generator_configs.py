@@ -88,7 +88,23 @@ def test_all_fields_are_kept(cdir):
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "Hello", "1abc", "-a", "a_b", "a/b", "../x", "..", "/etc/passwd", "a.b", "hello\n", "héllo", "a" * 129, 5, None],
+    [
+        "",
+        "Hello",
+        "1abc",
+        "-a",
+        "a_b",
+        "a/b",
+        "../x",
+        "..",
+        "/etc/passwd",
+        "a.b",
+        "hello\n",
+        "héllo",
+        "a" * 129,
+        5,
+        None,
+    ],
 )
 def test_invalid_ids_are_refused_before_any_path_is_built(cdir, bad, monkeypatch):
     store = ConfigStore(cdir)
@@ -185,7 +201,10 @@ def test_unparseable_files(cdir, name, text, needle):
 
 
 def test_oversized_file_is_refused(cdir):
-    write(cdir / "big.json", '{"id": "big", "generator": "demonstration", "example_output": "' + "x" * MAX_FILE_BYTES + '"}')
+    write(
+        cdir / "big.json",
+        '{"id": "big", "generator": "demonstration", "example_output": "' + "x" * MAX_FILE_BYTES + '"}',
+    )
     err = error_of(ConfigStore(cdir), "big")
     assert err.code == "CONFIG_INVALID" and "over the limit" in err.message
 
@@ -211,7 +230,9 @@ def test_config_symlink_inside_is_fine(cdir):
     assert ConfigStore(cdir).get("linked").template == "ok"
 
 
-@pytest.mark.parametrize("template_file", ["../../etc/passwd", "/etc/passwd", "../outside.j2", "templates/../../outside.j2"])
+@pytest.mark.parametrize(
+    "template_file", ["../../etc/passwd", "/etc/passwd", "../outside.j2", "templates/../../outside.j2"]
+)
 def test_template_file_escapes_are_refused(tmp_path, cdir, template_file):
     write(tmp_path / "outside.j2", "secret")
     write_json(cdir, {"id": "esc", "generator": "jinja2", "template_file": template_file})
@@ -269,7 +290,9 @@ def test_cached_lookup_costs_one_stat_and_no_read(cdir, monkeypatch):
     real_stat = os.stat
     monkeypatch.setattr(configs_mod.os, "stat", lambda p, *a, **k: calls.append(p) or real_stat(p, *a, **k))
     monkeypatch.setattr(ConfigStore, "_read", lambda *a, **k: pytest.fail("a cached config was read again"))
-    monkeypatch.setattr(ContentConfig, "model_validate", lambda *a, **k: pytest.fail("a cached config was validated again"))
+    monkeypatch.setattr(
+        ContentConfig, "model_validate", lambda *a, **k: pytest.fail("a cached config was validated again")
+    )
     assert store.get("hot") is first
     assert len(calls) == 1
 

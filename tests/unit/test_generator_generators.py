@@ -169,7 +169,10 @@ def test_template_fill_has_no_logic_and_never_reexpands_values():
     assert fill("no placeholders at all { } }}", {}) == "no placeholders at all { } }}"
 
 
-@pytest.mark.parametrize("template, name", [("{{ missing }}", "missing"), ("x\n{{ a.b }}", "a.b"), ("{{ a.c.d }}", "a.c.d"), ("{{ l.5 }}", "l.5")])
+@pytest.mark.parametrize(
+    "template, name",
+    [("{{ missing }}", "missing"), ("x\n{{ a.b }}", "a.b"), ("{{ a.c.d }}", "a.c.d"), ("{{ l.5 }}", "l.5")],
+)
 def test_template_fill_missing_variable(template, name):
     with pytest.raises(GenerationError) as ei:
         fill(template, {"a": {"c": "str"}, "l": [1]})
@@ -183,7 +186,9 @@ def test_template_fill_missing_variable_reports_line():
     assert "line 3" in ei.value.message
 
 
-@pytest.mark.parametrize("template", ["{{ name | upper }}", "{% if x %}{{ x }}{% endif %}{{ x y }}", "{{ }}", "{{ 1abc }}"])
+@pytest.mark.parametrize(
+    "template", ["{{ name | upper }}", "{% if x %}{{ x }}{% endif %}{{ x y }}", "{{ }}", "{{ 1abc }}"]
+)
 def test_template_fill_refuses_anything_but_plain_names(template):
     with pytest.raises(GenerationError) as ei:
         fill(template, {"name": "a", "x": 1, "y": 2})

@@ -31,7 +31,10 @@ def request(config_id="greet", context=None, *, trace_id="trace-1"):
 @pytest.fixture
 def cdir(tmp_path) -> Path:
     d = tmp_path / "configs"
-    write(d / "greet.json", {"id": "greet", "generator": "jinja2", "template": "Hello {{ name }}!", "context": {"name": "World", "n": 1}})
+    write(
+        d / "greet.json",
+        {"id": "greet", "generator": "jinja2", "template": "Hello {{ name }}!", "context": {"name": "World", "n": 1}},
+    )
     write(d / "fill.json", {"id": "fill", "generator": "template_fill", "template": "{{ a.b }}"})
     write(d / "demo.json", {"id": "demo", "generator": "demonstration", "example_output": "fixed"})
     write(d / "nodemo.json", {"id": "nodemo", "generator": "demonstration"})
@@ -135,7 +138,10 @@ async def test_template_fill_and_demonstration_through_the_handler(store, regist
 
 async def test_edited_config_is_used_on_the_next_request(cdir, store, registry):
     assert (await handle(request("greet"), store, registry)).content == "Hello World!"
-    p = write(cdir / "greet.json", {"id": "greet", "generator": "jinja2", "template": "Bye {{ name }}.", "context": {"name": "World"}})
+    p = write(
+        cdir / "greet.json",
+        {"id": "greet", "generator": "jinja2", "template": "Bye {{ name }}.", "context": {"name": "World"}},
+    )
     st = p.stat()
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
     assert (await handle(request("greet"), store, registry)).content == "Bye World."
@@ -267,7 +273,9 @@ async def test_retry_from_a_generator_propagates(store, registry):
 
 
 async def test_other_event_types_are_rejected(store, registry):
-    ev = new_event(CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="greet", status="success"), source="x")
+    ev = new_event(
+        CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="greet", status="success"), source="x"
+    )
     with pytest.raises(Reject) as ei:
         await handle_generation_requested(ev, store, registry, SOURCE)
     assert ei.value.code == "UNEXPECTED_TYPE"
@@ -366,4 +374,3 @@ async def test_example_contents(registry):
     assert doc.content.startswith("## POST /v1/x")
     mail = await handle(request("welcome-email", {"ignored": True}), store, registry)
     assert mail.content.startswith("Subject: Welcome")
-

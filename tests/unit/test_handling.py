@@ -15,7 +15,9 @@ def requested() -> CloudEvent:
 
 
 def generated() -> CloudEvent:
-    return new_event(CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="c", status="success"), source="t")
+    return new_event(
+        CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="c", status="success"), source="t"
+    )
 
 
 async def test_each_event_goes_to_the_handler_of_its_type_with_the_delivery_and_the_deps():

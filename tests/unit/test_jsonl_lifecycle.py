@@ -28,7 +28,10 @@ DAY2 = DAY1 + 120  # 2025-03-10 00:01
 
 def requested(i: int = 0, trace: str | None = None):
     return new_event(
-        GENERATION_REQUESTED, GenerationRequested(content_config_id="welcome", context={"i": i}), source="t", trace_id=trace
+        GENERATION_REQUESTED,
+        GenerationRequested(content_config_id="welcome", context={"i": i}),
+        source="t",
+        trace_id=trace,
     )
 
 
@@ -251,7 +254,9 @@ async def test_restart_reads_rotated_files_only_within_the_horizon(tmp_path):
 async def test_compression_runs_in_a_thread(tmp_path, monkeypatch):
     threads = []
     real = rotation.compress
-    monkeypatch.setattr(rotation, "compress", lambda p, **kw: (threads.append(threading.current_thread()), real(p, **kw))[1])
+    monkeypatch.setattr(
+        rotation, "compress", lambda p, **kw: (threads.append(threading.current_thread()), real(p, **kw))[1]
+    )
     s = JsonlSink(tmp_path / "events.jsonl", rotate_bytes=line_size() + 10, clock=Clock(DAY1))
     await s.start()
     await s.write(requested(1))

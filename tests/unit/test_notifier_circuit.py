@@ -109,7 +109,9 @@ def test_released_trial_frees_its_slot():
 
 def test_transition_hook_and_snapshot():
     seen = []
-    cb = CircuitBreaker(CircuitConfig(failure_threshold=1), clock=Clock(), on_transition=lambda a, b: seen.append((a, b)))
+    cb = CircuitBreaker(
+        CircuitConfig(failure_threshold=1), clock=Clock(), on_transition=lambda a, b: seen.append((a, b))
+    )
     fail(cb, 1)
     assert seen == [(CLOSED, OPEN)]
     snap = cb.snapshot()

@@ -71,8 +71,12 @@ def test_filters_match_fields_the_event_has_and_never_a_missing_one():
     assert not sub.matches(CONTENT_GENERATED, ok)
     assert not sub.matches(CONTENT_GENERATED, other)
     # content_validated has no status: `status: [error]` never lets it through
-    assert not sub.matches(CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="release-notes", valid=False))
-    assert not sub.matches(BATCH_COMPLETED, BatchCompleted(batch_id="b", status="error", total=1, successful=0, failed=1))
+    assert not sub.matches(
+        CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="release-notes", valid=False)
+    )
+    assert not sub.matches(
+        BATCH_COMPLETED, BatchCompleted(batch_id="b", status="error", total=1, successful=0, failed=1)
+    )
     assert sub.matches(CONTENT_GENERATED, {"status": "error", "content_config_id": "release-notes"})
 
 
@@ -153,7 +157,13 @@ def test_secrets_come_from_the_environment_and_never_appear_in_errors():
 
 def test_credentials_in_the_url_are_hidden_from_logs():
     cfg = parse_config(
-        json.dumps({"subscriptions": [{"name": "a", "events": ["chora.*"], "url": "https://u:pw@h.example:8443/p?q=1", "secret_env": "S"}]})
+        json.dumps(
+            {
+                "subscriptions": [
+                    {"name": "a", "events": ["chora.*"], "url": "https://u:pw@h.example:8443/p?q=1", "secret_env": "S"}
+                ]
+            }
+        )
     )
     assert cfg.subscriptions[0].safe_url == "https://***@h.example:8443/p?q=1"
 
@@ -170,7 +180,11 @@ def test_the_example_file_is_valid():
     "event_type, data, delivered",
     [
         (CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="release-notes", status="error"), True),
-        (CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="release-notes", status="success"), False),
+        (
+            CONTENT_GENERATED,
+            ContentGenerated(request_id="r", content_config_id="release-notes", status="success"),
+            False,
+        ),
         (CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="hello-world", status="error"), False),
         (CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="api-endpoint-doc", valid=False), True),
         (CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="api-endpoint-doc", valid=True), False),

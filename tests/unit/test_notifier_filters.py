@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from contracts.catalogue import ARTIFACT_ASSEMBLED, BATCH_COMPLETED, CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
+from contracts.catalogue import (
+    ARTIFACT_ASSEMBLED,
+    BATCH_COMPLETED,
+    CONTENT_GENERATED,
+    CONTENT_VALIDATED,
+    GENERATION_REQUESTED,
+)
 from contracts.events import ContentGenerated, ContentValidated, ErrorInfo, GenerationRequested, Origin
 from services.notifier.filters import check, matches
 
@@ -74,7 +80,11 @@ def test_checks_pass_for_fields_and_values_the_events_can_have(filters, types):
 @pytest.mark.parametrize(
     "filters, types, message",
     [
-        ([{"valid": [False]}], (CONTENT_GENERATED,), "'valid' is in none of the subscribed events (chora.content_generated)"),
+        (
+            [{"valid": [False]}],
+            (CONTENT_GENERATED,),
+            "'valid' is in none of the subscribed events (chora.content_generated)",
+        ),
         ([{"valid": ["false"]}], (CONTENT_VALIDATED,), "a boolean: write true or false"),
         ([{"status": ["failed"]}], (CONTENT_GENERATED,), "'status' is never 'failed'"),
         ([{"total": ["3"]}], (BATCH_COMPLETED,), "'total' is never '3'"),

@@ -55,7 +55,9 @@ def target(*results: DeliveryResult, clock=None, name_suffix: str = "") -> Targe
     sub = parse_config(CONFIG).subscriptions[0]
     if name_suffix:
         sub = sub.model_copy(update={"name": sub.name + name_suffix})
-    return Target(sub, ScriptedSender(*results), CircuitBreaker(sub.circuit, clock=clock or Clock()), rng=random.Random(1))
+    return Target(
+        sub, ScriptedSender(*results), CircuitBreaker(sub.circuit, clock=clock or Clock()), rng=random.Random(1)
+    )
 
 
 def failed_generation(**kw) -> CloudEvent:
@@ -92,7 +94,11 @@ async def test_delivered_yields_notification_delivered_with_a_stable_id():
     data = out[0].data
     assert isinstance(data, NotificationDelivered)
     assert (data.subscription, data.event_id, data.event_type, data.attempts, data.status_code) == (
-        "hook", ev.id, CONTENT_GENERATED, 1, 204
+        "hook",
+        ev.id,
+        CONTENT_GENERATED,
+        1,
+        204,
     )
     assert out[0].traceid == ev.traceid
     again = await notify(ev, t)  # a redelivery handled again: same id, JetStream drops the re-publish
@@ -108,7 +114,10 @@ async def test_events_not_for_the_subscription_are_acked_without_a_call():
     loop = new_event(
         NOTIFICATION_FAILED,
         NotificationFailed(
-            subscription="x", event_id="e", event_type=NOTIFICATION_FAILED, attempts=1,
+            subscription="x",
+            event_id="e",
+            event_type=NOTIFICATION_FAILED,
+            attempts=1,
             error=ErrorInfo(code="C", message="m"),
         ),
         source="t",
@@ -141,7 +150,13 @@ async def test_last_attempt_rejects_with_notification_failed():
     [failed] = r.value.events
     assert failed.type == NOTIFICATION_FAILED
     d = failed.data
-    assert (d.subscription, d.event_id, d.attempts, d.dead_lettered, d.error.code) == ("hook", ev.id, 3, True, "MAX_ATTEMPTS")
+    assert (d.subscription, d.event_id, d.attempts, d.dead_lettered, d.error.code) == (
+        "hook",
+        ev.id,
+        3,
+        True,
+        "MAX_ATTEMPTS",
+    )
     assert "HTTP_503" in d.error.message
 
 

@@ -21,8 +21,16 @@ def write(tmp_path, subs) -> object:
 
 SUBS = [
     {"name": "a", "events": ["chora.batch_completed"], "url": "http://127.0.0.1:9/a", "secret_env": "A_SECRET"},
-    {"name": "b", "events": ["chora.content_*"], "url": "http://127.0.0.1:9/b", "secret_env": "B_SECRET",
-     "timeout_s": 40, "max_attempts": 3, "max_in_flight": 8, "circuit": {"max_deferrals": 10}},
+    {
+        "name": "b",
+        "events": ["chora.content_*"],
+        "url": "http://127.0.0.1:9/b",
+        "secret_env": "B_SECRET",
+        "timeout_s": 40,
+        "max_attempts": 3,
+        "max_in_flight": 8,
+        "circuit": {"max_deferrals": 10},
+    },
 ]
 
 

@@ -16,13 +16,40 @@ from contracts.envelope import EnvelopeError, decode, encode_binary, encode_stru
 from contracts.events import GenerationRequested
 
 header_names = st.one_of(
-    st.sampled_from(["ce-id", "ce-source", "ce-type", "ce-specversion", "ce-time", "ce-datacontenttype",
-                     "ce-subject", "ce-traceid", "ce-traceparent", "Content-Type", "ce-x", "Nats-Msg-Id"]),
+    st.sampled_from(
+        [
+            "ce-id",
+            "ce-source",
+            "ce-type",
+            "ce-specversion",
+            "ce-time",
+            "ce-datacontenttype",
+            "ce-subject",
+            "ce-traceid",
+            "ce-traceparent",
+            "Content-Type",
+            "ce-x",
+            "Nats-Msg-Id",
+        ]
+    ),
     st.text(min_size=1, max_size=20),
 )
 header_values = st.one_of(
-    st.sampled_from(["1.0", "0.3", GENERATION_REQUESTED, "chora.nope", "application/json",
-                     "application/cloudevents+json", "text/plain", "%", "%zz", "%C3%28", "%E2%82%AC"]),
+    st.sampled_from(
+        [
+            "1.0",
+            "0.3",
+            GENERATION_REQUESTED,
+            "chora.nope",
+            "application/json",
+            "application/cloudevents+json",
+            "text/plain",
+            "%",
+            "%zz",
+            "%C3%28",
+            "%E2%82%AC",
+        ]
+    ),
     st.text(max_size=40),
 )
 json_values = st.recursive(
@@ -33,7 +60,9 @@ json_values = st.recursive(
 bodies = st.one_of(
     st.binary(max_size=200),
     json_values.map(lambda v: json.dumps(v).encode()),
-    st.fixed_dictionaries({"content_config_id": st.text(max_size=20), "context": json_values}).map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"content_config_id": st.text(max_size=20), "context": json_values}).map(
+        lambda v: json.dumps(v).encode()
+    ),
 )
 
 
@@ -56,7 +85,12 @@ def test_decode_returns_an_event_or_an_envelope_error(headers, body):
     st.booleans(),
 )
 def test_any_valid_event_round_trips_in_both_modes(config_id, context, subject, structured):
-    ev = new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id=config_id, context=context), source="p", subject=subject or None)
+    ev = new_event(
+        GENERATION_REQUESTED,
+        GenerationRequested(content_config_id=config_id, context=context),
+        source="p",
+        subject=subject or None,
+    )
     headers, body = (encode_structured if structured else encode_binary)(ev)
     back = decode(headers, body)
     assert back.id == ev.id and back.subject == ev.subject and back.traceid == ev.traceid
@@ -67,9 +101,17 @@ config_docs = st.one_of(
     st.text(max_size=200),
     json_values.map(json.dumps),
     st.fixed_dictionaries(
-        {"id": st.sampled_from(["p", "x", "P", "../p"]), "generator": st.sampled_from(["jinja2", "template_fill", "nope", 3])},
-        optional={"template": st.one_of(st.text(max_size=30), st.integers()), "template_file": st.text(max_size=30),
-                  "context": json_values, "extra": st.text(max_size=5), "validation": json_values},
+        {
+            "id": st.sampled_from(["p", "x", "P", "../p"]),
+            "generator": st.sampled_from(["jinja2", "template_fill", "nope", 3]),
+        },
+        optional={
+            "template": st.one_of(st.text(max_size=30), st.integers()),
+            "template_file": st.text(max_size=30),
+            "context": json_values,
+            "extra": st.text(max_size=5),
+            "validation": json_values,
+        },
     ).map(lambda d: yaml.safe_dump(d)),
 )
 
@@ -82,7 +124,13 @@ def test_config_loader_loads_or_says_why(doc, name):
         try:
             cfg = ConfigStore(Path(d)).get("p")
         except ConfigError as e:
-            assert e.code in {"CONFIG_INVALID", "CONFIG_NOT_FOUND", "TEMPLATE_NOT_FOUND", "PATH_OUTSIDE_CONFIGS", "INVALID_CONFIG_ID"}
+            assert e.code in {
+                "CONFIG_INVALID",
+                "CONFIG_NOT_FOUND",
+                "TEMPLATE_NOT_FOUND",
+                "PATH_OUTSIDE_CONFIGS",
+                "INVALID_CONFIG_ID",
+            }
             assert e.message
         else:
             assert cfg.id == "p"

@@ -127,6 +127,7 @@ async def test_a_slow_job_in_a_batch_does_not_fail_the_others(pool, store):
 
 def test_the_sandbox_overrides_only_documented_hooks():
     """No private jinja2 API: what the sandbox and the extension redefine are documented hooks."""
+
     def redefined(cls: type, base: type) -> set[str]:
         return {k for k in vars(cls) if hasattr(base, k) and not (k.startswith("__") and k != "__init__")}
 

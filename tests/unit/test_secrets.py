@@ -87,7 +87,10 @@ async def test_a_failing_connection_logs_no_credentials(caplog):
     password, url_password = "natspw-" + secrets.token_hex(8), "urlpw-" + secrets.token_hex(8)
     port = _closed_port()
     for url, settings in (
-        (f"nats://127.0.0.1:{port}", NatsSettings(user="u", password=password, max_reconnect_attempts=1, connect_timeout=0.5)),
+        (
+            f"nats://127.0.0.1:{port}",
+            NatsSettings(user="u", password=password, max_reconnect_attempts=1, connect_timeout=0.5),
+        ),
         (f"nats://u:{url_password}@127.0.0.1:{port}", NatsSettings(max_reconnect_attempts=1, connect_timeout=0.5)),
     ):
         with pytest.raises(Exception) as info:
@@ -171,7 +174,13 @@ async def run_notifier(tmp_path, endpoint, caplog) -> dict:
                 outcomes[n] = await handlers[n](event, first)
             except (Retry, Reject) as e:
                 outcomes[n] = e
-        reports = [repr(app), repr(app.targets), repr(app.config), json.dumps(app.info()), json.dumps(app.status(), default=str)]
+        reports = [
+            repr(app),
+            repr(app.targets),
+            repr(app.config),
+            json.dumps(app.info()),
+            json.dumps(app.status(), default=str),
+        ]
     finally:
         await app.close()
 

@@ -34,14 +34,43 @@ def test_consumed_and_published_by_type_and_outcome():
     m.handled("generator", GENERATION_REQUESTED, "ack", 0.004)
     m.handled("generator", GENERATION_REQUESTED, "retry", 0.5)
     m.published("generator", [generated("success"), generated("error"), generated("success")])
-    verdict = new_event(CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="c", valid=True), source="t")
+    verdict = new_event(
+        CONTENT_VALIDATED, ContentValidated(request_id="r", content_config_id="c", valid=True), source="t"
+    )
     m.published("validator", [verdict])
     get = m.registry.get_sample_value
-    assert get("chora_events_consumed_total", {"consumer": "generator", "event_type": GENERATION_REQUESTED, "outcome": "ack"}) == 2
-    assert get("chora_events_consumed_total", {"consumer": "generator", "event_type": GENERATION_REQUESTED, "outcome": "retry"}) == 1
-    assert get("chora_events_published_total", {"consumer": "generator", "event_type": CONTENT_GENERATED, "status": "success"}) == 2
-    assert get("chora_events_published_total", {"consumer": "generator", "event_type": CONTENT_GENERATED, "status": "error"}) == 1
-    assert get("chora_events_published_total", {"consumer": "validator", "event_type": CONTENT_VALIDATED, "status": "ok"}) == 1
+    assert (
+        get(
+            "chora_events_consumed_total",
+            {"consumer": "generator", "event_type": GENERATION_REQUESTED, "outcome": "ack"},
+        )
+        == 2
+    )
+    assert (
+        get(
+            "chora_events_consumed_total",
+            {"consumer": "generator", "event_type": GENERATION_REQUESTED, "outcome": "retry"},
+        )
+        == 1
+    )
+    assert (
+        get(
+            "chora_events_published_total",
+            {"consumer": "generator", "event_type": CONTENT_GENERATED, "status": "success"},
+        )
+        == 2
+    )
+    assert (
+        get(
+            "chora_events_published_total",
+            {"consumer": "generator", "event_type": CONTENT_GENERATED, "status": "error"},
+        )
+        == 1
+    )
+    assert (
+        get("chora_events_published_total", {"consumer": "validator", "event_type": CONTENT_VALIDATED, "status": "ok"})
+        == 1
+    )
     assert get("chora_handler_duration_seconds_count", {"consumer": "generator"}) == 3
     assert get("chora_handler_duration_seconds_sum", {"consumer": "generator"}) == pytest.approx(0.506)
     assert get("chora_handler_duration_seconds_bucket", {"consumer": "generator", "le": "0.005"}) == 2
@@ -53,7 +82,13 @@ def test_a_consumers_series_start_at_zero():
     m.consumer("telemetry", None)  # every type
     get = m.registry.get_sample_value
     for outcome in ("ack", "retry", "dead"):
-        assert get("chora_events_consumed_total", {"consumer": "validator", "event_type": CONTENT_GENERATED, "outcome": outcome}) == 0
+        assert (
+            get(
+                "chora_events_consumed_total",
+                {"consumer": "validator", "event_type": CONTENT_GENERATED, "outcome": outcome},
+            )
+            == 0
+        )
     assert get("chora_handler_duration_seconds_count", {"consumer": "validator"}) == 0
     for t in CATALOGUE:
         assert get("chora_events_consumed_total", {"consumer": "telemetry", "event_type": t, "outcome": "dead"}) == 0
@@ -69,9 +104,14 @@ def test_labels_stay_bounded():
         m.handled(f"consumer-{i}", GENERATION_REQUESTED, "ack", 0.001)
     get = m.registry.get_sample_value
     assert get("chora_events_consumed_total", {"consumer": "generator", "event_type": OTHER, "outcome": "dead"}) == 50
-    assert get("chora_events_consumed_total", {"consumer": "generator", "event_type": "unknown", "outcome": "dead"}) == 1
+    assert (
+        get("chora_events_consumed_total", {"consumer": "generator", "event_type": "unknown", "outcome": "dead"}) == 1
+    )
     # "generator" took one of the 100 places: 99 more fit, 21 are counted as "other"
-    assert get("chora_events_consumed_total", {"consumer": OTHER, "event_type": GENERATION_REQUESTED, "outcome": "ack"}) == 21
+    assert (
+        get("chora_events_consumed_total", {"consumer": OTHER, "event_type": GENERATION_REQUESTED, "outcome": "ack"})
+        == 21
+    )
     consumers = {s.labels["consumer"] for fam in m.registry.collect() for s in fam.samples if "consumer" in s.labels}
     assert len(consumers) == MAX_LABEL_VALUES + 1  # the first 100 and "other"
 
@@ -129,13 +169,25 @@ def test_circuit_state_is_live_and_reading_it_moves_nothing():
     m.watch({"hook": SimpleNamespace(circuit=breaker, stats=stats)})
     get = m.registry.get_sample_value
     assert states(m, "hook") == {"closed": 1, "open": 0, "half_open": 0}
-    assert get("chora_webhook_circuit_transitions_total", {"subscription": "hook", "from_state": "closed", "to_state": "open"}) == 0
+    assert (
+        get(
+            "chora_webhook_circuit_transitions_total",
+            {"subscription": "hook", "from_state": "closed", "to_state": "open"},
+        )
+        == 0
+    )
 
     breaker.failure(breaker.acquire())
     assert get("chora_webhook_consecutive_failures", {"subscription": "hook"}) == 1
     breaker.failure(breaker.acquire())
     assert states(m, "hook") == {"closed": 0, "open": 1, "half_open": 0}
-    assert get("chora_webhook_circuit_transitions_total", {"subscription": "hook", "from_state": "closed", "to_state": "open"}) == 1
+    assert (
+        get(
+            "chora_webhook_circuit_transitions_total",
+            {"subscription": "hook", "from_state": "closed", "to_state": "open"},
+        )
+        == 1
+    )
 
     # the reset timeout passes: a scrape shows half_open at once, without waiting for a delivery,
     # and without moving the breaker (that stays the event loop's business)
@@ -145,7 +197,13 @@ def test_circuit_state_is_live_and_reading_it_moves_nothing():
     assert breaker.state == "half_open"  # the breaker's own read moves it
     breaker.success(breaker.acquire())
     assert states(m, "hook") == {"closed": 1, "open": 0, "half_open": 0}
-    assert get("chora_webhook_circuit_transitions_total", {"subscription": "hook", "from_state": "half_open", "to_state": "closed"}) == 1
+    assert (
+        get(
+            "chora_webhook_circuit_transitions_total",
+            {"subscription": "hook", "from_state": "half_open", "to_state": "closed"},
+        )
+        == 1
+    )
 
     assert get("chora_notifier_events_total", {"subscription": "hook", "outcome": "delivered"}) == 4
     assert get("chora_notifier_events_total", {"subscription": "hook", "outcome": "deferred"}) == 0
@@ -157,10 +215,26 @@ async def test_the_notifier_app_reports_its_subscriptions(tmp_path):
     from services.notifier.service import NotifierApp
 
     config = tmp_path / "notifier.yaml"
-    config.write_text(json.dumps({"subscriptions": [
-        {"name": "a", "events": ["chora.batch_completed"], "url": "http://127.0.0.1:9/a", "secret_env": "S"},
-        {"name": "b", "events": ["chora.batch_completed"], "url": "http://127.0.0.1:9/b", "secret_env": "S"},
-    ]}))
+    config.write_text(
+        json.dumps(
+            {
+                "subscriptions": [
+                    {
+                        "name": "a",
+                        "events": ["chora.batch_completed"],
+                        "url": "http://127.0.0.1:9/a",
+                        "secret_env": "S",
+                    },
+                    {
+                        "name": "b",
+                        "events": ["chora.batch_completed"],
+                        "url": "http://127.0.0.1:9/b",
+                        "secret_env": "S",
+                    },
+                ]
+            }
+        )
+    )
     app = NotifierApp(config, environ={"S": "secret"})
     await app.start()
     try:
@@ -169,8 +243,13 @@ async def test_the_notifier_app_reports_its_subscriptions(tmp_path):
             assert reg.get_sample_value("chora_webhook_circuit_state", {"subscription": sub, "state": "closed"}) == 1
         app.targets["a"].circuit._open()  # as failures would
         assert reg.get_sample_value("chora_webhook_circuit_state", {"subscription": "a", "state": "open"}) == 1
-        assert reg.get_sample_value("chora_webhook_circuit_transitions_total",
-                                    {"subscription": "a", "from_state": "closed", "to_state": "open"}) == 1
+        assert (
+            reg.get_sample_value(
+                "chora_webhook_circuit_transitions_total",
+                {"subscription": "a", "from_state": "closed", "to_state": "open"},
+            )
+            == 1
+        )
         assert reg.get_sample_value("chora_webhook_circuit_state", {"subscription": "b", "state": "closed"}) == 1
     finally:
         await app.close()
@@ -179,7 +258,11 @@ async def test_the_notifier_app_reports_its_subscriptions(tmp_path):
 # ---------------------------------------------------------------------- chora up
 def test_metrics_ports_under_chora_up():
     assert [metrics_port(9464, n) for n in ("telemetry", "generator", "validator", "assembler", "notifier")] == [
-        9464, 9465, 9466, 9467, 9468
+        9464,
+        9465,
+        9466,
+        9467,
+        9468,
     ]
     assert metrics_port(0, "generator") == 0  # each a free one
     assert metrics_port(-1, "generator") == -1  # none

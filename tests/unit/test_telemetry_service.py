@@ -82,8 +82,13 @@ async def test_handle_mirrors_and_metrics_over_http(app):
     req1, req2, req3 = requested("a"), requested("b"), requested("c")
     ok1 = generated(req1, generator_type="jinja2", duration_ms=250.0)
     ok2 = generated(req2, generator_type="jinja2", duration_ms=1500.0)
-    bad = generated(req3, status="error", generator_type="jinja2", duration_ms=3.0,
-                    error=ErrorInfo(code="TEMPLATE_ERROR", message="boom"))
+    bad = generated(
+        req3,
+        status="error",
+        generator_type="jinja2",
+        duration_ms=3.0,
+        error=ErrorInfo(code="TEMPLATE_ERROR", message="boom"),
+    )
     for ev in (req1, req2, req3, ok1, ok2, bad):
         assert await app.handle(ev, FIRST) == []
     # redeliveries: acknowledged, not written, counted as duplicates
@@ -109,17 +114,46 @@ async def test_handle_mirrors_and_metrics_over_http(app):
     assert s[("chora_generation_duration_seconds_sum", (("generator", "jinja2"),))] == pytest.approx(1.75)
     assert s[("chora_generation_duration_seconds_bucket", (("generator", "jinja2"), ("le", "0.5")))] == 1
     assert s[("chora_sink_lag_seconds_count", ())] == 6
-    assert s[("chora_events_consumed_total",
-              (("consumer", "telemetry"), ("event_type", CONTENT_GENERATED), ("outcome", "ack")))] == 2
-    assert s[("chora_events_consumed_total",
-              (("consumer", "telemetry"), ("event_type", GENERATION_REQUESTED), ("outcome", "retry")))] == 1
+    assert (
+        s[
+            (
+                "chora_events_consumed_total",
+                (("consumer", "telemetry"), ("event_type", CONTENT_GENERATED), ("outcome", "ack")),
+            )
+        ]
+        == 2
+    )
+    assert (
+        s[
+            (
+                "chora_events_consumed_total",
+                (("consumer", "telemetry"), ("event_type", GENERATION_REQUESTED), ("outcome", "retry")),
+            )
+        ]
+        == 1
+    )
     assert s[("chora_handler_duration_seconds_count", (("consumer", "telemetry"),))] == 3
 
     # no ids in labels: neither event ids, request ids nor trace ids appear anywhere
     for ev in (req1, req2, req3, ok1, ok2, bad):
         assert ev.id not in text
         assert ev.traceid not in text
-    allowed = {"event_type", "status", "generator", "consumer", "outcome", "le", "code", "result", "rule", "severity", "subscription", "stream", "version", "python"}
+    allowed = {
+        "event_type",
+        "status",
+        "generator",
+        "consumer",
+        "outcome",
+        "le",
+        "code",
+        "result",
+        "rule",
+        "severity",
+        "subscription",
+        "stream",
+        "version",
+        "python",
+    }
     for fam in text_string_to_metric_families(text):
         if fam.name.startswith("chora_"):
             for smp in fam.samples:

@@ -59,7 +59,15 @@ async def test_success_line_content(sink):
     assert await sink.write(ev) is True
     [line] = lines(sink.path)
     assert list(line)[:9] == [
-        "schema_version", "timestamp", "event_time", "event_id", "trace_id", "traceparent", "event_type", "source", "status",
+        "schema_version",
+        "timestamp",
+        "event_time",
+        "event_id",
+        "trace_id",
+        "traceparent",
+        "event_type",
+        "source",
+        "status",
     ]
     assert line["schema_version"] == 1
     assert line["event_id"] == ev.id
@@ -120,8 +128,13 @@ class BatchCompleted(msgspec.Struct, kw_only=True):
 
 
 async def test_unknown_event_type_is_mirrored_generically(sink):
-    data = BatchCompleted(batch_id="b-1", status="partial", items=3, source="from-data",
-                          error=ErrorInfo(code="SOME_FAILED", message="1 of 3 failed"))
+    data = BatchCompleted(
+        batch_id="b-1",
+        status="partial",
+        items=3,
+        source="from-data",
+        error=ErrorInfo(code="SOME_FAILED", message="1 of 3 failed"),
+    )
     ev = new_event("chora.batch_completed", data, source="assembler", subject="b-1")
     await sink.write(ev)
     [line] = lines(sink.path)
@@ -356,7 +369,7 @@ async def test_file_that_is_only_a_torn_line_becomes_empty(tmp_path):
 async def test_unreadable_line_in_the_middle_is_skipped(tmp_path):
     path = tmp_path / "events.jsonl"
     a = requested()
-    path.write_bytes(b'garbage\n' + json.dumps({"event_id": a.id}).encode() + b"\n{}\n")
+    path.write_bytes(b"garbage\n" + json.dumps({"event_id": a.id}).encode() + b"\n{}\n")
     s = JsonlSink(path)
     await s.start()
     assert await s.write(a) is False
@@ -388,7 +401,12 @@ async def test_configured_keys_are_redacted_at_any_depth(tmp_path):
 
     sink = _Sink(tmp_path / "e.jsonl", redact_keys=frozenset({"api_key", "password"}))
     await sink.start()
-    ctx = {"name": "Ada", "API_KEY": "sk-live-123", "db": {"password": "hunter2", "host": "h"}, "list": [{"password": "p2"}]}
+    ctx = {
+        "name": "Ada",
+        "API_KEY": "sk-live-123",
+        "db": {"password": "hunter2", "host": "h"},
+        "list": [{"password": "p2"}],
+    }
     await sink.write(_new(_GR, _Req(content_config_id="c", context=ctx), source="t"))
     await sink.close()
     text = (tmp_path / "e.jsonl").read_text()

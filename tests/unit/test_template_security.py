@@ -87,7 +87,9 @@ def secret(monkeypatch) -> str:
 def generate(registry, secret):
     """Run one request through the handler and the pool; fail on a hang, a raise or a leak."""
 
-    def _generate(configs_dir: Path, config_id: str, context: dict | None = None, *, leaks: tuple[str, ...] = ()) -> Outcome:
+    def _generate(
+        configs_dir: Path, config_id: str, context: dict | None = None, *, leaks: tuple[str, ...] = ()
+    ) -> Outcome:
         event = new_event(
             GENERATION_REQUESTED,
             GenerationRequested(content_config_id=config_id, context=context or {}),
@@ -254,11 +256,15 @@ def test_format_strings_from_the_request_are_sandboxed_too(generate, configs, fm
 DOUBLING = "{% set s = 'a' * 1000000 %}" + "{% set s = s ~ s %}" * 12 + "{{ s|length }}"
 DOUBLING_PLUS = "{% set s = 'a' * 1000000 %}" + "{% set s = s + s %}" * 12 + "{{ s|length }}"
 DOUBLING_JOIN = "{% set s = 'a' * 1000000 %}" + "{% set s = [s, s]|join %}" * 12 + "{{ s|length }}"
-DOUBLING_LOOP = "{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"
+DOUBLING_LOOP = (
+    "{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"
+)
 DOUBLING_TUPLE = "{% set t = (1,) * 1000000 %}" + "{% set t = t + t %}" * 12 + "{{ t|length }}"
 BIGNUM_SQUARING = "{% set n = 9 ** 4096 %}" + "{% set n = n * n %}" * 16 + "{{ n > 1 }}"
 MACRO_TREE = "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}"
-MACRO_TREE_SILENT = "{% macro f(n) %}{% if n > 0 %}{% set _ = f(n - 1) %}{% set _ = f(n - 1) %}{% endif %}{% endmacro %}{{ f(40) }}"
+MACRO_TREE_SILENT = (
+    "{% macro f(n) %}{% if n > 0 %}{% set _ = f(n - 1) %}{% set _ = f(n - 1) %}{% endif %}{% endmacro %}{{ f(40) }}"
+)
 
 EXHAUSTION = {
     "repeat str 10**8": "{{ 'a' * 10**8 }}",
@@ -333,7 +339,9 @@ def test_resource_exhaustion_is_stopped_in_bounded_time_and_memory(generate, con
 def test_bad_config_ids_are_refused_before_any_path_is_built(generate, tmp_path, config_id):
     configs = tmp_path / "configs"
     write_config(configs, {"id": "hello", "generator": "jinja2", "template": "hi"})
-    (tmp_path / "hello.json").write_text(json.dumps({"id": "hello", "generator": "demonstration", "example_output": "OUTSIDE"}))
+    (tmp_path / "hello.json").write_text(
+        json.dumps({"id": "hello", "generator": "demonstration", "example_output": "OUTSIDE"})
+    )
     out = generate(configs, config_id, leaks=("OUTSIDE",))
     assert out.data.status == "error" and out.data.error.code == "INVALID_CONFIG_ID", out.data.error
 
@@ -356,7 +364,9 @@ def tree(tmp_path) -> dict:
 
 
 def use_template_file(generate, tree, template_file: str) -> Outcome:
-    write_config(tree["configs"], {"id": "t", "generator": "jinja2", "template_file": template_file, "context": {"name": "x"}})
+    write_config(
+        tree["configs"], {"id": "t", "generator": "jinja2", "template_file": template_file, "context": {"name": "x"}}
+    )
     return generate(tree["configs"], "t", leaks=(tree["marker"],))
 
 
@@ -434,7 +444,9 @@ def test_lookalike_and_windows_paths_stay_inside(generate, tree, template_file):
     assert out.data.status == "error" and out.data.error.code == "TEMPLATE_NOT_FOUND", out.data.error
 
 
-@pytest.mark.parametrize("template_file", ["templates/ok.j2\x00", "\x00", "../secret.j2\x00.txt", "templates/\x00/ok.j2"])
+@pytest.mark.parametrize(
+    "template_file", ["templates/ok.j2\x00", "\x00", "../secret.j2\x00.txt", "templates/\x00/ok.j2"]
+)
 def test_nul_bytes_in_template_file_are_a_config_error(generate, tree, template_file):
     """A NUL byte cannot name a file: the config is invalid (not a generator crash)."""
     out = use_template_file(generate, tree, template_file)

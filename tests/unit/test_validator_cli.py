@@ -18,9 +18,20 @@ EXAMPLES = ROOT / "examples" / "configs"
 @pytest.fixture
 def cdir(tmp_path) -> Path:
     d = tmp_path / "configs"
-    write(d / "good.json", {"id": "good", "generator": "jinja2", "template": "# Hi {{ name }}\n",
-                            "context": {"name": "x"}, "validation": [{"type": "regex", "pattern": "^# Hi"}]})
-    write(d / "bad-rules.yaml", "id: bad-rules\ngenerator: jinja2\ntemplate: x\nvalidation:\n  - {type: contains, value: x}\n  - {type: regex, pattern: '('}\n")
+    write(
+        d / "good.json",
+        {
+            "id": "good",
+            "generator": "jinja2",
+            "template": "# Hi {{ name }}\n",
+            "context": {"name": "x"},
+            "validation": [{"type": "regex", "pattern": "^# Hi"}],
+        },
+    )
+    write(
+        d / "bad-rules.yaml",
+        "id: bad-rules\ngenerator: jinja2\ntemplate: x\nvalidation:\n  - {type: contains, value: x}\n  - {type: regex, pattern: '('}\n",
+    )
     write(d / "typo.json", {"id": "typo", "generator": "jinja2", "templte": "x"})
     write(d / "Not_An_Id.yaml", "id: whatever\n")
     write(d / "notes.txt", "not a config at all")
@@ -83,7 +94,9 @@ def test_one_file(capsys, cdir):
     assert rc == 1 and lines[0].startswith("INVALID ") and "not a config id" in lines[0]
 
 
-@pytest.mark.parametrize("name, why", [("notes.txt", "is not a content config file"), ("missing.json", "does not exist")])
+@pytest.mark.parametrize(
+    "name, why", [("notes.txt", "is not a content config file"), ("missing.json", "does not exist")]
+)
 def test_nothing_to_validate_is_an_error(capsys, cdir, name, why):
     rc, lines, err = cli(capsys, "validate", str(cdir / name))
     assert rc == 1 and lines == [] and why in err
@@ -96,10 +109,24 @@ def test_an_empty_directory_is_fine(capsys, tmp_path):
 
 def test_render_catches_content_that_fails_its_own_rules(capsys, tmp_path):
     d = tmp_path / "c"
-    write(d / "short.json", {"id": "short", "generator": "jinja2", "template": "TODO",
-                             "validation": [{"type": "length", "min_words": 5}, {"type": "placeholders", "severity": "warning"}]})
-    write(d / "warn.json", {"id": "warn", "generator": "jinja2", "template": "done TODO",
-                            "validation": [{"type": "placeholders", "severity": "warning"}]})
+    write(
+        d / "short.json",
+        {
+            "id": "short",
+            "generator": "jinja2",
+            "template": "TODO",
+            "validation": [{"type": "length", "min_words": 5}, {"type": "placeholders", "severity": "warning"}],
+        },
+    )
+    write(
+        d / "warn.json",
+        {
+            "id": "warn",
+            "generator": "jinja2",
+            "template": "done TODO",
+            "validation": [{"type": "placeholders", "severity": "warning"}],
+        },
+    )
     write(d / "needs-name.json", {"id": "needs-name", "generator": "jinja2", "template": "{{ name }}"})
     assert cli(capsys, "validate", str(d))[0] == 0  # without --render the rules are only checked
     rc, lines, _ = cli(capsys, "validate", "--render", str(d))

@@ -77,8 +77,15 @@ def cdir(tmp_path) -> Path:
             ],
         },
     )
-    write(d / "broken.json", {"id": "broken", "generator": "jinja2", "template": "x",
-                              "validation": [{"type": "contains", "value": "x"}, {"type": "regex", "pattern": "("}]})
+    write(
+        d / "broken.json",
+        {
+            "id": "broken",
+            "generator": "jinja2",
+            "template": "x",
+            "validation": [{"type": "contains", "value": "x"}, {"type": "regex", "pattern": "("}],
+        },
+    )
     write(d / "unparsable.yaml", "id: unparsable\ngenerator: [\n")
     return d
 
@@ -130,7 +137,12 @@ async def test_valid_content_carries_everything_on(store):
     d = res.data
     assert d.valid is True and d.issues == []
     assert (d.request_id, d.content_config_id, d.content, d.content_hash, d.content_length, d.origin) == (
-        "req-1", "doc", "# Summary\nAll good.\n", "sha256:abc", len("# Summary\nAll good.\n"), origin
+        "req-1",
+        "doc",
+        "# Summary\nAll good.\n",
+        "sha256:abc",
+        len("# Summary\nAll good.\n"),
+        origin,
     )
     # Caused by the content_generated: handling it again gives the same id (JetStream drops the re-publish).
     assert (await run(ev, store))[0].id == res.id
@@ -213,7 +225,10 @@ async def test_invalid_rules_give_an_invalid_verdict_and_one_report(store):
     (issue,) = d.issues
     assert issue.rule == "config" and issue.severity == "error"
     assert "has invalid validation rules" in issue.message
-    assert "validation[0]: unknown rule type 'contains'" in issue.message and "validation[1] (regex): bad pattern" in issue.message
+    assert (
+        "validation[0]: unknown rule type 'contains'" in issue.message
+        and "validation[1] (regex): bad pattern" in issue.message
+    )
     (rep,) = reports(out)
     r: ConfigValidated = rep.data
     assert r.content_config_id == "broken" and r.status == "error"
@@ -264,13 +279,19 @@ async def test_report_once_with_concurrent_handlers_sharing_the_state(store):
 async def test_a_new_version_of_a_broken_config_is_reported_again(store, cdir):
     state = MemoryState()
     (r1,) = reports(await run(generated("broken", "x", request_id="r1"), store, state))
-    write(cdir / "broken.json", {"id": "broken", "generator": "jinja2", "template": "x", "validation": [{"type": "length"}]})
+    write(
+        cdir / "broken.json",
+        {"id": "broken", "generator": "jinja2", "template": "x", "validation": [{"type": "length"}]},
+    )
     (r2,) = reports(await run(generated("broken", "x", request_id="r2"), store, state))
     assert r1.data.config_hash != r2.data.config_hash and r1.id != r2.id
     assert "needs at least one" in r2.data.error.message
     assert reports(await run(generated("broken", "x", request_id="r3"), store, state)) == []
     # Fixed: a valid verdict and no report.
-    write(cdir / "broken.json", {"id": "broken", "generator": "jinja2", "template": "x", "validation": [{"type": "length", "min_chars": 1}]})
+    write(
+        cdir / "broken.json",
+        {"id": "broken", "generator": "jinja2", "template": "x", "validation": [{"type": "length", "min_chars": 1}]},
+    )
     out = await run(generated("broken", "x", request_id="r4"), store, state)
     assert reports(out) == [] and verdict(out).valid
 

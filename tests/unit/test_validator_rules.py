@@ -191,7 +191,10 @@ def schema_issue(doc_text: str, schema=SCHEMA):
 
 
 def test_json_schema_pass():
-    assert schema_issue('{"name": "abc", "tags": ["a", "b"], "score": 9.5, "count": 3.0, "kind": "doc", "nothing": null}') == []
+    assert (
+        schema_issue('{"name": "abc", "tags": ["a", "b"], "score": 9.5, "count": 3.0, "kind": "doc", "nothing": null}')
+        == []
+    )
 
 
 def test_json_schema_not_json():
@@ -215,7 +218,7 @@ def test_json_schema_not_json():
         ('{"name": "ab", "tags": ["a"], "count": 1.5}', "/count: expected integer, got number"),
         ('{"name": "ab", "tags": ["a"], "kind": "x"}', "/kind: must be 'doc'"),
         ('{"name": "ab", "tags": ["a"], "extra": 1}', "property 'extra' is not allowed"),
-        ('[1, 2]', "(root): expected object, got array"),
+        ("[1, 2]", "(root): expected object, got array"),
     ],
 )
 def test_json_schema_failures(doc, expected):
@@ -324,9 +327,7 @@ def test_warnings_do_not_make_content_invalid():
 
 
 def test_one_error_among_warnings_makes_it_invalid():
-    found = issues(
-        [{"type": "placeholders", "severity": "warning"}, {"type": "regex", "pattern": "^# "}], "TODO"
-    )
+    found = issues([{"type": "placeholders", "severity": "warning"}, {"type": "regex", "pattern": "^# "}], "TODO")
     assert sorted(i.severity for i in found) == ["error", "warning"]
     assert not is_valid(found)
 
@@ -354,20 +355,40 @@ def test_issues_in_rule_order_one_per_failed_rule():
         ([{"type": "contains", "value": "x"}], "validation[0]: unknown rule type 'contains' (known: length, "),
         ([{"pattern": "x"}], "validation[0]: the rule has no 'type'"),
         (["length"], "validation[0]: a rule must be a mapping with a 'type', got str"),
-        ([{"type": "regex", "pattern": "ok"}, {"type": "regex", "pattern": "(unclosed"}],
-         "validation[1] (regex): bad pattern '(unclosed': missing ), unterminated subpattern"),
+        (
+            [{"type": "regex", "pattern": "ok"}, {"type": "regex", "pattern": "(unclosed"}],
+            "validation[1] (regex): bad pattern '(unclosed': missing ), unterminated subpattern",
+        ),
         ([{"type": "regex"}], "validation[0] (regex): pattern: required field is missing"),
-        ([{"type": "regex", "pattern": "x", "flags": ["g"]}], "validation[0] (regex): flags[0]: Input should be 'i', 'm' or 's', got 'g'"),
+        (
+            [{"type": "regex", "pattern": "x", "flags": ["g"]}],
+            "validation[0] (regex): flags[0]: Input should be 'i', 'm' or 's', got 'g'",
+        ),
         ([{"type": "regex", "pattern": "x", "must": "maybe"}], "validation[0] (regex): must: "),
-        ([{"type": "regex", "pattern": "x", "severity": "fatal"}], "validation[0] (regex): severity: Input should be 'error' or 'warning', got 'fatal'"),
+        (
+            [{"type": "regex", "pattern": "x", "severity": "fatal"}],
+            "validation[0] (regex): severity: Input should be 'error' or 'warning', got 'fatal'",
+        ),
         ([{"type": "regex", "pattern": 42}], "validation[0] (regex): pattern: Input should be a valid string"),
-        ([{"type": "json_schema", "schema": {"type": "objekt"}}], "validation[0] (json_schema): schema: type must be one of object"),
-        ([{"type": "json_schema", "schema": {"$ref": "#/a"}}], "validation[0] (json_schema): schema: unsupported keyword '$ref'"),
-        ([{"type": "json_schema", "schema": {"properties": {"a": {"minLength": -1}}}}], "schema.properties.a: minLength must be a non-negative integer"),
+        (
+            [{"type": "json_schema", "schema": {"type": "objekt"}}],
+            "validation[0] (json_schema): schema: type must be one of object",
+        ),
+        (
+            [{"type": "json_schema", "schema": {"$ref": "#/a"}}],
+            "validation[0] (json_schema): schema: unsupported keyword '$ref'",
+        ),
+        (
+            [{"type": "json_schema", "schema": {"properties": {"a": {"minLength": -1}}}}],
+            "schema.properties.a: minLength must be a non-negative integer",
+        ),
         ([{"type": "json_schema", "schema": {"pattern": "("}}], "schema: bad pattern '('"),
         ([{"type": "json_schema", "schema": {"required": "name"}}], "schema: required must be an array"),
         ([{"type": "json_schema", "schema": {"items": [{}]}}], "tuple validation"),
-        ([{"type": "json_schema", "schema": "object"}], "validation[0] (json_schema): schema: Input should be a valid dictionary"),
+        (
+            [{"type": "json_schema", "schema": "object"}],
+            "validation[0] (json_schema): schema: Input should be a valid dictionary",
+        ),
         ([{"type": "json_schema"}], "validation[0] (json_schema): schema: required field is missing"),
         ([{"type": "length"}], "validation[0] (length): a length rule needs at least one of"),
         ([{"type": "length", "min_words": 5, "max_words": 2}], "min_words (5) is greater than max_words (2)"),
@@ -375,7 +396,10 @@ def test_issues_in_rule_order_one_per_failed_rule():
         ([{"type": "length", "max_lines": "ten"}], "max_lines: Input should be a valid integer"),
         ([{"type": "length", "max_char": 10}], "validation[0] (length): max_char: unknown field (a typo?)"),
         ([{"type": "required_sections", "sections": []}], "sections: List should have at least 1 item"),
-        ([{"type": "required_sections", "sections": ["A"], "level": 7}], "level: Input should be less than or equal to 6"),
+        (
+            [{"type": "required_sections", "sections": ["A"], "level": 7}],
+            "level: Input should be less than or equal to 6",
+        ),
         ([{"type": "required_sections", "sections": ["  "]}], "section '  ' is blank"),
         ([{"type": "placeholders", "patterns": [], "trailing_ellipsis": False}], "checks nothing"),
     ],
@@ -427,15 +451,23 @@ def test_cache_is_bounded():
 def test_config_hash_follows_the_content_not_the_formatting(tmp_path):
     from composition.configs import ConfigStore
 
-    (tmp_path / "a.yaml").write_text("id: a\ngenerator: jinja2\ntemplate: hi\nvalidation: [{type: length, min_chars: 1}]\n")
-    (tmp_path / "b.json").write_text('{"validation": [{"min_chars": 1, "type": "length"}], "template": "hi", "generator": "jinja2", "id": "b"}')
+    (tmp_path / "a.yaml").write_text(
+        "id: a\ngenerator: jinja2\ntemplate: hi\nvalidation: [{type: length, min_chars: 1}]\n"
+    )
+    (tmp_path / "b.json").write_text(
+        '{"validation": [{"min_chars": 1, "type": "length"}], "template": "hi", "generator": "jinja2", "id": "b"}'
+    )
     store = ConfigStore(tmp_path)
     ha, hb = config_hash(store.get("a")), config_hash(store.get("b"))
     assert ha.startswith("sha256:") and len(ha) == 71
     assert ha != hb  # the ids differ
-    (tmp_path / "a.yaml").write_text("# a comment\nid: a\ngenerator: jinja2\ntemplate: hi\nvalidation:\n  - {type: length, min_chars: 1}\n")
+    (tmp_path / "a.yaml").write_text(
+        "# a comment\nid: a\ngenerator: jinja2\ntemplate: hi\nvalidation:\n  - {type: length, min_chars: 1}\n"
+    )
     assert config_hash(store.get("a")) == ha
-    (tmp_path / "a.yaml").write_text("id: a\ngenerator: jinja2\ntemplate: hi\nvalidation: [{type: length, min_chars: 2}]\n")
+    (tmp_path / "a.yaml").write_text(
+        "id: a\ngenerator: jinja2\ntemplate: hi\nvalidation: [{type: length, min_chars: 2}]\n"
+    )
     assert config_hash(store.get("a")) != ha
 
 

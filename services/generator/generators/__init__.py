@@ -29,7 +29,12 @@ and :mod:`.sandbox` (jinja2's in-template limits and the sandbox), :mod:`.jinja`
 
 from services.generator.generators.base import ENTRY_POINT_GROUP, MAX_OUTPUT_CHARS, Generator, GeneratorProtocol
 from services.generator.generators.jinja import Jinja2Generator
-from services.generator.generators.limits import MAX_INT_BITS, MAX_RENDER_SECONDS, MAX_TEMPLATE_TOKENS, TemplateLimitError
+from services.generator.generators.limits import (
+    MAX_INT_BITS,
+    MAX_RENDER_SECONDS,
+    MAX_TEMPLATE_TOKENS,
+    TemplateLimitError,
+)
 from services.generator.generators.registry import GeneratorRegistry, default_registry, get_generator
 from services.generator.generators.simple import DemonstrationGenerator, TemplateFillGenerator
 

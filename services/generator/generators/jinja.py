@@ -86,7 +86,9 @@ class Jinja2Generator(Generator):
             for chunk in tmpl.generate(context):
                 n += len(chunk)
                 if n > limit:
-                    raise GenerationError("OUTPUT_TOO_LARGE", f"{name}: output passed {limit} characters; rendering stopped")
+                    raise GenerationError(
+                        "OUTPUT_TOO_LARGE", f"{name}: output passed {limit} characters; rendering stopped"
+                    )
                 parts.append(chunk)
             return "".join(parts)
         except GenerationError:

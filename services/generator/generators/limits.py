@@ -47,6 +47,9 @@ class TokenLimit(Extension):
         for n, token in enumerate(stream, 1):
             if n > limit:
                 raise TemplateSyntaxError(
-                    f"the template has more than {limit} tokens; split it up", token.lineno, stream.name, stream.filename
+                    f"the template has more than {limit} tokens; split it up",
+                    token.lineno,
+                    stream.name,
+                    stream.filename,
                 )
             yield token

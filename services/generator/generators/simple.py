@@ -84,5 +84,7 @@ class DemonstrationGenerator(Generator):
     def render(self, config: LoadedConfig, context: dict[str, Any]) -> str:
         out = config.example_output
         if out is None:
-            raise GenerationError("CONFIG_INVALID", f"config {config.id!r} uses demonstration but has no example_output")
+            raise GenerationError(
+                "CONFIG_INVALID", f"config {config.id!r} uses demonstration but has no example_output"
+            )
         return out

@@ -15,7 +15,6 @@ from services.validator.rules.common import MAX_DETAIL_CHARS
 from services.validator.rules.text import RULE_TYPES, Content, rule_adapter
 
 
-
 class RulesError(ValueError):
     """The ``validation`` list of a config cannot be used. ``problems`` has one
     readable line per problem, each naming the rule index."""

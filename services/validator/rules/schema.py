@@ -9,21 +9,53 @@ from typing import Any
 from services.validator.rules.common import short
 
 
-
 class SchemaError(ValueError):
     """A schema that cannot be used."""
 
 
 _JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _ANNOTATIONS = frozenset(
-    {"$schema", "$id", "$comment", "title", "description", "default", "examples", "format",
-     "deprecated", "readOnly", "writeOnly", "contentMediaType", "contentEncoding"}
+    {
+        "$schema",
+        "$id",
+        "$comment",
+        "title",
+        "description",
+        "default",
+        "examples",
+        "format",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "contentMediaType",
+        "contentEncoding",
+    }
 )
 _KEYWORDS = (
-    "type", "enum", "const", "required", "properties", "additionalProperties", "items", "minItems",
-    "maxItems", "uniqueItems", "minLength", "maxLength", "pattern", "minimum", "maximum",
-    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minProperties", "maxProperties",
-    "allOf", "anyOf", "oneOf", "not",
+    "type",
+    "enum",
+    "const",
+    "required",
+    "properties",
+    "additionalProperties",
+    "items",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minProperties",
+    "maxProperties",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "not",
 )
 _KEYWORD_SET = frozenset(_KEYWORDS)
 
@@ -104,10 +136,32 @@ class SchemaNode:
     :class:`SchemaError` naming where in the schema the problem is."""
 
     __slots__ = (
-        "always", "types", "enum", "has_const", "const", "required", "properties", "additional",
-        "items", "min_items", "max_items", "unique", "min_length", "max_length", "pattern",
-        "minimum", "maximum", "xminimum", "xmaximum", "multiple_of", "min_props", "max_props",
-        "all_of", "any_of", "one_of", "not_",
+        "always",
+        "types",
+        "enum",
+        "has_const",
+        "const",
+        "required",
+        "properties",
+        "additional",
+        "items",
+        "min_items",
+        "max_items",
+        "unique",
+        "min_length",
+        "max_length",
+        "pattern",
+        "minimum",
+        "maximum",
+        "xminimum",
+        "xmaximum",
+        "multiple_of",
+        "min_props",
+        "max_props",
+        "all_of",
+        "any_of",
+        "one_of",
+        "not_",
     )
 
     def __init__(self, schema: Any, where: str = "schema"):
@@ -119,16 +173,16 @@ class SchemaNode:
             raise SchemaError(f"{where}: a schema must be an object or a boolean, got {_json_type(schema)}")
         for k in schema:
             if k not in _KEYWORD_SET and k not in _ANNOTATIONS:
-                raise SchemaError(
-                    f"{where}: unsupported keyword {k!r} (supported: {', '.join(_KEYWORDS)})"
-                )
+                raise SchemaError(f"{where}: unsupported keyword {k!r} (supported: {', '.join(_KEYWORDS)})")
         t = schema.get("type")
         if t is None:
             self.types = None
         else:
             ts = [t] if isinstance(t, str) else t
             if not isinstance(ts, list) or not ts or not all(isinstance(x, str) and x in _JSON_TYPES for x in ts):
-                raise SchemaError(f"{where}: type must be one of {', '.join(_JSON_TYPES)} (or a list of them), got {short(t)}")
+                raise SchemaError(
+                    f"{where}: type must be one of {', '.join(_JSON_TYPES)} (or a list of them), got {short(t)}"
+                )
             self.types = tuple(ts)
         if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
             raise SchemaError(f"{where}: enum must be a non-empty array")

@@ -8,7 +8,14 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, model_validator
 
-from services.validator.rules.common import DEFAULT_PLACEHOLDERS, MAX_PATTERN_CHARS, MAX_SCHEMA_ERRORS, Severity, line_of, short
+from services.validator.rules.common import (
+    DEFAULT_PLACEHOLDERS,
+    MAX_PATTERN_CHARS,
+    MAX_SCHEMA_ERRORS,
+    Severity,
+    line_of,
+    short,
+)
 from services.validator.rules.schema import SchemaError, SchemaNode
 
 # --------------------------------------------------------------------------- content, analysed lazily
@@ -133,7 +140,9 @@ class LengthRule(_Rule):
     def _bounds(self) -> "LengthRule":
         bounds = (self.min_chars, self.max_chars, self.min_words, self.max_words, self.min_lines, self.max_lines)
         if all(b is None for b in bounds):
-            raise ValueError("a length rule needs at least one of min_chars, max_chars, min_words, max_words, min_lines, max_lines")
+            raise ValueError(
+                "a length rule needs at least one of min_chars, max_chars, min_words, max_words, min_lines, max_lines"
+            )
         for unit in ("chars", "words", "lines"):
             lo, hi = getattr(self, f"min_{unit}"), getattr(self, f"max_{unit}")
             if lo is not None and hi is not None and lo > hi:

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint bench install clean prometheus
+.PHONY: up test lint bench bench-isolation install clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: $(STAMP) prometheus lint
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.e2e
+
+# what isolating renders costs: per render (in-loop vs the worker pool) and the full stack both ways
+bench-isolation: $(STAMP)
+	$(VENV)/bin/python -m bench.isolation
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

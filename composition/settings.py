@@ -69,6 +69,15 @@ class CompositionSettings(BaseSettings):
     cache_claims: Literal["auto", "always", "never"] = "auto"
     # The notifier's webhook subscriptions (YAML or JSON); none: no webhooks.
     notifier_config: Path | None = None
+    # jinja2 renders run in this many worker processes (0: one per core, at least 2), each
+    # bounded by the OS: a wall-clock deadline (the worker is killed and replaced), an address
+    # space of its size at start plus render_memory_mb, and a CPU limit. See
+    # services/generator/isolation.py. render_isolation=false renders on the event loop with
+    # no time or memory bound: for benchmarks and trusted templates only.
+    render_isolation: bool = True
+    render_workers: int = 0
+    render_timeout_s: float = 1.0
+    render_memory_mb: int = 512
 
     @property
     def stack_file(self) -> Path:

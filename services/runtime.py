@@ -80,6 +80,8 @@ class ServiceApp(Protocol):
 
     # Optional: def consumers(self, topology) -> list[tuple[ConsumerSpec, Handler]]
     # for a service with more than its one durable consumer (default: [(its own, handle)]).
+    # Optional: async def drain() -> None, called on SIGTERM before the consumers drain (e.g. to
+    # hand back work still queued inside the app, so the drain does not wait for it).
     # Optional: metrics_registry (a prometheus_client CollectorRegistry) of the app's own metrics,
     # served on the process's /metrics; read after start().
 
@@ -185,6 +187,9 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         await stop.wait()
     finally:
         log.info("%s draining", name)
+        app_drain = getattr(app, "drain", None)
+        if app_drain is not None:
+            await app_drain()
         await asyncio.gather(*(loop.stop() for loop in loops))
         await asyncio.gather(*runs)
         await settle(nc)

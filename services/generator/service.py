@@ -1,17 +1,19 @@
 """Wiring of the generator: ``build(settings)`` -> :class:`GeneratorApp`.
 
 Nothing happens at import or build time. :meth:`GeneratorApp.start` loads the
-``chora.generators`` entry points and checks every config in the configs
+``chora.generators`` entry points, starts the render pool (jinja2 renders run in
+worker processes, see :mod:`.isolation`) and checks every config in the configs
 directory once, logging (not failing on) the broken ones: they still answer
 their requests with an error outcome, and a fixed file is picked up on the
-next request.
+next request. ``template_fill`` and ``demonstration`` stay on the event loop:
+their cost is linear in the template and the context, which the message size bounds.
 
 With a result cache store in the runtime's context (``ctx.cache``), the
 handler gets a :class:`~services.generator.cache.ResultCache` over it; its
 figures are in :attr:`GeneratorApp.metrics_registry`.
 
 Settings read: ``configs_dir``, ``max_event_bytes``, ``cache_ttl_s``, ``cache_wait_s``,
-``cache_claims``; the model API's
+``cache_claims``, ``render_*``; the model API's
 ``CHORA_ANTHROPIC_*`` (:class:`services.generator.upstream.UpstreamSettings`).
 On start, generators with an ``upstream`` count their rate limits in the bus's
 shared KV bucket (every instance against one budget) and report their calls and
@@ -30,15 +32,21 @@ from composition.configs import ConfigError, ConfigStore
 from contracts.handling import route
 from services.generator.cache import CacheMetrics, ResultCache
 from services.generator.generators import GeneratorRegistry
+from services.generator.generators.jinja import Jinja2Generator
 from services.generator.handlers import EVENT_HANDLERS, MAX_OUTPUT_BYTES, SOURCE, Deps
 from services.generator.upstream import Upstream, UpstreamMetrics, UpstreamSettings
+from services.generator.isolation import IsolatedJinja2, RenderLimits, RenderPool
 from services.settings import Settings
 
 log = logging.getLogger("chora.generator")
 
 
 class GeneratorApp:
-    """The generator service app (see :class:`services.runtime.ServiceApp`)."""
+    """The generator service app (see :class:`services.runtime.ServiceApp`).
+
+    ``limits`` given (the default): jinja2 renders go through a :class:`RenderPool`;
+    ``None``: they run on the event loop (benchmarks, trusted templates).
+    """
 
     name = "generator"
 
@@ -54,6 +62,7 @@ class GeneratorApp:
         cache_wait_s: float = 10.0,
         cache_claims: str = "auto",
         upstream_settings: UpstreamSettings | None = None,
+        limits: RenderLimits | None = RenderLimits(),
     ):
         self.upstream_settings = upstream_settings
         self.deps = Deps(store, registry or GeneratorRegistry(), source, max_output_bytes, max_event_bytes)
@@ -62,6 +71,9 @@ class GeneratorApp:
         self.upstream_metrics = UpstreamMetrics(self.metrics_registry)
         self.cache_metrics = CacheMetrics(self.metrics_registry)
         self.store, self.registry = self.deps.store, self.deps.registry
+        self.pool = RenderPool(limits) if limits is not None else None
+        if self.pool is not None:
+            self.registry.register("jinja2", IsolatedJinja2(self.pool))
         self.config_errors: dict[str, str] = {}
         self._preparing: list[asyncio.Task] = []
         self.handle = route(EVENT_HANDLERS, self.deps, self.name)
@@ -85,6 +97,11 @@ class GeneratorApp:
                 self._preparing.append(asyncio.create_task(asyncio.to_thread(prepare)))
             if isinstance(getattr(gen, "upstream", None), Upstream):
                 gen.upstream = Upstream(gen.upstream.name, self.upstream_settings, limits, self.upstream_metrics)
+            if self.pool is not None and isinstance(getattr(gen, "prompts", None), Jinja2Generator):
+                # a prompt is a template over the requester's context: it renders in the pool too
+                gen.prompts = IsolatedJinja2(self.pool)
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.start)
         self.config_errors = {}
         for config_id in self.store.list():
             try:
@@ -93,11 +110,18 @@ class GeneratorApp:
                 self.config_errors[config_id] = str(e)
                 log.warning("content config %r is broken: %s", config_id, e)
 
+    async def drain(self) -> None:
+        """Stopping: requests still waiting for a render worker are handed back (nak)."""
+        if self.pool is not None:
+            self.pool.drain()
+
     async def close(self) -> None:
         results = await asyncio.gather(*self._preparing, return_exceptions=True)
         for r in results:
             if isinstance(r, Exception):
                 log.warning("a generator's set-up failed: %s", r)
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.close)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -105,10 +129,18 @@ class GeneratorApp:
             "configs": self.store.list(),
             "generators": self.registry.names(),
             "broken_configs": sorted(self.config_errors),
+            "render_workers": self.pool.size if self.pool is not None else 0,
         }
 
 
 def build(settings: Settings) -> GeneratorApp:
+    limits = None
+    if settings.render_isolation:
+        limits = RenderLimits(
+            workers=settings.render_workers,
+            timeout_s=settings.render_timeout_s,
+            memory_mb=settings.render_memory_mb,
+        )
     return GeneratorApp(
         ConfigStore(settings.configs_dir),
         GeneratorRegistry(),
@@ -118,4 +150,5 @@ def build(settings: Settings) -> GeneratorApp:
         cache_wait_s=settings.cache_wait_s,
         cache_claims=settings.cache_claims,
         upstream_settings=UpstreamSettings(),
+        limits=limits,
     )

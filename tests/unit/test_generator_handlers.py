@@ -317,7 +317,11 @@ async def test_build_and_run_the_app(tmp_path, cdir):
 
 async def test_app_uses_the_event_size_limit_from_settings(tmp_path, cdir):
     app = build(Settings(home=tmp_path / "var", configs_dir=cdir, max_event_bytes=2000))
-    (out,) = await app.handle(request("greet", {"name": "\x01" * 500}), Delivery.first("generator"))
+    await app.start()  # the render pool
+    try:
+        (out,) = await app.handle(request("greet", {"name": "\x01" * 500}), Delivery.first("generator"))
+    finally:
+        await app.close()
     assert out.data.error.code == "OUTPUT_TOO_LARGE"
 
 

@@ -13,8 +13,9 @@ Built in:
   like) with ``StrictUndefined``
   (a missing variable is an error, never an empty string), no autoescaping,
   ``trim_blocks``/``lstrip_blocks`` and the template's trailing newline kept.
-  A render has a deadline (MAX_RENDER_SECONDS) and size and allocation limits
-  tied to the output limit; see :mod:`.limits`.
+  In the service a render runs in a worker process whose time and memory the
+  operating system bounds (:mod:`services.generator.isolation`); the few checks
+  left inside the template are in :mod:`.limits`.
 - ``template_fill``: substitutes ``{{ name }}`` / ``{{name}}`` / ``{{ a.b }}``
   (dotted names walk nested objects, a numeric part indexes a list); nothing
   else. Strings go in as they are, numbers as ``str()``, anything else
@@ -22,7 +23,7 @@ Built in:
 - ``demonstration``: returns the config's ``example_output``.
 
 The package: :mod:`.base` (the protocol and the base class), :mod:`.limits`
-and :mod:`.sandbox` (jinja2's resource limits and the sandbox), :mod:`.jinja`,
+and :mod:`.sandbox` (jinja2's in-template limits and the sandbox), :mod:`.jinja`,
 :mod:`.simple` (``template_fill``, ``demonstration``) and :mod:`.registry`.
 """
 

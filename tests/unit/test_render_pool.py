@@ -1,0 +1,138 @@
+"""The render pool: real worker processes, bounded by the OS, replaced when they pass a limit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+from jinja2.ext import Extension
+from jinja2.sandbox import SandboxedEnvironment
+
+from composition.configs import ConfigStore, GenerationError
+from contracts.handling import Retry
+from services.generator.generators.limits import TokenLimit
+from services.generator.generators.sandbox import _Sandbox
+from services.generator.isolation import RenderLimits, RenderPool
+from tests.conftest import wait_for, write
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc: Linux")
+
+NESTED = "{% for a in items %}{% for b in items %}{% endfor %}{% endfor %}"
+ITEMS = list(range(20_000))
+
+
+@pytest.fixture
+def store(tmp_path) -> ConfigStore:
+    d = tmp_path / "configs"
+    write(d / "hello.json", {"id": "hello", "generator": "jinja2", "template": "Hello {{ name }}!"})
+    write(d / "nested.json", {"id": "nested", "generator": "jinja2", "template": NESTED})
+    write(d / "big.json", {"id": "big", "generator": "jinja2", "template": "{{ 'a'.ljust(10**9) }}"})
+    return ConfigStore(d)
+
+
+@pytest.fixture
+def pool(request):
+    limits = getattr(request, "param", None) or RenderLimits(workers=2, timeout_s=0.5, memory_mb=256)
+    p = RenderPool(limits)
+    p.start()
+    yield p
+    p.close()
+
+
+async def code_of(aw) -> str:
+    with pytest.raises(GenerationError) as e:
+        await aw
+    return e.value.code
+
+
+async def test_a_render_past_its_deadline_is_killed_and_the_worker_replaced(pool, store):
+    assert await code_of(pool.render(store.get("nested"), {"items": ITEMS})) == "RENDER_TIMEOUT"
+    assert pool.kills == 1
+    assert len(pool._all) == pool.size and all(w.alive for w in pool._all)
+    for i in range(2 * pool.size):  # every worker serves again
+        assert await pool.render(store.get("hello"), {"name": str(i)}) == f"Hello {i}!"
+
+
+async def test_a_render_past_its_memory_limit_is_render_memory_and_the_pool_goes_on(pool, store):
+    assert await code_of(pool.render(store.get("big"), {})) == "RENDER_MEMORY"
+    assert await pool.render(store.get("hello"), {"name": "after"}) == "Hello after!"
+    assert len(pool._all) == pool.size
+
+
+async def test_a_worker_killed_from_outside_is_render_failed_and_replaced(pool, store):
+    # every worker started (a worker that dies before it is ready only costs a retry elsewhere)
+    await asyncio.gather(*(pool.render(store.get("hello"), {"name": "x"}) for _ in range(pool.size)))
+    assert all(w.booted for w in pool._all)
+    slow = asyncio.create_task(pool.render(store.get("nested"), {"items": ITEMS}))
+    await wait_for(lambda: len(pool._idle) == pool.size - 1, 10, "the slow render handed to a worker")
+    (busy,) = pool._all - set(pool._idle)
+    os.kill(busy.proc.pid, signal.SIGKILL)
+    assert await code_of(slow) == "RENDER_FAILED"
+    assert await pool.render(store.get("hello"), {"name": "x"}) == "Hello x!"
+    assert busy not in pool._all and len(pool._all) == pool.size
+
+
+async def test_slow_configs_leave_a_worker_for_the_others(pool, store):
+    assert await code_of(pool.render(store.get("nested"), {"items": ITEMS})) == "RENDER_TIMEOUT"
+    assert pool.is_slow("nested")
+    finished: list[str] = []
+
+    async def run(config_id: str, context: dict) -> None:
+        try:
+            await pool.render(store.get(config_id), context)
+        except GenerationError:
+            pass
+        finished.append(config_id)
+
+    tasks = [asyncio.create_task(run("nested", {"items": ITEMS})) for _ in range(3)]
+    tasks.append(asyncio.create_task(run("hello", {"name": "x"})))
+    await asyncio.gather(*tasks)
+    # the slow ones hold at most workers - 1 (here 1) workers: hello never waits for them
+    assert finished[0] == "hello", finished
+
+
+async def test_drain_hands_back_what_waits_and_lets_the_running_render_finish(pool, store):
+    running = [asyncio.create_task(pool.render(store.get("nested"), {"items": ITEMS})) for _ in range(pool.size)]
+    await wait_for(lambda: not pool._idle, 10, "every worker busy")
+    queued = asyncio.create_task(pool.render(store.get("hello"), {"name": "x"}))
+    await wait_for(lambda: len(pool._queue) == 1, 10, "the hello request queued")
+    pool.drain()
+    with pytest.raises(Retry):
+        await queued
+    for t in running:
+        assert await code_of(t) == "RENDER_TIMEOUT"
+    with pytest.raises(Retry):
+        await pool.render(store.get("hello"), {"name": "late"})
+
+
+async def test_many_requests_in_flight_each_get_their_own_answer(pool, store):
+    """Batches: one worker takes many queued jobs; answers go to the right requests."""
+    names = [f"n{i}" for i in range(300)]
+    out = await asyncio.gather(*(pool.render(store.get("hello"), {"name": n}) for n in names))
+    assert out == [f"Hello {n}!" for n in names]
+
+
+async def test_a_slow_job_in_a_batch_does_not_fail_the_others(pool, store):
+    jobs = [pool.render(store.get("hello"), {"name": f"a{i}"}) for i in range(20)]
+    jobs.append(pool.render(store.get("nested"), {"items": ITEMS}))
+    jobs += [pool.render(store.get("hello"), {"name": f"b{i}"}) for i in range(20)]
+    out = await asyncio.gather(*jobs, return_exceptions=True)
+    codes = [o.code for o in out if isinstance(o, GenerationError)]
+    assert codes == ["RENDER_TIMEOUT"]
+    assert sum(isinstance(o, str) for o in out) == 40
+
+
+def test_the_sandbox_overrides_only_documented_hooks():
+    """No private jinja2 API: what the sandbox and the extension redefine are documented hooks."""
+
+    def redefined(cls: type, base: type) -> set[str]:
+        return {k for k in vars(cls) if hasattr(base, k) and not (k.startswith("__") and k != "__init__")}
+
+    documented = {"__init__", "intercepted_binops", "call_binop"}
+    ours = redefined(_Sandbox, SandboxedEnvironment)
+    assert ours <= documented, ours - documented
+    ours_ext = redefined(TokenLimit, Extension)
+    assert ours_ext <= {"filter_stream"}, ours_ext

@@ -62,8 +62,10 @@ class ProcStack:
         self._counts: Counter = Counter()
         notifier_config = tmp / "notifier.json"
         notifier_config.write_text(json.dumps({"subscriptions": [
+            # a timeout and a circuit that a CPU-starved machine does not trip (under two CPU hogs
+            # 2 s timeouts opened the circuit for its default 30 s, again and again)
             {"name": HOOK_NAME, "events": list(HOOK_EVENTS), "url": hook.url, "secret_env": HOOK_SECRET_ENV,
-             "timeout_s": 2.0, "max_in_flight": 64},
+             "timeout_s": 10.0, "max_in_flight": 64, "circuit": {"reset_timeout_s": 5.0}},
         ]}))
         self.env = child_env(
             NATS_URL=self.url,

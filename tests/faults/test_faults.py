@@ -100,7 +100,7 @@ async def finish_and_check(stack: ProcStack, batch_id: str, fault: str, fault_at
     """Wait for the batch and for every consumer to drain, check every item at every stage
     exactly once, record the row."""
     await wait_for(lambda: stack.count("chora.batch_completed", batch_id) >= 1, timeout=BATCH_WAIT_S,
-                   what=f"batch_completed after: {fault}")
+                   what=f"batch_completed after: {fault}", interval=0.05)
     completed_at = time.monotonic()
     left: dict | None = None
 
@@ -150,7 +150,7 @@ def stack(tmp_path, nats_server, hook):
 
 
 async def progress(stack: ProcStack, batch_id: str, at: int) -> None:
-    await wait_for(lambda: stack.count(CONTENT_GENERATED, batch_id) >= at, timeout=120, what=f"{at} outcomes")
+    await wait_for(lambda: stack.count(CONTENT_GENERATED, batch_id) >= at, timeout=120, what=f"{at} outcomes", interval=0.05)
 
 
 @pytest.mark.parametrize("victim", SERVICES)

@@ -204,7 +204,7 @@ def free_port() -> int:
 
 class LocalCluster:
     """Three nats-servers on loopback from deploy/nats/cluster/node-N.conf, each with its
-    own store dir; ports are picked free and given on the command line."""
+    own store dir; ports (client, cluster, monitor) are picked free and given on the command line."""
 
     def __init__(self, tmp: Path, size: int = 3):
         cports = [free_port() for _ in range(size)]
@@ -213,7 +213,7 @@ class LocalCluster:
             EmbeddedServer(
                 tmp / f"n{i + 1}" / "store",
                 config=ROOT / "deploy" / "nats" / "cluster" / f"node-{i + 1}.conf",
-                http_port=None,
+                http_port=0,  # a free monitor port, not the file's fixed one (another run may hold it)
                 extra_args=["--cluster", f"nats://127.0.0.1:{cports[i]}", "--routes", routes],
                 log_path=tmp / f"n{i + 1}" / "nats-server.log",
             )

@@ -73,8 +73,12 @@ class ProcStack:
                                 "events": list(HOOK_EVENTS),
                                 "url": hook.url,
                                 "secret_env": HOOK_SECRET_ENV,
-                                "timeout_s": 2.0,
+                                # a timeout and a circuit that a CPU-starved machine does not trip
+                                # (under two CPU hogs 2 s timeouts opened the circuit for its
+                                # default 30 s, again and again)
+                                "timeout_s": 10.0,
                                 "max_in_flight": 64,
+                                "circuit": {"reset_timeout_s": 5.0},
                             },
                         ]
                     }
@@ -227,7 +231,7 @@ def free_port() -> int:
 
 class LocalCluster:
     """Three nats-servers on loopback from deploy/nats/cluster/node-N.conf, each with its
-    own store dir; ports are picked free and given on the command line."""
+    own store dir; ports (client, cluster, monitor) are picked free and given on the command line."""
 
     def __init__(self, tmp: Path, size: int = 3):
         cports = [free_port() for _ in range(size)]
@@ -236,7 +240,7 @@ class LocalCluster:
             EmbeddedServer(
                 tmp / f"n{i + 1}" / "store",
                 config=ROOT / "deploy" / "nats" / "cluster" / f"node-{i + 1}.conf",
-                http_port=None,
+                http_port=0,  # a free monitor port, not the file's fixed one (another run may hold it)
                 extra_args=["--cluster", f"nats://127.0.0.1:{cports[i]}", "--routes", routes],
                 log_path=tmp / f"n{i + 1}" / "nats-server.log",
             )

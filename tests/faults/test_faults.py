@@ -110,6 +110,7 @@ async def finish_and_check(
         lambda: stack.count("chora.batch_completed", batch_id) >= 1,
         timeout=BATCH_WAIT_S,
         what=f"batch_completed after: {fault}",
+        interval=0.05,
     )
     completed_at = time.monotonic()
     left: dict | None = None
@@ -165,7 +166,9 @@ def stack(tmp_path, nats_server, hook):
 
 
 async def progress(stack: ProcStack, batch_id: str, at: int) -> None:
-    await wait_for(lambda: stack.count(CONTENT_GENERATED, batch_id) >= at, timeout=120, what=f"{at} outcomes")
+    await wait_for(
+        lambda: stack.count(CONTENT_GENERATED, batch_id) >= at, timeout=120, what=f"{at} outcomes", interval=0.05
+    )
 
 
 @pytest.mark.parametrize("victim", SERVICES)

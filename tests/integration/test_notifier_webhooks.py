@@ -215,14 +215,9 @@ async def test_dead_endpoint_dead_letters_with_notification_failed_and_opens_the
         assert n.delivered() == []
 
         js = nc.jetstream()
-
-        async def dead_letter():  # stored just after the notification_failed is published
-            try:
-                return await js.get_last_msg(n.topo.dlq_stream, n.topo.dlq_subject("notify-down"))
-            except NotFoundError:
-                return None
-
-        dl = await wait_for(dead_letter, 10, "the dead letter of notify-down")
+        # notification_failed is published before the dead-letter copy is stored: wait for the copy
+        await wait_for(lambda: n.settled("notify-down"), 30, "the dead letter to be stored and the original terminated")
+        dl = await js.get_last_msg(n.topo.dlq_stream, n.topo.dlq_subject("notify-down"))
         assert dl.headers["Chora-Dlq-Code"] == "MAX_ATTEMPTS"
         assert dl.headers["ce-id"] == ev.id
         # attempt 1 and 2 failed (circuit opens), delivery 3 was deferred, delivery 4 was the 3rd attempt
@@ -231,7 +226,6 @@ async def test_dead_endpoint_dead_letters_with_notification_failed_and_opens_the
         assert circuit.transitions[(CLOSED, OPEN)] == 1
         assert circuit.transitions[(OPEN, HALF_OPEN)] == 1 and circuit.transitions[(HALF_OPEN, OPEN)] == 1
         assert n.app.status()["down"]["deferred"] == 1
-        await wait_for(lambda: n.settled("notify-down"), 10, "the dead letter to be terminated")
 
 
 async def test_slow_endpoint_does_not_delay_a_healthy_subscription(nc, settings, tmp_path, monkeypatch):

@@ -13,7 +13,6 @@ import asyncio
 import json
 from pathlib import Path
 
-from nats.js.errors import NotFoundError
 
 from bus.publisher import Publisher
 from bus.topology import Topology

@@ -227,6 +227,8 @@ async def test_the_loopback_cluster_configs_carry_an_r3_stream(tmp_path):
                         await m.ack()
                 except nats.errors.TimeoutError:
                     pass
+                except nats.js.errors.ServiceUnavailableError:
+                    pass  # a 503 while the new R3 consumer elects its leader: ask again
                 return len(got) == 20
 
             await wait_for(read_all, timeout=20, what="all 20 messages read back")

@@ -55,7 +55,11 @@ class Webhook:
             disable_nagle_algorithm = True
 
             def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                if len(body) < length:  # the sender died mid-request (kill -9): no request, nothing to answer
+                    self.close_connection = True
+                    return
                 with hook._lock:
                     n = len(hook.received)
                     hook.received.append(Received(dict(self.headers.items()), body, time.time()))

@@ -67,6 +67,11 @@ class CompositionSettings(BaseSettings):
     # Which misses claim their key across instances (one KV write each): "auto" (generators
     # that are not deterministic, e.g. model calls), "always" or "never".
     cache_claims: Literal["auto", "always", "never"] = "auto"
+    # Per-request callbacks (``callback_url`` on a request): the hosts or URL prefixes they may
+    # go to (see composition/callbacks.py); empty: callbacks are refused. The notifier signs
+    # them with the secret in the variable named by callback_secret_env.
+    callback_allow: list[str] = []
+    callback_secret_env: str = "CHORA_CALLBACK_SECRET"
     # The notifier's webhook subscriptions (YAML or JSON); none: no webhooks.
     notifier_config: Path | None = None
     # jinja2 renders run in this many worker processes (0: one per core, at least 2), each

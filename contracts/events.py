@@ -13,6 +13,9 @@ from msgspec import Meta
 
 ConfigId = Annotated[str, Meta(min_length=1, max_length=128, description="content config id, ^[a-z][a-z0-9-]*$")]
 Status = Literal["success", "error"]
+CallbackUrl = Annotated[
+    str, Meta(max_length=2048, description="POST the outcome here (signed); only to hosts on the operator's allow-list")
+]
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -42,6 +45,7 @@ class GenerationRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
     no_cache: Annotated[
         bool, Meta(description="true: render afresh, never serve this request from the result cache")
     ] = False
+    callback_url: CallbackUrl | None = None
 
 
 class TokenUsage(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -116,6 +120,7 @@ class ArtifactRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     artifact_id: ConfigId
     context: dict[str, Any] = {}
+    callback_url: CallbackUrl | None = None
 
 
 class ArtifactAssembled(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -161,6 +166,7 @@ class BatchRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
     )
     context: dict[str, Any] = {}
     continue_on_error: bool = True
+    callback_url: CallbackUrl | None = None
 
     def __post_init__(self) -> None:
         if self.items_ref is None and not self.items:

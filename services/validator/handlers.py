@@ -49,6 +49,7 @@ The version of a config that cannot be loaded at all is its error
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -69,6 +70,9 @@ log = logging.getLogger("chora.validator")
 SOURCE = "chora://validator"
 KEY_PREFIX = "configcheck"
 MAX_MESSAGE_CHARS = 2000
+# Content longer than this is checked in a worker thread, so the event loop (heartbeats, acks,
+# other messages) keeps running while a large document is checked (its bounds: rules/schema.py).
+THREAD_ABOVE_CHARS = 64 * 1024
 _REPORT_NAMESPACE = uuid.UUID("2b7c0f4e-8a51-4d7e-b3a6-5f0e9c1d2a47")
 _encode = msgspec.json.encode
 
@@ -163,7 +167,7 @@ async def on_content_generated(event: CloudEvent, delivery: Delivery, deps: Deps
 
     out: list[CloudEvent] = []
     if isinstance(ruleset, RuleSet):
-        issues = ruleset.apply(text)
+        issues = await asyncio.to_thread(ruleset.apply, text) if len(text) > THREAD_ABOVE_CHARS else ruleset.apply(text)
     else:
         code, message = ruleset
         what = "has invalid validation rules" if code == RulesError.code else "cannot be loaded"

@@ -340,7 +340,7 @@ async def test_examples_rules_catch_bad_content():
     rules = [r for c in store.list() for r in store.get(c).spec.validation]
     assert {r["type"] for r in rules} == {"length", "required_sections", "regex", "json_schema", "placeholders"}
     d = verdict(await run(generated("service-status", '{"service": "x", "status": "on fire"}'), store))
-    assert not d.valid and "/status" in d.issues[0].message
+    assert not d.valid and "$.status: 'on fire' is not one of" in d.issues[0].message
     d = verdict(await run(generated("incident-summary", "# Incident\n\n## Impact\n\nTODO at db1.internal"), store))
     assert not d.valid
     assert {i.rule for i in d.issues} == {"required_sections", "length", "placeholders", "regex"}

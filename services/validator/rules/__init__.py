@@ -27,17 +27,16 @@ Rule types:
   a newline). Compiled once; a pattern that does not compile makes the config
   invalid. Patterns are trusted config, run as written: one that starts with
   literal text is searched fastest, one with nested repeats can be slow.
-- ``json_schema``: the content must be JSON and match ``schema``. jsonschema is
-  not a dependency of this project, so :class:`SchemaNode` implements the
-  common keywords: ``type``, ``enum``, ``const``, ``required``,
-  ``properties``, ``additionalProperties``, ``items``, ``minItems``,
-  ``maxItems``, ``uniqueItems``, ``minLength``, ``maxLength``, ``pattern``,
-  ``minimum``, ``maximum``, ``exclusiveMinimum``, ``exclusiveMaximum``,
-  ``multipleOf``, ``minProperties``, ``maxProperties``, ``allOf``, ``anyOf``,
-  ``oneOf``, ``not``; annotations (``title``, ``description``, ``$schema``,
-  ``format``, ...) are accepted and ignored. Any other keyword (``$ref``,
-  ``patternProperties``, ...) makes the config invalid rather than being
-  silently not enforced.
+- ``json_schema``: the content must be JSON and match ``schema``, checked by the
+  ``jsonschema`` library (see :mod:`services.validator.rules.schema`): Draft
+  2020-12 unless ``$schema`` names another draft, ``$ref``/``$defs`` resolved
+  inside the schema (nothing is fetched: a reference that does not resolve
+  offline makes the config invalid), ``format`` checked. A schema that is not
+  valid against its meta-schema makes the config invalid. Each problem is
+  reported with the JSON path of the failing value and the keyword, e.g.
+  ``$.items[2].name: 3 is not of type 'string' (type)``. Documents past
+  1,000,000 characters, 64 levels of nesting or 50,000 values fail the rule
+  unchecked.
 - ``placeholders``: none of ``patterns`` may appear (literal text; unless
   ``case_sensitive``, the lower-cased pattern in the lower-cased content; as
   whole words where the pattern begins or ends with a letter or digit, so
@@ -67,7 +66,7 @@ from services.validator.rules.cache import (
     parse_rule,
 )
 from services.validator.rules.common import DEFAULT_PLACEHOLDERS, Severity
-from services.validator.rules.schema import SchemaError, SchemaNode
+from services.validator.rules.schema import CompiledSchema, DocumentTooBig, SchemaError
 from services.validator.rules.text import (
     RULE_MODELS,
     RULE_TYPES,
@@ -95,7 +94,8 @@ __all__ = [
     "RuleSet",
     "RulesError",
     "SchemaError",
-    "SchemaNode",
+    "CompiledSchema",
+    "DocumentTooBig",
     "Severity",
     "compile_rules",
     "config_hash",

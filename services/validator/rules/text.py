@@ -16,7 +16,7 @@ from services.validator.rules.common import (
     line_of,
     short,
 )
-from services.validator.rules.schema import SchemaError, SchemaNode
+from services.validator.rules.schema import MAX_DOC_CHARS, CompiledSchema, DocumentTooBig, SchemaError
 
 # --------------------------------------------------------------------------- content, analysed lazily
 
@@ -230,12 +230,12 @@ class RegexRule(_Rule):
 class JsonSchemaRule(_Rule):
     type: Literal["json_schema"]
     json_schema: dict[str, Any] = Field(alias="schema")
-    _node: SchemaNode = PrivateAttr()  # set by the validator below
+    _compiled: CompiledSchema = PrivateAttr()  # set by the validator below
 
     @model_validator(mode="after")
     def _compile(self) -> "JsonSchemaRule":
         try:
-            self._node = SchemaNode(self.json_schema)
+            self._compiled = CompiledSchema(self.json_schema)
         except SchemaError as e:
             raise ValueError(str(e)) from None
         except RecursionError:
@@ -243,16 +243,20 @@ class JsonSchemaRule(_Rule):
         return self
 
     def check(self, c: Content) -> str | None:
+        if len(c.text) > MAX_DOC_CHARS:
+            return f"content has {len(c.text)} characters, more than the {MAX_DOC_CHARS} a JSON schema is checked on"
         ok, doc = c.json
         if not ok:
             return f"content is not valid JSON ({doc})"
         try:
-            errs = self._node.errors(doc, limit=MAX_SCHEMA_ERRORS + 1)
+            errs = self._compiled.errors(doc, limit=MAX_SCHEMA_ERRORS + 1)
+        except DocumentTooBig as e:
+            return f"content is not checked against the JSON schema: {e}"
         except RecursionError:
             return "content is nested too deeply to check against the schema"
         if not errs:
             return None
-        shown = [f"{ptr or '(root)'}: {what}" for ptr, what in errs[:MAX_SCHEMA_ERRORS]]
+        shown = [f"{path}: {what}" for path, what in errs[:MAX_SCHEMA_ERRORS]]
         more = " (and more)" if len(errs) > MAX_SCHEMA_ERRORS else ""
         return "content does not match the JSON schema: " + "; ".join(shown) + more
 

@@ -1,11 +1,14 @@
 """A real webhook receiver for tests: a stdlib ``ThreadingHTTPServer`` on 127.0.0.1:0 in a
 thread, speaking HTTP/1.1 with keep-alive (so the notifier reuses its connections and the
 receiver is never the bottleneck). It records every POST and answers what ``respond``
-says; it checks nothing itself: the tests verify what it recorded.
+says; it checks nothing itself: the tests verify what it recorded, as a receiver would
+(:meth:`Received.verify`: the Standard Webhooks signature by the ``standardwebhooks`` package,
+then the CloudEvent in structured mode from the verified body).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import threading
@@ -13,8 +16,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import standardwebhooks
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
+WEBHOOK_ID = "webhook-id"
 
 
 class _Server(ThreadingHTTPServer):
@@ -33,6 +40,25 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+
+    def header(self, name: str) -> str | None:
+        """A header by name, whatever its case."""
+        return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The CloudEvent (structured mode: attributes and ``data``), unverified."""
+        return json.loads(self.body)
+
+    def verify(self, secret: str | bytes) -> dict[str, Any]:
+        """The CloudEvent, once ``standardwebhooks`` has verified the signature (and the
+        timestamp's age) with ``secret`` (``whsec_<base64>``, or raw bytes); raises
+        ``standardwebhooks.WebhookVerificationError`` otherwise. The webhook-id must be the
+        Idempotency-Key a receiver deduplicates on."""
+        event = standardwebhooks.Webhook(secret).verify(self.body, self.headers)
+        if self.header(WEBHOOK_ID) != self.header(IDEMPOTENCY_KEY):
+            raise standardwebhooks.WebhookVerificationError("webhook-id is not the Idempotency-Key")
+        return event
 
 
 class Webhook:
@@ -84,6 +110,11 @@ class Webhook:
         self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def event_ids(self) -> list[str]:
+        """The CloudEvent ids of every POST, in arrival order."""
+        with self._lock:
+            return [r.event["id"] for r in self.received]
 
     def keys(self) -> Counter:
         """How many POSTs each ``Idempotency-Key`` got (a retry or redelivery repeats its key)."""

@@ -6,7 +6,7 @@ subscriptions:
     events: ["chora.batch_completed", "chora.content_*"]   # shell-style patterns over the catalogue
     filters: {status: [error]}         # optional, or a list (any of); see services.notifier.filters
     url: https://hooks.example.com/chora
-    secret_env: RELEASE_HOOK_SECRET    # the NAME of the variable holding the HMAC secret
+    secret_env: RELEASE_HOOK_SECRET    # the NAME of the variable holding the secret(s): whsec_<base64>, space-separated when rotating
     timeout_s: 5
     max_attempts: 6
     max_in_flight: 64                  # unacked events (sending or waiting to retry) and HTTP connections
@@ -48,6 +48,7 @@ from pydantic import (
 
 from contracts.catalogue import CATALOGUE, NOTIFICATION_DELIVERED, NOTIFICATION_FAILED
 from services.notifier.filters import Filter, check, matches
+from services.notifier.signing import SecretError, parse_secrets
 
 NAME_PATTERN = r"^[a-z][a-z0-9-]*$"
 NAME_MAX_LENGTH = 64
@@ -251,14 +252,16 @@ def load_config(path: Path | str | None) -> NotifierConfig:
     return parse_config(text, str(path))
 
 
-def load_secrets(config: NotifierConfig, environ: Mapping[str, str] | None = None) -> dict[str, bytes]:
-    """subscription name -> HMAC secret, from the environment variables named by ``secret_env``.
+def load_secrets(config: NotifierConfig, environ: Mapping[str, str] | None = None) -> dict[str, tuple[bytes, ...]]:
+    """subscription name -> its HMAC keys, from the environment variables named by ``secret_env``:
+    one secret, or several separated by whitespace during a rotation; ``whsec_<base64>`` or
+    raw (see :func:`services.notifier.signing.parse_secrets`).
 
-    A missing or empty variable is an error naming the subscription and the
-    variable (never a value).
+    A missing or empty variable, or an unusable secret, is an error naming the
+    subscription and the variable (never a value).
     """
     environ = os.environ if environ is None else environ
-    secrets: dict[str, bytes] = {}
+    secrets: dict[str, tuple[bytes, ...]] = {}
     missing = []
     for s in config.subscriptions:
         value = environ.get(s.secret_env)
@@ -268,7 +271,10 @@ def load_secrets(config: NotifierConfig, environ: Mapping[str, str] | None = Non
                 + ("empty" if value == "" else "not set")
             )
             continue
-        secrets[s.name] = value.encode("utf-8")
+        try:
+            secrets[s.name] = parse_secrets(value)
+        except SecretError as e:
+            missing.append(f"  subscription {s.name!r}: environment variable {s.secret_env} (secret_env): {e}")
     if missing:
         raise NotifierConfigError("notifier: missing webhook secrets:\n" + "\n".join(missing))
     return secrets

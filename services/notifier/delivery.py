@@ -1,12 +1,15 @@
 """One webhook POST: the CloudEvents HTTP binding, a signature, a verdict.
 
 :class:`WebhookSender` turns a chora :class:`~contracts.envelope.CloudEvent`
-into an HTTP request in CloudEvents *binary* mode with the official SDK
-(``cloudevents.core.bindings.http.to_binary``: attributes in ``ce-*``
-headers, ``datacontenttype`` as ``Content-Type``, the data as the body), adds
+into an HTTP request in CloudEvents *structured* mode with the official SDK
+(``cloudevents.core.bindings.http.to_structured``: the whole event, attributes
+and data, as JSON in the body, ``Content-Type: application/cloudevents+json``,
+so the signature covers the attributes too), adds
 
-- ``X-Chora-Timestamp`` / ``X-Chora-Signature`` (see :mod:`.signing`),
-- ``Idempotency-Key: <event id>:<subscription>`` (the same on every attempt),
+- ``webhook-id`` / ``webhook-timestamp`` / ``webhook-signature``, the Standard
+  Webhooks headers (see :mod:`.signing`),
+- ``Idempotency-Key: <event id>:<subscription>``, equal to ``webhook-id`` (the
+  same on every attempt),
 
 POSTs it with its own ``httpx.AsyncClient`` (one per subscription, the
 subscription's timeout, no redirects) and classifies the answer:
@@ -16,7 +19,7 @@ subscription's timeout, no redirects) and classifies the answer:
   ``Retry-After`` of a 429 or 503, in seconds or as an HTTP date);
 - ``permanent``: anything else (other 4xx, 3xx: redirects are not followed).
 
-The HMAC secret only ever goes into :func:`.signing.signature`; it is not an
+The HMAC secrets only ever go into :func:`.signing.signature`; it is not an
 attribute of anything printable and is never part of a message.
 """
 
@@ -29,6 +32,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from typing import Callable, Literal
 
 try:  # the maintained continuation of httpx (what anthropic installs), else httpx itself
@@ -37,7 +41,7 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 
 import msgspec
-from cloudevents.core.bindings.http import to_binary
+from cloudevents.core.bindings.http import to_structured
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
@@ -53,7 +57,6 @@ RETRY_AFTER_STATUS = frozenset({429, 503})
 MAX_SNIPPET = 200
 
 _format = JSONFormat()
-_encode = msgspec.json.Encoder().encode
 
 
 class UndeliverableEvent(ValueError):
@@ -106,7 +109,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def to_sdk_event(event: CloudEvent) -> SdkCloudEvent:
-    """Our envelope as the CloudEvents SDK's v1 event; the data stays the exact JSON bytes."""
+    """Our envelope as the CloudEvents SDK's v1 event; the data as plain JSON values (so that
+    structured mode writes it as ``data``, not ``data_base64``)."""
     attrs: dict = {"id": event.id, "source": event.source, "type": event.type, "specversion": event.specversion}
     if event.time:
         try:
@@ -119,7 +123,7 @@ def to_sdk_event(event: CloudEvent) -> SdkCloudEvent:
         if value:
             attrs[name] = value
     attrs.update(event.extensions)
-    data = None if event.data is None else _encode(event.data)
+    data = None if event.data is None else msgspec.to_builtins(event.data)
     try:
         return SdkCloudEvent(attrs, data)
     except BaseCloudEventException as e:
@@ -127,14 +131,14 @@ def to_sdk_event(event: CloudEvent) -> SdkCloudEvent:
 
 
 def build_request(
-    event: CloudEvent, subscription: str, secret: bytes, *, now: float | None = None
+    event: CloudEvent, subscription: str, secret: bytes | Sequence[bytes], *, now: float | None = None
 ) -> tuple[dict[str, str], bytes]:
-    """Headers and body of the POST for ``event`` (binary mode, signed)."""
-    msg = to_binary(to_sdk_event(event), _format)
+    """Headers and body of the POST for ``event`` (structured mode, signed with every secret)."""
+    msg = to_structured(to_sdk_event(event), _format)
     headers = dict(msg.headers)
-    headers.setdefault("Content-Type", "application/json")
-    headers.update(signature_headers(secret, msg.body, now))
-    headers[IDEMPOTENCY_HEADER] = f"{event.id}:{subscription}"
+    delivery_id = f"{event.id}:{subscription}"
+    headers.update(signature_headers(secret, delivery_id, msg.body, now))
+    headers[IDEMPOTENCY_HEADER] = delivery_id
     return headers, msg.body
 
 
@@ -185,7 +189,7 @@ class WebhookSender:
     def __init__(
         self,
         subscription: Subscription,
-        secret: bytes,
+        secret: bytes | Sequence[bytes],
         *,
         client: "httpx.AsyncClient | None" = None,
         wall_clock: Callable[[], float] = time.time,

@@ -25,7 +25,7 @@ async def streams(nc, settings):
 
 def received_ids(hook: Webhook) -> list[str]:
     """The event ids the endpoint got, sorted: a subscription POSTs several events at once."""
-    return sorted(r.headers["ce-id"] for r in hook.received)
+    return sorted(hook.event_ids())
 
 
 async def stored_time(nc, settings, event) -> str:

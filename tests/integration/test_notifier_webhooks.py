@@ -10,6 +10,7 @@ released). The notifier runs in-process with :func:`services.runtime.run_service
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 
@@ -27,12 +28,14 @@ from contracts.envelope import CloudEvent, EnvelopeError, decode, new_event
 from contracts.events import ContentGenerated, GenerationRequested
 from services.notifier import service as notifier_service
 from services.circuit import CLOSED, HALF_OPEN, OPEN
-from services.notifier.signing import verify
 from services.runtime import ready_file, run_service
 from tests.conftest import wait_for
+import pytest
+from standardwebhooks import WebhookVerificationError
+
 from tests.webhook import Webhook, dead_url
 
-SECRET = "integration-secret-1"
+SECRET = "whsec_" + base64.b64encode(b"integration-secret-1").decode()  # the Standard Webhooks form
 
 
 def fail_then_accept(n_failures: int):
@@ -159,16 +162,25 @@ async def test_delivers_signed_cloudevents_and_skips_what_the_filters_exclude(nc
             assert d.duration_ms > 0
             [req] = hook.received  # the error outcome was filtered out, the request is not subscribed
             h = {k.lower(): v for k, v in req.headers.items()}
-            assert h["ce-id"] == wanted.id
-            assert h["ce-type"] == CONTENT_GENERATED
-            assert h["ce-specversion"] == "1.0"
-            assert h["ce-source"] == "chora://generator"
-            assert h["content-type"] == "application/json"
-            assert h["idempotency-key"] == f"{wanted.id}:ok"
-            assert verify(SECRET.encode(), h["x-chora-timestamp"], req.body, h["x-chora-signature"])
-            assert not verify(b"wrong", h["x-chora-timestamp"], req.body, h["x-chora-signature"])
-            body = json.loads(req.body)
-            assert body["content_config_id"] == "hello-world" and body["status"] == "success"
+            assert h["content-type"] == "application/cloudevents+json"
+            assert h["idempotency-key"] == h["webhook-id"] == f"{wanted.id}:ok"
+            event = req.verify(SECRET)  # as a receiver would: standardwebhooks, then the structured CloudEvent
+            assert event["id"] == wanted.id and event["type"] == CONTENT_GENERATED
+            assert event["specversion"] == "1.0" and event["source"] == "chora://generator"
+            assert event["traceparent"] == wanted.traceparent
+            assert event["data"]["content_config_id"] == "hello-world" and event["data"]["status"] == "success"
+            with pytest.raises(WebhookVerificationError):
+                req.verify("whsec_" + base64.b64encode(b"wrong").decode())
+            # tampered: an attribute in the body, the id, or a fresh timestamp on an old signature
+            retyped = req.body.replace(CONTENT_GENERATED.encode(), b"chora.content_validated")
+            fresher = str(int(h["webhook-timestamp"]) + 1)
+            for headers, body in (
+                (req.headers, retyped),
+                (req.headers | {"webhook-id": f"{wanted.id}:other"}, req.body),
+                (req.headers | {"webhook-timestamp": fresher}, req.body),
+            ):
+                with pytest.raises(WebhookVerificationError):
+                    type(req)(headers, body, req.at).verify(SECRET)
             assert SECRET not in json.dumps(h)
             assert n.app.info()["subscriptions"]["ok"]["circuit"] == CLOSED
 
@@ -185,8 +197,7 @@ async def test_retries_then_succeeds_counting_attempts(nc, settings, tmp_path, m
             keys = {r.headers["Idempotency-Key"] for r in hook.received}
             assert keys == {f"{ev.id}:flaky"}  # the same key on every attempt
             for r in hook.received:
-                assert r.headers["ce-id"] == ev.id
-                assert verify(SECRET.encode(), r.headers["X-Chora-Timestamp"], r.body, r.headers["X-Chora-Signature"])
+                assert r.verify(SECRET)["id"] == ev.id
             assert n.failed() == []
             assert n.app.status()["flaky"]["retried"] == 2
 

@@ -1,4 +1,4 @@
-"""Backoff with jitter, Retry-After, and the CloudEvents HTTP request (SDK binary mode, signed)."""
+"""Backoff with jitter, Retry-After, and the CloudEvents HTTP request (SDK structured mode, signed)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import random
 
 import pytest
-from cloudevents.core.bindings.http import HTTPMessage, from_binary
+from cloudevents.core.bindings.http import HTTPMessage, from_structured
 from cloudevents.core.formats.json import JSONFormat
 
 from contracts.catalogue import BATCH_COMPLETED
@@ -74,33 +74,38 @@ def test_retry_after_seconds_and_http_dates():
 # --------------------------------------------------------------------------- the request
 
 
-def test_request_is_cloudevents_binary_mode_with_signature_and_idempotency_key():
+def test_request_is_cloudevents_structured_mode_with_signature_and_idempotency_key():
     ev = batch_event()
     ev.subject = "notes é 1"
     headers, body = build_request(ev, "batches", SECRET, now=1_700_000_000)
-    assert headers["ce-id"] == ev.id
-    assert headers["ce-type"] == BATCH_COMPLETED
-    assert headers["ce-specversion"] == "1.0"
-    assert headers["ce-source"] == "chora://assembler"
-    assert headers["ce-subject"] == "notes%20%C3%A9%201"  # percent-encoded per the HTTP binding
-    assert headers["ce-traceid"] == "trace-42" and headers["ce-traceparent"] == ev.traceparent
-    assert headers["Content-Type"] == "application/json"
-    assert headers["Idempotency-Key"] == f"{ev.id}:batches"
-    assert headers["X-Chora-Timestamp"] == "1700000000"
-    assert verify(SECRET, headers["X-Chora-Timestamp"], body, headers["X-Chora-Signature"], now=1_700_000_000)
-    assert json.loads(body) == {"batch_id": "b-1", "status": "success", "total": 2, "successful": 2, "failed": 0}
+    assert headers["content-type"] == "application/cloudevents+json"
+    assert not [h for h in headers if h.lower().startswith("ce-")]  # every attribute is in the signed body
+    assert headers["Idempotency-Key"] == headers["webhook-id"] == f"{ev.id}:batches"
+    assert headers["webhook-timestamp"] == "1700000000"
+    assert verify(SECRET, headers, body, now=1_700_000_000)
+    doc = json.loads(body)
+    assert doc["id"] == ev.id and doc["type"] == BATCH_COMPLETED and doc["source"] == "chora://assembler"
+    assert doc["traceid"] == "trace-42" and doc["traceparent"] == ev.traceparent
+    assert doc["data"] == {"batch_id": "b-1", "status": "success", "total": 2, "successful": 2, "failed": 0}
     # the official SDK reads it back as the same event
-    back = from_binary(HTTPMessage(headers=headers, body=body), JSONFormat())
+    back = from_structured(HTTPMessage(headers=headers, body=body), JSONFormat())
     assert back.get_id() == ev.id and back.get_type() == BATCH_COMPLETED and back.get_source() == ev.source
     assert back.get_subject() == "notes é 1"
     assert back.get_time().isoformat().startswith(ev.time[:19])
 
 
-def test_extensions_are_sent_as_ce_headers():
+def test_extensions_are_attributes_in_the_signed_body():
     ev = batch_event()
     ev.extensions = {"tenant": "acme"}
-    headers, _ = build_request(ev, "batches", SECRET)
-    assert headers["ce-tenant"] == "acme"
+    headers, body = build_request(ev, "batches", SECRET)
+    assert json.loads(body)["tenant"] == "acme" and verify(SECRET, headers, body)
+
+
+def test_every_secret_of_a_rotation_signs():
+    old, new = b"old-secret", b"new-secret"
+    headers, body = build_request(batch_event(), "batches", (old, new))
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    assert verify(old, headers, body) and verify(new, headers, body) and not verify(b"other", headers, body)
 
 
 def test_event_the_sdk_cannot_express_is_undeliverable():

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint bench bench-isolation install clean prometheus
+.PHONY: up test lint bench bench-isolation install clean prometheus check-asyncapi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +40,13 @@ bench: $(STAMP)
 bench-isolation: $(STAMP)
 	$(VENV)/bin/python -m bench.isolation
 
+# contracts/asyncapi.json parsed by the official AsyncAPI parser (npm @asyncapi/parser, installed
+# into tools/node_modules on first use; needs node and npm). A dev-time check: pytest does not need npm.
+tools/node_modules/@asyncapi/parser/package.json: tools/package.json
+	cd tools && npm install --no-audit --no-fund --ignore-scripts
+
+check-asyncapi: tools/node_modules/@asyncapi/parser/package.json
+	node tools/check_asyncapi.mjs
+
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache tools/node_modules

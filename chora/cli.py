@@ -152,6 +152,16 @@ def schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def asyncapi(args: argparse.Namespace) -> int:
+    from contracts import asyncapi as aa
+
+    if args.write:
+        print(aa.write())
+    else:
+        sys.stdout.write(aa.generate(args.prefix))
+    return 0
+
+
 # ---------------------------------------------------------------------- main
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chora", description="chora-compose: event-driven content generation on NATS")
@@ -187,6 +197,10 @@ def parser() -> argparse.ArgumentParser:
     ct = sub.add_parser("contracts", help="event contracts").add_subparsers(dest="contracts_cmd", required=True)
     sp = ct.add_parser("schemas", help="regenerate contracts/schemas from the Structs")
     sp.set_defaults(func=schemas)
+    sp = ct.add_parser("asyncapi", help="print the AsyncAPI 3.0 document of the events (JSON)")
+    sp.add_argument("--prefix", default="chora", help="subject prefix of the channels' addresses (default chora)")
+    sp.add_argument("--write", action="store_true", help="rewrite contracts/asyncapi.json instead (default prefix)")
+    sp.set_defaults(func=asyncapi)
 
     for module in COMMAND_MODULES:
         module.register(sub)

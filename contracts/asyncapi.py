@@ -1,0 +1,213 @@
+"""The AsyncAPI 3.0 document of chora's events, generated from the catalogue.
+
+- channels: one per event type, its NATS subject (default prefix ``chora``) as the address;
+- messages: CloudEvents in the NATS binding's binary mode: the attributes as ``ce-*``
+  headers (the ``headers`` schema), the data as the JSON payload (the payload Struct's
+  schema, the same as in ``contracts/schemas/``);
+- operations: what each service receives (with its durable JetStream consumer as the NATS
+  binding's ``queue``: the instances of a service share its messages) and sends, from
+  :data:`SERVICES`, the one table of who talks on which subject (a test checks it
+  against bus/topology.py and the services' code);
+- components.schemas: every payload Struct and the Structs inside them.
+
+``python -m contracts.asyncapi`` (or ``chora contracts asyncapi --write``) rewrites
+``contracts/asyncapi.json``; a test fails when the file drifts from the catalogue.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from contracts.catalogue import (
+    ARTIFACT_ASSEMBLED,
+    ARTIFACT_REQUESTED,
+    BATCH_COMPLETED,
+    BATCH_REQUESTED,
+    CATALOGUE,
+    CONFIG_VALIDATED,
+    CONTENT_GENERATED,
+    CONTENT_VALIDATED,
+    GENERATION_REQUESTED,
+    NOTIFICATION_DELIVERED,
+    NOTIFICATION_FAILED,
+)
+
+ASYNCAPI_FILE = Path(__file__).parent / "asyncapi.json"
+DOCUMENT_VERSION = "0.1.0"
+_ALL = tuple(CATALOGUE)
+_FACTS = tuple(t for t, s in CATALOGUE.items() if s.kind == "fact")
+_REQUESTS = tuple(t for t, s in CATALOGUE.items() if s.kind == "request")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one party receives (event type -> durable consumer) and sends."""
+
+    description: str
+    receives: dict[str, str]
+    sends: tuple[str, ...]
+
+
+def _on(durable: str, *types: str) -> dict[str, str]:
+    return dict.fromkeys(types, durable)
+
+
+SERVICES: dict[str, Role] = {
+    "generator": Role("Renders a content config and reports the outcome.", _on("generator", GENERATION_REQUESTED), (CONTENT_GENERATED,)),
+    "validator": Role(
+        "Checks generated content against its config's rules.",
+        _on("validator", CONTENT_GENERATED),
+        (CONTENT_VALIDATED, CONFIG_VALIDATED),
+    ),
+    "assembler": Role(
+        "Turns artifacts and batches into generation requests, collects their outcomes, announces completion once.",
+        _on("assembler", ARTIFACT_REQUESTED, BATCH_REQUESTED, CONTENT_GENERATED, CONTENT_VALIDATED)
+        | _on("assembler-completions", ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
+        (GENERATION_REQUESTED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
+    ),
+    "notifier": Role(
+        "Pushes the events its subscriptions match to webhooks (one durable consumer per subscription, notify-<name>; any event type).",
+        _on("notify-<subscription>", *_ALL),
+        (NOTIFICATION_DELIVERED, NOTIFICATION_FAILED),
+    ),
+    "telemetry": Role("Mirrors every event to JSONL and Prometheus.", _on("telemetry", *_ALL), ()),
+    "client": Role(
+        "Your service, the CLI or the gateway: publishes requests and reads the outcomes "
+        "(chora_client.ChoraClient in Python; any NATS client otherwise).",
+        _on("<your durable>", *_FACTS),
+        _REQUESTS,
+    ),
+}
+
+_CE_HEADERS: dict[str, Any] = {
+    "ce-specversion": {"type": "string", "const": "1.0"},
+    "ce-id": {"type": "string", "description": "the event id; also Nats-Msg-Id (JetStream drops a re-published id)"},
+    "ce-source": {"type": "string", "description": "who published it, e.g. chora://generator"},
+    "ce-type": {"type": "string", "description": "the event type"},
+    "ce-time": {"type": "string", "format": "date-time"},
+    "ce-datacontenttype": {"type": "string", "const": "application/json"},
+    "ce-subject": {"type": "string"},
+    "ce-dataschema": {"type": "string"},
+    "ce-traceid": {"type": "string", "description": "the trace id: a requester's own or the W3C one; kept by every outcome"},
+    "ce-traceparent": {
+        "type": "string",
+        "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        "description": "W3C trace context; each outcome is a child span of its cause",
+    },
+    "Nats-Msg-Id": {"type": "string", "description": "the same as ce-id"},
+}
+
+
+def _headers(event_type: str) -> dict[str, Any]:
+    props = dict(_CE_HEADERS)
+    props["ce-type"] = {"type": "string", "const": event_type}
+    return {
+        "type": "object",
+        "description": "CloudEvents attributes, NATS binding, binary mode; values percent-encoded outside "
+        "U+0021..U+007E and for space, '\"' and '%'. Extension attributes travel as further ce-<name> headers.",
+        "required": ["ce-specversion", "ce-id", "ce-source", "ce-type"],
+        "properties": props,
+    }
+
+
+def _channel_id(event_type: str) -> str:
+    return CATALOGUE[event_type].suffix
+
+
+def _message(event_type: str, payload_name: str) -> dict[str, Any]:
+    spec = CATALOGUE[event_type]
+    msg: dict[str, Any] = {
+        "name": event_type,
+        "title": payload_name,
+        "summary": spec.description,
+        "contentType": "application/json",
+        "headers": _headers(event_type),
+        "payload": {"$ref": f"#/components/schemas/{payload_name}"},
+        "tags": [{"name": spec.kind}],
+    }
+    if "request_id" in spec.struct.__struct_fields__:
+        msg["correlationId"] = {
+            "description": "the ce-id of the request this outcome answers",
+            "location": "$message.payload#/request_id",
+        }
+    return msg
+
+
+def _operation(party: str, action: str, event_type: str, durable: str | None) -> dict[str, Any]:
+    channel = _channel_id(event_type)
+    op: dict[str, Any] = {
+        "action": action,
+        "channel": {"$ref": f"#/channels/{channel}"},
+        "summary": f"{party} {action}s {event_type}",
+        "messages": [{"$ref": f"#/channels/{channel}/messages/{CATALOGUE[event_type].struct.__name__}"}],
+        "tags": [{"name": party}],
+    }
+    if durable is not None:
+        op["bindings"] = {"nats": {"queue": durable, "bindingVersion": "0.1.0"}}
+    return op
+
+
+def document(prefix: str = "chora") -> dict[str, Any]:
+    """The AsyncAPI 3.0 document (subjects under ``prefix``)."""
+    structs = [spec.struct for spec in CATALOGUE.values()]
+    _, components = msgspec.json.schema_components(structs, ref_template="#/components/schemas/{name}")
+    channels: dict[str, Any] = {}
+    messages: dict[str, Any] = {}
+    for event_type, spec in CATALOGUE.items():
+        name = spec.struct.__name__
+        messages[event_type] = _message(event_type, name)
+        channels[_channel_id(event_type)] = {
+            "address": spec.subject(prefix),
+            "title": event_type,
+            "description": f"{spec.description} Stored in the events stream (JetStream, limits retention).",
+            "messages": {name: {"$ref": f"#/components/messages/{event_type}"}},
+        }
+    operations: dict[str, Any] = {}
+    for party, role in SERVICES.items():
+        for event_type, durable in role.receives.items():
+            operations[f"{party}.receive.{_channel_id(event_type)}"] = _operation(party, "receive", event_type, durable)
+        for event_type in role.sends:
+            operations[f"{party}.send.{_channel_id(event_type)}"] = _operation(party, "send", event_type, None)
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "chora-compose events",
+            "version": DOCUMENT_VERSION,
+            "description": "Event-driven content generation on NATS JetStream: requests and facts as CloudEvents "
+            "(binary mode: ce-* headers, JSON data; structured mode accepted on input). A malformed or impossible "
+            "message goes to the dead-letter stream on <prefix>.dlq.<consumer>. See docs/events.md.",
+            "license": {"name": "Apache-2.0", "url": "https://www.apache.org/licenses/LICENSE-2.0"},
+            "tags": [{"name": party, "description": role.description} for party, role in SERVICES.items()],
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "embedded": {
+                "host": "127.0.0.1:4222",
+                "protocol": "nats",
+                "description": "the nats-server `chora up` starts (its URL is printed; production sets NATS_URL)",
+            }
+        },
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages, "schemas": components},
+    }
+
+
+def generate(prefix: str = "chora") -> str:
+    return json.dumps(document(prefix), indent=2) + "\n"
+
+
+def write(path: Path = ASYNCAPI_FILE) -> Path:
+    path.write_text(generate())
+    return path
+
+
+if __name__ == "__main__":
+    print(write())
+    sys.exit(0)

@@ -1,0 +1,93 @@
+"""The AsyncAPI document: checked in and drift-free, built from the catalogue, and its one
+table of who sends and receives what (contracts.asyncapi.SERVICES) matches the topology's
+consumers and the events each service's code builds. (Its validity by the official parser
+is a dev-time check: `make check-asyncapi`.)"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import msgspec
+
+from bus.topology import Topology
+from chora.cli import main
+from contracts import asyncapi, catalogue
+from contracts.catalogue import CATALOGUE
+from services.notifier.config import Subscription
+from services.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES_WITH_TOPOLOGY = ("generator", "validator", "assembler", "telemetry")
+
+
+def test_the_checked_in_document_matches_the_catalogue():
+    on_disk = asyncapi.ASYNCAPI_FILE.read_text()
+    assert on_disk == asyncapi.generate(), "asyncapi.json drifted: run `chora contracts asyncapi --write` and commit it"
+
+
+def test_chora_contracts_asyncapi_prints_it(capsys):
+    assert main(["contracts", "asyncapi"]) == 0
+    assert capsys.readouterr().out == asyncapi.ASYNCAPI_FILE.read_text()
+    assert main(["contracts", "asyncapi", "--prefix", "acme"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["channels"]["generation.requested"]["address"] == "acme.generation.requested"
+
+
+def test_every_event_type_is_a_channel_with_its_cloudevent_message():
+    doc = asyncapi.document()
+    assert doc["asyncapi"] == "3.0.0"
+    assert {c["address"] for c in doc["channels"].values()} == set(catalogue.all_subjects())
+    schemas = doc["components"]["schemas"]
+    for event_type, spec in CATALOGUE.items():
+        msg = doc["components"]["messages"][event_type]
+        name = spec.struct.__name__
+        assert msg["payload"] == {"$ref": f"#/components/schemas/{name}"}
+        # the payload schema is the Struct's, as in contracts/schemas/<type>.json
+        published = (ROOT / "contracts" / "schemas" / f"{event_type}.json").read_text()
+        published = json.loads(published.replace('"#/$defs/', '"#/components/schemas/'))
+        assert schemas[name] == published["$defs"][name]
+        assert msg["headers"]["properties"]["ce-type"]["const"] == event_type
+        assert set(msg["headers"]["required"]) == {"ce-specversion", "ce-id", "ce-source", "ce-type"}
+    refs = re.findall(r'"\$ref": "#/components/schemas/(\w+)"', asyncapi.generate())
+    assert set(refs) <= set(schemas)
+
+
+def test_receivers_match_the_topology():
+    topo = Topology.from_settings(Settings(prefix="chora"))
+    derived: dict[str, dict[str, str]] = {}
+    for spec in topo.consumers.values():
+        service = spec.durable.removesuffix("-completions")
+        for event_type in spec.event_types or CATALOGUE:
+            derived.setdefault(service, {})[event_type] = spec.durable
+    assert set(derived) == set(SERVICES_WITH_TOPOLOGY)
+    for service in SERVICES_WITH_TOPOLOGY:
+        assert asyncapi.SERVICES[service].receives == derived[service], service
+    # the notifier: one durable per subscription, any event type
+    sub = Subscription(name="ops", events=["chora.*"], url="https://hooks.example.com/x", secret_env="S")
+    assert asyncapi.SERVICES["notifier"].receives == dict.fromkeys(CATALOGUE, "notify-<subscription>")
+    assert sub.durable == "notify-ops"
+
+
+def _types_built_in(service: str) -> set[str]:
+    """The event types a service's code passes to new_event(...)."""
+    names = set()
+    for path in (ROOT / "services" / service).rglob("*.py"):
+        names |= set(re.findall(r"new_event\(\s*([A-Z_]+)\b", path.read_text()))
+    return {getattr(catalogue, n) for n in names}
+
+
+def test_senders_match_what_each_service_builds():
+    for service in ("generator", "validator", "assembler", "notifier", "telemetry"):
+        assert set(asyncapi.SERVICES[service].sends) == _types_built_in(service), service
+
+
+def test_operations_cover_each_party_both_ways():
+    ops = asyncapi.document()["operations"]
+    assert ops["generator.receive.generation.requested"]["bindings"]["nats"]["queue"] == "generator"
+    assert ops["assembler.receive.batch_completed"]["bindings"]["nats"]["queue"] == "assembler-completions"
+    assert ops["client.send.generation.requested"]["action"] == "send"
+    counted = sum(len(r.receives) + len(r.sends) for r in asyncapi.SERVICES.values())
+    assert len(ops) == counted
+    assert msgspec.json.decode(asyncapi.generate())["operations"] == ops

@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contracts.catalogue import events_stream, stream_base
+
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
@@ -70,8 +72,8 @@ class BusSettings(BaseSettings):
 
     @property
     def stream_name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_]", "_", self.prefix).upper() + "_EVENTS"
+        return events_stream(self.prefix)
 
     @property
     def dlq_stream_name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_]", "_", self.prefix).upper() + "_DLQ"
+        return stream_base(self.prefix) + "_DLQ"

@@ -8,6 +8,7 @@ equals the type. Tests use their own prefix so that runs never meet.
 from __future__ import annotations
 
 import builtins
+import re
 from dataclasses import dataclass
 
 import msgspec
@@ -84,3 +85,14 @@ def subject_for(event_type: str, prefix: str = "chora") -> str:
 
 def all_subjects(prefix: str = "chora") -> list[str]:
     return [s.subject(prefix) for s in CATALOGUE.values()]
+
+
+def stream_base(prefix: str = "chora") -> str:
+    """The stem of the JetStream names under ``prefix``: ``CHORA`` for the events stream
+    ``CHORA_EVENTS``, the dead letters ``CHORA_DLQ`` and the buckets ``CHORA_<NAME>``."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", prefix).upper()
+
+
+def events_stream(prefix: str = "chora") -> str:
+    """The stream that stores every event under ``prefix``."""
+    return stream_base(prefix) + "_EVENTS"

@@ -4,6 +4,7 @@ nats-server, driven by the CLI and by a plain nats-py client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -34,8 +35,8 @@ def up_env(tmp_path, **extra: str) -> dict[str, str]:
     return child_env(**{**defaults, **extra})
 
 
-@pytest.fixture
-def stack(tmp_path):
+@contextlib.contextmanager
+def running_stack(tmp_path):
     """`chora up` with its own home, prefix and free ports; stopped with SIGTERM."""
     env = up_env(tmp_path)
     proc = subprocess.Popen(
@@ -50,10 +51,18 @@ def stack(tmp_path):
     assert stack_file.exists(), "chora up did not come up:\n" + "".join(lines)
     info = json.loads(stack_file.read_text())
     info["env"], info["proc"], info["home"] = env, proc, tmp_path / "var"
-    yield info
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+    try:
+        yield info
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    with running_stack(tmp_path) as info:
+        yield info
 
 
 def run_cli(stack, *args, timeout=60):

@@ -8,7 +8,10 @@ must point down (contracts < bus < composition < services < chora).
   service's folder; a shared module imports no service folder;
 - ``services/<name>/handlers.py`` nothing of bus;
 - ``chora/`` (the command line) is imported by nothing but itself and the tests (and the
-  benchmark, which runs the stack as a user would).
+  benchmark, which runs the stack as a user would);
+- ``chora_client/`` (the client other Python services use) imports only contracts (and
+  nats-py); nothing of the project imports it but the CLI, the tests and the benchmark:
+  the services are its peers over NATS, not its users.
 
 A failure names every offending import with its file and line.
 """
@@ -22,9 +25,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("contracts", "bus", "composition", "services", "chora")
+PACKAGES = ("contracts", "bus", "composition", "services", "chora", "chora_client")
 # Who may import chora: chora itself, the tests and the benchmark (both drive the stack from outside).
 CHORA_USERS = ("chora", "tests", "bench")
+CLIENT_USERS = ("chora_client", "chora", "tests", "bench")
 
 
 def _module_name(path: Path) -> str:
@@ -84,6 +88,12 @@ def problems(path: Path) -> list[str]:
         if target == "chora":
             if top not in CHORA_USERS:
                 why = "nothing imports the command line package chora"
+        elif target == "chora_client":
+            if top not in CLIENT_USERS:
+                why = "only the CLI, the tests and the benchmark import chora_client (services talk over NATS)"
+        elif top == "chora_client":
+            if target != "contracts":
+                why = "chora_client imports only contracts"
         elif top == "contracts":
             why = "contracts imports nothing of the project"
         elif top in ("bus", "composition"):
@@ -136,6 +146,16 @@ def test_the_check_names_a_wrong_import_with_file_and_line(tmp_path, monkeypatch
     assert problems(tmp_path / "services" / "generator" / "handlers.py") == [
         "services/generator/handlers.py:1: imports bus.consumer: a handler imports nothing of bus (its API is contracts.handling)",
         "services/generator/handlers.py:2: imports services.validator.rules: a service imports no other service",
+    ]
+    (tmp_path / "chora_client").mkdir()
+    (tmp_path / "chora_client" / "client.py").write_text("from contracts.events import X\nfrom bus.content import Y\n")
+    (tmp_path / "services" / "generator" / "service.py").write_text("from chora_client import ChoraClient\n")
+    assert problems(tmp_path / "chora_client" / "client.py") == [
+        "chora_client/client.py:2: imports bus.content: chora_client imports only contracts"
+    ]
+    assert problems(tmp_path / "services" / "generator" / "service.py") == [
+        "services/generator/service.py:1: imports chora_client: only the CLI, the tests and the benchmark import "
+        "chora_client (services talk over NATS)"
     ]
 
 

@@ -185,6 +185,8 @@ def test_keywords_beyond_the_old_subset(schema, good, bad, problem):
         ({"$ref": "#/$defs/missing"}, "$ref '#/$defs/missing' does not resolve"),
         ({"type": "objekt"}, "schema.type: 'objekt' is not valid under any of the given schemas"),
         ({"properties": {"a": {"minimum": "5"}}}, "schema.properties.a.minimum: '5' is not of type 'number'"),
+        ({"$schema": "https://schemas.example.org/mine"}, "$schema 'https://schemas.example.org/mine' is not a draft"),
+        ({"$schema": 3}, "$schema '3' is not a draft"),
     ],
 )
 def test_an_unusable_schema_makes_the_config_invalid(schema, problem):

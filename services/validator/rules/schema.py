@@ -36,6 +36,9 @@ _BASE = "urn:chora:json-schema-rule"  # the base URI of a schema without an abso
 _NOT_KEYWORDS = frozenset({"enum", "const", "examples", "default"})  # values that are data, not schemas
 
 
+_UNKNOWN = object()
+
+
 class SchemaError(ValueError):
     """A schema that cannot be used."""
 
@@ -126,7 +129,16 @@ class CompiledSchema:
     def __init__(self, schema: dict[str, Any]):
         if not isinstance(schema, dict):
             raise SchemaError(f"a schema must be an object, got {short(schema)}")
-        cls = validators.validator_for(schema, default=validators.Draft202012Validator)
+        named = schema.get("$schema")
+        known: Any = None if named is None else _UNKNOWN
+        if isinstance(named, str):
+            known = validators.validator_for(schema, default=_UNKNOWN)
+        if known is _UNKNOWN:
+            raise SchemaError(
+                f"$schema {short(schema['$schema'])} is not a draft this validator knows "
+                "(2020-12, 2019-09, 7, 6, 4 or 3 by their meta-schema URIs; leave it out for 2020-12)"
+            )
+        cls = known or validators.Draft202012Validator
         try:
             cls.check_schema(schema)
         except js_exceptions.SchemaError as e:

@@ -36,7 +36,7 @@ _BASE = "urn:chora:json-schema-rule"  # the base URI of a schema without an abso
 _NOT_KEYWORDS = frozenset({"enum", "const", "examples", "default"})  # values that are data, not schemas
 
 
-_UNKNOWN = object()
+_UNKNOWN: Any = object()  # validator_for() returns it for a $schema it does not know
 
 
 class SchemaError(ValueError):

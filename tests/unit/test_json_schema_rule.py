@@ -29,6 +29,8 @@ from contracts.events import (
     Origin,
     ValidationIssue,
 )
+from referencing import Registry
+
 from services.validator.rules import RulesError, compile_rules
 from services.validator.rules.schema import MAX_DOC_DEPTH, MAX_DOC_VALUES
 
@@ -222,3 +224,15 @@ def test_unique_items_on_many_objects_is_linear():
     elapsed = time.perf_counter() - started
     assert "item 20000 repeats an earlier one" in message
     print(f"uniqueItems over 20,001 objects: {elapsed * 1000:.0f} ms")
+
+
+def test_a_schema_that_fails_while_checking_is_a_verdict_not_a_crash():
+    """A failure inside the library (here a reference that a validator cannot resolve at
+    check time) becomes the rule's message; the validator goes on."""
+    rules = compile_rules([{"type": "json_schema", "schema": {"type": "object"}}])
+    (rule,) = rules.rules
+    compiled = rule._compiled
+    compiled.validator = compiled._cls({"$ref": "urn:elsewhere"}, registry=Registry())
+    (issue,) = rules.apply("{}")
+    assert issue.message.startswith("the JSON schema could not be applied to the content: ")
+    assert "urn:elsewhere" in issue.message

@@ -47,6 +47,11 @@ class DocumentTooBig(ValueError):
     """A document past one of the bounds: not checked."""
 
 
+class SchemaFailed(ValueError):
+    """The schema could not be applied to a document (e.g. a dynamic reference that resolves
+    only at validation time and does not): a verdict, not a crash of the validator."""
+
+
 def _canonical(v: Any) -> Any:
     """A hashable form in which JSON-equal values are equal: 1 == 1.0, true != 1, key order ignored."""
     if isinstance(v, bool) or v is None or isinstance(v, str):
@@ -118,11 +123,6 @@ def _check_refs(schema: Any, root: str, registry: Registry[Any]) -> None:
             ) from None
 
 
-def json_path(error: js_exceptions.ValidationError) -> str:
-    """``$.items[2].name``: where in the document ``error`` is."""
-    return error.json_path
-
-
 class CompiledSchema:
     """A checked schema and its validator. ``CompiledSchema(schema)`` raises :class:`SchemaError`."""
 
@@ -159,13 +159,19 @@ class CompiledSchema:
         Raises :class:`DocumentTooBig` for a document past the bounds."""
         _check_bounds(doc)
         out: list[tuple[str, str]] = []
-        for error in self.validator.iter_errors(doc):
-            # For anyOf/oneOf, the most relevant failure inside (e.g. the array branch of
-            # "array or null") says more than "is not valid under any of the given schemas".
-            error = js_exceptions.best_match([error]) or error
-            out.append((json_path(error), f"{_cut(error.message)} ({error.validator})"))
-            if len(out) >= limit:
-                break
+        try:
+            for error in self.validator.iter_errors(doc):
+                # For anyOf/oneOf, the most relevant failure inside (e.g. the array branch of
+                # "array or null") says more than "is not valid under any of the given schemas".
+                error = js_exceptions.best_match([error]) or error
+                # error.json_path: where in the document, e.g. $.items[2].name
+                out.append((error.json_path, f"{_cut(error.message)} ({error.validator})"))
+                if len(out) >= limit:
+                    break
+        except (RecursionError, DocumentTooBig):
+            raise
+        except Exception as e:
+            raise SchemaFailed(f"{type(e).__name__}: {_cut(str(e))}") from None
         return out
 
 

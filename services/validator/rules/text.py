@@ -16,7 +16,7 @@ from services.validator.rules.common import (
     line_of,
     short,
 )
-from services.validator.rules.schema import MAX_DOC_CHARS, CompiledSchema, DocumentTooBig, SchemaError
+from services.validator.rules.schema import MAX_DOC_CHARS, CompiledSchema, DocumentTooBig, SchemaError, SchemaFailed
 
 # --------------------------------------------------------------------------- content, analysed lazily
 
@@ -252,6 +252,8 @@ class JsonSchemaRule(_Rule):
             errs = self._compiled.errors(doc, limit=MAX_SCHEMA_ERRORS + 1)
         except DocumentTooBig as e:
             return f"content is not checked against the JSON schema: {e}"
+        except SchemaFailed as e:
+            return f"the JSON schema could not be applied to the content: {e}"
         except RecursionError:
             return "content is nested too deeply to check against the schema"
         if not errs:

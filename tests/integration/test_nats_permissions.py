@@ -361,7 +361,7 @@ async def test_services_work_with_their_own_users_and_provision_off(
         await wait_for(lambda: "chora.notification_delivered" in outcomes, 20, "notification_delivered at the client")
         delivered = outcomes["chora.notification_delivered"].data
         assert delivered.subscription == "release-hook" and delivered.status_code == 204
-        assert len(posts) == 1 and json.loads(posts[0]["body"])["content"] == content
+        assert len(posts) == 1 and json.loads(posts[0]["body"])["data"]["content"] == content  # structured mode
 
         # telemetry mirrored all three, content resolved through the Object Store
         jsonl = per_service["telemetry"].jsonl_path

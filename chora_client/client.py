@@ -109,7 +109,9 @@ class BatchResult:
 class _Waiter:
     done: Callable[[dict[str, CloudEvent]], bool]
     got: dict[str, CloudEvent] = field(default_factory=dict)
-    future: asyncio.Future[dict[str, CloudEvent]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[dict[str, CloudEvent]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 def _request_id(event: CloudEvent) -> str | None:
@@ -278,7 +280,9 @@ class ChoraClient:
             gen = got.get(CONTENT_GENERATED)
             return gen is not None and (not validate or gen.data.status != "success" or CONTENT_VALIDATED in got)
 
-        got = await self.request(event, [CONTENT_GENERATED, CONTENT_VALIDATED] if validate else [CONTENT_GENERATED], timeout, done)
+        got = await self.request(
+            event, [CONTENT_GENERATED, CONTENT_VALIDATED] if validate else [CONTENT_GENERATED], timeout, done
+        )
         generated = got[CONTENT_GENERATED]
         out: ContentGenerated = generated.data
         content = out.content
@@ -343,7 +347,9 @@ class ChoraClient:
         try:
             got = await (await self.js.object_store(bucket)).get(name)
         except Exception as e:
-            raise ChoraClientError(f"content {ref} cannot be read (expired or deleted?): {type(e).__name__}: {e}") from e
+            raise ChoraClientError(
+                f"content {ref} cannot be read (expired or deleted?): {type(e).__name__}: {e}"
+            ) from e
         return (got.data or b"").decode("utf-8")
 
     # ------------------------------------------------------------------ the outcome subscription
@@ -410,7 +416,9 @@ class ChoraClient:
                 await self.js.add_consumer(self.stream, config)
             sub = await self.js.pull_subscribe_bind(durable, self.stream)
         except Exception as e:
-            raise ChoraClientError(f"cannot open durable consumer {durable} on {self.stream}: {type(e).__name__}: {e}") from e
+            raise ChoraClientError(
+                f"cannot open durable consumer {durable} on {self.stream}: {type(e).__name__}: {e}"
+            ) from e
         return OutcomeStream(sub, batch)
 
 

@@ -59,7 +59,11 @@ def _on(durable: str, *types: str) -> dict[str, str]:
 
 
 SERVICES: dict[str, Role] = {
-    "generator": Role("Renders a content config and reports the outcome.", _on("generator", GENERATION_REQUESTED), (CONTENT_GENERATED,)),
+    "generator": Role(
+        "Renders a content config and reports the outcome.",
+        _on("generator", GENERATION_REQUESTED),
+        (CONTENT_GENERATED,),
+    ),
     "validator": Role(
         "Checks generated content against its config's rules.",
         _on("validator", CONTENT_GENERATED),
@@ -94,7 +98,10 @@ _CE_HEADERS: dict[str, Any] = {
     "ce-datacontenttype": {"type": "string", "const": "application/json"},
     "ce-subject": {"type": "string"},
     "ce-dataschema": {"type": "string"},
-    "ce-traceid": {"type": "string", "description": "the trace id: a requester's own or the W3C one; kept by every outcome"},
+    "ce-traceid": {
+        "type": "string",
+        "description": "the trace id: a requester's own or the W3C one; kept by every outcome",
+    },
     "ce-traceparent": {
         "type": "string",
         "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",

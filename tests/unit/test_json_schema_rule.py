@@ -156,7 +156,10 @@ def test_an_origin_is_checked_through_its_ref():
             "$[1]: 'b' is not of type 'integer' (type)",
         ),
         (
-            {"$defs": {"n": {"type": "object", "properties": {"name": {"type": "string"}}}}, "items": {"$ref": "#/$defs/n"}},
+            {
+                "$defs": {"n": {"type": "object", "properties": {"name": {"type": "string"}}}},
+                "items": {"$ref": "#/$defs/n"},
+            },
             '[{"name": "a"}]',
             '[{}, {}, {"name": 3}]',
             "$[2].name: 3 is not of type 'string' (type)",
@@ -182,7 +185,10 @@ def test_keywords_beyond_the_old_subset(schema, good, bad, problem):
 @pytest.mark.parametrize(
     "schema, problem",
     [
-        ({"$ref": "https://schemas.example.org/thing.json"}, "$ref 'https://schemas.example.org/thing.json' does not resolve"),
+        (
+            {"$ref": "https://schemas.example.org/thing.json"},
+            "$ref 'https://schemas.example.org/thing.json' does not resolve",
+        ),
         ({"properties": {"a": {"$ref": "other.json#/x"}}}, "$ref 'other.json#/x' does not resolve"),
         ({"$ref": "#/$defs/missing"}, "$ref '#/$defs/missing' does not resolve"),
         ({"type": "objekt"}, "schema.type: 'objekt' is not valid under any of the given schemas"),

@@ -145,7 +145,10 @@ def test_files(tmp_path):
 def test_secrets_come_from_the_environment_and_never_appear_in_errors():
     cfg = parse_config(GOOD)
     env = {"BATCH_SECRET": "hunter2-batch", "CONTENT_SECRET": "hunter2-content whsec_aHVudGVyMw=="}
-    assert load_secrets(cfg, env) == {"batches": (b"hunter2-batch",), "content-errors": (b"hunter2-content", b"hunter3")}
+    assert load_secrets(cfg, env) == {
+        "batches": (b"hunter2-batch",),
+        "content-errors": (b"hunter2-content", b"hunter3"),
+    }
     with pytest.raises(NotifierConfigError) as e:
         load_secrets(cfg, {"BATCH_SECRET": "hunter2-batch", "CONTENT_SECRET": ""})
     msg = str(e.value)
@@ -153,7 +156,9 @@ def test_secrets_come_from_the_environment_and_never_appear_in_errors():
     assert "hunter2" not in msg and "batches" not in msg
     with pytest.raises(NotifierConfigError, match="BATCH_SECRET .* is not set"):
         load_secrets(cfg, {"CONTENT_SECRET": "x"})
-    with pytest.raises(NotifierConfigError, match="CONTENT_SECRET .*: secret 2 starts with whsec_ but the rest is not base64"):
+    with pytest.raises(
+        NotifierConfigError, match="CONTENT_SECRET .*: secret 2 starts with whsec_ but the rest is not base64"
+    ):
         load_secrets(cfg, {"BATCH_SECRET": "x", "CONTENT_SECRET": "hunter2 whsec_hunter2!"})
 
 

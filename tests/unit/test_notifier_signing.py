@@ -39,7 +39,9 @@ def test_whsec_secrets_are_decoded_and_others_are_raw_bytes():
     assert parse_secrets(f"  {WHSEC}\n hunter2 ") == (KEY, b"hunter2")  # a rotation: both sign
 
 
-@pytest.mark.parametrize("value, problem", [("", "no secret"), ("  ", "no secret"), ("whsec_", "empty key"), ("whsec_!!", "not base64")])
+@pytest.mark.parametrize(
+    "value, problem", [("", "no secret"), ("  ", "no secret"), ("whsec_", "empty key"), ("whsec_!!", "not base64")]
+)
 def test_unusable_secrets_are_refused_without_showing_them(value, problem):
     with pytest.raises(SecretError, match=problem) as e:
         parse_secrets(value)
@@ -49,7 +51,11 @@ def test_unusable_secrets_are_refused_without_showing_them(value, problem):
 @pytest.mark.parametrize("receiver_secret", [WHSEC, KEY])
 def test_the_standardwebhooks_package_verifies_our_signatures(receiver_secret):
     headers = signature_headers(parse_secrets(WHSEC), "e1:hook", BODY)
-    assert Webhook(receiver_secret).verify(BODY, headers) == {"id": "e1", "type": "chora.batch_completed", "data": {"batch_id": "b1"}}
+    assert Webhook(receiver_secret).verify(BODY, headers) == {
+        "id": "e1",
+        "type": "chora.batch_completed",
+        "data": {"batch_id": "b1"},
+    }
 
 
 def test_a_raw_secret_verifies_as_raw_bytes():

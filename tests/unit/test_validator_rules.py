@@ -211,13 +211,19 @@ def test_json_schema_not_json():
         ('{"name": "abcdef", "tags": ["a"]}', "$.name: 'abcdef' is too long (maxLength)"),
         ('{"name": "ab", "tags": []}', "$.tags: [] should be non-empty (minItems)"),
         ('{"name": "ab", "tags": ["c"]}', "$.tags[0]: 'c' is not one of ['a', 'b'] (enum)"),
-        ('{"name": "ab", "tags": ["a", "a"]}', "$.tags: has non-unique elements (item 1 repeats an earlier one) (uniqueItems)"),
+        (
+            '{"name": "ab", "tags": ["a", "a"]}',
+            "$.tags: has non-unique elements (item 1 repeats an earlier one) (uniqueItems)",
+        ),
         ('{"name": "ab", "tags": ["a"], "score": 11}', "$.score: 11 is greater than the maximum of 10 (maximum)"),
         ('{"name": "ab", "tags": ["a"], "score": -1}', "$.score: -1 is less than the minimum of 0 (minimum)"),
         ('{"name": "ab", "tags": ["a"], "score": true}', "$.score: True is not of type 'number' (type)"),
         ('{"name": "ab", "tags": ["a"], "count": 1.5}', "$.count: 1.5 is not of type 'integer' (type)"),
         ('{"name": "ab", "tags": ["a"], "kind": "x"}', "$.kind: 'doc' was expected (const)"),
-        ('{"name": "ab", "tags": ["a"], "extra": 1}', "$: Additional properties are not allowed ('extra' was unexpected) (additionalProperties)"),
+        (
+            '{"name": "ab", "tags": ["a"], "extra": 1}',
+            "$: Additional properties are not allowed ('extra' was unexpected) (additionalProperties)",
+        ),
         ("[1, 2]", "$: [1, 2] is not of type 'object' (type)"),
     ],
 )

@@ -77,6 +77,10 @@ def request_key(request_id: str) -> str:
     return f"req.{key_id(request_id)}"
 
 
+def trace_key(trace_id: str) -> str:
+    return f"trace.{key_id(trace_id)}"
+
+
 @dataclass
 class _Stores:
     state: StateStore  # the assembler's records, and the generators' readiness
@@ -153,7 +157,11 @@ class Operations:
     ) -> Outcome | Pending:
         """Assemble ``artifact_id``: its ``artifact_assembled`` data, or :class:`Pending`."""
         self._check_artifact(artifact_id)
-        doc = {"artifact_id": artifact_id, "context": self._context(context), "callback_url": self._callback(callback_url)}
+        doc = {
+            "artifact_id": artifact_id,
+            "context": self._context(context),
+            "callback_url": self._callback(callback_url),
+        }
         data = self._convert(doc, ArtifactRequested)
         return await self._request_and_wait("assemble", self._event(ARTIFACT_REQUESTED, data, trace), timeout_s)
 
@@ -187,6 +195,7 @@ class Operations:
         data = self._convert(doc, BatchRequested)
         ev = self._event(BATCH_REQUESTED, data, trace)
         ack = await self._publish(ev)
+        self._note_trace(ev, ack.seq)
         record = RequestRecord(
             request_id=ev.id, kind="batch", trace_id=ev.traceid, seq=ack.seq, created_at=time.time(), total=len(items)
         )
@@ -217,7 +226,13 @@ class Operations:
             record = await self._record(batch_id)
             if record is None or record.kind != "batch":
                 raise GatewayError(404, "BATCH_NOT_FOUND", f"no batch {batch_id} (unknown, or expired)")
-            return {"batch_id": batch_id, "state": "queued", "total": record.total, "done": 0, "trace_id": record.trace_id}
+            return {
+                "batch_id": batch_id,
+                "state": "queued",
+                "total": record.total,
+                "done": 0,
+                "trace_id": record.trace_id,
+            }
         r = decode_batch(got[0])
         out = batch_progress(batch_id, r)
         out["state"] = "finished" if r.finished else ("closing" if r.closed else "running")
@@ -414,6 +429,7 @@ class Operations:
         except BaseException:
             self.waiter.forget(ev.id)
             raise
+        self._note_trace(ev, ack.seq)
         try:
             got = await asyncio.wait_for(asyncio.shield(fut), timeout) if timeout > 0 else None
         except asyncio.TimeoutError:
@@ -470,7 +486,9 @@ class Operations:
         )
         raw = msgspec.json.encode(record)
         if len(raw) > self.settings.max_event_bytes:  # a huge inlined content: keep the reference
-            record.outcome = {k: v for k, v in outcome.data.items() if k != "content" or not outcome.data.get("content_ref")}
+            record.outcome = {
+                k: v for k, v in outcome.data.items() if k != "content" or not outcome.data.get("content_ref")
+            }
             raw = msgspec.json.encode(record)
         await self.stores.records.put(request_key(request_id), raw)
         return record
@@ -517,6 +535,20 @@ class Operations:
             item = wanted.get(ev.data.origin.key)
             if item is not None and "content" not in item:
                 item["content"] = (await self._outcome("generate", ev)).data.get("content")
+
+    def _note_trace(self, ev: CloudEvent, seq: int) -> None:
+        """Remember where a trace starts (the first request of it this gateway published), so
+        that an event stream of it replays from there: one KV create, off the response path."""
+        if ev.traceid:
+            self._background(self.stores.records.create(trace_key(ev.traceid), str(seq).encode()))
+
+    async def trace_start(self, trace_id: str) -> int | None:
+        """The stream sequence of the first request of ``trace_id`` this gateway published, if any."""
+        got = await self.stores.records.get(trace_key(trace_id))
+        try:
+            return int(got[0]) if got is not None else None
+        except ValueError:
+            return None
 
     def _background(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -161,8 +161,8 @@ async def scan(
     found: list[CloudEvent] = []
     try:
         info = await sub.consumer_info()
-        if info.num_pending == 0:
-            return found
+        if info.num_pending == 0 and (info.delivered is None or not info.delivered.consumer_seq):
+            return found  # nothing on the subject from there (a push consumer may have delivered already)
         for _ in range(limit):
             try:
                 msg = await sub.next_msg(timeout=timeout)

@@ -152,6 +152,13 @@ def schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def openapi(args: argparse.Namespace) -> int:
+    from services.gateway import openapi as oa
+
+    print(oa.write())
+    return 0
+
+
 # ---------------------------------------------------------------------- main
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chora", description="chora-compose: event-driven content generation on NATS")
@@ -187,6 +194,8 @@ def parser() -> argparse.ArgumentParser:
     ct = sub.add_parser("contracts", help="event contracts").add_subparsers(dest="contracts_cmd", required=True)
     sp = ct.add_parser("schemas", help="regenerate contracts/schemas from the Structs")
     sp.set_defaults(func=schemas)
+    sp = ct.add_parser("openapi", help="regenerate contracts/openapi/gateway.json from the gateway's models")
+    sp.set_defaults(func=openapi)
 
     for module in COMMAND_MODULES:
         module.register(sub)

@@ -39,6 +39,31 @@ CallbackUrl = Annotated[
 ]
 
 
+class Problem(BaseModel):
+    """RFC 9457 problem details, with the events' stable code."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str = Field(description="stable UPPER_SNAKE code, the events' where there is one (CONFIG_NOT_FOUND, ...)")
+    trace_id: str | None = None
+
+
+_PROBLEM = {"model": Problem, "content": {"application/problem+json": {}}}
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    "4XX": {**_PROBLEM, "description": "a problem with the request (401, 403, 404, 409, 413, 422, 429, ...)"},
+    422: {**_PROBLEM, "description": "invalid request (INVALID_REQUEST, CALLBACK_REFUSED, ...) or failed outcome"},
+    "5XX": {
+        **_PROBLEM,
+        "description": "the bus is unavailable (BUS_UNAVAILABLE), an upstream failed, or too many streams",
+    },
+}
+ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {"description": "no outcome within the timeout: poll the Location (/v1/requests/{id})"}
+}
+
+
 class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     content_config_id: str = Field(max_length=128, description="content config id, ^[a-z][a-z0-9-]*$")
@@ -129,6 +154,7 @@ def create_app(ops: Operations, gw: GatewaySettings, keys: KeyRing, *, ready: Ca
         "follow events by trace. Errors are RFC 9457 problem details with the events' codes.",
         docs_url=None,
         redoc_url=None,
+        responses=PROBLEMS,
     )
     app.add_middleware(GatewayMiddleware, max_body_bytes=gw.max_body_bytes)
     limiter = RateLimiter(gw.rate_per_s, gw.rate_burst)
@@ -197,7 +223,7 @@ def create_app(ops: Operations, gw: GatewaySettings, keys: KeyRing, *, ready: Ca
 
         return await answer(request, principal, key, compute)
 
-    @app.post("/v1/generate", status_code=200, tags=["requests"], summary="Render a content config")
+    @app.post("/v1/generate", status_code=200, tags=["requests"], summary="Render a content config", responses=ACCEPTED)
     async def post_generate(
         request: Request,
         body: GenerateBody,
@@ -223,7 +249,7 @@ def create_app(ops: Operations, gw: GatewaySettings, keys: KeyRing, *, ready: Ca
             ),
         )
 
-    @app.post("/v1/artifacts", status_code=200, tags=["requests"], summary="Assemble an artifact")
+    @app.post("/v1/artifacts", status_code=200, tags=["requests"], summary="Assemble an artifact", responses=ACCEPTED)
     async def post_artifact(
         request: Request,
         body: ArtifactBody,

@@ -68,21 +68,26 @@ def load_keys(path: Path) -> list[ApiKey]:
         doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
         raise KeysError(f"cannot read the gateway keys file {path}: {e}") from None
+    return parse_keys(doc, str(path))
+
+
+def parse_keys(doc: Any, where: str) -> list[ApiKey]:
+    """``[{name, key_sha256, scopes}]`` (or ``{keys: [...]}``) from a keys file or setting."""
     if isinstance(doc, dict):
         doc = doc.get("keys")
     if not isinstance(doc, list):
-        raise KeysError(f"{path}: expected a list of {{name, key_sha256, scopes}} (or {{keys: [...]}})")
+        raise KeysError(f"{where}: expected a list of {{name, key_sha256, scopes}} (or {{keys: [...]}})")
     keys = []
     for i, entry in enumerate(doc):
         if not isinstance(entry, dict):
-            raise KeysError(f"{path}: entry {i} is not a mapping")
+            raise KeysError(f"{where}: entry {i} is not a mapping")
         name, digest, scopes = entry.get("name"), str(entry.get("key_sha256", "")).lower(), entry.get("scopes")
         if not isinstance(name, str) or not name:
-            raise KeysError(f"{path}: entry {i} has no name")
+            raise KeysError(f"{where}: entry {i} has no name")
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise KeysError(f"{path}: key {name!r}: key_sha256 must be 64 hex digits (sha256 of the key)")
+            raise KeysError(f"{where}: key {name!r}: key_sha256 must be 64 hex digits (sha256 of the key)")
         if not isinstance(scopes, list) or not scopes or any(s not in SCOPES for s in scopes):
-            raise KeysError(f"{path}: key {name!r}: scopes must be a non-empty list of {', '.join(SCOPES)}")
+            raise KeysError(f"{where}: key {name!r}: scopes must be a non-empty list of {', '.join(SCOPES)}")
         keys.append(ApiKey(name, digest, frozenset(scopes)))
     return keys
 

@@ -21,7 +21,7 @@ import uvicorn
 
 from services.gateway.app import create_app
 from services.gateway.operations import Operations
-from services.gateway.security import KeyRing, load_keys
+from services.gateway.security import KeyRing, load_keys, parse_keys
 from services.gateway.settings import GatewaySettings
 from services.settings import Settings
 
@@ -60,12 +60,14 @@ class GatewayApp:
         if not g.auth:
             log.warning("gateway auth is off (CHORA_GATEWAY_AUTH=false): anyone who reaches it may call it")
             return KeyRing([], enabled=False)
-        if g.keys_file is None:
+        if g.keys_file is None and not g.keys:
             raise RuntimeError(
-                "gateway auth is on and CHORA_GATEWAY_KEYS_FILE is not set: name a file of "
-                "{name, key_sha256, scopes} (see docs/gateway.md), or set CHORA_GATEWAY_AUTH=false on a trusted network"
+                "gateway auth is on and no key is set: name a file of {name, key_sha256, scopes} in "
+                "CHORA_GATEWAY_KEYS_FILE, or give the list in CHORA_GATEWAY_KEYS (see docs/gateway.md); "
+                "or set CHORA_GATEWAY_AUTH=false on a trusted network"
             )
-        return KeyRing(load_keys(g.keys_file))
+        keys = load_keys(g.keys_file) if g.keys_file is not None else []
+        return KeyRing(keys + parse_keys(g.keys, "CHORA_GATEWAY_KEYS"))
 
     def ready(self) -> bool:
         ops = self.ops

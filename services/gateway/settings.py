@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +17,8 @@ class GatewaySettings(BaseSettings):
     port: int = 8480
     # API keys: a YAML or JSON list of {name, key_sha256, scopes} (scopes: generate, batch, read, admin).
     keys_file: Path | None = None
+    # ... or the same list inline (JSON), e.g. from a secret in the environment (compose).
+    keys: list[dict[str, Any]] = []
     # auth false: no key asked for (a trusted network only); `chora up` keeps it on.
     auth: bool = True
     # How long POST /v1/generate and /v1/artifacts wait for the outcome by default, and at most.

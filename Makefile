@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint bench bench-isolation install clean prometheus
+.PHONY: up test lint bench bench-isolation bench-gateway install clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 # what isolating renders costs: per render (in-loop vs the worker pool) and the full stack both ways
 bench-isolation: $(STAMP)
 	$(VENV)/bin/python -m bench.isolation
+
+# the gateway's cost: POST /v1/generate through it next to the same requests over NATS
+bench-gateway: $(STAMP)
+	$(VENV)/bin/python -m bench.gateway
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

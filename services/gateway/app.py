@@ -322,11 +322,11 @@ def create_app(ops: Operations, gw: GatewaySettings, keys: KeyRing, *, ready: Ca
         start = int(last_event_id) + 1 if last_event_id and last_event_id.isdigit() else None
         if start is None:
             start = await ops.trace_start(trace_id)
-        slots.take()
+        slots.check()
         s = ops.settings
 
         async def body():
-            try:
+            with slots.held():
                 async for chunk in sse.event_stream(
                     ops.nc,
                     s.stream_name,
@@ -338,8 +338,6 @@ def create_app(ops: Operations, gw: GatewaySettings, keys: KeyRing, *, ready: Ca
                     max_event_bytes=s.max_event_bytes,
                 ):
                     yield chunk
-            finally:
-                slots.give()
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)

@@ -14,10 +14,11 @@ are capped per process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from datetime import datetime, timedelta, timezone
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import msgspec
 from nats.aio.client import Client
@@ -38,7 +39,8 @@ class StreamSlots:
         self.limit = limit
         self.open = 0
 
-    def take(self) -> None:
+    def check(self) -> None:
+        """503 TOO_MANY_STREAMS when every slot is taken (asked before the response starts)."""
         if self.open >= self.limit:
             raise GatewayError(
                 503,
@@ -46,10 +48,16 @@ class StreamSlots:
                 f"{self.limit} event streams are open; try again later",
                 headers={"Retry-After": "5"},
             )
-        self.open += 1
 
-    def give(self) -> None:
-        self.open -= 1
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A slot for as long as a stream's body runs (taken inside the body, so a response
+        that never started its body holds none)."""
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
 
 
 def check_types(types: list[str]) -> list[str]:

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint bench bench-isolation install clean prometheus check-asyncapi
+.PHONY: up test lint bench bench-isolation bench-gateway install clean prometheus check-asyncapi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ tools/node_modules/@asyncapi/parser/package.json: tools/package.json
 
 check-asyncapi: tools/node_modules/@asyncapi/parser/package.json
 	node tools/check_asyncapi.mjs
+
+# the gateway's cost: POST /v1/generate through it next to the same requests over NATS
+bench-gateway: $(STAMP)
+	$(VENV)/bin/python -m bench.gateway
 
 clean:
 	rm -rf $(VENV) var .pytest_cache tools/node_modules

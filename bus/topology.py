@@ -41,6 +41,7 @@ from contracts.catalogue import (
 log = logging.getLogger("chora.bus")
 
 LIMITS_TTL_S = 180.0  # a rate-limit window is one minute; its counter is gone three minutes after
+GATEWAY_TTL_S = 24 * 3600.0  # the gateway's request records and Idempotency-Key answers
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Topology:
     content_bucket: str = ""  # Object Store: content too large to travel inline
     cache_bucket: str = ""  # KV: the generator's result cache (per-entry TTL, bucket max age as the ceiling)
     limits_bucket: str = ""  # KV: the generator's rate-limit counters, one per model per minute
+    gateway_bucket: str = ""  # KV: the gateway's request records and Idempotency-Key answers (TTL 24 h)
 
     @classmethod
     def from_settings(cls, s: BusSettings, replicas: int | None = None) -> "Topology":
@@ -89,6 +91,7 @@ class Topology:
             content_bucket=f"{base}_CONTENT",
             cache_bucket=f"{base}_CACHE",
             limits_bucket=f"{base}_LIMITS",
+            gateway_bucket=f"{base}_GATEWAY",
             events_stream=s.stream_name,
             dlq_stream=s.dlq_stream_name,
             max_age_s=s.stream_max_age_s,
@@ -249,6 +252,7 @@ async def provision(
         (topo.state_bucket, "chora assembler state", topo.max_age_s, None, False),
         (topo.cache_bucket, "chora result cache", topo.max_age_s, 60.0, True),
         (topo.limits_bucket, "chora rate-limit counters (one per model per minute)", LIMITS_TTL_S, None, False),
+        (topo.gateway_bucket, "chora gateway requests and idempotency keys", GATEWAY_TTL_S, None, False),
     )
     for bucket, description, ttl, marker_ttl, direct in buckets:
         if not bucket:

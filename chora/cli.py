@@ -162,6 +162,13 @@ def asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def openapi(args: argparse.Namespace) -> int:
+    from services.gateway import openapi as oa
+
+    print(oa.write())
+    return 0
+
+
 # ---------------------------------------------------------------------- main
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chora", description="chora-compose: event-driven content generation on NATS")
@@ -201,6 +208,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--prefix", default="chora", help="subject prefix of the channels' addresses (default chora)")
     sp.add_argument("--write", action="store_true", help="rewrite contracts/asyncapi.json instead (default prefix)")
     sp.set_defaults(func=asyncapi)
+    sp = ct.add_parser("openapi", help="regenerate contracts/openapi/gateway.json from the gateway's models")
+    sp.set_defaults(func=openapi)
 
     for module in COMMAND_MODULES:
         module.register(sub)

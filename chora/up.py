@@ -31,6 +31,8 @@ from pathlib import Path
 from bus.connection import connect
 from bus.server import EmbeddedServer, ServerError
 from bus.topology import Topology, provision
+from services.gateway.security import hash_key, new_key, write_keys
+from services.gateway.settings import GatewaySettings
 from services.runtime import SERVICES, start_error_file
 from services.settings import Settings
 
@@ -85,9 +87,33 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
+def gateway_key(settings: Settings) -> tuple[str, Path]:
+    """The local gateway API key (admin scope) of this CHORA_HOME, made on first start: the key
+    in ``run/gateway.key`` (mode 0600) and its SHA-256 in ``run/gateway-keys.json``, the keys
+    file the gateway reads. Returns (key, keys file)."""
+    run = settings.home / "run"
+    key_file, keys_file = run / "gateway.key", run / "gateway-keys.json"
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        key = key_file.read_text().strip()
+    except OSError:
+        key = ""
+    if not key:
+        key = new_key()
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+    os.chmod(key_file, 0o600)
+    write_keys(keys_file, [{"name": "local", "key_sha256": hash_key(key), "scopes": ["admin"]}])
+    return key, keys_file
+
+
 class Stack:
     def __init__(self, settings: Settings, services: list[str] | None = None, *, out=None):
         self.settings = settings
+        self.gateway = GatewaySettings()
+        self.gateway_key: str | None = None  # the local key `chora up` made, when the gateway uses it
+        self.gateway_keys_file: Path | None = None
         self.out = out or sys.stdout  # where the banner and progress go
         self.services = services or list(SERVICES)
         self.server: EmbeddedServer | None = None
@@ -120,6 +146,23 @@ class Stack:
                     "to another base port (the services use it and the four after it), 0 for free ports, "
                     "or -1 for no metrics endpoints."
                 )
+
+    def check_gateway_port(self) -> None:
+        g = self.gateway
+        if "gateway" in self.services and g.port > 0 and not _port_free(g.host, g.port):
+            raise SystemExit(
+                f"port {g.port} on {g.host} (the gateway) is in use. Set CHORA_GATEWAY_PORT to another port "
+                "(0 picks a free one)."
+            )
+
+    def prepare_gateway(self) -> None:
+        """Auth on: the keys file the operator named, else a local key made on first start."""
+        if "gateway" not in self.services or not self.gateway.auth:
+            return
+        if self.gateway.keys_file is not None:
+            self.gateway_keys_file = self.gateway.keys_file
+            return
+        self.gateway_key, self.gateway_keys_file = gateway_key(self.settings)
 
     def start_server(self) -> None:
         s = self.settings
@@ -155,6 +198,8 @@ class Stack:
         if self.server is not None and self.server.monitor_url:
             env["CHORA_NATS_MONITOR_URL"] = self.server.monitor_url  # the NATS server panels
         env["CHORA_METRICS_PORT"] = str(metrics_port(self.settings.metrics_port, name))
+        if name == "gateway" and self.gateway_keys_file is not None:
+            env["CHORA_GATEWAY_KEYS_FILE"] = str(self.gateway_keys_file.resolve())
         return env
 
     @property
@@ -229,6 +274,8 @@ class Stack:
         s.home.mkdir(parents=True, exist_ok=True)
         self.check_not_running()
         self.check_metrics_ports()
+        self.check_gateway_port()
+        self.prepare_gateway()
         if not self.url:
             self.start_server()
         try:
@@ -262,6 +309,8 @@ class Stack:
             "configs_dir": str(s.configs_dir.resolve()),
             "logs_dir": str(self.logs.resolve()),
             "services": {n: p.pid for n, p in self.children.items()},
+            "gateway_url": self.info.get("gateway", {}).get("gateway_url"),
+            "gateway_keys_file": str(self.gateway_keys_file.resolve()) if self.gateway_keys_file else None,
         }
         s.stack_file.parent.mkdir(parents=True, exist_ok=True)
         s.stack_file.write_text(json.dumps(stack, indent=2))
@@ -272,6 +321,7 @@ class Stack:
             "nats_url",
             "nats_monitor_url",
             "metrics_url",
+            "gateway_url",
             "prometheus_targets",
             "jsonl_path",
             "configs_dir",
@@ -279,6 +329,8 @@ class Stack:
         ):
             if stack[key]:
                 lines.append(f"  {key:18} {stack[key]}")
+        if self.gateway_key and stack["gateway_url"]:
+            lines.append(f"  {'gateway_key':18} {self.gateway_key}    (Authorization: Bearer <key>)")
         lines.append(f"  services           {', '.join(f'{n} (pid {p})' for n, p in stack['services'].items())}")
         lines.append("Try: .venv/bin/chora generate hello-world    (Ctrl-C here stops everything)")
         print("\n".join(lines), file=self.out, flush=True)

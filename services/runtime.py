@@ -45,6 +45,7 @@ SERVICES: dict[str, str] = {
     "notifier": "services.notifier.service:build",
     "validator": "services.validator.service:build",
     "assembler": "services.assembler.service:build",
+    "gateway": "services.gateway.service:build",
 }
 
 
@@ -63,6 +64,9 @@ class BusContext:
     content: ContentStore
     cache: ResultCacheStore | None = None  # the generator's result cache
     limits: StateStore | None = None  # the rate-limit counters (KV, compare-and-set)
+    # The gateway's only (it publishes requests and follows outcomes itself); handler services
+    # never read it.
+    connection: Any = None
 
 
 class ServiceApp(Protocol):
@@ -128,7 +132,15 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         cache = ResultCacheStore(js, topo.cache_bucket, content)
         limits = StateStore(js, topo.limits_bucket)
         await app.start(
-            BusContext(settings, topo, StateStore(js, topo.state_bucket), content, cache=cache, limits=limits)
+            BusContext(
+                settings,
+                topo,
+                StateStore(js, topo.state_bucket),
+                content,
+                cache=cache,
+                limits=limits,
+                connection=nc if getattr(app, "wants_connection", False) else None,
+            )
         )
         pairs: list[tuple[ConsumerSpec, Handler]] = (
             app.consumers(topo) if hasattr(app, "consumers") else [(topo.consumers[name], app.handle)]

@@ -276,14 +276,16 @@ def print_summary(console, completed, items, max_failed: int = 50) -> None:
 
 # ---------------------------------------------------------------------- batch status
 async def batch_status(args: argparse.Namespace) -> int:
-    from services.assembler.state import decode_batch
-    from services.assembler.status import BatchLookupError, batch_progress, find_batch
+    from bus.state import StateStore
+    from bus.topology import Topology
+    from composition.batch_records import BatchLookupError, batch_progress, decode_batch, find_batch
 
     settings = load_settings()
     nc = await connect_cli(settings)
     try:
         try:
-            batch_id, raw = await find_batch(nc, settings, args.batch_id)
+            store = StateStore(nc.jetstream(), Topology.from_settings(settings).state_bucket)
+            batch_id, raw = await find_batch(store, args.batch_id)
         except BatchLookupError as e:
             print(f"chora: {e}", file=sys.stderr)
             return EXIT_FAILED

@@ -25,40 +25,25 @@ changed the record) re-reads and re-folds.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 import msgspec
 
-from contracts.events import BatchItemOutcome, ErrorInfo
+# The batch records' readers (CLI, gateway) share these: they live a layer down, re-exported here.
+from composition.batch_records import BatchRecord as BatchRecord
+from composition.batch_records import batch_item_key as batch_item_key
+from composition.batch_records import batch_item_prefix as batch_item_prefix
+from composition.batch_records import batch_key as batch_key
+from composition.batch_records import decode_batch as decode_batch
+from composition.batch_records import decode_item as decode_item
+from composition.batch_records import key_id as key_id
+from contracts.events import ErrorInfo
 
 log = logging.getLogger("chora.assembler")
-
-_SAFE = re.compile(r"[A-Za-z0-9_-]{1,100}")
-
-
-def key_id(request_id: str) -> str:
-    """The key token for a request id: itself when safe, else ``h`` + 32 hex of its sha256."""
-    if _SAFE.fullmatch(request_id):
-        return request_id
-    return "h" + hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def batch_key(batch_id: str) -> str:
-    return f"batch.{key_id(batch_id)}"
-
-
-def batch_item_prefix(batch_id: str) -> str:
-    return f"{batch_key(batch_id)}.item"
-
-
-def batch_item_key(batch_id: str, index: int) -> str:
-    return f"{batch_item_prefix(batch_id)}.{index}"
 
 
 def batch_spec_key(batch_id: str) -> str:
@@ -112,32 +97,6 @@ def unset_bits(bitmap: bytes, n: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- records
-
-
-class BatchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One batch: counters and the bitmap of items that have an outcome."""
-
-    v: int = 1
-    total: int
-    started_at: float
-    continue_on_error: bool = True
-    successful: int = 0
-    failed: int = 0
-    bitmap: bytes = b""
-    closed: bool = False  # the outcome is decided: every item has one, or the batch stopped on an error
-    closed_at: float | None = None
-    closed_by: str | None = None  # id of the event whose update closed the batch: it announces the completion
-    stopped_by_index: int | None = None  # continue_on_error false: the failed item that stopped the batch
-    finished: bool = False  # the batch_completed is in the stream (set by the completions consumer)
-
-    @property
-    def done(self) -> int:
-        """Items with an outcome (each set bit counted one of the two counters)."""
-        return self.successful + self.failed
-
-    @property
-    def skipped(self) -> int:
-        return self.total - self.done if self.closed else 0
 
 
 class PartPlan(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
@@ -195,9 +154,7 @@ class PartContent(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 _enc = msgspec.msgpack.Encoder()
-_dec_batch = msgspec.msgpack.Decoder(BatchRecord)
 _dec_run = msgspec.msgpack.Decoder(ArtifactRun)
-_dec_item = msgspec.msgpack.Decoder(BatchItemOutcome)
 _dec_part = msgspec.msgpack.Decoder(PartContent)
 
 
@@ -205,16 +162,8 @@ def encode(record: msgspec.Struct) -> bytes:
     return _enc.encode(record)
 
 
-def decode_batch(raw: bytes) -> BatchRecord:
-    return _dec_batch.decode(raw)
-
-
 def decode_run(raw: bytes) -> ArtifactRun:
     return _dec_run.decode(raw)
-
-
-def decode_item(raw: bytes) -> BatchItemOutcome:
-    return _dec_item.decode(raw)
 
 
 def decode_part(raw: bytes) -> PartContent:

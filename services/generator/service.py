@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from composition.capabilities import GENERATORS_KEY, GeneratorInfo, GeneratorsRecord, encode_generators
 from composition.configs import ConfigError, ConfigStore
 from contracts.handling import route
 from services.generator.cache import CacheMetrics, ResultCache
 from services.generator.generators import GeneratorRegistry
+from services.generator.generators.base import readiness_of, requirements_of
 from services.generator.generators.jinja import Jinja2Generator
 from services.generator.handlers import EVENT_HANDLERS, MAX_OUTPUT_BYTES, SOURCE, Deps
 from services.generator.upstream import Upstream, UpstreamMetrics, UpstreamSettings
@@ -102,6 +107,7 @@ class GeneratorApp:
                 gen.prompts = IsolatedJinja2(self.pool)
         if self.pool is not None:
             await asyncio.to_thread(self.pool.start)
+        await self._report_generators(getattr(ctx, "state", None))
         self.config_errors = {}
         for config_id in self.store.list():
             try:
@@ -109,6 +115,36 @@ class GeneratorApp:
             except ConfigError as e:
                 self.config_errors[config_id] = str(e)
                 log.warning("content config %r is broken: %s", config_id, e)
+
+    def generators_record(self) -> GeneratorsRecord:
+        """Every loaded generator with its requirements and pre-flight readiness."""
+        infos = []
+        for name in self.registry.names():
+            gen = self.registry.get_generator(name)
+            req, ready = requirements_of(gen), readiness_of(gen)
+            infos.append(
+                GeneratorInfo(
+                    name=name,
+                    ready=ready.ready,
+                    missing=list(ready.missing),
+                    credentials=list(req.credentials),
+                    endpoints=list(req.endpoints),
+                    deterministic=bool(getattr(gen, "deterministic", False)),
+                )
+            )
+        instance = f"{socket.gethostname()}:{os.getpid()}"
+        return GeneratorsRecord(
+            instance=instance, updated_at=time.time(), generators=infos, broken=self.registry.errors
+        )
+
+    async def _report_generators(self, state: Any) -> None:
+        """Write :meth:`generators_record` for capability discovery (the gateway reads it)."""
+        if state is None:
+            return
+        try:
+            await state.put(GENERATORS_KEY, encode_generators(self.generators_record()))
+        except Exception as e:  # discovery is a courtesy: the generator serves requests without it
+            log.warning("cannot record the generators' readiness: %s", e)
 
     async def drain(self) -> None:
         """Stopping: requests still waiting for a render worker are handed back (nak)."""

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import nats
+import httpx2 as httpx
 import pytest
 
 from tests.conftest import example_configs, child_env, wait_for
@@ -30,6 +31,7 @@ def up_env(tmp_path, **extra: str) -> dict[str, str]:
         CHORA_NATS_PORT="0",
         CHORA_NATS_HTTP_PORT="0",
         CHORA_METRICS_PORT="0",
+        CHORA_GATEWAY_PORT="0",
         CHORA_CONFIGS_DIR=str(example_configs()),
     )
     return child_env(**{**defaults, **extra})
@@ -45,12 +47,13 @@ def running_stack(tmp_path):
     lines = []
     for line in proc.stdout:  # blocks until `chora up` has printed its readiness
         lines.append(line)
-        if "chora is up" in line or "Try:" in line:
+        if "Try:" in line:  # the banner's last line
             break
     stack_file = tmp_path / "var" / "run" / "stack.json"
     assert stack_file.exists(), "chora up did not come up:\n" + "".join(lines)
     info = json.loads(stack_file.read_text())
     info["env"], info["proc"], info["home"] = env, proc, tmp_path / "var"
+    info["banner"] = "".join(lines)
     try:
         yield info
     finally:
@@ -159,7 +162,7 @@ async def test_generate_from_cli_and_from_another_service(stack):
     # the embedded server's /varz, for the NATS server panels
     assert f'chora_nats_server_up{{server="{stack["nats_monitor_url"].split("//")[1]}"}} 1.0' in metrics
     # ... and every service serves its own, listed for Prometheus in the file_sd targets
-    assert set(stack["metrics_urls"]) == {"generator", "validator", "assembler", "notifier", "telemetry"}
+    assert set(stack["metrics_urls"]) == {"generator", "validator", "assembler", "notifier", "telemetry", "gateway"}
     targets = json.loads(Path(stack["prometheus_targets"]).read_text())
     assert {g["labels"]["service"]: g["targets"] for g in targets} == {
         name: [url.split("/")[2]] for name, url in stack["metrics_urls"].items()
@@ -178,7 +181,24 @@ async def test_generate_from_cli_and_from_another_service(stack):
     assert r.returncode == 0
     assert len(r.stdout.splitlines()) == 3
 
-    # 6. SIGTERM: everything drains and stops; the embedded server is gone.
+    # 6. The gateway: loopback only, auth on with a key made on first start (0600, only its hash in
+    # the keys file), printed with gateway_url; a request through it is answered by the stack.
+    url = stack["gateway_url"]
+    assert url and url.startswith("http://127.0.0.1:") and url in stack["banner"], stack["banner"]
+    key_file = stack["home"] / "run" / "gateway.key"
+    key = key_file.read_text().strip()
+    assert key in stack["banner"] and (key_file.stat().st_mode & 0o777) == 0o600
+    assert key not in Path(stack["gateway_keys_file"]).read_text()
+    r = httpx.post(
+        f"{url}/v1/generate",
+        json={"content_config_id": "hello-world", "context": {"name": "Gateway"}},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert r.status_code == 200 and r.json()["content"].startswith("# Hello, Gateway!"), r.text
+    assert httpx.get(f"{url}/v1/configs", timeout=10).status_code == 401
+
+    # 7. SIGTERM: everything drains and stops; the embedded server is gone.
     proc = stack["proc"]
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0]

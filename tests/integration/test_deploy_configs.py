@@ -39,7 +39,7 @@ NATS_DIR = DEPLOY / "nats"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 NODES = ("nats-1", "nats-2", "nats-3")
-CHORA_SERVICES = ("generator", "validator", "assembler", "notifier", "telemetry")
+CHORA_SERVICES = ("generator", "validator", "assembler", "notifier", "telemetry", "gateway")
 
 
 # ---------------------------------------------------------------------- a NATS config reader

@@ -54,7 +54,7 @@ NATS_DIR = ROOT / "deploy" / "nats"
 AUTH_CONF = NATS_DIR / "auth.conf"
 SINGLE_AUTH_CONF = NATS_DIR / "single-auth.conf"
 
-USERS = ("admin", "generator", "telemetry", "validator", "assembler", "notifier", "client")
+USERS = ("admin", "generator", "telemetry", "validator", "assembler", "notifier", "client", "gateway")
 EVENTS = "CHORA_EVENTS"
 DURABLES = ("generator", "telemetry", "validator", "assembler", "notify-release-hook")
 
@@ -67,6 +67,7 @@ EVENT_PUBLISH = {
     "assembler": {"chora.generation.requested", "chora.artifact_assembled", "chora.batch_completed"},
     "notifier": {"chora.notification_delivered", "chora.notification_failed"},
     "client": {"chora.generation.requested", "chora.artifact.requested", "chora.batch.requested"},
+    "gateway": {"chora.generation.requested", "chora.artifact.requested", "chora.batch.requested"},
 }
 # durables each user may pull from, settle (ack) and dead-letter for
 OWN_DURABLES = {
@@ -76,6 +77,7 @@ OWN_DURABLES = {
     "assembler": {"assembler"},
     "notifier": {"notify-release-hook"},
     "client": set(),
+    "gateway": set(),
 }
 FACTS = {
     "chora.content_generated",
@@ -629,8 +631,9 @@ async def test_state_bucket_keys_belong_to_their_service(provisioned, connect):
     await refused(v.put("batch.b1", b"forged"), val, "$KV.CHORA_STATE.batch.b1")
     # the assembler cannot write the validator's keys
     await refused(a.put("configcheck.cfg.abc", b"forged"), asm, "$KV.CHORA_STATE.configcheck.cfg.abc")
-    # the generator has no business with the state at all
-    await refused(StateStore(gen.js(), topo.state_bucket).get("batch.b1"), gen, "$JS.API.STREAM.INFO.KV_CHORA_STATE")
+    # the generator writes only its readiness record (capability discovery): no other key, no reads
+    await refused(StateStore(gen.js(), topo.state_bucket).get("batch.b1"), gen, "$JS.API.STREAM.MSG.GET.KV_CHORA_STATE")
+    await refused(StateStore(gen.js(), topo.state_bucket).put("batch.b1", b"forged"), gen, "$KV.CHORA_STATE.batch.b1")
     # nothing changed
     kv = await admin.js(10).key_value(topo.state_bucket)
     assert (await kv.get("batch.b1")).value == b"two"

@@ -1,0 +1,138 @@
+"""A batch's state record as readers see it: keys, the record, progress and lookup.
+
+The assembler writes these records (``services/assembler/state.py`` re-exports them);
+the CLI (`chora batch status`) and the gateway (``GET /v1/batches/{id}``) read them.
+They live here, one layer down, so that readers need not import the assembler.
+Reading takes any store with ``get(key)`` and ``matching(pattern)`` (the bus's
+:class:`bus.state.StateStore`): nothing here touches NATS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Any, Protocol
+
+import msgspec
+
+from contracts.events import BatchItemOutcome
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+def key_id(request_id: str) -> str:
+    """The key token for a request id: itself when safe, else ``h`` + 32 hex of its sha256."""
+    if _SAFE.fullmatch(request_id):
+        return request_id
+    return "h" + hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def batch_key(batch_id: str) -> str:
+    return f"batch.{key_id(batch_id)}"
+
+
+def batch_item_prefix(batch_id: str) -> str:
+    return f"{batch_key(batch_id)}.item"
+
+
+def batch_item_key(batch_id: str, index: int) -> str:
+    return f"{batch_item_prefix(batch_id)}.{index}"
+
+
+class BatchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One batch: counters and the bitmap of items that have an outcome."""
+
+    v: int = 1
+    total: int
+    started_at: float
+    continue_on_error: bool = True
+    successful: int = 0
+    failed: int = 0
+    bitmap: bytes = b""
+    closed: bool = False  # the outcome is decided: every item has one, or the batch stopped on an error
+    closed_at: float | None = None
+    closed_by: str | None = None  # id of the event whose update closed the batch: it announces the completion
+    stopped_by_index: int | None = None  # continue_on_error false: the failed item that stopped the batch
+    finished: bool = False  # the batch_completed is in the stream (set by the completions consumer)
+
+    @property
+    def done(self) -> int:
+        """Items with an outcome (each set bit counted one of the two counters)."""
+        return self.successful + self.failed
+
+    @property
+    def skipped(self) -> int:
+        return self.total - self.done if self.closed else 0
+
+
+_dec_batch = msgspec.msgpack.Decoder(BatchRecord)
+_dec_item = msgspec.msgpack.Decoder(BatchItemOutcome)
+
+
+def decode_batch(raw: bytes) -> BatchRecord:
+    return _dec_batch.decode(raw)
+
+
+def decode_item(raw: bytes) -> BatchItemOutcome:
+    return _dec_item.decode(raw)
+
+
+class Readable(Protocol):
+    """What reading needs of a KV store (:class:`bus.state.StateStore` is one)."""
+
+    async def get(self, key: str) -> tuple[bytes, int] | None: ...
+    async def matching(self, pattern: str, timeout: float = 30.0) -> dict[str, bytes]: ...
+
+
+class BatchLookupError(Exception):
+    """No batch has that id or id prefix, or more than one does."""
+
+
+def batch_progress(batch_id: str, r: BatchRecord) -> dict[str, Any]:
+    """A batch's progress, as `chora batch status` and the gateway show it."""
+    return {
+        "batch_id": batch_id,
+        "total": r.total,
+        "done": r.successful + r.failed,
+        "successful": r.successful,
+        "failed": r.failed,
+        "skipped": r.skipped,
+        "closed": r.closed,
+        "finished": r.finished,
+        "continue_on_error": r.continue_on_error,
+        "started_at": r.started_at,
+        "elapsed_s": round((r.closed_at or time.time()) - r.started_at, 3),
+    }
+
+
+async def read_batch_status(state: Readable, batch_id: str) -> dict[str, Any] | None:
+    """The progress of the batch with exactly this id, or None if it has no record."""
+    got = await state.get(batch_key(batch_id))
+    return None if got is None else batch_progress(batch_id, decode_batch(got[0]))
+
+
+async def read_batch_item(state: Readable, batch_id: str, index: int) -> BatchItemOutcome | None:
+    """The outcome of item ``index``, or None while it has none."""
+    got = await state.get(batch_item_key(batch_id, index))
+    return None if got is None else decode_item(got[0])
+
+
+async def find_batch(state: Readable, batch_id: str) -> tuple[str, bytes]:
+    """(full batch id, its record) for ``batch_id`` or an unambiguous prefix of it (the
+    8 characters the progress bar shows); :class:`BatchLookupError` says why not."""
+    got = await state.get(batch_key(batch_id))
+    if got is not None:
+        return batch_id, got[0]
+    if not batch_id or "." in batch_id or "*" in batch_id or ">" in batch_id:
+        raise BatchLookupError(f"no batch {batch_id} (unknown, or expired)")
+    records = await state.matching("batch.*")
+    hits = sorted((k.split(".", 1)[1], v) for k, v in records.items() if k.split(".", 1)[1].startswith(batch_id))
+    if not hits:
+        raise BatchLookupError(f"no batch {batch_id} (no batch id starts with it; unknown, or expired)")
+    if len(hits) > 1:
+        shown = ", ".join(h[0] for h in hits[:10]) + (f" and {len(hits) - 10} more" if len(hits) > 10 else "")
+        raise BatchLookupError(
+            f"{batch_id} is ambiguous: {len(hits)} batches start with it ({shown}); give more characters"
+        )
+    return hits[0]

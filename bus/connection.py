@@ -98,7 +98,7 @@ async def connect(
     servers = ", ".join(opts["servers"])
     raise TLSConnectError(
         f"TLS handshake with {servers} failed: {handshake_failed.result()}. "
-        "Check NATS_TLS_CA (the CA that signed the server's certificate) and that the certificate "
+        "Check NATS_TLS_CA / NATS_CA / --tls-ca (the CA that signed the server's certificate) and that the certificate "
         "names the host in NATS_URL."
     )
 

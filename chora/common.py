@@ -76,8 +76,7 @@ def trace_id_or_exit(args: argparse.Namespace, settings: Settings) -> str | None
 
     trace_id = getattr(args, "trace_id", None) or settings.trace_id
     if trace_id and not valid_trace_id(trace_id):
-        print("chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        raise Exit(EXIT_USAGE, "chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]")
     return trace_id
 
 

@@ -161,6 +161,16 @@ def self_contained_examples() -> list[str]:
     return ids
 
 
+@pytest.fixture
+def clean_cli_env(monkeypatch, tmp_path):
+    """No NATS_* or CHORA_* variable from the outside for an in-process `chora` (cli.main), and
+    a CHORA_HOME of its own (so no running `chora up` is found)."""
+    for k in list(os.environ):
+        if k.startswith(("NATS_", "CHORA_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("CHORA_HOME", str(tmp_path / "var"))
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHORA_", "NATS_"))}
     env.update(extra)

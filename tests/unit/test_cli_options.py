@@ -55,16 +55,6 @@ def flags(p: argparse.ArgumentParser) -> set[str]:
     return {s for a in p._actions for s in a.option_strings}
 
 
-@pytest.fixture
-def clean_env(monkeypatch, tmp_path):
-    import os
-
-    for k in list(os.environ):
-        if k.startswith(("NATS_", "CHORA_")):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("CHORA_HOME", str(tmp_path / "var"))  # no running stack to find
-
-
 def test_every_command_is_in_the_table():
     assert {path for path, _ in leaves(cli.parser())} == set(COMMANDS)
 
@@ -77,7 +67,7 @@ def test_commands_that_connect_take_the_connection_options_and_those_that_print_
     assert ("--json" in flags(parser)) == prints
 
 
-def test_options_beat_the_environment_before_or_after_the_command(clean_env, monkeypatch, tmp_path):
+def test_options_beat_the_environment_before_or_after_the_command(clean_cli_env, monkeypatch, tmp_path):
     monkeypatch.setenv("NATS_URL", "nats://env:4222")
     monkeypatch.setenv("NATS_USER", "env-user")
     monkeypatch.setenv("NATS_PASSWORD", "env-password")
@@ -97,7 +87,7 @@ def test_options_beat_the_environment_before_or_after_the_command(clean_env, mon
     assert (s.nats.url, s.nats.user, s.nats.tls_ca) == ("nats://env:4222", "env-user", Path("/env/ca.pem"))
 
 
-def test_the_nats_cli_variable_names_and_the_projects_both_work(clean_env, monkeypatch):
+def test_the_nats_cli_variable_names_and_the_projects_both_work(clean_cli_env, monkeypatch):
     monkeypatch.setenv("NATS_CA", "/a/ca.pem")
     monkeypatch.setenv("NATS_CERT", "/a/cert.pem")
     monkeypatch.setenv("NATS_KEY", "/a/key.pem")
@@ -153,7 +143,7 @@ def test_exit_2_when_the_command_line_does_not_parse(capsys):
     assert e.value.code == 2 and "config_id" in capsys.readouterr().err
 
 
-def test_exit_64_when_an_option_value_cannot_be_used(clean_env, capsys):
+def test_exit_64_when_an_option_value_cannot_be_used(clean_cli_env, capsys):
     assert cli.main(["generate", "hello-world", "--context", "[1, 2]", "-s", "nats://127.0.0.1:9"]) == 64
     assert "--context must be a JSON object" in capsys.readouterr().err
     assert cli.main(["generate", "hello-world", "--trace-id", "no spaces", "-s", "nats://127.0.0.1:9"]) == 64
@@ -165,20 +155,20 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_exit_69_when_nats_cannot_be_reached(clean_env, capsys):
+def test_exit_69_when_nats_cannot_be_reached(clean_cli_env, capsys):
     url = f"nats://127.0.0.1:{closed_port()}"
     assert cli.main(["dlq", "list", "-s", url]) == 69
     err = capsys.readouterr().err
     assert f"cannot connect to NATS at {url}" in err and "-s/--server" in err
 
 
-def test_exit_78_when_a_setting_in_the_environment_is_bad(clean_env, monkeypatch, capsys):
+def test_exit_78_when_a_setting_in_the_environment_is_bad(clean_cli_env, monkeypatch, capsys):
     monkeypatch.setenv("CHORA_PREFIX", "Not A Prefix")
     assert cli.main(["dlq", "list", "-s", "nats://127.0.0.1:9"]) == 78
     assert "bad settings in the environment" in capsys.readouterr().err
 
 
-def test_configs_json_is_one_document(clean_env, capsys):
+def test_configs_json_is_one_document(clean_cli_env, capsys):
     from tests.conftest import example_configs
 
     assert cli.main(["configs", "list", str(example_configs()), "--json"]) == 0

@@ -180,3 +180,9 @@ def test_configs_json_is_one_document(clean_cli_env, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["invalid"] == 0 and doc["ok"] == len(doc["configs"]) > 0
     assert {c["status"] for c in doc["configs"]} == {"ok"}
+
+
+def test_contracts_schemas_json_lists_the_files_written(capsys):
+    assert cli.main(["contracts", "schemas", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["written"] and all(p.endswith(".json") and Path(p).is_file() for p in doc["written"])

@@ -86,17 +86,14 @@ class EmbeddedServer:
     def start(self, timeout: float = 15.0) -> "EmbeddedServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # kept until the process has ended: nats-server removes its ports file on the way out
         self._ports_dir = tempfile.mkdtemp(prefix="nats-ports-")
         self._log_lines = []
-        try:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-            )
-            threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-            ports = self._wait_for_ports(timeout)
-        finally:
-            shutil.rmtree(self._ports_dir, ignore_errors=True)
-            self._ports_dir = None
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        ports = self._wait_for_ports(timeout)
         if ports is None:
             code = self.proc.poll()
             self.stop()
@@ -138,20 +135,26 @@ class EmbeddedServer:
         return self.proc.pid if self.proc else None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if not self.proc or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._remove_ports_dir()
 
     def kill(self) -> None:
         """kill -9, for fault tests."""
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self._remove_ports_dir()
+
+    def _remove_ports_dir(self) -> None:
+        if self._ports_dir is not None:
+            shutil.rmtree(self._ports_dir, ignore_errors=True)
+            self._ports_dir = None
 
     def restart(self, timeout: float = 15.0) -> "EmbeddedServer":
         """Start again on the same port and store dir (after stop or kill)."""

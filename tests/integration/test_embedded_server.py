@@ -7,6 +7,7 @@ import json
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import nats
 import pytest
@@ -47,14 +48,19 @@ def test_port_0_reports_the_free_ports_the_server_chose(server):
         assert sock.recv(4096).startswith(b"INFO ")
 
 
-def test_a_given_port_is_used_and_the_ports_file_dir_is_cleaned_up(tmp_path):
+def test_a_given_port_is_used_and_the_ports_file_is_left_to_the_server_then_removed(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with EmbeddedServer(tmp_path / "store", port=port, http_port=None, config=None) as s:
+    log = tmp_path / "nats-server.log"
+    with EmbeddedServer(tmp_path / "store", port=port, http_port=None, config=None, log_path=log) as s:
         assert s.url == f"nats://127.0.0.1:{port}"
         assert s.monitor_url is None  # no monitoring asked for, none reported
-    assert not any(p.name.endswith(".ports") for p in tmp_path.rglob("*"))
+        ports_dir = Path(s._ports_dir)
+        assert [p.name for p in ports_dir.iterdir()] == [f"nats-server_{s.pid}.ports"]
+    assert not ports_dir.exists()
+    text = log.read_text()
+    assert "Server Exiting" in text and "ports file" not in text  # the server removed its own file, no error
 
 
 def test_a_server_that_cannot_start_is_an_error_with_its_log_at_once(tmp_path):

@@ -82,6 +82,8 @@ def test_options_beat_the_environment_before_or_after_the_command(clean_cli_env,
     assert s.nats.user == "env-user"  # not given: the environment's
     s = load_settings(cli.parser().parse_args(["-s", "nats://first:1", "dlq", "list", "-s", "nats://second:2"]))
     assert s.nats.url == "nats://second:2"
+    s = load_settings(cli.parser().parse_args(["generate", "x", "--inbox-prefix", "_INBOX.cli", "--creds", "u.creds"]))
+    assert (s.nats.inbox_prefix, s.nats.creds) == ("_INBOX.cli", Path("u.creds"))
     # nothing given: every value from the environment
     s = load_settings(cli.parser().parse_args(["dlq", "list"]))
     assert (s.nats.url, s.nats.user, s.nats.tls_ca) == ("nats://env:4222", "env-user", Path("/env/ca.pem"))

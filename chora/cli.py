@@ -31,7 +31,7 @@ from chora.common import (
 from chora.options import add_command, connection_parser
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
-COMMAND_MODULES = [configs, dlq, assembly, events, cache, doctor, completion]
+COMMAND_MODULES = [configs, dlq, assembly, events, cache, doctor]
 
 
 # ---------------------------------------------------------------------- generate
@@ -272,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         module.register(sub)
+    completion.register(sub, root=p)  # last: the script covers every command above
     return p
 
 

@@ -8,8 +8,11 @@ prints results gets ``--json``. A new command asks for them when it is added::
     sp = add_command(sub, "services", connects=True, json=True, help="...")
     sp.set_defaults(func=...)
 
-and reads them through :func:`chora.common.load_settings` (``load_settings(args)``: the
-options over the environment) and ``args.json``. The connection options are accepted
+(in a chora/commands module's ``register(sub)``, listed in chora.cli.COMMAND_MODULES, and
+a row in tests/unit/test_cli_options.py COMMANDS, which checks every command has what it
+should) and reads them through :func:`chora.common.load_settings` (``load_settings(args)``:
+the options over the environment; ``run_connected(run, args)`` for a connection) and
+``args.json`` (:func:`chora.common.print_json` writes the document). The connection options are accepted
 before the command too (``chora -s nats://h:4222 dlq list``), as the nats CLI accepts its
 flags anywhere; the one given last wins.
 """

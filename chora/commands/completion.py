@@ -16,16 +16,16 @@ from typing import Any
 SHELLS = ("bash", "zsh", "tcsh")
 
 
-def completion(args: argparse.Namespace) -> int:
+def completion(args: argparse.Namespace, root: argparse.ArgumentParser) -> int:
     import shtab
 
-    from chora.cli import parser
-
-    print(shtab.complete(parser(), shell=args.shell))
+    print(shtab.complete(root, shell=args.shell))
     return 0
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Any, root: argparse.ArgumentParser) -> None:
+    """``root``: the `chora` parser the script completes (this module does not import
+    chora.cli: only chora/__main__.py does, see tests/unit/test_layers.py)."""
     sp = subparsers.add_parser("completion", help="print a shell completion script (bash, zsh, tcsh)")
     sp.add_argument("shell", choices=SHELLS)
-    sp.set_defaults(func=completion)
+    sp.set_defaults(func=lambda a: completion(a, root))

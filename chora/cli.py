@@ -148,9 +148,7 @@ async def nats_provision(args: argparse.Namespace) -> int:
                 {"streams": [topo.events_stream, topo.dlq_stream], "consumers": consumers, "replicas": topo.replicas}
             )
         else:
-            print(
-                f"provisioned streams {topo.events_stream}, {topo.dlq_stream} and consumers {', '.join(consumers)}"
-            )
+            print(f"provisioned streams {topo.events_stream}, {topo.dlq_stream} and consumers {', '.join(consumers)}")
     finally:
         await nc.close()
     return 0
@@ -240,7 +238,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=_Version, help="print chora's and nats-server's versions and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sp = add_command(sub, "up", connects=True, help="run the whole stack (embedded nats-server unless a server is given)")
+    sp = add_command(
+        sub, "up", connects=True, help="run the whole stack (embedded nats-server unless a server is given)"
+    )
     sp.set_defaults(func=up)
 
     sp = add_command(sub, "generate", connects=True, json=True, help="request content and print it")

@@ -358,9 +358,7 @@ async def batch_status(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- registration
 def register(sub) -> None:
-    sp = add_command(
-        sub, "assemble", connects=True, json=True, help="assemble an artifact from its parts and print it"
-    )
+    sp = add_command(sub, "assemble", connects=True, json=True, help="assemble an artifact from its parts and print it")
     sp.add_argument("artifact_id")
     sp.add_argument("--context", help="JSON object, or @file with one (over the artifact's defaults)")
     sp.add_argument("--output", "-o", help="write the content to this file instead of stdout")

@@ -129,7 +129,13 @@ async def run_replay(
                 failed.append((seq, str(e)))
     if as_json_doc:
         replayed = [
-            {"seq": r.seq, "subject": r.subject, "stream_seq": r.stream_seq, "msg_id": r.msg_id, "duplicate": r.duplicate}
+            {
+                "seq": r.seq,
+                "subject": r.subject,
+                "stream_seq": r.stream_seq,
+                "msg_id": r.msg_id,
+                "duplicate": r.duplicate,
+            }
             for r in done
         ]
         failures = [{"seq": seq or None, "reason": reason} for seq, reason in failed]

@@ -47,7 +47,9 @@ def test_generate_json_on_success_error_and_timeout(stack):
     doc = document(r)
     assert doc["outcome"] == "success" and doc["trace_id"] == trace and doc["request_id"]
     assert doc["content"].startswith("# Hello, Ada!")
-    assert doc["content_generated"]["status"] == "success" and doc["content_generated"]["request_id"] == doc["request_id"]
+    assert (
+        doc["content_generated"]["status"] == "success" and doc["content_generated"]["request_id"] == doc["request_id"]
+    )
     assert doc["content_validated"]["valid"] is True
 
     r = chora(stack, "generate", "no-such-config", "--json")
@@ -81,8 +83,7 @@ def test_assemble_json(stack):
 def test_batch_run_and_status_json(stack):
     batch = stack["tmp"] / "batch.yaml"
     batch.write_text(
-        "items:\n  - {content_config_id: hello-world, context: {name: A}}\n"
-        "  - {content_config_id: no-such-config}\n"
+        "items:\n  - {content_config_id: hello-world, context: {name: A}}\n  - {content_config_id: no-such-config}\n"
     )
     r = chora(stack, "batch", "run", str(batch), "--json")
     assert r.returncode == 1, r.stderr  # one item failed

@@ -126,7 +126,7 @@ def tls_server(tmp_path_factory):
             blob.write_to_path(str(files[name]), append=i > 0)
     server = serve(
         d,
-        "tls {\n  cert_file: \"%s\"\n  key_file: \"%s\"\n  ca_file: \"%s\"\n  verify: true\n  timeout: 2\n}\n"
+        'tls {\n  cert_file: "%s"\n  key_file: "%s"\n  ca_file: "%s"\n  verify: true\n  timeout: 2\n}\n'
         % (files["server"], files["server-key"], files["ca"]),
     )
     yield server, files

@@ -39,7 +39,17 @@ COMMANDS = {
     ("doctor",): (True, True),
     ("completion",): (False, False),  # prints a shell script
 }
-CONNECTION_FLAGS = {"-s", "--server", "--creds", "--user", "--password", "--token", "--tls-ca", "--tls-cert", "--tls-key"}
+CONNECTION_FLAGS = {
+    "-s",
+    "--server",
+    "--creds",
+    "--user",
+    "--password",
+    "--token",
+    "--tls-ca",
+    "--tls-cert",
+    "--tls-key",
+}
 
 
 def leaves(p: argparse.ArgumentParser, path: tuple[str, ...] = ()):

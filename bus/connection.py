@@ -9,6 +9,7 @@ import ssl
 from typing import Any, Awaitable, Callable
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 
 from bus.settings import NatsSettings
@@ -29,6 +30,18 @@ class TLSConnectError(ConnectionError):
     """The TLS handshake of the first connection failed (e.g. an untrusted server certificate)."""
 
 
+class NoServersReached(nats.errors.NoServersError):
+    """nats-py's "no servers available", with the last error its error callback saw (an
+    "Authorization Violation", a refused connection): the reason, not only the outcome."""
+
+    def __init__(self, last_error: Exception):
+        super().__init__()
+        self.last_error = last_error
+
+    def __str__(self) -> str:
+        return f"nats: no servers available for connection; last error: {self.last_error}"
+
+
 async def connect(
     s: NatsSettings,
     url: str | None = None,
@@ -47,10 +60,12 @@ async def connect(
     (nats-io/nats.py#718), which would leave a service with a wrong CA hanging silently.
     """
     handshake_failed: asyncio.Future = asyncio.get_running_loop().create_future()
+    errors: list[Exception] = []
 
     async def on_error(e: Exception) -> None:
         if isinstance(e, ssl.SSLError) and not handshake_failed.done():
             handshake_failed.set_result(e)
+        errors[:] = [e]
         log.warning("nats error: %s", e)
 
     async def on_disconnect() -> None:
@@ -89,7 +104,12 @@ async def connect(
     if connecting.done():
         if not handshake_failed.done():
             handshake_failed.cancel()  # later TLS errors (on a reconnect) are only logged
-        return connecting.result()
+        try:
+            return connecting.result()
+        except nats.errors.NoServersError as e:
+            if errors:
+                raise NoServersReached(errors[0]) from e
+            raise
     connecting.cancel()
     try:
         await connecting
@@ -98,7 +118,7 @@ async def connect(
     servers = ", ".join(opts["servers"])
     raise TLSConnectError(
         f"TLS handshake with {servers} failed: {handshake_failed.result()}. "
-        "Check NATS_TLS_CA (the CA that signed the server's certificate) and that the certificate "
+        "Check NATS_TLS_CA / NATS_CA / --tls-ca (the CA that signed the server's certificate) and that the certificate "
         "names the host in NATS_URL."
     )
 

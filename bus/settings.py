@@ -4,6 +4,10 @@ NATS connection variables keep the names people already use with NATS
 (``NATS_URL``, ``NATS_CREDS``, ...); the topology's are ``CHORA_*`` like every
 other setting of chora's own. The services' settings
 (:class:`services.settings.Settings`) include these.
+
+The TLS files are read from the nats CLI's names ``NATS_CA``, ``NATS_CERT`` and
+``NATS_KEY`` as well as from this project's ``NATS_TLS_CA``, ``NATS_TLS_CERT`` and
+``NATS_TLS_KEY`` (which keep working); when both are set, the ``NATS_TLS_*`` one wins.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 class NatsSettings(BaseSettings):
     """How to reach NATS. ``url`` unset means: use the embedded server."""
 
-    model_config = SettingsConfigDict(env_prefix="NATS_", extra="ignore")
+    # populate_by_name: NatsSettings(tls_ca=...) by field name as well as from the aliases' variables
+    model_config = SettingsConfigDict(env_prefix="NATS_", extra="ignore", populate_by_name=True)
 
     url: str | None = None
     creds: Path | None = Field(default=None, description="a .creds file (JWT + nkey)")
     user: str | None = None
     password: SecretStr | None = None  # SecretStr: never shown in a repr, a log or an error
     token: SecretStr | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls_ca: Path | None = Field(default=None, validation_alias=AliasChoices("NATS_TLS_CA", "NATS_CA"))
+    tls_cert: Path | None = Field(default=None, validation_alias=AliasChoices("NATS_TLS_CERT", "NATS_CERT"))
+    tls_key: Path | None = Field(default=None, validation_alias=AliasChoices("NATS_TLS_KEY", "NATS_KEY"))
     # Reply subjects of this connection; with least-privilege users, e.g. _INBOX.client.
     inbox_prefix: str = "_INBOX"
     connect_timeout: float = 5.0

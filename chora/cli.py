@@ -10,21 +10,25 @@ import sys
 
 from typing import Any
 
-from chora.commands import assembly, cache, configs, dlq, doctor, events
+from chora.commands import assembly, cache, completion, configs, dlq, doctor, events
 from chora.common import (
+    EXIT_CODES,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_INVALID,
     EXIT_TIMEOUT,
     EXIT_USAGE,
+    Exit,
     Link,
     close_cli,
     connect_cli,
     load_settings,
     parse_context,
+    print_json,
     request_and_wait,
     trace_id_or_exit,
 )
+from chora.options import add_command, connection_parser
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
 COMMAND_MODULES = [configs, dlq, assembly, events, cache, doctor]
@@ -36,7 +40,7 @@ async def generate(args: argparse.Namespace) -> int:
     from contracts.envelope import new_event
     from contracts.events import GenerationRequested
 
-    settings = load_settings()
+    settings = load_settings(args)
     trace_id = trace_id_or_exit(args, settings)
     request = new_event(
         GENERATION_REQUESTED,
@@ -60,7 +64,30 @@ async def generate(args: argparse.Namespace) -> int:
         )
     finally:
         await close_cli(nc, link)
-    ev = got.get(CONTENT_GENERATED)
+    ev, verdict = got.get(CONTENT_GENERATED), got.get(CONTENT_VALIDATED)
+    code = _generate_outcome(args, request, ev, verdict)
+    if args.json:
+        outcome = {0: "success", EXIT_FAILED: "error", EXIT_INVALID: "invalid", EXIT_TIMEOUT: "timeout"}[code]
+        print_json(
+            {
+                "request_id": request.id,
+                "trace_id": ev.traceid if ev is not None else request.traceid,
+                "outcome": outcome,
+                "content": ev.data.content if ev is not None else None,
+                "content_generated": ev.data if ev is not None else None,
+                "content_validated": verdict.data if verdict is not None else None,
+            }
+        )
+    elif code == 0 and ev is not None:
+        content = ev.data.content or ""
+        sys.stdout.write(content)
+        if content and not content.endswith("\n"):
+            sys.stdout.write("\n")
+    return code
+
+
+def _generate_outcome(args: argparse.Namespace, request, ev, verdict) -> int:
+    """The exit code of `chora generate`, with what it means said on stderr."""
     if ev is None:
         print(
             f"chora: no outcome for request {request.id} within {args.timeout}s "
@@ -73,8 +100,7 @@ async def generate(args: argparse.Namespace) -> int:
     if data.status != "success":
         print(f"chora: generation failed: {data.error.code}: {data.error.message}", file=sys.stderr)
         return EXIT_FAILED
-    verdict = got.get(CONTENT_VALIDATED)
-    if not allow_invalid and verdict is None:
+    if not args.allow_invalid and verdict is None:
         print(
             f"chora: the content was generated but no validation verdict came within {args.timeout}s "
             "(is the validator running?); --allow-invalid prints it without waiting for one",
@@ -84,16 +110,13 @@ async def generate(args: argparse.Namespace) -> int:
     if verdict is not None and verdict.data.issues:
         for i in verdict.data.issues:
             print(f"chora: {i.severity}: {i.rule}: {i.message}", file=sys.stderr)
-    if verdict is not None and not verdict.data.valid and not allow_invalid:
+    if verdict is not None and not verdict.data.valid and not args.allow_invalid:
         print(
             f"chora: the validator marked the content of {data.content_config_id} invalid; not printed "
             "(--allow-invalid prints it anyway)",
             file=sys.stderr,
         )
         return EXIT_INVALID
-    sys.stdout.write(data.content or "")
-    if data.content and not data.content.endswith("\n"):
-        sys.stdout.write("\n")
     return 0
 
 
@@ -103,7 +126,7 @@ async def nats_provision(args: argparse.Namespace) -> int:
     from services.notifier.config import NotifierConfigError, load_config
     from services.notifier.service import subscription_consumers
 
-    settings = load_settings()
+    settings = load_settings(args)
     topo = Topology.from_settings(settings, replicas=args.replicas)
     extra = []
     if settings.notifier_config:  # the webhook subscriptions' durables too (secrets are not needed)
@@ -120,7 +143,12 @@ async def nats_provision(args: argparse.Namespace) -> int:
             print(f"chora: {e}", file=sys.stderr)
             return EXIT_FAILED
         consumers = [*topo.consumers, *(spec.durable for spec in extra)]
-        print(f"provisioned streams {topo.events_stream}, {topo.dlq_stream} and consumers {', '.join(consumers)}")
+        if args.json:
+            print_json(
+                {"streams": [topo.events_stream, topo.dlq_stream], "consumers": consumers, "replicas": topo.replicas}
+            )
+        else:
+            print(f"provisioned streams {topo.events_stream}, {topo.dlq_stream} and consumers {', '.join(consumers)}")
     finally:
         await nc.close()
     return 0
@@ -130,7 +158,7 @@ def service_run(args: argparse.Namespace) -> int:
     from services.runtime import ServiceStartError, run_service
 
     try:
-        asyncio.run(run_service(args.name, load_settings()))
+        asyncio.run(run_service(args.name, load_settings(args)))
     except ServiceStartError as e:
         print(f"chora: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -140,15 +168,19 @@ def service_run(args: argparse.Namespace) -> int:
 def up(args: argparse.Namespace) -> int:
     from chora.up import up as run_up
 
-    asyncio.run(run_up(load_settings()))
+    asyncio.run(run_up(load_settings(args)))
     return 0
 
 
 def schemas(args: argparse.Namespace) -> int:
     from contracts import schemas as sch
 
-    for p in sch.write():
-        print(p)
+    written = [str(p) for p in sch.write()]
+    if args.json:
+        print_json({"written": written})
+    else:
+        for p in written:
+            print(p)
     return 0
 
 
@@ -170,15 +202,65 @@ def openapi(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- main
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="chora", description="chora-compose: event-driven content generation on NATS")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+def version() -> str:
+    """``chora <version> (nats-server <version>)``; the server's version from its binary."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
 
-    sp = sub.add_parser("up", help="run the whole stack (embedded nats-server unless NATS_URL is set)")
+    from bus.server import ServerError, server_binary
+
+    try:
+        mine = package_version("chora-compose")
+    except PackageNotFoundError:
+        mine = "unknown"
+    try:
+        out = subprocess.run([server_binary(), "--version"], capture_output=True, text=True, timeout=5).stdout
+        server = out.strip().removeprefix("nats-server: ") or "unknown"
+    except (ServerError, OSError, subprocess.SubprocessError):
+        server = "not found"
+    return f"chora {mine} (nats-server {server})"
+
+
+class _Version(argparse.Action):
+    """--version: computed only when asked (it runs the nats-server binary)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version())
+        parser.exit()
+
+
+def epilog() -> str:
+    codes = "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES)
+    return (
+        "connection: every command that connects takes -s/--server, --creds, --user/--password, --token,\n"
+        "--tls-ca/--tls-cert/--tls-key (also before the command); options beat the environment\n"
+        "(NATS_URL, NATS_CREDS, NATS_USER, NATS_PASSWORD, NATS_TOKEN, NATS_CA/NATS_TLS_CA, NATS_CERT/NATS_TLS_CERT,\n"
+        "NATS_KEY/NATS_TLS_KEY).\n\nexit codes:\n" + codes
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chora",
+        description="chora-compose: event-driven content generation on NATS",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[connection_parser()],
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action=_Version, help="print chora's and nats-server's versions and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = add_command(
+        sub, "up", connects=True, help="run the whole stack (embedded nats-server unless a server is given)"
+    )
     sp.set_defaults(func=up)
 
-    sp = sub.add_parser("generate", help="request content and print it")
+    sp = add_command(sub, "generate", connects=True, json=True, help="request content and print it")
     sp.add_argument("config_id")
     sp.add_argument("--context", help="JSON object, or @file with one")
     sp.add_argument("--trace-id")
@@ -192,17 +274,17 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=lambda a: asyncio.run(generate(a)))
 
     nt = sub.add_parser("nats", help="NATS administration").add_subparsers(dest="nats_cmd", required=True)
-    sp = nt.add_parser("provision", help="create or update streams and consumers on NATS_URL")
+    sp = add_command(nt, "provision", connects=True, json=True, help="create or update streams and consumers")
     sp.add_argument("--replicas", type=int, default=None, help="stream replicas (default CHORA_REPLICAS, 1)")
     sp.set_defaults(func=lambda a: asyncio.run(nats_provision(a)))
 
     sv = sub.add_parser("service", help="run one service").add_subparsers(dest="service_cmd", required=True)
-    sp = sv.add_parser("run")
+    sp = add_command(sv, "run", connects=True)
     sp.add_argument("name")
     sp.set_defaults(func=service_run)
 
     ct = sub.add_parser("contracts", help="event contracts").add_subparsers(dest="contracts_cmd", required=True)
-    sp = ct.add_parser("schemas", help="regenerate contracts/schemas from the Structs")
+    sp = add_command(ct, "schemas", json=True, help="regenerate contracts/schemas from the Structs")
     sp.set_defaults(func=schemas)
     sp = ct.add_parser("asyncapi", help="print the AsyncAPI 3.0 document of the events (JSON)")
     sp.add_argument("--prefix", default="chora", help="subject prefix of the channels' addresses (default chora)")
@@ -213,6 +295,7 @@ def parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         module.register(sub)
+    completion.register(sub, root=p)  # last: the script covers every command above
     return p
 
 
@@ -228,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
         return code
+    except Exit as e:
+        print(e.message, file=sys.stderr)
+        return int(e.code or 0)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

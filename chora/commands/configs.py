@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,10 +37,14 @@ EXIT_OK, EXIT_INVALID = 0, 1
 
 
 def register(subparsers: Any) -> None:
+    from chora.options import add_command
+
     p = subparsers.add_parser("configs", help="list and check content configs (no NATS needed)")
     sub = p.add_subparsers(dest="configs_cmd", required=True)
 
-    sp = sub.add_parser("validate", help="check configs and their validation rules; exit 1 if any is invalid")
+    sp = add_command(
+        sub, "validate", json=True, help="check configs and their validation rules; exit 1 if any is invalid"
+    )
     sp.add_argument("path", nargs="?", help="a config file or a directory (default: CHORA_CONFIGS_DIR)")
     sp.add_argument(
         "--render",
@@ -48,7 +53,7 @@ def register(subparsers: Any) -> None:
     )
     sp.set_defaults(func=validate)
 
-    sp = sub.add_parser("list", help="one line per config: id, generator, format, rules, description")
+    sp = add_command(sub, "list", json=True, help="one line per config: id, generator, format, rules, description")
     sp.add_argument("path", nargs="?", help="a directory (default: CHORA_CONFIGS_DIR)")
     sp.set_defaults(func=list_configs)
 
@@ -171,26 +176,29 @@ def validate(args: argparse.Namespace) -> int:
     registry = GeneratorRegistry()
     registry.load()
     cache = RuleCache()
-    width = max([len(i) for i in target.ids + target.skipped + target.bad_names] or [0])
-    ok = invalid = 0
-    for name in target.bad_names:
-        invalid += 1
-        print(f"INVALID  {name:<{width}}  the file name is not a config id (^[a-z][a-z0-9-]*$): it is never loaded")
+    rows: list[tuple[str, str, str]] = [("INVALID", name, _BAD_NAME) for name in target.bad_names]
     for config_id in target.ids:
         good, what = check_config(target.store, config_id, cache, registry, render=args.render)
-        if good:
-            ok += 1
-        else:
-            invalid += 1
-        print(f"{'ok' if good else 'INVALID':<7}  {config_id:<{width}}  {what}")
-    for name in target.skipped:
-        print(f"{'skip':<7}  {name:<{width}}  the file name is not a config id (^[a-z][a-z0-9-]*$): never loaded")
+        rows.append(("ok" if good else "INVALID", config_id, what))
+    rows += [("skip", name, _BAD_NAME) for name in target.skipped]
+    ok = sum(r[0] == "ok" for r in rows)
+    invalid = sum(r[0] == "INVALID" for r in rows)
+    if args.json:
+        configs = [{"config": name, "status": status.lower(), "detail": what} for status, name, what in rows]
+        print(json.dumps({"ok": ok, "invalid": invalid, "configs": configs}))
+        return EXIT_INVALID if invalid else EXIT_OK
+    width = max([len(r[1]) for r in rows] or [0])
+    for status, name, what in rows:
+        print(f"{status:<7}  {name:<{width}}  {what}")
     total = ok + invalid
     if total == 0:
         print(f"chora: no content configs in {target.where}", file=sys.stderr)
     else:
         print(f"chora: {total} config{'s' if total != 1 else ''}: {ok} ok, {invalid} invalid", file=sys.stderr)
     return EXIT_INVALID if invalid else EXIT_OK
+
+
+_BAD_NAME = "the file name is not a config id (^[a-z][a-z0-9-]*$): it is never loaded"
 
 
 # ---------------------------------------------------------------------- list
@@ -204,15 +212,30 @@ def list_configs(args: argparse.Namespace) -> int:
         print(f"chora: {path} is not a directory", file=sys.stderr)
         return EXIT_INVALID
     store = ConfigStore(path)
-    rows = []
+    rows: list[tuple[str, str, str, str, str]] = []
+    docs: list[dict[str, Any]] = []
     for config_id in store.list():
         try:
             c = store.get(config_id)
         except ConfigError as e:
             rows.append((config_id, "BROKEN", "", "", f"{e.code}: {e.message}"))
+            docs.append({"config": config_id, "error": {"code": e.code, "message": e.message}})
             continue
         n = len(c.spec.validation)
         rows.append((config_id, c.generator, c.output_format, f"{n} rule{'' if n == 1 else 's'}", c.spec.description))
+        docs.append(
+            {
+                "config": config_id,
+                "generator": c.generator,
+                "output_format": c.output_format,
+                "rules": n,
+                "description": c.spec.description,
+                "error": None,
+            }
+        )
+    if args.json:
+        print(json.dumps({"configs": docs}))
+        return EXIT_OK
     if not rows:
         print(f"chora: no content configs in {path}", file=sys.stderr)
         return EXIT_OK

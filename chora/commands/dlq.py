@@ -4,7 +4,7 @@
     chora dlq replay ID [ID ...]
     chora dlq replay --all [--consumer C]
 
-``list`` prints one line per DLQ entry, oldest first: the DLQ stream sequence
+``list`` prints one line per DLQ entry (``--json``: one JSON object per line), oldest first: the DLQ stream sequence
 (the ID ``replay`` takes), when it was dead-lettered (UTC), the consumer, the
 original subject, the code, the event type and id (from the preserved
 ``ce-*`` headers) and the reason. MAX_DELIVERIES advisories captured by the
@@ -104,6 +104,7 @@ async def run_replay(
     ids: Sequence[int] = (),
     all_: bool = False,
     consumer: str | None = None,
+    as_json_doc: bool = False,
     out: TextIO | None = None,
 ) -> int:
     from bus.dlq import DlqError, Replayed, replay, replay_all
@@ -126,11 +127,25 @@ async def run_replay(
                 done.append(await replay(js, topo, seq))
             except DlqError as e:
                 failed.append((seq, str(e)))
-    for r in done:
-        note = " (already replayed: dropped as a duplicate)" if r.duplicate else ""
-        out.write(f"replayed {r.seq} -> {r.subject} (stream seq {r.stream_seq}, Nats-Msg-Id {r.msg_id}){note}\n")
-    for seq in superseded:
-        out.write(f"deleted advisory {seq} (its dead letter was replayed)\n")
+    if as_json_doc:
+        replayed = [
+            {
+                "seq": r.seq,
+                "subject": r.subject,
+                "stream_seq": r.stream_seq,
+                "msg_id": r.msg_id,
+                "duplicate": r.duplicate,
+            }
+            for r in done
+        ]
+        failures = [{"seq": seq or None, "reason": reason} for seq, reason in failed]
+        out.write(json.dumps({"replayed": replayed, "deleted_advisories": superseded, "failed": failures}) + "\n")
+    else:
+        for r in done:
+            note = " (already replayed: dropped as a duplicate)" if r.duplicate else ""
+            out.write(f"replayed {r.seq} -> {r.subject} (stream seq {r.stream_seq}, Nats-Msg-Id {r.msg_id}){note}\n")
+        for seq in superseded:
+            out.write(f"deleted advisory {seq} (its dead letter was replayed)\n")
     for _seq, reason in failed:
         print(f"chora: {reason}", file=sys.stderr)
     if not (done or failed or superseded):
@@ -140,15 +155,16 @@ async def run_replay(
     return 1 if failed else 0
 
 
-def _connected(run) -> int:
+def _connected(run, args: argparse.Namespace) -> int:
     from chora.common import run_connected
 
-    return run_connected(run)
+    return run_connected(run, args)
 
 
 def _list(args: argparse.Namespace) -> int:
     return _connected(
-        lambda nc, settings: run_list(nc, settings, consumer=args.consumer, limit=args.limit, as_json_lines=args.json)
+        lambda nc, settings: run_list(nc, settings, consumer=args.consumer, limit=args.limit, as_json_lines=args.json),
+        args,
     )
 
 
@@ -162,7 +178,10 @@ def _replay(args: argparse.Namespace) -> int:
         print("chora: --consumer goes with --all", file=sys.stderr)
         return EXIT_USAGE
     return _connected(
-        lambda nc, settings: run_replay(nc, settings, ids=args.ids, all_=args.all, consumer=args.consumer)
+        lambda nc, settings: run_replay(
+            nc, settings, ids=args.ids, all_=args.all, consumer=args.consumer, as_json_doc=args.json
+        ),
+        args,
     )
 
 
@@ -183,17 +202,24 @@ def _consumer(text: str) -> str:
 
 
 def register(subparsers) -> None:
+    from chora.options import add_command
+
     dlq = subparsers.add_parser("dlq", help="dead letters: list and replay").add_subparsers(
         dest="dlq_cmd", required=True
     )
 
-    sp = dlq.add_parser("list", help="one line per dead letter, oldest first")
+    sp = add_command(dlq, "list", connects=True, json=True, help="one line per dead letter, oldest first")
     sp.add_argument("--consumer", type=_consumer, help="only this consumer's (e.g. generator, notify-<subscription>)")
     sp.add_argument("--limit", type=_positive, help="at most N (the oldest)")
-    sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.set_defaults(func=_list)
 
-    sp = dlq.add_parser("replay", help="re-publish dead letters for the consumer that failed, then delete them")
+    sp = add_command(
+        dlq,
+        "replay",
+        connects=True,
+        json=True,
+        help="re-publish dead letters for the consumer that failed, then delete them",
+    )
     sp.add_argument(
         "ids", nargs="*", type=_positive, metavar="ID", help="DLQ stream sequence(s), from `chora dlq list`"
     )

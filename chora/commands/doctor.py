@@ -32,11 +32,16 @@ SERVICES = ("generator", "validator", "assembler", "telemetry")
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "doctor", help="check every config's generator and the running stack; exit 1 if not ready"
+    from chora.options import add_command
+
+    p = add_command(
+        subparsers,
+        "doctor",
+        connects=True,
+        json=True,
+        help="check every config's generator and the running stack; exit 1 if not ready",
     )
     p.add_argument("path", nargs="?", help="a configs directory (default: CHORA_CONFIGS_DIR)")
-    p.add_argument("--json", action="store_true", help="the same report as JSON")
     p.add_argument("--no-stack", action="store_true", help="check the configs only, not NATS and the services")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for NATS (default 5)")
     p.set_defaults(func=lambda a: asyncio.run(doctor(a)))
@@ -165,7 +170,7 @@ def _stack_missing(stack: StackReport) -> list[str]:
 async def doctor(args: argparse.Namespace) -> int:
     from chora.common import load_settings
 
-    settings = load_settings()
+    settings = load_settings(args)
     configs_dir = Path(args.path) if args.path else Path(settings.configs_dir)
     if not configs_dir.is_dir():
         print(f"chora: {configs_dir} is not a directory", file=sys.stderr)

@@ -413,7 +413,12 @@ def register(subparsers: Any) -> None:
         dest="events_cmd", required=True
     )
 
-    sp = ev.add_parser("tail", help="print events, then follow new ones across rotations (one JSON object per line)")
+    from chora.options import add_command
+
+    # --json is accepted for uniformity: both already print JSON lines
+    sp = add_command(
+        ev, "tail", json=True, help="print events, then follow new ones across rotations (one JSON object per line)"
+    )
     sp.add_argument("--trace-id")
     sp.add_argument("--type", help="event type, with or without the 'chora.' prefix")
     sp.add_argument("-n", "--lines", type=int, default=0, help="only the last N matching lines (0: all)")
@@ -421,8 +426,11 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--file", help="JSONL file (default: the telemetry sink's)")
     sp.set_defaults(func=events_tail)
 
-    sp = ev.add_parser(
-        "query", help="print matching events from the rotated files and the live file, oldest first (JSON lines)"
+    sp = add_command(
+        ev,
+        "query",
+        json=True,
+        help="print matching events from the rotated files and the live file, oldest first (JSON lines)",
     )
     sp.add_argument("--trace-id")
     sp.add_argument("--type", help="event type, with or without the 'chora.' prefix")

@@ -40,6 +40,15 @@ def up_env(tmp_path, **extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def running_stack(tmp_path):
     """`chora up` with its own home, prefix and free ports; stopped with SIGTERM."""
+    info = start_up(tmp_path)
+    try:
+        yield info
+    finally:
+        stop_up(info)
+
+
+def start_up(tmp_path) -> dict:
+    """A started `chora up` (its stack.json, plus env, proc and home); :func:`stop_up` ends it."""
     env = up_env(tmp_path)
     proc = subprocess.Popen(
         CHORA + ["up"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -54,12 +63,14 @@ def running_stack(tmp_path):
     info = json.loads(stack_file.read_text())
     info["env"], info["proc"], info["home"] = env, proc, tmp_path / "var"
     info["banner"] = "".join(lines)
-    try:
-        yield info
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+    return info
+
+
+def stop_up(info: dict) -> None:
+    proc = info["proc"]
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 @pytest.fixture

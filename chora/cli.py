@@ -197,7 +197,11 @@ def asyncapi(args: argparse.Namespace) -> int:
 def openapi(args: argparse.Namespace) -> int:
     from services.gateway import openapi as oa
 
-    print(oa.write())
+    written = str(oa.write())
+    if args.json:
+        print_json({"written": [written]})
+    else:
+        print(written)
     return 0
 
 
@@ -290,7 +294,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--prefix", default="chora", help="subject prefix of the channels' addresses (default chora)")
     sp.add_argument("--write", action="store_true", help="rewrite contracts/asyncapi.json instead (default prefix)")
     sp.set_defaults(func=asyncapi)
-    sp = ct.add_parser("openapi", help="regenerate contracts/openapi/gateway.json from the gateway's models")
+    sp = add_command(ct, "openapi", json=True, help="regenerate contracts/openapi/gateway.json from the gateway's models")
     sp.set_defaults(func=openapi)
 
     for module in COMMAND_MODULES:

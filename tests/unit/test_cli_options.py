@@ -26,6 +26,8 @@ COMMANDS = {
     ("nats", "provision"): (True, True),
     ("service", "run"): (True, False),  # runs a service until stopped
     ("contracts", "schemas"): (False, True),
+    ("contracts", "openapi"): (False, True),
+    ("contracts", "asyncapi"): (False, False),  # prints the document, which is JSON already
     ("configs", "validate"): (False, True),
     ("configs", "list"): (False, True),
     ("dlq", "list"): (True, True),

@@ -161,7 +161,10 @@ async def scan(
     found: list[CloudEvent] = []
     try:
         info = await sub.consumer_info()
-        if info.num_pending == 0:
+        # nothing to read only when nothing is pending AND nothing was pushed yet: a push consumer
+        # may already have delivered every message (into this client's buffer) by the time its
+        # info is asked for, and then num_pending is 0 too
+        if info.num_pending == 0 and (info.delivered is None or info.delivered.consumer_seq == 0):
             return found
         for _ in range(limit):
             try:

@@ -109,7 +109,7 @@ class BatchItem(BaseModel):
 
 # ---------------------------------------------------------------------- results
 def _ok(model: BaseModel) -> CallToolResult:
-    data = model.model_dump(mode="json", exclude_none=True)
+    data = model.model_dump(mode="json")
     return CallToolResult(content=[TextContent(type="text", text=json.dumps(data))], structured_content=data)
 
 
@@ -374,9 +374,7 @@ def build_server(ops: Operations, *, local: bool) -> MCPServer:
                 )
             return json.dumps(await read(), indent=2)
 
-        server.resource(uri, name=uri.split("://")[1], description=description, mime_type="application/json")(
-            read_json
-        )
+        server.resource(uri, name=uri.split("://")[1], description=description, mime_type="application/json")(read_json)
 
     async def server_info() -> dict[str, Any]:
         return {**ops.server_info(), "limits": ops.limits(), "tools": sorted(TOOL_SCOPES)}

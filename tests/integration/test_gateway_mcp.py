@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 import uvicorn
 from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from starlette.applications import Starlette
@@ -97,8 +98,6 @@ async def stdio(stack, tmp_path_factory):
     )
     params = StdioServerParameters(command=sys.executable, args=["-m", "chora", "mcp"], env=env, cwd=str(ROOT))
     with open(tmp_path_factory.mktemp("mcp-stdio") / "stderr.log", "w+") as errlog:
-        from mcp.client.stdio import stdio_client
-
         async with held(Client(stdio_client(params, errlog=errlog))) as client:
             yield client
 
@@ -315,6 +314,14 @@ async def test_http_past_the_timeout_pending_then_request_status_has_the_outcome
 
     out = await wait_for(done, timeout=30, what="the late outcome through request_status", interval=0.1)
     assert out["content"].startswith("# Hello, Late!") and out["request_id"] == pending["request_id"]
+
+
+async def test_http_assemble_artifact_answers_the_artifact(http):
+    result = await http.call_tool("assemble_artifact", {"artifact_id": "product-docs", "context": {"product": "Acme"}})
+    assert not result.is_error, result.content
+    out = result.structured_content
+    assert out["state"] == "done" and out["kind"] == "assemble" and out["content"].startswith("# Acme")
+    assert out["outcome"]["parts_count"] > 1
 
 
 async def test_http_batch_generate_then_status_and_results_until_done(http):

@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     from bus.topology import Topology, provision
-    from chora.common import EXIT_FAILED, Link, close_cli, connect_cli, load_settings
+    from chora.common import EXIT_FAILED, EXIT_USAGE, Link, close_cli, connect_cli, load_settings
     from services.gateway.mcp import build_server
     from services.gateway.operations import Operations
     from services.gateway.settings import GatewaySettings
@@ -38,6 +38,9 @@ async def serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     gateway = GatewaySettings()
     if args.timeout is not None:
+        if not 0 <= args.timeout <= gateway.max_timeout_s:
+            print(f"chora: --timeout must be 0..{gateway.max_timeout_s:g} seconds", file=sys.stderr)
+            return EXIT_USAGE
         gateway = gateway.model_copy(update={"default_timeout_s": args.timeout})
     link = Link()  # a server reconnects for as long as it runs
     nc = await connect_cli(settings, link)

@@ -176,9 +176,11 @@ def _outcome_result(request_id: str, kind: str, trace_id: str | None, data: dict
 def build_server(ops: Operations, *, local: bool) -> MCPServer:
     """The MCP server over ``ops``; ``local`` (stdio): the caller has every scope."""
     g = ops.gateway
-    server: MCPServer = MCPServer(
-        "chora-compose", version=ops.server_info()["version"], instructions=INSTRUCTIONS, log_level="WARNING"
-    )
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    server: MCPServer = MCPServer("chora-compose", version=ops.server_info()["version"], instructions=INSTRUCTIONS)
+    root.handlers[:] = handlers  # undo the SDK's logging.basicConfig: the process configures its logging
+    root.setLevel(level)
 
     async def guarded(tool: str, call: Callable[[], Awaitable[CallToolResult]]) -> CallToolResult:
         needed = TOOL_SCOPES[tool]

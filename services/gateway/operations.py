@@ -153,7 +153,11 @@ class Operations:
     ) -> Outcome | Pending:
         """Assemble ``artifact_id``: its ``artifact_assembled`` data, or :class:`Pending`."""
         self._check_artifact(artifact_id)
-        doc = {"artifact_id": artifact_id, "context": self._context(context), "callback_url": self._callback(callback_url)}
+        doc = {
+            "artifact_id": artifact_id,
+            "context": self._context(context),
+            "callback_url": self._callback(callback_url),
+        }
         data = self._convert(doc, ArtifactRequested)
         return await self._request_and_wait("assemble", self._event(ARTIFACT_REQUESTED, data, trace), timeout_s)
 
@@ -217,7 +221,13 @@ class Operations:
             record = await self._record(batch_id)
             if record is None or record.kind != "batch":
                 raise GatewayError(404, "BATCH_NOT_FOUND", f"no batch {batch_id} (unknown, or expired)")
-            return {"batch_id": batch_id, "state": "queued", "total": record.total, "done": 0, "trace_id": record.trace_id}
+            return {
+                "batch_id": batch_id,
+                "state": "queued",
+                "total": record.total,
+                "done": 0,
+                "trace_id": record.trace_id,
+            }
         r = decode_batch(got[0])
         out = batch_progress(batch_id, r)
         out["state"] = "finished" if r.finished else ("closing" if r.closed else "running")
@@ -470,7 +480,9 @@ class Operations:
         )
         raw = msgspec.json.encode(record)
         if len(raw) > self.settings.max_event_bytes:  # a huge inlined content: keep the reference
-            record.outcome = {k: v for k, v in outcome.data.items() if k != "content" or not outcome.data.get("content_ref")}
+            record.outcome = {
+                k: v for k, v in outcome.data.items() if k != "content" or not outcome.data.get("content_ref")
+            }
             raw = msgspec.json.encode(record)
         await self.stores.records.put(request_key(request_id), raw)
         return record

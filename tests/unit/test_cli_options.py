@@ -39,7 +39,8 @@ COMMANDS = {
     ("events", "query"): (False, True),
     ("cache", "purge"): (True, True),
     ("doctor",): (True, True),
-    ("completion",): (False, False),  # prints a shell script
+    ("completion",): (False, False),
+    ("mcp",): (True, False),  # serves MCP over stdio until the client closes it  # prints a shell script
 }
 CONNECTION_FLAGS = {
     "-s",

@@ -294,7 +294,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--prefix", default="chora", help="subject prefix of the channels' addresses (default chora)")
     sp.add_argument("--write", action="store_true", help="rewrite contracts/asyncapi.json instead (default prefix)")
     sp.set_defaults(func=asyncapi)
-    sp = add_command(ct, "openapi", json=True, help="regenerate contracts/openapi/gateway.json from the gateway's models")
+    sp = add_command(
+        ct, "openapi", json=True, help="regenerate contracts/openapi/gateway.json from the gateway's models"
+    )
     sp.set_defaults(func=openapi)
 
     for module in COMMAND_MODULES:

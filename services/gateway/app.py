@@ -21,6 +21,7 @@ from starlette.responses import Response
 from contracts.catalogue import CATALOGUE
 from services.gateway import sse
 from services.gateway.idempotency import fingerprint, idempotent
+from services.gateway.mcp.http import Caller, McpHttp
 from services.gateway.middleware import GatewayMiddleware
 from services.gateway.model import API_VERSION, GatewayError, Outcome, Pending
 from services.gateway.operations import Operations
@@ -146,7 +147,42 @@ def outcome_response(out: Outcome | Pending, trace_id: str | None, applied: str 
     )
 
 
-def create_app(ops: Operations, gw: GatewaySettings, keys: KeyRing, *, ready: Callable[[], bool]) -> FastAPI:
+class McpGuard:
+    """``/mcp`` (the MCP server over streamable HTTP, services/gateway/mcp) behind the same API
+    keys, scopes and rate limit as the HTTP API: the caller goes on in the ASGI scope
+    (``chora.caller``), where :func:`mcp_caller` finds it for the tools' scope checks."""
+
+    def __init__(self, inner: Any, keys: KeyRing, limiter: RateLimiter):
+        self.inner, self.keys, self.limiter = inner, keys, limiter
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        header = request.headers.get("authorization", "")
+        scheme, _, bearer_key = header.partition(" ")
+        presented = bearer_key.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key")
+        try:
+            principal = self.keys.identify(presented)
+            self.limiter.take(principal.name)
+        except GatewayError as e:
+            await from_error(e, trace_of(request))(scope, receive, send)
+            return
+        await self.inner({**scope, "chora.caller": Caller(principal.name, principal.scopes)}, receive, send)
+
+
+def mcp_caller(scope: Any) -> Caller | None:
+    return scope.get("chora.caller")
+
+
+def create_app(
+    ops: Operations,
+    gw: GatewaySettings,
+    keys: KeyRing,
+    *,
+    ready: Callable[[], bool],
+    mcp: McpHttp | None = None,
+) -> FastAPI:
     app = FastAPI(
         title="chora-compose gateway",
         version=API_VERSION,
@@ -159,6 +195,8 @@ def create_app(ops: Operations, gw: GatewaySettings, keys: KeyRing, *, ready: Ca
     app.add_middleware(GatewayMiddleware, max_body_bytes=gw.max_body_bytes)
     limiter = RateLimiter(gw.rate_per_s, gw.rate_burst)
     slots = sse.StreamSlots(gw.max_event_streams)
+    if mcp is not None:  # the exact path, as the SDK serves it; not part of the HTTP API's document
+        app.add_route("/mcp", McpGuard(mcp.app, keys, limiter), include_in_schema=False)  # type: ignore[arg-type]
 
     def auth(scope: str):
         async def dep(

@@ -19,7 +19,8 @@ from typing import Any
 
 import uvicorn
 
-from services.gateway.app import create_app
+from services.gateway.app import create_app, mcp_caller
+from services.gateway.mcp import McpHttp, mcp_asgi_app
 from services.gateway.operations import Operations
 from services.gateway.security import KeyRing, load_keys, parse_keys
 from services.gateway.settings import GatewaySettings
@@ -49,6 +50,9 @@ class GatewayApp:
         self._serving: asyncio.Task | None = None
         self.url: str | None = None
         self.draining = False
+        self.mcp: McpHttp | None = None
+        self._mcp_task: asyncio.Task | None = None
+        self._mcp_stop = asyncio.Event()
 
     def consumers(self, topology: Any) -> list:
         return []  # no durable consumer: one outcome follower, in Operations
@@ -77,7 +81,11 @@ class GatewayApp:
         keys = self._keyring()
         self.ops = Operations(ctx.connection, self.settings, self.gateway)
         await self.ops.start()
-        app = create_app(self.ops, self.gateway, keys, ready=self.ready)
+        # MCP over streamable HTTP at /mcp; its session manager runs in a task of its own
+        # (anyio wants a task group left by the task that entered it)
+        self.mcp = mcp_asgi_app(self.ops, caller_of=mcp_caller)
+        self._mcp_task = asyncio.create_task(self._run_mcp(), name="gateway-mcp")
+        app = create_app(self.ops, self.gateway, keys, ready=self.ready, mcp=self.mcp)
         config = uvicorn.Config(
             app,
             host=self.gateway.host,
@@ -102,6 +110,11 @@ class GatewayApp:
         self.url = f"http://{shown}:{port}"
         log.info("gateway listening on %s", self.url)
 
+    async def _run_mcp(self) -> None:
+        assert self.mcp is not None
+        async with self.mcp.lifespan():
+            await self._mcp_stop.wait()
+
     async def drain(self) -> None:
         """Stop taking connections; requests in flight finish."""
         self.draining = True
@@ -114,6 +127,9 @@ class GatewayApp:
 
     async def close(self) -> None:
         await self._stop_serving()
+        if self._mcp_task is not None:
+            self._mcp_stop.set()
+            await asyncio.gather(self._mcp_task, return_exceptions=True)
         if self.ops is not None:
             await self.ops.close()
 

@@ -2,8 +2,8 @@
 against one stack per module (a real nats-server, the generator, validator and assembler):
 
 - stdio: `python -m chora mcp` spawned by the SDK's stdio client, connected to the stack;
-- streamable HTTP: the ASGI app mounted at /mcp in a small Starlette app of this test behind a
-  Bearer check with scoped keys, served by uvicorn on a free port.
+- streamable HTTP: the gateway's own /mcp (GatewayApp: uvicorn on a free port), behind its
+  API keys with scopes and its rate limit.
 """
 
 from __future__ import annotations
@@ -11,27 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import sys
+from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 import httpx2
 import pytest
 import pytest_asyncio
-import uvicorn
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from starlette.applications import Starlette
-from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
-from starlette.middleware import Middleware
-from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from services.gateway.mcp import TOOL_SCOPES, mcp_asgi_app
-from services.gateway.operations import Operations
+from services.gateway.mcp import TOOL_SCOPES
+from services.gateway.security import ApiKey, KeyRing, hash_key
+from services.gateway.service import GatewayApp
 from services.gateway.settings import GatewaySettings
 from tests.conftest import ROOT, child_env, wait_for
 from tests.gateway_stack import nats_stack
@@ -103,55 +97,17 @@ async def stdio(stack, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------- the HTTP side
-class KeyBackend(AuthenticationBackend):
-    """The test's stand-in for the gateway's auth: Bearer keys with scopes."""
-
-    async def authenticate(self, conn):
-        header = conn.headers.get("authorization")
-        if header is None:
-            return None  # unauthenticated: the MCP app itself answers 401
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or key not in KEYS:
-            raise AuthenticationError("unknown API key")
-        name, scopes = KEYS[key]
-        return AuthCredentials(scopes), SimpleUser(name)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gateway_url(stack):
+    """The real gateway (uvicorn on a free port), its /mcp behind its own API keys and scopes."""
     _, settings, nc = stack
-    ops = Operations(nc, settings, GATEWAY)
-    await ops.start()
-    mcp_http = mcp_asgi_app(ops)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        async with mcp_http.lifespan():
-            yield
-
-    app = Starlette(
-        routes=[Route("/mcp", endpoint=mcp_http.app)],
-        middleware=[
-            Middleware(
-                AuthenticationMiddleware,
-                backend=KeyBackend(),
-                on_error=lambda conn, e: JSONResponse({"code": "UNAUTHORIZED", "detail": str(e)}, 401),
-            )
-        ],
-        lifespan=lifespan,
-    )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    await wait_for(lambda: server.started or task.done(), timeout=20, what="uvicorn started")
-    assert not task.done(), task
+    ring = KeyRing([ApiKey(name, hash_key(key), frozenset(scopes)) for key, (name, scopes) in KEYS.items()])
+    gw = GatewayApp(settings, GATEWAY.model_copy(update={"port": 0}), keys=ring)
+    await gw.start(SimpleNamespace(connection=nc))
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+        yield f"{gw.url}/mcp"
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 20)
-        await ops.close()
+        await gw.close()
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,7 @@ import sys
 
 from typing import Any
 
-from chora.commands import assembly, cache, configs, dlq, doctor, events
+from chora.commands import assembly, cache, configs, dlq, doctor, events, instances
 from chora.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -27,7 +27,7 @@ from chora.common import (
 )
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
-COMMAND_MODULES = [configs, dlq, assembly, events, cache, doctor]
+COMMAND_MODULES = [configs, dlq, assembly, events, cache, doctor, instances]
 
 
 # ---------------------------------------------------------------------- generate

@@ -12,8 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import nats
 import pytest
@@ -25,17 +23,9 @@ from bus.settings import NatsSettings
 from services.metrics import build_version
 from services.runtime import SERVICES, ready_file, run_service
 from services.settings import Settings
-from tests.conftest import ROOT, child_env, example_configs, stop_services, wait_for
+from tests.conftest import get_json, ROOT, child_env, example_configs, stop_services, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-def http_get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 async def gather_replies(nc, subject: str, expect: int, what: str) -> list[dict]:
@@ -92,7 +82,7 @@ async def stack(settings):
 
     async def ready(name: str) -> bool:
         url = facts[name]["metrics_url"].removesuffix("/metrics") + "/readyz"
-        return (await asyncio.to_thread(http_get, url))[0] == 200
+        return (await asyncio.to_thread(get_json, url))[0] == 200
 
     for name in SERVICES:  # bound: the server answered the consumer loops' first pulls
         await wait_for(lambda n=name: ready(n), 20, f"{name} /readyz 200")
@@ -164,9 +154,9 @@ async def test_srv_stats_carries_the_consumer_counters(stack, nc, settings):
 async def test_healthz_and_readyz_answer_on_every_metrics_port(stack):
     for name, facts in stack.items():
         base = facts["metrics_url"].removesuffix("/metrics")
-        status, doc = await asyncio.to_thread(http_get, base + "/healthz")
+        status, doc = await asyncio.to_thread(get_json, base + "/healthz")
         assert (status, doc["status"]) == (200, "alive"), name
-        status, doc = await asyncio.to_thread(http_get, base + "/readyz")
+        status, doc = await asyncio.to_thread(get_json, base + "/readyz")
         assert status == 200 and doc["status"] == "ready", (name, doc)
         assert doc["checks"]["nats"] == "connected" and all(v == "bound" for v in doc["checks"]["consumers"].values())
 

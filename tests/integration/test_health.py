@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 
 import nats
 
@@ -16,16 +14,8 @@ from contracts.catalogue import CONTENT_GENERATED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated
 from services.runtime import ready_file, run_service
-from tests.conftest import wait_for, write
+from tests.conftest import get_json, wait_for, write
 from tests.webhook import Webhook
-
-
-def http_get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 class Running:
@@ -49,7 +39,7 @@ class Running:
         return self
 
     async def get(self, path: str) -> tuple[int, dict]:
-        return await asyncio.to_thread(http_get, self.base + path)
+        return await asyncio.to_thread(get_json, self.base + path)
 
     async def until(self, path: str, status: int, what: str) -> dict:
         async def reached() -> dict | None:

@@ -25,7 +25,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from dataclasses import asdict, dataclass
 
@@ -34,6 +34,7 @@ from bus.connection import connect, settle
 from bus.consumer import ConsumerLoop, Handler
 from bus.content import ContentStore
 from bus.discovery import Registration, register
+from bus.progress import ConsumerProgress
 from bus.state import StateStore
 from bus.topology import ConsumerSpec, Topology, provision
 from services.settings import Settings
@@ -70,6 +71,8 @@ class BusContext:
     cache: ResultCacheStore | None = None  # the generator's result cache
     limits: StateStore | None = None  # the rate-limit counters (KV, compare-and-set)
     health: Health | None = None  # the process's readiness (what /readyz answers)
+    # How far a durable consumer of the events stream has got (see bus.progress): by durable name.
+    progress: Callable[[str], ConsumerProgress] | None = None
 
 
 class ServiceApp(Protocol):
@@ -137,7 +140,14 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         limits = StateStore(js, topo.limits_bucket)
         await app.start(
             BusContext(
-                settings, topo, StateStore(js, topo.state_bucket), content, cache=cache, limits=limits, health=health
+                settings,
+                topo,
+                StateStore(js, topo.state_bucket),
+                content,
+                cache=cache,
+                limits=limits,
+                health=health,
+                progress=lambda durable: ConsumerProgress(js, topo.events_stream, durable),
             )
         )
         pairs: list[tuple[ConsumerSpec, Handler]] = (

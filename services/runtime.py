@@ -224,7 +224,14 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         if discovery is not None:
             await discovery.stop()
         await settle(nc)
-        await nc.drain()
+        try:
+            await nc.drain()
+        except Exception as e:  # stopped while the server is away (reconnecting): nothing more can leave
+            log.warning("%s: could not drain the connection (%s); closing it", name, e)
+            try:
+                await nc.close()
+            except Exception as e:  # the socket is gone already
+                log.debug("%s: close: %s", name, e)
         await app.close()
         health.stop_ticking()
         # shutdown() waits for the server thread's poll loop: not on the event loop.

@@ -213,13 +213,14 @@ class ConsumerLoop:
     @property
     def bound(self) -> bool:
         """Whether the loop is bound to its consumer: running, and the server answered its pull
-        requests (a message, a heartbeat, a status) within the last three heartbeats. Readiness
+        requests (a message, a heartbeat, a status) within the last three heartbeats, or it has
+        none out (busy with as much as it may hold: nothing to answer). Readiness
         (services.health) reads it from another thread: it only reads plain attributes."""
         return (
             self._sub is not None
             and not self._stopping
             and self.nc.is_connected
-            and time.monotonic() - self._last_answer < 3 * self.heartbeat_s
+            and (self._outstanding == 0 or time.monotonic() - self._last_answer < 3 * self.heartbeat_s)
         )
 
     async def _on_msg(self, msg: Msg) -> None:

@@ -10,6 +10,7 @@ import json
 import nats
 
 from bus.publisher import Publisher
+from bus.topology import Topology, provision
 from contracts.catalogue import CONTENT_GENERATED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated
@@ -101,7 +102,7 @@ async def test_readyz_is_200_when_ready_and_503_while_draining_in_flight_work(se
             await nc.close()
 
 
-async def test_readyz_is_503_while_the_nats_server_is_down_and_200_after_it_restarts(settings, nats_server):
+async def test_readyz_is_503_while_the_nats_server_is_down_or_the_consumer_gone_and_200_once_back(settings, nats_server):
     svc = await Running("validator", settings).started()
     try:
         await svc.until("/readyz", 200, "the validator ready")
@@ -113,6 +114,18 @@ async def test_readyz_is_503_while_the_nats_server_is_down_and_200_after_it_rest
         nats_server.restart()
         doc = await svc.until("/readyz", 200, "/readyz 200 after the server restarted")
         assert doc["checks"] == {"nats": "connected", "consumers": {"validator": "bound"}, "draining": False}
+
+        # its durable consumer deleted behind its back: connected, but not bound
+        nc = await nats.connect(nats_server.url)
+        try:
+            topo = Topology.from_settings(settings)
+            await nc.jetstream().delete_consumer(topo.events_stream, "validator")
+            doc = await svc.until("/readyz", 503, "/readyz 503 without its consumer")
+            assert doc["reason"] == "consumer not bound: validator" and doc["checks"]["nats"] == "connected"
+            await provision(nc.jetstream(), topo, consumers=["validator"])
+            await svc.until("/readyz", 200, "/readyz 200 with the consumer back")
+        finally:
+            await nc.close()
     finally:
         svc.stop.set()
         await asyncio.wait_for(svc.task, 30)

@@ -7,11 +7,11 @@ topology). Its ``build(settings)`` is the service's one wiring function. It neve
 touches NATS; this module connects, provisions its consumer, runs the
 consumer loop, serves the process's ``/metrics`` (:mod:`services.metrics`,
 with the app's own ``metrics_registry`` when it has one), writes a readiness file and
-drains on SIGTERM/SIGINT. It also answers ``/healthz`` and ``/readyz`` on the metrics port
-(:mod:`services.health`) and registers the process as a NATS micro service for discovery
-(:mod:`bus.discovery`: ``$SRV.PING|INFO|STATS`` and its info, health and stats
-endpoints), so every service of :data:`SERVICES` gets both. A service that cannot start (bad config, missing
-secret, unreachable server) leaves the reason in ``<home>/run/<name>.<pid>.error``
+drains on SIGTERM/SIGINT. It also answers ``/healthz`` and ``/readyz`` on the metrics
+port (:mod:`services.health`) and registers the process as a NATS micro service for
+discovery (:mod:`bus.discovery`: ``$SRV.PING|INFO|STATS`` and its info, health and stats
+endpoints), so every service of :data:`SERVICES` gets both. A service that cannot start
+(bad config, missing secret, unreachable server) leaves the reason in ``<home>/run/<name>.<pid>.error``
 as well as on stderr, so `chora up` can print it where its user looks.
 """
 

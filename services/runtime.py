@@ -241,7 +241,13 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
 
 
 async def _register(
-    nc: Any, name: str, settings: Settings, health: Health, facts: Any, loops: list[ConsumerLoop], metrics_url: str | None
+    nc: Any,
+    name: str,
+    settings: Settings,
+    health: Health,
+    facts: Any,
+    loops: list[ConsumerLoop],
+    metrics_url: str | None,
 ) -> Registration | None:
     """This process as an instance of the micro service ``chora-<name>`` (see bus.discovery).
     A server that refuses it (permissions) costs discovery, not the service: logged, not fatal."""
@@ -252,7 +258,12 @@ async def _register(
             service=name,
             version=build_version(),
             prefix=settings.prefix,
-            metadata={"instance": f"{host}:{os.getpid()}", "host": host, "pid": str(os.getpid()), "metrics_url": metrics_url or ""},
+            metadata={
+                "instance": f"{host}:{os.getpid()}",
+                "host": host,
+                "pid": str(os.getpid()),
+                "metrics_url": metrics_url or "",
+            },
             info=facts,
             health=health.ready_doc,
             stats=lambda: {loop.spec.durable: asdict(loop.stats) for loop in loops},

@@ -39,7 +39,6 @@ from contracts.events import BatchItemOutcome, ErrorInfo
 log = logging.getLogger("chora.assembler")
 
 
-
 def batch_key(batch_id: str) -> str:
     return f"batch.{key_id(batch_id)}"
 

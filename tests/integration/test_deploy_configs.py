@@ -629,7 +629,9 @@ def test_every_chora_service_is_checked_on_readyz_of_its_metrics_port_like_the_i
         # the port the check asks is the one the service serves on, on all interfaces
         env = env_of(svc)
         assert "CHORA_METRICS_PORT" in " ".join(test) and env["CHORA_METRICS_HOST"] == "0.0.0.0", name
-    env = dict(re.findall(r"(CHORA_METRICS_PORT)=(\d+)", " ".join(r for op, r in dockerfile_instructions() if op == "ENV")))
+    env = dict(
+        re.findall(r"(CHORA_METRICS_PORT)=(\d+)", " ".join(r for op, r in dockerfile_instructions() if op == "ENV"))
+    )
     assert env == {"CHORA_METRICS_PORT": "9464"} and ("EXPOSE", "9464") in dockerfile_instructions()
 
 

@@ -102,7 +102,9 @@ async def test_readyz_is_200_when_ready_and_503_while_draining_in_flight_work(se
             await nc.close()
 
 
-async def test_readyz_is_503_while_the_nats_server_is_down_or_the_consumer_gone_and_200_once_back(settings, nats_server):
+async def test_readyz_is_503_while_the_nats_server_is_down_or_the_consumer_gone_and_200_once_back(
+    settings, nats_server
+):
     svc = await Running("validator", settings).started()
     try:
         await svc.until("/readyz", 200, "the validator ready")

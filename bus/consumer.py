@@ -122,6 +122,7 @@ class ConsumerLoop:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._last_seen = 0.0
+        self._last_answer = 0.0  # when the server last sent anything on our pull inbox
         self._sub: Subscription | None = None
         self._working: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, started)
         self._backlog = 0  # messages pending for the consumer, as of the last delivery
@@ -209,12 +210,28 @@ class ConsumerLoop:
             self._outstanding -= n
             log.debug("pull request failed: %s", e)
 
+    @property
+    def bound(self) -> bool:
+        """Whether the loop is bound to its consumer: running, and the server answered its pull
+        requests (a message, a heartbeat, a status) within the last three heartbeats, or it has
+        none out (busy with as much as it may hold: nothing to answer). Readiness
+        (services.health) reads it from another thread: it only reads plain attributes."""
+        return (
+            self._sub is not None
+            and not self._stopping
+            and self.nc.is_connected
+            and (self._outstanding == 0 or time.monotonic() - self._last_answer < 3 * self.heartbeat_s)
+        )
+
     async def _on_msg(self, msg: Msg) -> None:
         self._last_seen = time.monotonic()
         headers = msg.headers
         if headers and not msg.data and "Status" in headers:
+            if headers.get("Status") not in ("409", "503"):  # not "consumer deleted" nor "no responders"
+                self._last_answer = self._last_seen
             self._on_status(headers)
             return
+        self._last_answer = self._last_seen
         self._outstanding = max(0, self._outstanding - 1)
         try:
             self._backlog = msg.metadata.num_pending

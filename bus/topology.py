@@ -8,7 +8,7 @@ it on every start, or once with ``chora nats provision``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
@@ -42,6 +42,13 @@ log = logging.getLogger("chora.bus")
 
 LIMITS_TTL_S = 180.0  # a rate-limit window is one minute; its counter is gone three minutes after
 GATEWAY_TTL_S = 24 * 3600.0  # the gateway's request records and Idempotency-Key answers
+
+CALLBACK_REQUESTS = "notifier-callback-requests"
+CALLBACK_OUTCOMES = "notifier-callbacks"
+# The notifier's callback delivery policy (services/notifier/callbacks.py, CALLBACK_POLICY):
+# 6 attempts + 120 deliveries put off (open circuit, request not recorded yet), 64 in flight.
+CALLBACK_MAX_DELIVER = 126
+CALLBACK_MAX_IN_FLIGHT = 64
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,19 @@ class Topology:
                 ),
                 # the assembler reads its own completions back: "finished" means "stored in the stream"
                 "assembler-completions": spec("assembler-completions", (BATCH_COMPLETED, ARTIFACT_ASSEMBLED)),
+                # the notifier's per-request callbacks (services/notifier/callbacks.py): the requests,
+                # to record their callback_url, and the outcomes, to deliver them; from new events on
+                CALLBACK_REQUESTS: replace(
+                    spec(CALLBACK_REQUESTS, (GENERATION_REQUESTED, ARTIFACT_REQUESTED, BATCH_REQUESTED)), start=None
+                ),
+                CALLBACK_OUTCOMES: ConsumerSpec(
+                    CALLBACK_OUTCOMES,
+                    (CONTENT_GENERATED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
+                    s.ack_wait_s,
+                    CALLBACK_MAX_DELIVER,
+                    max_ack_pending=CALLBACK_MAX_IN_FLIGHT,
+                    start=None,
+                ),
             },
         )
 

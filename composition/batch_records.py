@@ -9,23 +9,13 @@ Reading takes any store with ``get(key)`` and ``matching(pattern)`` (the bus's
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
 from typing import Any, Protocol
 
 import msgspec
 
+from composition.keys import key_id
 from contracts.events import BatchItemOutcome
-
-_SAFE = re.compile(r"[A-Za-z0-9_-]{1,100}")
-
-
-def key_id(request_id: str) -> str:
-    """The key token for a request id: itself when safe, else ``h`` + 32 hex of its sha256."""
-    if _SAFE.fullmatch(request_id):
-        return request_id
-    return "h" + hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def batch_key(batch_id: str) -> str:

@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 
 from contracts.catalogue import CATALOGUE
 from contracts.envelope import CloudEvent
+from services.health import Health
 
 HANDLER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 OUTCOMES = ("ack", "retry", "dead", "skipped", "error")
@@ -112,12 +113,16 @@ class MetricsServer:
         self.host: str | None = None
         self.port: int | None = None
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Start serving; return the real port (``port`` 0 picks a free one)."""
+    def serve(self, host: str = "127.0.0.1", port: int = 0, health: "Health | None" = None) -> int:
+        """Start serving; return the real port (``port`` 0 picks a free one). With ``health``,
+        ``/healthz`` and ``/readyz`` are served too (see :mod:`services.health`)."""
         if self._server is not None and self.port is not None:
             return self.port
         result = start_http_server(port, addr=host, registry=self.registry)
         server, thread = result if isinstance(result, tuple) else (result, None)
+        app = server.get_app()
+        if health is not None and app is not None:
+            server.set_app(health.wsgi(app))
         self._server, self._thread = server, thread
         self.host = host
         self.port = server.server_address[1]

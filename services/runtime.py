@@ -7,8 +7,11 @@ topology). Its ``build(settings)`` is the service's one wiring function. It neve
 touches NATS; this module connects, provisions its consumer, runs the
 consumer loop, serves the process's ``/metrics`` (:mod:`services.metrics`,
 with the app's own ``metrics_registry`` when it has one), writes a readiness file and
-drains on SIGTERM/SIGINT. A service that cannot start (bad config, missing
-secret, unreachable server) leaves the reason in ``<home>/run/<name>.<pid>.error``
+drains on SIGTERM/SIGINT. It also answers ``/healthz`` and ``/readyz`` on the metrics
+port (:mod:`services.health`) and registers the process as a NATS micro service for
+discovery (:mod:`bus.discovery`: ``$SRV.PING|INFO|STATS`` and its info, health and stats
+endpoints), so every service of :data:`SERVICES` gets both. A service that cannot start
+(bad config, missing secret, unreachable server) leaves the reason in ``<home>/run/<name>.<pid>.error``
 as well as on stderr, so `chora up` can print it where its user looks.
 """
 
@@ -20,21 +23,25 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from bus.cache import ResultCacheStore
 from bus.connection import connect, settle
 from bus.consumer import ConsumerLoop, Handler
 from bus.content import ContentStore
+from bus.discovery import Registration, register
+from bus.progress import ConsumerProgress
 from bus.state import StateStore
 from bus.topology import ConsumerSpec, Topology, provision
 from services.settings import Settings
 from contracts.envelope import CloudEvent
 from contracts.handling import Delivery
-from services.metrics import ServiceMetrics
+from services.health import Health
+from services.metrics import ServiceMetrics, build_version
 
 log = logging.getLogger("chora.service")
 
@@ -67,6 +74,9 @@ class BusContext:
     # The gateway's only (it publishes requests and follows outcomes itself); handler services
     # never read it.
     connection: Any = None
+    health: Health | None = None  # the process's readiness (what /readyz answers)
+    # How far a durable consumer of the events stream has got (see bus.progress): by durable name.
+    progress: Callable[[str], ConsumerProgress] | None = None
 
 
 class ServiceApp(Protocol):
@@ -119,6 +129,7 @@ def _cannot_start(settings: Settings, name: str, message: str) -> ServiceStartEr
 async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and return."""
     app = build(name, settings)
+    health = Health(name)
     try:
         nc = await connect(settings.nats, name=f"chora-{name}", inbox_prefix=f"_INBOX.{name}")
     except Exception as e:
@@ -140,6 +151,8 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
                 cache=cache,
                 limits=limits,
                 connection=nc if getattr(app, "wants_connection", False) else None,
+                health=health,
+                progress=lambda durable: ConsumerProgress(js, topo.events_stream, durable),
             )
         )
         pairs: list[tuple[ConsumerSpec, Handler]] = (
@@ -158,7 +171,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         metrics.consumer(spec.durable, spec.event_types)
     if settings.metrics_port >= 0:
         try:
-            metrics.serve(settings.metrics_host, settings.metrics_port)
+            metrics.serve(settings.metrics_host, settings.metrics_port, health=health)
         except OSError as e:
             await app.close()
             await nc.close()
@@ -190,24 +203,76 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
             aloop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+    health.watch(lambda: nc.is_connected, [(spec.durable, loop) for (spec, _), loop in zip(pairs, loops)])
+    health.start_ticking()
     runs = [asyncio.create_task(loop.run()) for loop in loops]
+    health.started = True
+
+    def facts() -> dict[str, Any]:
+        return {"service": name, "pid": os.getpid(), **(app.info() or {}), "metrics_url": metrics.url}
+
+    discovery = await _register(nc, name, settings, health, facts, loops, metrics.url)
     rf = ready_file(settings, name)
     rf.parent.mkdir(parents=True, exist_ok=True)
-    rf.write_text(json.dumps({"service": name, "pid": os.getpid(), **(app.info() or {}), "metrics_url": metrics.url}))
+    rf.write_text(json.dumps(facts()))
     log.info("%s ready", name)
     try:
         await stop.wait()
     finally:
         log.info("%s draining", name)
+        health.draining = True  # /readyz and the discovery health answer 503 / not ready from now on
         app_drain = getattr(app, "drain", None)
         if app_drain is not None:
             await app_drain()
         await asyncio.gather(*(loop.stop() for loop in loops))
         await asyncio.gather(*runs)
+        if discovery is not None:
+            await discovery.stop()
         await settle(nc)
-        await nc.drain()
+        try:
+            await nc.drain()
+        except Exception as e:  # stopped while the server is away (reconnecting): nothing more can leave
+            log.warning("%s: could not drain the connection (%s); closing it", name, e)
+            try:
+                await nc.close()
+            except Exception as e:  # the socket is gone already
+                log.debug("%s: close: %s", name, e)
         await app.close()
+        health.stop_ticking()
         # shutdown() waits for the server thread's poll loop: not on the event loop.
         await asyncio.to_thread(metrics.stop)
         rf.unlink(missing_ok=True)
         log.info("%s stopped: %s", name, [loop.stats for loop in loops])
+
+
+async def _register(
+    nc: Any,
+    name: str,
+    settings: Settings,
+    health: Health,
+    facts: Any,
+    loops: list[ConsumerLoop],
+    metrics_url: str | None,
+) -> Registration | None:
+    """This process as an instance of the micro service ``chora-<name>`` (see bus.discovery).
+    A server that refuses it (permissions) costs discovery, not the service: logged, not fatal."""
+    host = socket.gethostname()
+    try:
+        return await register(
+            nc,
+            service=name,
+            version=build_version(),
+            prefix=settings.prefix,
+            metadata={
+                "instance": f"{host}:{os.getpid()}",
+                "host": host,
+                "pid": str(os.getpid()),
+                "metrics_url": metrics_url or "",
+            },
+            info=facts,
+            health=health.ready_doc,
+            stats=lambda: {loop.spec.durable: asdict(loop.stats) for loop in loops},
+        )
+    except Exception as e:
+        log.warning("%s: cannot register for discovery ($SRV): %s", name, e)
+        return None

@@ -192,3 +192,14 @@ def acked(metrics_url: str, event_type: str | None = None) -> float:
         and sample.labels.get("outcome") == "ack"
         and event_type in (None, sample.labels.get("event_type"))
     )
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    """(status, JSON body) of a GET, also for an error status (e.g. /readyz answering 503)."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

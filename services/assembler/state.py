@@ -40,7 +40,7 @@ from composition.batch_records import batch_item_prefix as batch_item_prefix
 from composition.batch_records import batch_key as batch_key
 from composition.batch_records import decode_batch as decode_batch
 from composition.batch_records import decode_item as decode_item
-from composition.batch_records import key_id as key_id
+from composition.keys import key_id as key_id
 from contracts.events import ErrorInfo
 
 log = logging.getLogger("chora.assembler")

@@ -33,7 +33,7 @@ import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from collections.abc import Sequence
-from typing import Callable, Literal
+from typing import Callable, Literal, Protocol
 
 try:  # the maintained continuation of httpx (what anthropic installs), else httpx itself
     import httpx2 as httpx
@@ -183,6 +183,14 @@ def split_credentials(url: str) -> tuple[str, "httpx.BasicAuth | None"]:
     return clean, httpx.BasicAuth(user, password)
 
 
+class Sender(Protocol):
+    """What a delivery needs of a sender (:class:`WebhookSender`, or one bound to a callback URL)."""
+
+    async def send(self, event: CloudEvent) -> DeliveryResult: ...
+
+    async def close(self) -> None: ...
+
+
 class WebhookSender:
     """Delivers events to one subscription's URL."""
 
@@ -216,8 +224,9 @@ class WebhookSender:
     def request(self, event: CloudEvent) -> tuple[dict[str, str], bytes]:
         return build_request(event, self.subscription.name, self._secret, now=self.wall_clock())
 
-    async def send(self, event: CloudEvent) -> DeliveryResult:
-        """POST ``event``; never raises for a network or HTTP problem (only UndeliverableEvent)."""
+    async def send(self, event: CloudEvent, url: str | None = None) -> DeliveryResult:
+        """POST ``event`` (to ``url``, a per-request callback, else the subscription's URL); never
+        raises for a network or HTTP problem (only UndeliverableEvent)."""
         headers, body = self.request(event)
         sub = self.subscription
         t0 = time.perf_counter()
@@ -227,7 +236,7 @@ class WebhookSender:
 
         try:
             async with asyncio.timeout(sub.timeout_s):
-                req = self.client.build_request("POST", self.url, headers=headers, content=body)
+                req = self.client.build_request("POST", url or self.url, headers=headers, content=body)
                 resp = await self.client.send(req, stream=True)
                 try:
                     snippet = b""

@@ -49,7 +49,7 @@ from contracts.events import ErrorInfo, NotificationDelivered, NotificationFaile
 from contracts.handling import ANY, Delivery, EventHandlers, Reject, Retry
 from services.circuit import CircuitBreaker, CircuitOpen
 from services.notifier.config import NOTIFICATION_TYPES, Subscription
-from services.notifier.delivery import UndeliverableEvent, WebhookSender, backoff_delay
+from services.notifier.delivery import Sender, UndeliverableEvent, backoff_delay
 
 log = logging.getLogger("chora.notifier")
 
@@ -87,7 +87,7 @@ class Target:
     """Everything the handler needs for one subscription."""
 
     subscription: Subscription
-    sender: WebhookSender
+    sender: Sender
     circuit: CircuitBreaker
     rng: random.Random = field(default_factory=random.Random)
     deferrals: Deferrals = field(default_factory=Deferrals)
@@ -139,22 +139,25 @@ def _delivered(event: CloudEvent, t: Target, attempt: int, status: int, duration
     )
 
 
-def _failed(event: CloudEvent, t: Target, attempts: int, code: str, message: str) -> Reject:
+def failed_event(
+    event: CloudEvent, sub: Subscription, source: str, attempts: int, code: str, message: str, *, dead_lettered: bool
+) -> CloudEvent:
+    """The notification_failed of ``event`` for ``sub`` (its id derived: a redelivery repeats it)."""
     data = NotificationFailed(
-        subscription=t.subscription.name,
+        subscription=sub.name,
         event_id=event.id,
         event_type=event.type,
         attempts=attempts,
         error=ErrorInfo(code=code, message=message),
-        dead_lettered=True,
+        dead_lettered=dead_lettered,
     )
-    ev = new_event(
-        NOTIFICATION_FAILED,
-        data,
-        source=t.source,
-        cause=event,
-        event_id=_output_id(event, NOTIFICATION_FAILED, t.subscription),
+    return new_event(
+        NOTIFICATION_FAILED, data, source=source, cause=event, event_id=_output_id(event, NOTIFICATION_FAILED, sub)
     )
+
+
+def _failed(event: CloudEvent, t: Target, attempts: int, code: str, message: str) -> Reject:
+    ev = failed_event(event, t.subscription, t.source, attempts, code, message, dead_lettered=True)
     t.stats["failed"] += 1
     return Reject(code, f"subscription {t.subscription.name}: {message}", events=[ev])
 

@@ -15,20 +15,27 @@ where the subscription's ``start`` says (new events by default; see
 bus.topology.provision for an existing consumer). Each also gets its own HTTP
 client and circuit breaker.
 
-Settings read: ``notifier_config``.
+Per-request callbacks (:mod:`services.notifier.callbacks`) run on two more durable
+consumers, ``notifier-callback-requests`` and ``notifier-callbacks``, once the app is
+started by the runtime (they need the bus's state store); a started app without a
+bus context (tests) has none.
+
+Settings read: ``notifier_config``, ``callback_allow``, ``callback_secret_env``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-from bus.topology import ConsumerSpec, Topology
+from bus.topology import CALLBACK_MAX_IN_FLIGHT, CALLBACK_OUTCOMES, CALLBACK_REQUESTS, ConsumerSpec, Topology
 from contracts.handling import Bound, route
 from services.circuit import CircuitBreaker
-from services.notifier.config import NotifierConfig, load_config, load_secrets
+from services.notifier.callbacks import CALLBACK_HANDLERS, CallbackDeps, callback_policy, describe
+from services.notifier.config import NotifierConfig, NotifierConfigError, load_config, load_secrets
 from services.notifier.delivery import WebhookSender
 from services.notifier.handlers import EVENT_HANDLERS, SOURCE, Deps, Target
 from services.notifier.metrics import NotifierMetrics
@@ -44,10 +51,25 @@ class NotifierApp:
 
     name = "notifier"
 
-    def __init__(self, config_path: Path | None, *, environ: dict[str, str] | None = None, source: str = SOURCE):
+    def __init__(
+        self,
+        config_path: Path | None,
+        *,
+        environ: dict[str, str] | None = None,
+        source: str = SOURCE,
+        callback_allow: list[str] | None = None,
+        callback_secret_env: str = "CHORA_CALLBACK_SECRET",
+    ):
         self.config_path = config_path
         self.environ = environ
         self.source = source
+        self.callbacks = CallbackDeps(
+            callback_policy(callback_secret_env, CALLBACK_MAX_IN_FLIGHT),
+            allow=[a for a in (callback_allow or []) if a.strip()],
+            source=source,
+            on_transition=self._transition,
+        )
+        self.handle_callbacks: Bound = route(CALLBACK_HANDLERS, self.callbacks, self.name)
         self.config = NotifierConfig()
         self.targets: dict[str, Target] = {}
         self.deps = Deps()  # the same targets, by durable consumer
@@ -58,6 +80,7 @@ class NotifierApp:
     async def start(self, ctx: Any = None) -> None:
         config = load_config(self.config_path)
         secrets = load_secrets(config, self.environ)
+        self._start_callbacks(ctx)
         self.config = config
         targets: dict[str, Target] = {}
         for sub in config.subscriptions:
@@ -84,6 +107,28 @@ class NotifierApp:
                     t.subscription.safe_url,
                 )
 
+    def _start_callbacks(self, ctx: Any) -> None:
+        """Callbacks on (an allow-list) need their signing secret: without it, no start."""
+        cb = self.callbacks
+        env = os.environ if self.environ is None else self.environ
+        secret_env = cb.policy.secret_env
+        if cb.allow:
+            secret = env.get(secret_env)
+            if not secret:
+                raise NotifierConfigError(
+                    f"notifier: callbacks are on (CHORA_CALLBACK_ALLOW lists {len(cb.allow)} entries) but their "
+                    f"signing secret {secret_env} (CHORA_CALLBACK_SECRET_ENV names it) is "
+                    + ("empty" if secret == "" else "not set")
+                    + "; set it, or empty CHORA_CALLBACK_ALLOW to turn callbacks off"
+                )
+            cb.sender = WebhookSender(cb.policy, secret.encode("utf-8"))
+            log.info("callbacks on: to %s", ", ".join(cb.allow))
+        else:
+            log.info("callbacks off (CHORA_CALLBACK_ALLOW is empty): a request's callback_url is refused")
+        if ctx is not None:
+            cb.store = ctx.state
+            cb.progress = ctx.progress(CALLBACK_REQUESTS) if ctx.progress is not None else None
+
     def _transition(self, subscription: str, frm: str, to: str) -> None:
         log.warning("subscription %s: circuit %s -> %s", subscription, frm, to)
         self.metrics.transition(subscription, frm, to)
@@ -91,9 +136,14 @@ class NotifierApp:
     def consumers(self, topology: Topology) -> list[tuple[ConsumerSpec, Bound]]:
         """One durable consumer per subscription; each delivery names its subscription's target."""
         specs = {spec.durable: spec for spec in subscription_consumers(self.config, topology)}
-        return [(specs[t.subscription.durable], self.handle) for t in self.targets.values()]
+        pairs = [(specs[t.subscription.durable], self.handle) for t in self.targets.values()]
+        if self.callbacks.store is not None:
+            pairs += [(topology.consumers[c], self.handle_callbacks) for c in (CALLBACK_REQUESTS, CALLBACK_OUTCOMES)]
+        return pairs
 
     async def close(self) -> None:
+        if self.callbacks.sender is not None:
+            await self.callbacks.sender.close()
         for t in self.targets.values():
             try:
                 await t.sender.close()
@@ -111,6 +161,7 @@ class NotifierApp:
                 }
                 for name, t in self.targets.items()
             },
+            "callbacks": describe(self.callbacks),
         }
 
     def status(self) -> dict[str, Any]:
@@ -138,4 +189,8 @@ def subscription_consumers(config: NotifierConfig, topology: Topology) -> list[C
 
 
 def build(settings: Settings) -> NotifierApp:
-    return NotifierApp(settings.notifier_config)
+    return NotifierApp(
+        settings.notifier_config,
+        callback_allow=settings.callback_allow,
+        callback_secret_env=settings.callback_secret_env,
+    )

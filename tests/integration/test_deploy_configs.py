@@ -19,6 +19,7 @@ import posixpath
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 import uuid
 from pathlib import Path, PurePosixPath
@@ -578,3 +579,88 @@ def test_dockerfile_installs_the_project_as_non_root_with_chora_as_entrypoint():
     # The image's default configs dir is one it copied.
     configs = re.search(r"CHORA_CONFIGS_DIR=(\S+)", env).group(1)
     assert configs.startswith("/app/examples") and "examples" in copied and (ROOT / "examples" / "configs").is_dir()
+
+
+# ---------------------------------------------------------------------- health checks
+def dockerfile_healthcheck() -> list[str]:
+    """The exec-form command of the Dockerfile's HEALTHCHECK (after its options)."""
+    (rest,) = [rest for op, rest in dockerfile_instructions() if op == "HEALTHCHECK"]
+    options, _, command = rest.partition("CMD ")
+    assert all(o.startswith("--") for o in options.split()), options
+    return json.loads(command)
+
+
+def served_paths(command: list[str]) -> list[str]:
+    return re.findall(r"http://127\.0\.0\.1:[^/]*(/[A-Za-z0-9/_-]*)", " ".join(command))
+
+
+def test_every_service_has_a_healthcheck_and_waits_only_on_healthy_or_finished_ones(services):
+    for name, svc in services.items():
+        hc = svc.get("healthcheck")
+        assert hc is not None, f"{name} has no healthcheck"
+        if name == "provision":
+            assert hc == {"disable": True}, "the provision job serves nothing to check"
+            continue
+        assert hc["test"][0] == "CMD" and hc.get("interval") and hc.get("retries"), (name, hc)
+        deps = svc.get("depends_on") or {}
+        assert isinstance(deps, dict), f"{name}: depends_on must name conditions"
+        for dep, cond in deps.items():
+            assert dep in services, f"{name} depends on {dep}, not a service of the file"
+            if cond["condition"] == "service_healthy":
+                assert services[dep].get("healthcheck", {}).get("disable") is not True, (name, dep)
+                assert services[dep].get("healthcheck"), f"{name} waits for {dep} healthy, which has no healthcheck"
+            else:
+                assert (dep, cond["condition"]) == ("provision", "service_completed_successfully"), (name, dep, cond)
+    # the start-up order: NATS healthy -> provision done -> services healthy -> Prometheus -> Grafana
+    assert {d for d, c in services["prometheus"]["depends_on"].items() if c["condition"] == "service_healthy"} >= set(
+        CHORA_SERVICES
+    )
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+def test_every_chora_service_is_checked_on_readyz_of_its_metrics_port_like_the_image(services):
+    image_check = dockerfile_healthcheck()
+    assert served_paths(image_check) == ["/readyz"]
+    for name, svc in chora_services(services).items():
+        if name == "provision":
+            continue
+        test = services[name]["healthcheck"]["test"]
+        assert test[1:] == image_check, f"{name}: not the image's check"
+        # the port the check asks is the one the service serves on, on all interfaces
+        env = env_of(svc)
+        assert "CHORA_METRICS_PORT" in " ".join(test) and env["CHORA_METRICS_HOST"] == "0.0.0.0", name
+    env = dict(
+        re.findall(r"(CHORA_METRICS_PORT)=(\d+)", " ".join(r for op, r in dockerfile_instructions() if op == "ENV"))
+    )
+    assert env == {"CHORA_METRICS_PORT": "9464"} and ("EXPOSE", "9464") in dockerfile_instructions()
+
+
+async def test_the_healthcheck_command_passes_on_a_ready_service_and_fails_without_nats(settings, nats_server):
+    """The HEALTHCHECK's very command, run as Docker would (exit status), against a real service
+    process's metrics port: 0 while it is ready, not 0 once its nats-server is gone."""
+    import asyncio
+
+    from services.runtime import ready_file, run_service
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_service("validator", settings, stop=stop))
+    try:
+        await wait_for(lambda: task.done() or ready_file(settings, "validator").exists(), 30, "validator ready")
+        port = json.loads(ready_file(settings, "validator").read_text())["metrics_url"].rsplit(":", 1)[1].split("/")[0]
+        command = dockerfile_healthcheck()
+        assert command[0] == "python"  # the image's; here this interpreter (stdlib only)
+        env = child_env(CHORA_METRICS_PORT=port)
+
+        async def check() -> int:
+            run = subprocess.run
+            return (await asyncio.to_thread(run, [sys.executable, *command[1:]], env=env, timeout=30)).returncode
+
+        async def passes() -> bool:
+            return await check() == 0
+
+        await wait_for(passes, 30, "the HEALTHCHECK to pass")
+        nats_server.stop()
+        assert await check() != 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

@@ -38,6 +38,7 @@ import nats.js.errors
 import pytest
 
 from bus.content import ContentStore
+from bus.discovery import discover
 from bus.publisher import Publisher
 from bus.server import EmbeddedServer, server_binary
 from bus.state import StateStore
@@ -330,6 +331,12 @@ async def test_services_work_with_their_own_users_and_provision_off(
             assert not tasks[name].done(), f"{name} stopped at start: {tasks[name].exception()!r}"
 
         client = await connect("client")
+        # discovery under least privilege: every service answers the client's $SRV requests and
+        # its own health endpoint (allow_responses), on the client's inbox
+        found = await discover(client.nc, window=0.5, prefix="chora")
+        assert sorted(i.service for i in found) == sorted(per_service)
+        assert all(i.endpoints and i.stats and i.health is not None for i in found), found
+
         outcomes: dict[str, object] = {}
 
         async def on_fact(msg) -> None:
@@ -339,7 +346,14 @@ async def test_services_work_with_their_own_users_and_provision_off(
         await client.nc.subscribe("chora.content_generated", cb=on_fact)
         await client.nc.subscribe("chora.content_validated", cb=on_fact)
         await client.nc.subscribe("chora.notification_delivered", cb=on_fact)
-        req = request(name="Grace")
+        await client.nc.subscribe("chora.notification_failed", cb=on_fact)
+        # with a callback (refused: callbacks are off here): the notifier records it in KV and
+        # looks it up under its own user
+        req = new_event(
+            GENERATION_REQUESTED,
+            GenerationRequested(content_config_id="hello-world", context={"name": "Grace"}, callback_url=url),
+            source="urn:test",
+        )
         ack = await Publisher(client.js(10), "chora").publish(req)
         assert ack.stream == EVENTS
 
@@ -364,6 +378,10 @@ async def test_services_work_with_their_own_users_and_provision_off(
         delivered = outcomes["chora.notification_delivered"].data
         assert delivered.subscription == "release-hook" and delivered.status_code == 204
         assert len(posts) == 1 and json.loads(posts[0]["body"])["data"]["content"] == content  # structured mode
+        await wait_for(lambda: "chora.notification_failed" in outcomes, 20, "the refused callback's notification")
+        refused = outcomes["chora.notification_failed"].data
+        assert refused.subscription == "callback" and refused.error.code == "CALLBACK_REFUSED"
+        assert refused.event_id == outcomes["chora.content_generated"].id and len(posts) == 1
 
         # telemetry mirrored all three, content resolved through the Object Store
         jsonl = per_service["telemetry"].jsonl_path
@@ -373,12 +391,13 @@ async def test_services_work_with_their_own_users_and_provision_off(
                 return []
             return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
 
-        await wait_for(lambda: len(mirrored()) >= 4, 20, "four events in the telemetry JSONL")
+        await wait_for(lambda: len(mirrored()) >= 5, 20, "five events in the telemetry JSONL")
         assert {r["event_type"] for r in mirrored()} >= {
             GENERATION_REQUESTED,
             "chora.content_generated",
             "chora.content_validated",
             "chora.notification_delivered",
+            "chora.notification_failed",
         }
 
         # a malformed request: generator and telemetry both dead-letter it, each on its own subject

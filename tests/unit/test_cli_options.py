@@ -40,7 +40,8 @@ COMMANDS = {
     ("cache", "purge"): (True, True),
     ("doctor",): (True, True),
     ("completion",): (False, False),
-    ("mcp",): (True, False),  # serves MCP over stdio until the client closes it  # prints a shell script
+    ("mcp",): (True, False),
+    ("services",): (True, True),  # serves MCP over stdio until the client closes it  # prints a shell script
 }
 CONNECTION_FLAGS = {
     "-s",

@@ -58,7 +58,9 @@ async def test_no_config_runs_without_subscriptions(tmp_path):
     app = build(Settings(home=tmp_path))
     await app.start()
     assert app.consumers(Topology.from_settings(Settings(home=tmp_path))) == []
-    assert app.info() == {"config": None, "subscriptions": {}}
+    info = app.info()
+    assert info["config"] is None and info["subscriptions"] == {}
+    assert info["callbacks"]["on"] is False and info["callbacks"]["allow"] == []  # no allow-list: callbacks off
     await app.close()
 
 

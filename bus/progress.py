@@ -1,0 +1,55 @@
+"""How far a durable consumer has got: has it handled every message up to a stream sequence?
+
+A service that reads two consumers of one stream (e.g. the notifier: requests on one,
+their outcomes on the other) knows that a request is stored before its outcome, but
+not that the request's consumer has handled it by the time the outcome arrives: the
+two are not ordered relative to each other. :meth:`ConsumerProgress.handled_through`
+answers from the consumer's state on the server:
+
+- its ack floor is at or past ``seq``: every message of it up to ``seq`` is settled;
+- or it is caught up: nothing pending, nothing unacknowledged, the ack floor at the
+  last delivered message: every message stored so far is settled, ``seq`` included.
+
+One consumer-info request answers many callers: the last answer is kept, and a
+caller whose ``seq`` it already covers asks nothing; concurrent callers share one
+request (at most one every ``min_interval`` seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from nats.js import JetStreamContext
+
+
+class ConsumerProgress:
+    def __init__(self, js: JetStreamContext, stream: str, durable: str, *, min_interval: float = 0.05):
+        self.js, self.stream, self.durable = js, stream, durable
+        self.min_interval = min_interval
+        self.floor = 0  # every message up to this stream sequence is settled
+        self._asked = 0.0
+        self._lock = asyncio.Lock()
+
+    async def handled_through(self, seq: int) -> bool:
+        """Whether the consumer has settled every one of its messages up to stream sequence ``seq``."""
+        if seq <= self.floor:
+            return True
+        async with self._lock:
+            if seq <= self.floor:
+                return True
+            wait = self._asked + self.min_interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # rate limit: one request per interval for everyone
+            await self._refresh(seq)
+        return seq <= self.floor
+
+    async def _refresh(self, seq: int) -> None:
+        # ``seq`` is stored (the caller holds its message) before we ask: when the answer says
+        # the consumer is caught up, everything up to it is settled
+        info = await self.js.consumer_info(self.stream, self.durable)
+        self._asked = time.monotonic()
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        delivered = info.delivered.stream_seq if info.delivered else 0
+        caught_up = not info.num_pending and not info.num_ack_pending and (floor or 0) >= (delivered or 0)
+        self.floor = max(self.floor, seq if caught_up else floor or 0)

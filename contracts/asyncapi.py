@@ -80,6 +80,13 @@ SERVICES: dict[str, Role] = {
         _on("notify-<subscription>", *_ALL),
         (NOTIFICATION_DELIVERED, NOTIFICATION_FAILED),
     ),
+    "notifier-callbacks": Role(
+        "The notifier's per-request callbacks: records a request's callback_url, then POSTs its outcome there "
+        "(signed like a webhook) and announces the delivery.",
+        _on("notifier-callback-requests", GENERATION_REQUESTED, ARTIFACT_REQUESTED, BATCH_REQUESTED)
+        | _on("notifier-callbacks", CONTENT_GENERATED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
+        (NOTIFICATION_DELIVERED, NOTIFICATION_FAILED),
+    ),
     "telemetry": Role("Mirrors every event to JSONL and Prometheus.", _on("telemetry", *_ALL), ()),
     "client": Role(
         "Your service, the CLI or the gateway: publishes requests and reads the outcomes "

@@ -36,6 +36,7 @@ from contracts.handling import Bound, route
 from services.circuit import CircuitBreaker
 from services.notifier.callbacks import CALLBACK_HANDLERS, CallbackDeps, callback_policy, describe
 from services.notifier.config import NotifierConfig, NotifierConfigError, load_config, load_secrets
+from services.notifier.signing import SecretError, parse_secrets
 from services.notifier.delivery import WebhookSender
 from services.notifier.handlers import EVENT_HANDLERS, SOURCE, Deps, Target
 from services.notifier.metrics import NotifierMetrics
@@ -121,7 +122,11 @@ class NotifierApp:
                     + ("empty" if secret == "" else "not set")
                     + "; set it, or empty CHORA_CALLBACK_ALLOW to turn callbacks off"
                 )
-            cb.sender = WebhookSender(cb.policy, secret.encode("utf-8"))
+            try:  # like a subscription's: whsec_<base64> or raw, several during a rotation
+                keys = parse_secrets(secret)
+            except SecretError as e:
+                raise NotifierConfigError(f"notifier: the callbacks' signing secret {secret_env}: {e}") from None
+            cb.sender = WebhookSender(cb.policy, keys)
             log.info("callbacks on: to %s", ", ".join(cb.allow))
         else:
             log.info("callbacks off (CHORA_CALLBACK_ALLOW is empty): a request's callback_url is refused")

@@ -53,6 +53,17 @@ def server(tmp_path_factory):
     s.stop()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def gateway_env():
+    """The gateway among SERVICES: a free port, and one key (its auth is on by default)."""
+    from services.gateway.security import hash_key
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHORA_GATEWAY_PORT", "0")
+        mp.setenv("CHORA_GATEWAY_KEYS", json.dumps([{"name": "t", "key_sha256": hash_key("k"), "scopes": ["read"]}]))
+        yield
+
+
 @pytest.fixture(scope="module")
 def settings(server, tmp_path_factory) -> Settings:
     return Settings(

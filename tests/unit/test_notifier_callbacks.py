@@ -91,7 +91,7 @@ async def test_an_outcome_seen_before_its_request_is_recorded_waits_for_it_then_
         assert callback_key(req.id) in store.kv
         (note,) = await handle(out, delivery(2))
         assert note.type == NOTIFICATION_DELIVERED and note.data.attempts == 1  # the wait was no attempt
-        assert len(hook.received) == 1 and hook.received[0].headers["ce-id"] == out.id
+        assert len(hook.received) == 1 and hook.received[0].event["id"] == out.id
         await d.sender.close()
 
 

@@ -33,6 +33,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    peer: tuple = ()  # the client's (host, port): one per TCP connection
 
 
 class Webhook:
@@ -62,7 +63,7 @@ class Webhook:
                     return
                 with hook._lock:
                     n = len(hook.received)
-                    hook.received.append(Received(dict(self.headers.items()), body, time.time()))
+                    hook.received.append(Received(dict(self.headers.items()), body, time.time(), self.client_address))
                 if hook.hold:
                     hook.released.wait(120)
                 status, headers = hook.respond(n)

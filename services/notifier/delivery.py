@@ -224,7 +224,7 @@ class WebhookSender:
             timeout=httpx.Timeout(subscription.timeout_s),
             limits=httpx.Limits(
                 max_connections=subscription.max_in_flight,
-                max_keepalive_connections=subscription.max_in_flight,  # fewer would close and reopen under load
+                max_keepalive_connections=min(subscription.max_in_flight, 16),
             ),
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},

@@ -90,10 +90,21 @@ class GeneratorApp:
                 claims=self.cache_claims,
             )
         limits = getattr(ctx, "limits", None)
+        self.config_errors = {}
+        used: set[str] = set()  # the generators that a loaded config names
+        for config_id in self.store.list():
+            try:
+                used.add(self.store.get(config_id).generator)
+            except ConfigError as e:
+                self.config_errors[config_id] = str(e)
+                log.warning("content config %r is broken: %s", config_id, e)
         for name in self.registry.names():
             gen = self.registry.get_generator(name)
             prepare = getattr(gen, "prepare", None)
-            if callable(prepare):  # slow set-up in the background: requests are served meanwhile
+            if callable(prepare) and name in used:
+                # slow set-up (the Anthropic SDK's import: seconds of CPU) in the background,
+                # requests are served meanwhile; a generator no config names is set up on its
+                # first call, if a config naming it is added later
                 self._preparing.append(asyncio.create_task(asyncio.to_thread(prepare)))
             if isinstance(getattr(gen, "upstream", None), Upstream):
                 gen.upstream = Upstream(gen.upstream.name, self.upstream_settings, limits, self.upstream_metrics)
@@ -102,13 +113,6 @@ class GeneratorApp:
                 gen.prompts = IsolatedJinja2(self.pool)
         if self.pool is not None:
             await asyncio.to_thread(self.pool.start)
-        self.config_errors = {}
-        for config_id in self.store.list():
-            try:
-                self.store.get(config_id)
-            except ConfigError as e:
-                self.config_errors[config_id] = str(e)
-                log.warning("content config %r is broken: %s", config_id, e)
 
     async def drain(self) -> None:
         """Stopping: requests still waiting for a render worker are handed back (nak)."""

@@ -101,10 +101,11 @@ class GeneratorApp:
         for name in self.registry.names():
             gen = self.registry.get_generator(name)
             prepare = getattr(gen, "prepare", None)
-            if callable(prepare) and name in used:
+            readiness = getattr(gen, "readiness", None)
+            if callable(prepare) and name in used and (not callable(readiness) or readiness().ready):
                 # slow set-up (the Anthropic SDK's import: seconds of CPU) in the background,
-                # requests are served meanwhile; a generator no config names is set up on its
-                # first call, if a config naming it is added later
+                # requests are served meanwhile; a generator that no config names, or that lacks
+                # its credentials, is set up on its first call instead
                 self._preparing.append(asyncio.create_task(asyncio.to_thread(prepare)))
             if isinstance(getattr(gen, "upstream", None), Upstream):
                 gen.upstream = Upstream(gen.upstream.name, self.upstream_settings, limits, self.upstream_metrics)

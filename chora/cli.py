@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("nats").setLevel(logging.WARNING)
+    # httpx logs every request at INFO: one line per webhook POST and per upstream API call
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         code = args.func(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush

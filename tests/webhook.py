@@ -40,6 +40,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    peer: tuple = ()  # the client's (host, port): one per TCP connection
 
     def header(self, name: str) -> str | None:
         """A header by name, whatever its case."""
@@ -88,7 +89,7 @@ class Webhook:
                     return
                 with hook._lock:
                     n = len(hook.received)
-                    hook.received.append(Received(dict(self.headers.items()), body, time.time()))
+                    hook.received.append(Received(dict(self.headers.items()), body, time.time(), self.client_address))
                 if hook.hold:
                     hook.released.wait(120)
                 status, headers = hook.respond(n)

@@ -95,10 +95,22 @@ class GeneratorApp:
                 claims=self.cache_claims,
             )
         limits = getattr(ctx, "limits", None)
+        self.config_errors = {}
+        used: set[str] = set()  # the generators that a loaded config names
+        for config_id in self.store.list():
+            try:
+                used.add(self.store.get(config_id).generator)
+            except ConfigError as e:
+                self.config_errors[config_id] = str(e)
+                log.warning("content config %r is broken: %s", config_id, e)
         for name in self.registry.names():
             gen = self.registry.get_generator(name)
             prepare = getattr(gen, "prepare", None)
-            if callable(prepare):  # slow set-up in the background: requests are served meanwhile
+            readiness = getattr(gen, "readiness", None)
+            if callable(prepare) and name in used and (not callable(readiness) or readiness().ready):
+                # slow set-up (the Anthropic SDK's import: seconds of CPU) in the background,
+                # requests are served meanwhile; a generator that no config names, or that lacks
+                # its credentials, is set up on its first call instead
                 self._preparing.append(asyncio.create_task(asyncio.to_thread(prepare)))
             if isinstance(getattr(gen, "upstream", None), Upstream):
                 gen.upstream = Upstream(gen.upstream.name, self.upstream_settings, limits, self.upstream_metrics)
@@ -108,13 +120,6 @@ class GeneratorApp:
         if self.pool is not None:
             await asyncio.to_thread(self.pool.start)
         await self._report_generators(getattr(ctx, "state", None))
-        self.config_errors = {}
-        for config_id in self.store.list():
-            try:
-                self.store.get(config_id)
-            except ConfigError as e:
-                self.config_errors[config_id] = str(e)
-                log.warning("content config %r is broken: %s", config_id, e)
 
     def generators_record(self) -> GeneratorsRecord:
         """Every loaded generator with its requirements and pre-flight readiness."""

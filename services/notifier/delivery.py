@@ -168,6 +168,30 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else " " for ch in text)[:MAX_SNIPPET]
 
 
+async def _head_of_body(resp: "httpx.Response") -> bytes:
+    """Up to :data:`MAX_SNIPPET` bytes of the body, however long it is."""
+    snippet = b""
+    async for chunk in resp.aiter_bytes():
+        snippet += chunk
+        if len(snippet) >= MAX_SNIPPET:
+            break
+    return snippet
+
+
+async def _finish_accepted(resp: "httpx.Response", deadline: float) -> None:
+    """Read a 2xx's body (its first :data:`MAX_SNIPPET` bytes, within the delivery's deadline)
+    before closing it: a response read to its end leaves its connection to the next delivery
+    (keep-alive), where one closed unread closes the connection, and every delivery would open
+    a new one. A longer, slow or broken body changes nothing: the endpoint accepted the event."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await _head_of_body(resp)
+    except Exception:
+        pass
+    finally:
+        await resp.aclose()
+
+
 def split_credentials(url: str) -> tuple[str, "httpx.BasicAuth | None"]:
     """The URL without its userinfo, and that userinfo as basic auth (or None)."""
     parts = urllib.parse.urlsplit(url)
@@ -234,19 +258,16 @@ class WebhookSender:
         def ms() -> float:
             return round((time.perf_counter() - t0) * 1000.0, 3)
 
+        deadline = asyncio.get_running_loop().time() + sub.timeout_s
         try:
-            async with asyncio.timeout(sub.timeout_s):
+            async with asyncio.timeout_at(deadline):
                 req = self.client.build_request("POST", url or self.url, headers=headers, content=body)
                 resp = await self.client.send(req, stream=True)
-                try:
-                    snippet = b""
-                    if not 200 <= resp.status_code < 300:
-                        async for chunk in resp.aiter_bytes():
-                            snippet += chunk
-                            if len(snippet) >= MAX_SNIPPET:
-                                break
-                finally:
-                    await resp.aclose()
+                if not 200 <= resp.status_code < 300:
+                    try:
+                        snippet = await _head_of_body(resp)
+                    finally:
+                        await resp.aclose()
         except (TimeoutError, httpx.TimeoutException):
             return DeliveryResult("transient", None, ms(), "TIMEOUT", f"no answer within {sub.timeout_s}s")
         except httpx.ConnectError as e:
@@ -266,6 +287,7 @@ class WebhookSender:
 
         status = resp.status_code
         if 200 <= status < 300:
+            await _finish_accepted(resp, deadline)
             return DeliveryResult("delivered", status, ms())
         text = _printable(snippet.decode("utf-8", "replace")).strip()
         message = f"HTTP {status}" + (f": {text}" if text else "")

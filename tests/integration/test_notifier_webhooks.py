@@ -28,6 +28,9 @@ from contracts.envelope import CloudEvent, EnvelopeError, decode, new_event
 from contracts.events import ContentGenerated, GenerationRequested
 from services.notifier import service as notifier_service
 from services.circuit import CLOSED, HALF_OPEN, OPEN
+from services.notifier.config import Subscription
+from services.notifier.delivery import WebhookSender
+from services.notifier.signing import parse_secrets
 from services.runtime import ready_file, run_service
 from tests.conftest import wait_for
 import pytest
@@ -256,6 +259,20 @@ async def test_slow_endpoint_does_not_delay_a_healthy_subscription(nc, settings,
             await wait_for(
                 lambda: len({d.event_id for d in n.delivered("slow")}) == 5, 15, "slow deliveries once released"
             )
+
+
+async def test_accepted_deliveries_share_one_keep_alive_connection():
+    """A 2xx is read to its end before it is closed, so the next delivery goes out on the same
+    connection: not a new TCP connection (and a new server thread) per event."""
+    with Webhook() as hook:
+        sender = WebhookSender(Subscription.model_validate(subscription("keepalive", hook.url)), parse_secrets(SECRET))
+        try:
+            results = [await sender.send(generated()) for _ in range(20)]
+        finally:
+            await sender.close()
+    assert [r.outcome for r in results] == ["delivered"] * 20
+    assert len(hook.received) == 20
+    assert len({r.peer for r in hook.received}) == 1, "the deliveries did not share one connection"
 
 
 async def test_no_config_means_no_subscriptions(nc, settings, caplog):

@@ -7,8 +7,8 @@ two are not ordered relative to each other. :meth:`ConsumerProgress.handled_thro
 answers from the consumer's state on the server:
 
 - its ack floor is at or past ``seq``: every message of it up to ``seq`` is settled;
-- or it is caught up: nothing pending, nothing unacknowledged, the ack floor at the
-  last delivered message: every message stored so far is settled, ``seq`` included.
+- or it is caught up: nothing pending, nothing unacknowledged: every message stored
+  so far is settled, ``seq`` included.
 
 One consumer-info request answers many callers: the last answer is kept, and a
 caller whose ``seq`` it already covers asks nothing; concurrent callers share one
@@ -50,6 +50,8 @@ class ConsumerProgress:
         info = await self.js.consumer_info(self.stream, self.durable)
         self._asked = time.monotonic()
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        delivered = info.delivered.stream_seq if info.delivered else 0
-        caught_up = not info.num_pending and not info.num_ack_pending and (floor or 0) >= (delivered or 0)
+        # nothing left to deliver and nothing unacknowledged: every message stored so far is
+        # settled. (Not also "ack floor at the last delivered": after a stream leader change
+        # a clustered consumer can report an ack floor behind its last delivery for good.)
+        caught_up = not info.num_pending and not info.num_ack_pending
         self.floor = max(self.floor, seq if caught_up else floor or 0)

@@ -33,7 +33,7 @@ from services.runtime import ServiceStartError, ready_file, run_service
 from tests.conftest import ROOT, example_configs, stop_services, wait_for
 
 TLS_CONF = ROOT / "deploy" / "nats" / "tls.conf"
-USERS = ("admin", "generator", "telemetry", "validator", "assembler", "notifier", "client")
+USERS = ("admin", "generator", "telemetry", "validator", "assembler", "notifier", "client", "gateway")
 
 
 def write_pki(directory: Path) -> dict[str, Path]:

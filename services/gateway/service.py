@@ -101,6 +101,7 @@ class GatewayApp:
         self._serving = asyncio.create_task(self.server.serve(), name="gateway-http")
         while not self.server.started:
             if self._serving.done():
+                await self._stop_mcp()
                 await self.ops.close()
                 self._serving.result()  # what stopped it
                 raise RuntimeError(f"cannot serve on {self.gateway.host}:{self.gateway.port}")
@@ -115,6 +116,11 @@ class GatewayApp:
         async with self.mcp.lifespan():
             await self._mcp_stop.wait()
 
+    async def _stop_mcp(self) -> None:
+        if self._mcp_task is not None:
+            self._mcp_stop.set()
+            await asyncio.gather(self._mcp_task, return_exceptions=True)
+
     async def drain(self) -> None:
         """Stop taking connections; requests in flight finish."""
         self.draining = True
@@ -127,9 +133,7 @@ class GatewayApp:
 
     async def close(self) -> None:
         await self._stop_serving()
-        if self._mcp_task is not None:
-            self._mcp_stop.set()
-            await asyncio.gather(self._mcp_task, return_exceptions=True)
+        await self._stop_mcp()
         if self.ops is not None:
             await self.ops.close()
 

@@ -32,6 +32,7 @@ from contracts.catalogue import (
     ARTIFACT_REQUESTED,
     BATCH_COMPLETED,
     BATCH_REQUESTED,
+    CANCEL_REQUESTED,
     CATALOGUE,
     CONTENT_GENERATED,
     CONTENT_VALIDATED,
@@ -112,6 +113,8 @@ class Topology:
                 "assembler": spec(
                     "assembler", (ARTIFACT_REQUESTED, BATCH_REQUESTED, CONTENT_GENERATED, CONTENT_VALIDATED)
                 ),
+                # cancels on a consumer of their own: they never wait behind a run's backlog of outcomes
+                "assembler-cancels": spec("assembler-cancels", (CANCEL_REQUESTED,)),
                 # the assembler reads its own completions back: "finished" means "stored in the stream"
                 "assembler-completions": spec("assembler-completions", (BATCH_COMPLETED, ARTIFACT_ASSEMBLED)),
                 # the notifier's per-request callbacks (services/notifier/callbacks.py): the requests,

@@ -29,6 +29,7 @@ from contracts.catalogue import (
     ARTIFACT_REQUESTED,
     BATCH_COMPLETED,
     BATCH_REQUESTED,
+    CANCEL_REQUESTED,
     CATALOGUE,
     CONFIG_VALIDATED,
     CONTENT_GENERATED,
@@ -72,6 +73,7 @@ SERVICES: dict[str, Role] = {
     "assembler": Role(
         "Turns artifacts and batches into generation requests, collects their outcomes, announces completion once.",
         _on("assembler", ARTIFACT_REQUESTED, BATCH_REQUESTED, CONTENT_GENERATED, CONTENT_VALIDATED)
+        | _on("assembler-cancels", CANCEL_REQUESTED)
         | _on("assembler-completions", ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
         (GENERATION_REQUESTED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
     ),

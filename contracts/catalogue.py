@@ -18,6 +18,7 @@ from contracts.events import (
     ArtifactRequested,
     BatchCompleted,
     BatchRequested,
+    CancelRequested,
     ConfigValidated,
     ContentGenerated,
     ContentValidated,
@@ -52,6 +53,7 @@ ARTIFACT_REQUESTED = "chora.artifact.requested"
 ARTIFACT_ASSEMBLED = "chora.artifact_assembled"
 BATCH_REQUESTED = "chora.batch.requested"
 BATCH_COMPLETED = "chora.batch_completed"
+CANCEL_REQUESTED = "chora.cancel.requested"
 NOTIFICATION_DELIVERED = "chora.notification_delivered"
 NOTIFICATION_FAILED = "chora.notification_failed"
 
@@ -66,6 +68,7 @@ CATALOGUE: dict[str, EventSpec] = {
         EventSpec(ARTIFACT_ASSEMBLED, ArtifactAssembled, "Outcome of an artifact request.", "fact"),
         EventSpec(BATCH_REQUESTED, BatchRequested, "Generate many items as one batch.", "request"),
         EventSpec(BATCH_COMPLETED, BatchCompleted, "Outcome of a batch: every item accounted for.", "fact"),
+        EventSpec(CANCEL_REQUESTED, CancelRequested, "Stop an artifact or batch run and compensate it.", "request"),
         EventSpec(NOTIFICATION_DELIVERED, NotificationDelivered, "An event reached a webhook.", "fact"),
         EventSpec(NOTIFICATION_FAILED, NotificationFailed, "An event could not be delivered to a webhook.", "fact"),
     )

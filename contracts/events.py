@@ -13,6 +13,18 @@ from msgspec import Meta
 
 ConfigId = Annotated[str, Meta(min_length=1, max_length=128, description="content config id, ^[a-z][a-z0-9-]*$")]
 Status = Literal["success", "error"]
+# How a run (an artifact or a batch) ended. Consumers written before cancel and deadlines
+# existed decode "cancelled" / "timed_out" only if they accept unknown strings.
+RunStatus = Literal["success", "error", "cancelled", "timed_out"]
+DeadlineS = Annotated[
+    float,
+    Meta(
+        gt=0,
+        le=7 * 24 * 3600,
+        description="the run must be complete this many seconds after the assembler accepts it; "
+        "past that it ends as timed_out (default: the config's deadline_s, else none)",
+    ),
+]
 CallbackUrl = Annotated[
     str, Meta(max_length=2048, description="POST the outcome here (signed); only to hosts on the operator's allow-list")
 ]
@@ -121,6 +133,7 @@ class ArtifactRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
     artifact_id: ConfigId
     context: dict[str, Any] = {}
     callback_url: CallbackUrl | None = None
+    deadline_s: DeadlineS | None = None
 
 
 class ArtifactAssembled(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -128,7 +141,7 @@ class ArtifactAssembled(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     request_id: str
     artifact_id: str
-    status: Status
+    status: RunStatus
     parts_count: int = 0
     duration_ms: float = 0.0
     content: str | None = None
@@ -138,6 +151,9 @@ class ArtifactAssembled(msgspec.Struct, kw_only=True, omit_defaults=True):
     omitted_parts: list[str] = []
     failed_part: str | None = None
     error: ErrorInfo | None = None
+    compensated_parts: Annotated[
+        list[str], Meta(description="ids of the parts whose effects were compensated (run not successful)")
+    ] = []
 
 
 class BatchItem(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -167,6 +183,7 @@ class BatchRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
     context: dict[str, Any] = {}
     continue_on_error: bool = True
     callback_url: CallbackUrl | None = None
+    deadline_s: DeadlineS | None = None
 
     def __post_init__(self) -> None:
         if self.items_ref is None and not self.items:
@@ -188,7 +205,7 @@ class BatchCompleted(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Every item has an outcome (or the batch stopped on an error). Published exactly once."""
 
     batch_id: str
-    status: Status
+    status: RunStatus
     total: int
     successful: int
     failed: int
@@ -197,6 +214,21 @@ class BatchCompleted(msgspec.Struct, kw_only=True, omit_defaults=True):
     items: list[BatchItemOutcome] | None = None
     items_ref: Annotated[str | None, Meta(description="Object Store name of the JSON list of item outcomes")] = None
     error: ErrorInfo | None = None
+    compensated_parts: Annotated[
+        list[str], Meta(description="indexes (as strings) of the items whose effects were compensated")
+    ] = []
+
+
+class CancelRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Please stop run ``id`` (an artifact or batch request id): nothing more is generated
+    for it, its effects are compensated, and its completion says ``cancelled``.
+
+    Cancelling a run that has already completed (or that does not exist) changes nothing.
+    """
+
+    kind: Literal["artifact", "batch"]
+    id: Annotated[str, Meta(min_length=1, max_length=256, description="id of the artifact / batch request")]
+    reason: Annotated[str, Meta(max_length=500)] | None = None
 
 
 class NotificationDelivered(msgspec.Struct, kw_only=True, omit_defaults=True):

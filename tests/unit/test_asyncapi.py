@@ -21,7 +21,11 @@ from services.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES_WITH_TOPOLOGY = ("generator", "validator", "assembler", "notifier-callbacks", "telemetry")
 # durable -> the party of contracts.asyncapi.SERVICES it belongs to, where the names differ
-PARTY_OF = {"assembler-completions": "assembler", "notifier-callback-requests": "notifier-callbacks"}
+PARTY_OF = {
+    "assembler-completions": "assembler",
+    "assembler-cancels": "assembler",
+    "notifier-callback-requests": "notifier-callbacks",
+}
 
 
 def test_the_checked_in_document_matches_the_catalogue():

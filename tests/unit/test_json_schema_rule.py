@@ -18,6 +18,7 @@ from contracts.events import (
     BatchCompleted,
     BatchItem,
     BatchItemOutcome,
+    CancelRequested,
     BatchRequested,
     ConfigValidated,
     ContentGenerated,
@@ -88,6 +89,11 @@ CASES: dict[str, tuple[msgspec.Struct, dict, str]] = {
         ),
         {"batch_id": "b", "status": "success", "total": 1, "successful": 1, "failed": 0, "items": [{"index": "0"}]},
         "$.items[0].index: '0' is not of type 'integer' (type)",
+    ),
+    "chora.cancel.requested": (
+        CancelRequested(kind="batch", id="b", reason="not needed"),
+        {"kind": "run", "id": "b"},
+        "$.kind: 'run' is not one of ['artifact', 'batch'] (enum)",
     ),
     "chora.notification_delivered": (
         NotificationDelivered(

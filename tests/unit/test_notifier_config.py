@@ -58,7 +58,7 @@ subscriptions:
     everything, notes = cfg.subscriptions
     assert NOTIFICATION_DELIVERED not in everything.event_types
     assert NOTIFICATION_FAILED not in everything.event_types
-    assert BATCH_COMPLETED in everything.event_types and len(everything.event_types) == 8
+    assert BATCH_COMPLETED in everything.event_types and len(everything.event_types) == 9
     assert notes.event_types == (NOTIFICATION_FAILED,)
 
 

@@ -49,6 +49,7 @@ from composition.configs import (
     ConfigIdStr,
     ConfigStore,
     GenerationError,
+    TelemetrySpec,
     readable_validation_error,
     valid_config_id,
 )
@@ -106,6 +107,8 @@ class ArtifactConfig(BaseModel):
     parts: Annotated[list[PartConfig], Field(min_length=1, max_length=MAX_PARTS)]
     compose: ComposeConfig = ComposeConfig()
     context: dict[str, Any] = {}
+    # What the telemetry JSONL keeps of the artifact requests (TelemetrySpec).
+    telemetry: TelemetrySpec = TelemetrySpec()
 
     @model_validator(mode="after")
     def _unique_parts(self) -> "ArtifactConfig":

@@ -99,6 +99,16 @@ def parse_cache(v: Any) -> int | Literal["on", "off"] | None:
 ConfigIdStr = Annotated[str, StringConstraints(pattern=ID_PATTERN, max_length=ID_MAX_LENGTH)]
 
 
+class TelemetrySpec(BaseModel):
+    """What the telemetry sink may write about the requests that name a config (content or
+    artifact). By default a request's ``context`` values stay out of the JSONL (its hash and
+    key names go in); ``keep_context: true`` writes the values (redacted by key name)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep_context: bool = False
+
+
 class ContentConfig(BaseModel):
     """One content config, as written in its file. Unknown keys are refused (typos)."""
 
@@ -124,6 +134,8 @@ class ContentConfig(BaseModel):
 
     # Settings of the code_generation generator (composition/codegen.py).
     code_generation: CodeGenerationSpec | None = None
+    # What the telemetry JSONL keeps of the requests for this config (TelemetrySpec).
+    telemetry: TelemetrySpec = TelemetrySpec()
 
     @field_validator("template_file")
     @classmethod

@@ -63,7 +63,12 @@ CATALOGUE: dict[str, EventSpec] = {
         EventSpec(GENERATION_REQUESTED, GenerationRequested, "Render one content config.", "request"),
         EventSpec(CONTENT_GENERATED, ContentGenerated, "Outcome of a generation request.", "fact"),
         EventSpec(CONTENT_VALIDATED, ContentValidated, "Validation verdict on generated content.", "fact"),
-        EventSpec(CONFIG_VALIDATED, ConfigValidated, "A content config was checked (reported when invalid).", "fact"),
+        EventSpec(
+            CONFIG_VALIDATED,
+            ConfigValidated,
+            "A content config version was checked: once per version, valid (with its rules) or not (with why).",
+            "fact",
+        ),
         EventSpec(ARTIFACT_REQUESTED, ArtifactRequested, "Assemble an artifact from its parts.", "request"),
         EventSpec(ARTIFACT_ASSEMBLED, ArtifactAssembled, "Outcome of an artifact request.", "fact"),
         EventSpec(BATCH_REQUESTED, BatchRequested, "Generate many items as one batch.", "request"),

@@ -119,12 +119,21 @@ class ContentValidated(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class ConfigValidated(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A content config checked: reported once per config version when it is invalid."""
+    """A content config version checked by the validator: reported once per config version,
+    valid or not. Status success carries the result (its rules, and warnings if any); status
+    error says why the config cannot be used (its rules are wrong, or it cannot be loaded)."""
 
     content_config_id: str
     status: Status
-    config_hash: str | None = None
+    config_hash: Annotated[
+        str | None, Meta(description="sha256:<hex> naming the config version (of the error, if it cannot be loaded)")
+    ] = None
     error: ErrorInfo | None = None
+    rule_count: Annotated[int, Meta(ge=0, description="success: how many validation rules the config has")] = 0
+    rule_types: Annotated[list[str], Meta(description="success: the type of each rule, in order")] = []
+    warnings: Annotated[
+        list[str], Meta(description="success: what is worth a look but does not make the config invalid")
+    ] = []
 
 
 class ArtifactRequested(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -25,7 +25,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from dataclasses import asdict, dataclass
 
@@ -35,6 +35,7 @@ from bus.consumer import ConsumerLoop, Handler
 from bus.content import ContentStore
 from bus.discovery import Registration, register
 from bus.progress import ConsumerProgress
+from bus.publisher import Publisher
 from bus.state import StateStore
 from bus.topology import ConsumerSpec, Topology, provision
 from services.settings import Settings
@@ -77,6 +78,9 @@ class BusContext:
     health: Health | None = None  # the process's readiness (what /readyz answers)
     # How far a durable consumer of the events stream has got (see bus.progress): by durable name.
     progress: Callable[[str], ConsumerProgress] | None = None
+    # Publishes events an app originates itself, not in answer to a delivery (the validator's
+    # scan of the configs directory); returns once JetStream has stored them all.
+    publish: Callable[[Sequence[CloudEvent]], Awaitable[Any]] | None = None
 
 
 class ServiceApp(Protocol):
@@ -153,6 +157,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
                 connection=nc if getattr(app, "wants_connection", False) else None,
                 health=health,
                 progress=lambda durable: ConsumerProgress(js, topo.events_stream, durable),
+                publish=Publisher(js, topo.prefix, content=content, max_bytes=settings.max_event_bytes).publish_many,
             )
         )
         pairs: list[tuple[ConsumerSpec, Handler]] = (

@@ -14,7 +14,9 @@ Line format (one JSON object per line, keys in this order)::
     status       ``data.status`` when the payload has one, else "ok"
     ...          the payload's own fields, flattened (``msgspec.to_builtins``):
                  ``error: {code, message}`` becomes ``error_code``/``error_message``,
-                 ``content`` is dropped (it can be large; ``content_hash`` and
+                 a request's ``context`` becomes ``context_sha256``/``context_keys``
+                 unless its config opts in to keeping the values
+                 (:mod:`services.telemetry.privacy`), ``content`` is dropped (it can be large; ``content_hash`` and
                  ``content_length`` stay, and are filled in when missing), and a
                  payload field whose name clashes with one above is kept as
                  ``data_<name>``.
@@ -28,6 +30,7 @@ from typing import Any
 import msgspec
 
 from contracts.envelope import CloudEvent, now_rfc3339
+from services.telemetry.privacy import KeepContext, keep_none, private_data
 
 # Envelope keys of a line; a payload field with one of these names becomes data_<name>.
 SCHEMA_VERSION = 1
@@ -67,10 +70,16 @@ def redact(value: Any, keys: frozenset[str]) -> Any:
 
 
 def to_record(
-    event: CloudEvent, timestamp: str | None = None, redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS
+    event: CloudEvent,
+    timestamp: str | None = None,
+    redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS,
+    keep_context: KeepContext = keep_none,
 ) -> dict[str, Any]:
-    """The JSON object mirrored for ``event`` (see the module docstring)."""
+    """The JSON object mirrored for ``event`` (see the module docstring); ``keep_context``
+    says which configs opt in to keeping context values (default: none)."""
     data = msgspec.to_builtins(event.data) if event.data is not None else {}
+    if isinstance(data, dict):
+        data = private_data(data, keep_context)
     if redact_keys and isinstance(data, dict):
         data = {k: redact(v, redact_keys) if isinstance(v, (dict, list)) else v for k, v in data.items()}
     status = "ok"
@@ -113,6 +122,9 @@ def to_record(
 
 
 def encode_line(
-    event: CloudEvent, timestamp: str | None = None, redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS
+    event: CloudEvent,
+    timestamp: str | None = None,
+    redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS,
+    keep_context: KeepContext = keep_none,
 ) -> bytes:
-    return _encoder.encode(to_record(event, timestamp, redact_keys)) + b"\n"
+    return _encoder.encode(to_record(event, timestamp, redact_keys, keep_context)) + b"\n"

@@ -5,7 +5,8 @@ JSONL file (repairing a torn last line, remembering the ids already written).
 Its metrics live in ``app.metrics_registry``, which the runtime serves on the
 process's ``/metrics`` (:mod:`services.metrics`).
 
-Settings read: ``jsonl_path``, ``telemetry_*`` and ``monitor_interval_s``.
+Settings read: ``jsonl_path``, ``telemetry_*``, ``monitor_interval_s`` and ``configs_dir``
+(which configs opt in to keeping request context values: :mod:`.privacy`).
 
 JetStream figures (consumer lag, stream sizes, dead letters) come from a plain
 async callable returning a :class:`bus.monitor.JetStreamSnapshot`: the one the
@@ -29,6 +30,7 @@ from contracts.handling import route
 from services.settings import Settings
 from services.telemetry.handlers import EVENT_HANDLERS, Deps
 from services.telemetry.metrics import TelemetryMetrics
+from services.telemetry.privacy import ConfigOptIn
 from services.telemetry.sink import JsonlSink
 
 
@@ -131,6 +133,7 @@ def build(settings: Settings) -> TelemetryApp:
         rotate_bytes=settings.telemetry_rotate_bytes,
         rotate_daily=settings.telemetry_rotate_daily,
         retention_files=settings.telemetry_retention_files,
+        keep_context=ConfigOptIn(settings.configs_dir),
     )
     return TelemetryApp(
         sink,

@@ -88,6 +88,7 @@ from contracts.envelope import CloudEvent, now_rfc3339
 from services.telemetry import rotation
 from services.telemetry.ids import RecentIds, id_key, ids_of, ids_of_file
 from services.telemetry.lines import DEFAULT_REDACT_KEYS, encode_line
+from services.telemetry.privacy import KeepContext, keep_none
 
 log = logging.getLogger("chora.telemetry")
 
@@ -132,8 +133,10 @@ class JsonlSink:
         rotate_daily: bool = True,
         retention_files: int = DEFAULT_RETENTION_FILES,
         dedupe_horizon_s: float = DEFAULT_DEDUPE_HORIZON_S,
+        keep_context: KeepContext = keep_none,
     ):
         self.path = Path(path)
+        self.keep_context = keep_context  # which configs keep request context values (privacy.py)
         self.rotate_bytes = max(0, int(rotate_bytes or 0))
         self.rotate_daily = rotate_daily
         self.retention_files = retention_files
@@ -226,7 +229,7 @@ class JsonlSink:
         if key in self._written:
             self.duplicates_skipped += 1
             return False
-        line = encode_line(event, now_rfc3339(self.clock()), self.redact_keys)
+        line = encode_line(event, now_rfc3339(self.clock()), self.redact_keys, self.keep_context)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         self._buf.append(line)

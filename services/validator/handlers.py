@@ -7,16 +7,13 @@ nothing published (there is no content to judge). A config with no rules
 gives ``valid=True`` and no issues.
 
 A config that cannot be loaded, or whose rules cannot be built, still gives
-the content_validated (``valid=False``, one issue ``{rule: "config"}``), and
-the handler also publishes one ``chora.config_validated`` (status error) for
-that config version.
+the content_validated (``valid=False``, one issue ``{rule: "config"}``).
 
-Once per config version: the guarantee
---------------------------------------
-The report's key in the KV state store is
-``configcheck.<config id>.<first 16 hex of the config hash>``; its value names
-the event that claimed it (the content_generated's id). The handler includes
-the config_validated in what it returns when
+Every config version is reported once as ``chora.config_validated`` (status
+success with its rules, or error): see :mod:`services.validator.reports`, which
+also scans the configs directory. A content_generated naming a version that
+this instance has not seen claimed yet claims its report key; the handler
+includes the config_validated (before the verdict) in what it returns when
 
 1. its ``create()`` of the key succeeds (it is the first, across every
    instance and every redelivery: create is a compare-and-set), or
@@ -25,9 +22,10 @@ the config_validated in what it returns when
    after the claim and before the ack.
 
 Every handling of any other event for that version returns no
-config_validated. The config_validated's id is derived from the config id and
-the hash only (:func:`config_report_id`), never from the cause, so every copy
-anyone ever publishes for one version has the same id.
+config_validated (the instance remembers the owner of each key it met, so a
+known version costs no KV round trip). The config_validated's id is derived
+from the config id and the hash only (:func:`config_report_id`), never from
+the cause, so every copy anyone ever publishes for one version has the same id.
 
 What that gives, with the consumer loop's "publish, then ack":
 
@@ -42,103 +40,62 @@ What that gives, with the consumer loop's "publish, then ack":
   same event id, so a consumer that keeps ids drops it;
 - a config version is reported again only if its key is gone from the KV
   bucket (whose TTL is the stream's max age, 7 days by default).
-
-The version of a config that cannot be loaded at all is its error
-(:func:`~services.validator.rules.error_hash` of code and message).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
 
-import msgspec
-
-from composition.configs import ConfigError, ConfigStore, valid_config_id
-from contracts.catalogue import CONFIG_VALIDATED, CONTENT_GENERATED, CONTENT_VALIDATED
+from composition.configs import ConfigStore
+from contracts.catalogue import CONTENT_GENERATED, CONTENT_VALIDATED
 from contracts.envelope import CloudEvent, new_event
-from contracts.events import ConfigValidated, ContentGenerated, ContentValidated, ErrorInfo, ValidationIssue
-from contracts.handling import Delivery, EventHandlers, Reject, Retry, expect
-from services.validator.rules import RuleCache, RulesError, RuleSet, error_hash, is_valid
+from contracts.events import ContentGenerated, ContentValidated, ValidationIssue
+from contracts.handling import Delivery, EventHandlers, Reject, expect
+from services.validator.reports import (
+    KEY_PREFIX,
+    Claims,
+    StateLike,
+    check_config,
+    claim_once,
+    claim_report,
+    config_report_id,
+    cut,
+    report_key,
+)
+from services.validator.rules import RuleCache, RulesError, is_valid
 
 log = logging.getLogger("chora.validator")
 
 SOURCE = "chora://validator"
-KEY_PREFIX = "configcheck"
-MAX_MESSAGE_CHARS = 2000
 # Content longer than this is checked in a worker thread, so the event loop (heartbeats, acks,
 # other messages) keeps running while a large document is checked (its bounds: rules/schema.py).
 THREAD_ABOVE_CHARS = 64 * 1024
-_REPORT_NAMESPACE = uuid.UUID("2b7c0f4e-8a51-4d7e-b3a6-5f0e9c1d2a47")
-_encode = msgspec.json.encode
 
-
-class StateLike(Protocol):
-    """What the handler needs of :class:`bus.state.StateStore`."""
-
-    async def create(self, key: str, value: bytes) -> int | None: ...
-
-    async def get(self, key: str) -> tuple[bytes, int] | None: ...
+__all__ = [
+    "EVENT_HANDLERS",
+    "KEY_PREFIX",
+    "SOURCE",
+    "Deps",
+    "StateLike",
+    "claim_report",
+    "config_report_id",
+    "on_content_generated",
+    "report_key",
+]
 
 
 @dataclass
 class Deps:
-    """What the validator's handler needs; ``state`` None: every handling reports a broken config."""
+    """What the validator's handler needs. ``state`` None: no KV store, so each instance
+    reports each version once (with the first event that names it) on its own."""
 
     store: ConfigStore
     rules: RuleCache = field(default_factory=RuleCache)
     state: StateLike | None = None
     source: str = SOURCE
-
-
-def _cut(message: str) -> str:
-    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "…"
-
-
-def _hex(config_hash: str) -> str:
-    return config_hash.split(":", 1)[-1]
-
-
-def report_key(config_id: str, config_hash: str) -> str:
-    """The KV key that records the report of one config version."""
-    safe = config_id if valid_config_id(config_id) else "id-" + error_hash("ID", config_id)[7:23]
-    return f"{KEY_PREFIX}.{safe}.{_hex(config_hash)[:16]}"
-
-
-def config_report_id(config_id: str, config_hash: str) -> str:
-    """The event id of the config_validated for one config version: the same for
-    every instance and every redelivery."""
-    return str(uuid.uuid5(_REPORT_NAMESPACE, f"{config_id}/{config_hash}/{CONFIG_VALIDATED}"))
-
-
-async def claim_report(state: StateLike | None, key: str, event_id: str) -> bool:
-    """True when the handling of ``event_id`` is the one that reports this config
-    version (see the module docstring). Without a state store every handling
-    reports, and only the deterministic event id deduplicates."""
-    if state is None:
-        return True
-    record = _encode({"cause": event_id, "at": time.time()})
-    try:
-        for _ in range(3):
-            if await state.create(key, record) is not None:
-                return True
-            got = await state.get(key)
-            if got is None:  # expired or deleted between the two calls: claim again
-                continue
-            try:
-                owner = msgspec.json.decode(got[0]).get("cause")
-            except (msgspec.DecodeError, AttributeError):
-                owner = None
-            return owner == event_id
-    except (Retry, Reject):
-        raise
-    except Exception as e:
-        raise Retry(f"state store unavailable while claiming {key}: {type(e).__name__}: {e}") from None
-    raise Retry(f"could not claim {key}: it keeps disappearing")
+    claims: Claims = field(default_factory=Claims)
 
 
 async def on_content_generated(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
@@ -155,38 +112,21 @@ async def on_content_generated(event: CloudEvent, delivery: Delivery, deps: Deps
         text = ""
 
     config_id = data.content_config_id
-    ruleset: RuleSet | tuple[str, str]  # the rules, or the problem (code, message) of a broken config
-    try:
-        config = store.get(config_id)
-    except ConfigError as e:
-        ruleset = (e.code, e.message)
-        chash = error_hash(e.code, e.message)
-    else:
-        chash, built = rules.for_config(config)
-        ruleset = (built.code, built.message) if isinstance(built, RulesError) else built
-
+    checked = check_config(store, rules, config_id)
     out: list[CloudEvent] = []
-    if isinstance(ruleset, RuleSet):
+    if await claim_once(state, deps.claims, checked.key, event.id):
+        if checked.rules is None:
+            err = checked.report.error
+            log.warning("content config %r (%s) is broken: %s", config_id, checked.config_hash[:19], err)
+        out.append(checked.event(source, cause=event))
+    if checked.rules is not None:
+        ruleset = checked.rules
         issues = await asyncio.to_thread(ruleset.apply, text) if len(text) > THREAD_ABOVE_CHARS else ruleset.apply(text)
     else:
-        code, message = ruleset
+        err = checked.report.error
+        code, message = (err.code, err.message) if err is not None else ("CONFIG_INVALID", "unknown")
         what = "has invalid validation rules" if code == RulesError.code else "cannot be loaded"
-        issues = [
-            ValidationIssue(rule="config", severity="error", message=_cut(f"config {config_id!r} {what}: {message}"))
-        ]
-        if await claim_report(state, report_key(config_id, chash), event.id):
-            log.warning("content config %r (%s) is broken: %s: %s", config_id, chash[:19], code, message)
-            report = ConfigValidated(
-                content_config_id=config_id,
-                status="error",
-                config_hash=chash,
-                error=ErrorInfo(code=code, message=_cut(message)),
-            )
-            out.append(
-                new_event(
-                    CONFIG_VALIDATED, report, source=source, cause=event, event_id=config_report_id(config_id, chash)
-                )
-            )
+        issues = [ValidationIssue(rule="config", severity="error", message=cut(f"config {config_id!r} {what}: {message}"))]
 
     verdict = ContentValidated(
         request_id=data.request_id,

@@ -105,7 +105,9 @@ async def test_request_without_status_is_ok(sink):
     assert line["status"] == "ok"
     assert line["event_type"] == GENERATION_REQUESTED
     assert line["content_config_id"] == "report"
-    assert line["context"] == {"user": "ann"}
+    # No config opts in by default: the context's hash and key names, never its values.
+    assert "context" not in line and line["context_keys"] == ["user"]
+    assert line["context_sha256"].startswith("sha256:") and "ann" not in sink.path.read_text()
 
 
 async def test_content_without_hash_gets_hash_and_length(sink):
@@ -391,7 +393,7 @@ async def test_existing_file_is_chmod_0600(tmp_path):
     await s.close()
 
 
-async def test_configured_keys_are_redacted_at_any_depth(tmp_path):
+async def test_configured_keys_are_redacted_at_any_depth_in_kept_context(tmp_path):
     import json as _json
 
     from contracts.catalogue import GENERATION_REQUESTED as _GR
@@ -399,7 +401,10 @@ async def test_configured_keys_are_redacted_at_any_depth(tmp_path):
     from contracts.events import GenerationRequested as _Req
     from services.telemetry.sink import JsonlSink as _Sink
 
-    sink = _Sink(tmp_path / "e.jsonl", redact_keys=frozenset({"api_key", "password"}))
+    # The config opts in to keeping context values: the redaction by key name still applies.
+    sink = _Sink(
+        tmp_path / "e.jsonl", redact_keys=frozenset({"api_key", "password"}), keep_context=lambda kind, cid: cid == "c"
+    )
     await sink.start()
     ctx = {
         "name": "Ada",

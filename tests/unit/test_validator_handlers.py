@@ -111,8 +111,9 @@ async def test_valid_content_carries_everything_on(store):
     origin = Origin(kind="artifact", id="art-1", key="intro")
     ev = generated(origin=origin)
     out = await run(ev, store)
-    assert [e.type for e in out] == [CONTENT_VALIDATED]
-    (res,) = out
+    # The first content of this config version also reports the version (status success).
+    assert [e.type for e in out] == [CONFIG_VALIDATED, CONTENT_VALIDATED]
+    res = out[1]
     assert res.source == SOURCE and res.traceid == "trace-v"
     d = res.data
     assert d.valid is True and d.issues == []
@@ -125,7 +126,7 @@ async def test_valid_content_carries_everything_on(store):
         origin,
     )
     # Caused by the content_generated: handling it again gives the same id (JetStream drops the re-publish).
-    assert (await run(ev, store))[0].id == res.id
+    assert (await run(ev, store))[1].id == res.id
     # It survives the wire.
     h, b = encode_binary(res)
     assert decode(h, b).data == d
@@ -267,13 +268,15 @@ async def test_a_new_version_of_a_broken_config_is_reported_again(store, cdir):
     assert r1.data.config_hash != r2.data.config_hash and r1.id != r2.id
     assert "needs at least one" in r2.data.error.message
     assert reports(await run(generated("broken", "x", request_id="r3"), store, state)) == []
-    # Fixed: a valid verdict and no report.
+    # Fixed: a valid verdict and one success report for the fixed version, then none.
     write(
         cdir / "broken.json",
         {"id": "broken", "generator": "jinja2", "template": "x", "validation": [{"type": "length", "min_chars": 1}]},
     )
     out = await run(generated("broken", "x", request_id="r4"), store, state)
-    assert reports(out) == [] and verdict(out).valid
+    (r4,) = reports(out)
+    assert verdict(out).valid and r4.data.status == "success" and r4.data.rule_types == ["length"]
+    assert reports(await run(generated("broken", "x", request_id="r5"), store, state)) == []
 
 
 async def test_without_a_state_store_every_report_has_the_same_id(store):

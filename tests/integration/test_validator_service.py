@@ -1,6 +1,6 @@
 """The validator against a real nats-server: the generator and two validator
 instances run in-process (run_service), requests go in, verdicts come out,
-and a broken config is reported exactly once per version."""
+and every config version (broken or valid) is reported exactly once."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from contracts.envelope import decode, new_event
 from contracts.events import ContentGenerated, GenerationRequested
 from services.runtime import run_service
 from contracts.handling import Delivery
-from services.validator.handlers import Deps, config_report_id, on_content_generated
+from services.validator.handlers import Deps, config_report_id, on_content_generated, report_key
+from services.validator.service import ValidatorApp
 from services.validator.rules import RuleCache
 from tests.conftest import wait_for, write
 
@@ -132,31 +133,38 @@ async def test_generator_and_two_validators(nc, vsettings, cdir):
             )
             assert verdicts[r.id].traceid == r.traceid
 
-        # Exactly one report for the broken config, however many requests and instances.
-        reports = await read_all(js, topo, CONFIG_VALIDATED)
-        assert len(reports) == 1
-        (rep,) = reports
-        assert rep.data.content_config_id == "broken" and rep.data.status == "error"
-        assert rep.data.error.code == "INVALID_RULES"
+        # Exactly one report per config version, however many requests and instances: the two
+        # validators scanned the directory when they started, and content of each version went by.
+        await wait_for(lambda: _eq(count(js, topo, CONFIG_VALIDATED), 3), timeout=20, what="3 config reports")
+        reports = {r.data.content_config_id: r for r in await read_all(js, topo, CONFIG_VALIDATED)}
+        assert sorted(reports) == ["broken", "needs-var", "report"]
+        rep = reports["broken"]
+        assert rep.data.status == "error" and rep.data.error.code == "INVALID_RULES"
         assert "validation[0]: unknown rule type 'contains'" in rep.data.error.message
         assert "validation[1] (regex): bad pattern '(unclosed'" in rep.data.error.message
-        assert rep.id == config_report_id("broken", rep.data.config_hash)
+        for r in reports.values():
+            assert r.id == config_report_id(r.data.content_config_id, r.data.config_hash)
+        ok = reports["report"].data
+        assert ok.status == "success" and ok.error is None and ok.warnings == []
+        assert ok.rule_count == 3 and ok.rule_types == ["required_sections", "length", "placeholders"]
+        assert reports["needs-var"].data.warnings == ["no validation rules: every generated content is judged valid"]
 
         # A new version of the broken config: reported once more, whatever the number of requests.
         write(cdir / "broken.json", {**BROKEN, "validation": [{"type": "length", "min_chars": 9, "max_chars": 1}]})
         await Publisher(js, topo.prefix).publish_many([request("broken", n=10 + i) for i in range(3)])
         await wait_for(lambda: _eq(count(js, topo, CONTENT_VALIDATED), 12), timeout=20, what="12 verdicts")
         await wait_for(lambda: settled(js, topo, "validator"), timeout=20, what="the validators settled")
-        reports = await read_all(js, topo, CONFIG_VALIDATED)
-        assert len(reports) == 2
-        assert len({r.data.config_hash for r in reports}) == 2
-        assert any("min_chars (9) is greater than max_chars (1)" in r.data.error.message for r in reports)
-        # One claim per version in the KV bucket, naming the event that reported it.
+        broken = [r for r in await read_all(js, topo, CONFIG_VALIDATED) if r.data.content_config_id == "broken"]
+        assert len(broken) == 2
+        assert len({r.data.config_hash for r in broken}) == 2
+        assert any("min_chars (9) is greater than max_chars (1)" in r.data.error.message for r in broken)
+        # One claim per version in the KV bucket, naming who reported it: a scan, or a
+        # content_generated of that config.
         claims = await StateStore(js, topo.state_bucket).items("configcheck.broken")
         assert len(claims) == 2
         causes = {json.loads(v)["cause"] for v in claims.values()}
-        outcomes = await read_all(js, topo, CONTENT_GENERATED)
-        assert causes <= {e.id for e in outcomes if e.data.content_config_id == "broken"}
+        outcomes = {e.id for e in await read_all(js, topo, CONTENT_GENERATED) if e.data.content_config_id == "broken"}
+        assert all(c.startswith("scan:") or c in outcomes for c in causes), causes
 
         dlq = await js.stream_info(topo.dlq_stream)
         assert dlq.state.messages == 0
@@ -169,9 +177,10 @@ async def _eq(aw, n: int) -> bool:
     return (await aw) == n
 
 
-async def test_two_instances_racing_on_the_real_kv_report_once(nc, nats_server, vsettings, cdir):
-    """Twenty verdicts on a broken config, handled concurrently by two instances
-    (own connections, own caches, one KV bucket); then the claiming event is
+@pytest.mark.parametrize("config_id", ["broken", "report"])
+async def test_two_instances_racing_on_the_real_kv_report_once(nc, nats_server, vsettings, cdir, config_id):
+    """Twenty verdicts on one config version (broken, or valid), handled concurrently by two
+    instances (own connections, own caches, one KV bucket); then the claiming event is
     handled again as after a crash before its ack. Everything returned is
     published: the stream holds exactly one config_validated."""
     js = nc.jetstream()
@@ -185,7 +194,9 @@ async def test_two_instances_racing_on_the_real_kv_report_once(nc, nats_server, 
         events = [
             new_event(
                 CONTENT_GENERATED,
-                ContentGenerated(request_id=f"r{i}", content_config_id="broken", status="success", content=f"text {i}"),
+                ContentGenerated(
+                    request_id=f"r{i}", content_config_id=config_id, status="success", content=f"text {i}"
+                ),
                 source="test",
             )
             for i in range(20)
@@ -204,6 +215,40 @@ async def test_two_instances_racing_on_the_real_kv_report_once(nc, nats_server, 
             await pub.publish_many(out)
         assert await count(js, topo, CONFIG_VALIDATED) == 1
         assert await count(js, topo, CONTENT_VALIDATED) == 20
+        (rep,) = await read_all(js, topo, CONFIG_VALIDATED)
+        assert rep.data.status == ("error" if config_id == "broken" else "success")
+    finally:
+        await nc2.close()
+
+
+async def test_two_instances_scanning_at_once_then_a_restart_report_each_version_once(nc, nats_server, vsettings, cdir):
+    """Two validator instances scan the configs directory at the same moment (own
+    connections, one KV bucket, real publishes); then a third starts (a restart): the
+    stream holds one config_validated per config version, and every version is claimed."""
+    js = nc.jetstream()
+    topo = Topology.from_settings(vsettings)
+    await provision(js, topo)
+    nc2 = await nats.connect(nats_server.url)
+    try:
+        apps = []
+        for conn in (nc, nc2, nc):
+            app = ValidatorApp(ConfigStore(cdir), rescan_interval_s=0)
+            app.deps.state = StateStore(conn.jetstream(), topo.state_bucket)
+            app.publish = Publisher(conn.jetstream(), topo.prefix).publish_many
+            apps.append(app)
+        await asyncio.gather(apps[0].scan(), apps[1].scan())
+        assert apps[0].reported + apps[1].reported >= 3  # each version published at least once
+        assert await count(js, topo, CONFIG_VALIDATED) == 3
+        assert await apps[2].scan() == []
+        assert await count(js, topo, CONFIG_VALIDATED) == 3
+        reports = {r.data.content_config_id: r.data for r in await read_all(js, topo, CONFIG_VALIDATED)}
+        assert {k: v.status for k, v in reports.items()} == {
+            "broken": "error",
+            "needs-var": "success",
+            "report": "success",
+        }
+        claims = await StateStore(js, topo.state_bucket).items("configcheck")
+        assert sorted(claims) == sorted(report_key(k, v.config_hash) for k, v in reports.items())
     finally:
         await nc2.close()
 

@@ -40,8 +40,13 @@ has the same id and JetStream drops a second copy inside its duplicate window.
 
 Each instance also remembers (:class:`Claims`, bounded) which versions are
 claimed and by whom, so a version costs one KV round trip per instance, not
-one per message. A version is reported again only if its key is gone from the
-KV bucket (whose TTL is the stream's max age, 7 days by default).
+one per message.
+
+A version is reported again only when its key is gone from the KV bucket,
+whose TTL is the events stream's max age (7 days by default): by then the
+earlier report has left the stream as well, so the next scan (by any instance
+that does not remember the claim itself) puts one report of every current
+version back into the stream.
 """
 
 from __future__ import annotations

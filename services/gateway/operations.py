@@ -30,12 +30,12 @@ from bus.state import StateStore
 from bus.topology import GATEWAY_TTL_S, Topology
 from composition.artifacts import ArtifactStore
 from composition.batch_records import (
-    BatchRecord,
-    decode_batch,
-    key_id,
+    ResultsExpired,
     batch_key,
     batch_progress,
-    read_batch_item,
+    decode_batch,
+    key_id,
+    read_batch_page,
 )
 from composition.callbacks import CallbackRefused, check_callback_url
 from composition.capabilities import GENERATORS_KEY, decode_generators
@@ -258,27 +258,13 @@ class Operations:
         if got is None:
             await self.batch_status(batch_id)  # 404, or queued
             return {"batch_id": batch_id, "total": None, "cursor": cursor, "next_cursor": cursor, "items": []}
-        r: BatchRecord = decode_batch(got[0])
-        indexes = list(range(cursor, min(r.total, cursor + limit)))
-        outcomes = await asyncio.gather(*(read_batch_item(self.stores.state, batch_id, i) for i in indexes))
-        items: list[dict[str, Any]] = []
-        for i, o in zip(indexes, outcomes):
-            if o is not None:
-                items.append(msgspec.to_builtins(o))
-            elif r.closed:
-                items.append({"index": i, "status": "skipped"})
-            else:
-                items.append({"index": i, "status": "pending"})
+        try:
+            page = await read_batch_page(self.stores.state, batch_id, decode_batch(got[0]), cursor, limit)
+        except ResultsExpired as e:
+            raise GatewayError(404, "BATCH_RESULTS_EXPIRED", str(e)) from None
         if content:
-            await self._attach_content(batch_id, items)
-        end = cursor + len(indexes)
-        return {
-            "batch_id": batch_id,
-            "total": r.total,
-            "cursor": cursor,
-            "next_cursor": end if end < r.total else None,
-            "items": items,
-        }
+            await self._attach_content(batch_id, page["items"])
+        return page
 
     def list_configs(self) -> list[dict[str, Any]]:
         """Every content and artifact config: id, kind, description, declared context (its defaults)."""

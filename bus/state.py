@@ -8,6 +8,7 @@ never both win a state change.
 from __future__ import annotations
 
 import asyncio
+import math
 
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
@@ -52,6 +53,19 @@ class StateStore:
 
     async def put(self, key: str, value: bytes) -> int:
         return await (await self.kv()).put(key, value)
+
+    async def put_many(self, entries: dict[str, bytes], ttl_s: float, window: int = 512) -> None:
+        """Write every key with a per-message TTL (``Nats-TTL``, whole seconds, at least 1): the
+        server removes each one when it runs out. Pipelined, ``window`` PubAcks in flight; the
+        first error raises (e.g. a bucket whose stream does not allow message TTLs)."""
+        ttl = max(1, math.ceil(ttl_s))
+        pending: list[asyncio.Future] = []
+        for key, value in entries.items():
+            pending.append(await self.js.publish_async(f"$KV.{self.bucket}.{key}", value, msg_ttl=ttl))
+            if len(pending) >= window:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
 
     async def items(self, prefix: str, timeout: float = 30.0) -> dict[str, bytes]:
         """Every current key under ``prefix.``, read with one ordered consumer (last value per

@@ -221,7 +221,7 @@ class Operations:
             status = (record.outcome or {}).get("status") if record.state == "done" else None
         if status is not None:
             raise GatewayError(
-                409, "RUN_COMPLETED", f"{what} {run_id} has already completed ({status})", extra={"status": status}
+                409, "RUN_COMPLETED", f"{what} {run_id} has already completed ({status})", extra={"run_status": status}
             )
         trace = trace or Trace(new_trace_id())
         try:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chora.common import (
     EXIT_FAILED,
@@ -42,6 +42,9 @@ from chora.common import (
 )
 from chora.options import add_command
 
+if TYPE_CHECKING:
+    from composition.runs import RunKind
+
 REASON_MAX = 500  # contracts.events.CancelRequested.reason
 
 
@@ -52,18 +55,19 @@ async def _state(nc, settings):
     return StateStore(nc.jetstream(), Topology.from_settings(settings).state_bucket)
 
 
-async def _resolve(store, kind: str, run_id: str) -> tuple[str, dict[str, Any] | None]:
-    """(full run id, its state or None when the assembler has no record of it). A batch id
-    may be a prefix; an unknown or ambiguous one raises BatchLookupError."""
+async def _resolve(store, kind: RunKind, run_id: str) -> tuple[str, dict[str, Any] | None, str]:
+    """(full run id, its state or None when the assembler has no record of it, why not). A
+    batch id may be an unambiguous prefix."""
     from composition.batch_records import BatchLookupError, find_batch
     from composition.runs import read_run
 
+    why = f"no {kind} run {run_id} (unknown, not accepted yet, or expired)"
     if kind == "batch":
         try:
             run_id, _raw = await find_batch(store, run_id)
-        except BatchLookupError:
-            return run_id, None
-    return run_id, await read_run(store, kind, run_id)  # type: ignore[arg-type]
+        except BatchLookupError as e:
+            return run_id, None, f"{e}" if "ambiguous" in str(e) else why
+    return run_id, await read_run(store, kind, run_id), why
 
 
 def _completion_matches(kind: str, run_id: str, ev) -> bool:
@@ -81,7 +85,8 @@ def _counts(kind: str, data) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- cancel
-async def cancel(args: argparse.Namespace, kind: str) -> int:
+async def cancel(args: argparse.Namespace, kind: RunKind) -> int:
+    from composition.runs import read_run
     from contracts.cancels import cancel_request
     from contracts.catalogue import ARTIFACT_ASSEMBLED, BATCH_COMPLETED
 
@@ -94,15 +99,11 @@ async def cancel(args: argparse.Namespace, kind: str) -> int:
     doc: dict[str, Any] = {"kind": kind, "id": args.id, "reason": args.reason}
     try:
         store = await _state(nc, settings)
-        run_id, run = await _resolve(store, kind, args.id)
+        run_id, run, why = await _resolve(store, kind, args.id)
         doc["id"] = run_id
         if run is None:
-            print(f"chora: no {kind} run {args.id} (unknown, not accepted yet, or expired)", file=sys.stderr)
+            print(f"chora: {why}", file=sys.stderr)
             return _done(args, doc, "not_found", EXIT_NOT_FOUND)
-        if run["status"] is not None:
-            doc["status"] = run["status"]
-            print(f"chora: {kind} {run_id} has already completed ({run['status']}): nothing to cancel", file=sys.stderr)
-            return _done(args, doc, "already_completed", EXIT_FAILED)
         completions: asyncio.Queue = asyncio.Queue()
         completion_type = BATCH_COMPLETED if kind == "batch" else ARTIFACT_ASSEMBLED
         follower = None
@@ -114,6 +115,13 @@ async def cancel(args: argparse.Namespace, kind: str) -> int:
                 [completion_type],
                 lambda ev: completions.put_nowait(ev) if _completion_matches(kind, run_id, ev) else None,
             )
+            run = await read_run(store, kind, run_id) or run  # it may have completed before the follower began
+        if run["status"] is not None:
+            if follower is not None:
+                await follower.stop()
+            doc["status"] = run["status"]
+            print(f"chora: {kind} {run_id} has already completed ({run['status']}): nothing to cancel", file=sys.stderr)
+            return _done(args, doc, "already_completed", EXIT_FAILED)
         try:
             request = cancel_request(kind, run_id, args.reason, source="chora://cli")
         except ValueError as e:
@@ -222,7 +230,7 @@ async def artifact_status(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- registration
-def _cancel_command(group, kind: str) -> None:
+def _cancel_command(group, kind: RunKind) -> None:
     sp = add_command(
         group,
         "cancel",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path as FsPath
-from typing import Annotated, Any, Awaitable, Callable
+from typing import Annotated, Any, Awaitable, Callable, Literal
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -99,11 +99,20 @@ Id = Annotated[str, Path(min_length=1, max_length=256)]
 ReasonQ = Annotated[str | None, Query(max_length=500, description="why; carried on the cancel request")]
 
 
+class CancelAccepted(BaseModel):
+    kind: Literal["artifact", "batch"]
+    id: str = Field(description="the run's id")
+    state: Literal["cancelling"]
+    cancel_id: str = Field(description="the chora.cancel.requested event's id: derived from the run, so one per run")
+    location: str = Field(description="where the run's state and, once it comes, its completion show")
+
+
 def cancel_responses(what: str, location: str) -> dict[int | str, dict[str, Any]]:
     return {
         202: {
-            "description": f"the cancel is asked: {{kind, id, state: cancelling, cancel_id, location}}; "
-            f"Location is {location}, where the completion shows"
+            "model": CancelAccepted,
+            "description": f"the cancel is asked; Location is {location}, where the completion (status cancelled, "
+            "unless the run completed first) shows",
         },
         404: {**_PROBLEM, "description": f"{what} is unknown (or expired): BATCH_NOT_FOUND, ARTIFACT_RUN_NOT_FOUND"},
         409: {**_PROBLEM, "description": f"{what} has already completed: RUN_COMPLETED (with its run_status)"},

@@ -362,3 +362,30 @@ async def test_client_cancel_publishes_the_same_request(stack):
         assert (stored.id, stored.data.reason, stored.traceid) == (ev.id, "from python", "trace-client-1")
         with pytest.raises(ValueError):
             await client.cancel("everything", batch_id)
+
+
+# ---------------------------------------------------------------------- a bucket made without message TTLs
+async def test_provision_lets_an_old_state_bucket_take_message_ttls(stack):
+    """A state bucket created without allow_msg_ttl (an older client, `nats kv add`) would refuse
+    the results TTL: provisioning updates it, and a TTL'd write then expires."""
+    from nats.js.api import StreamConfig
+
+    from bus.topology import allow_msg_ttl
+
+    js = stack.nc.jetstream()
+    bucket = "OLD" + uuid.uuid4().hex[:8].upper()
+    await js.add_stream(
+        StreamConfig(name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], max_msgs_per_subject=1, allow_rollup_hdrs=True)
+    )
+    old = StateStore(js, bucket)
+    with pytest.raises(Exception, match="(?i)ttl"):
+        await old.put_many({"k": b"v"}, 1)
+    assert await allow_msg_ttl(js, bucket) is True
+    assert await allow_msg_ttl(js, bucket) is False  # once
+    await old.put_many({"k": b"v"}, 1)
+    assert await old.get("k") is not None
+
+    async def gone():
+        return await old.get("k") is None
+
+    await wait_for(gone, timeout=10, what="the TTL'd key expiring", interval=0.1)

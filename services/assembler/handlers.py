@@ -108,6 +108,7 @@ class Deps:
     inline_items: int = INLINE_ITEMS
     max_event_bytes: int = 1 << 20  # the bus refuses larger events: stay well under it
     results_ttl_s: float | None = None  # a finished batch's results TTL (retention.py); None: the bucket's max age
+    state_max_age_s: float | None = None  # the state bucket's max age (the stream's), which bounds every record
     stats: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ runs two durable consumers (see :meth:`AssemblerApp.consumers`):
   mark their records finished (see :mod:`services.assembler`).
 
 Settings read: ``configs_dir`` (content configs, and artifact configs in its
-``artifacts/``), ``max_event_bytes``, ``batch_results_ttl_s`` (bounded by ``stream_max_age_s``), and through the topology ``duplicate_window_s`` and ``ack_wait_s``.
+``artifacts/``), ``max_event_bytes``, ``batch_results_ttl_s``, and through the topology ``duplicate_window_s`` and ``ack_wait_s``.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class AssemblerApp:
             ack_wait_s=topo.consumers["assembler"].ack_wait_s,
             max_event_bytes=self.max_event_bytes,
             results_ttl_s=self.results_ttl_s,
+            state_max_age_s=topo.max_age_s,
         )
         self._routed = route(EVENT_HANDLERS, self.deps, self.name)
 
@@ -90,6 +91,5 @@ def build(settings: Settings) -> AssemblerApp:
     return AssemblerApp(
         settings.configs_dir,
         max_event_bytes=settings.max_event_bytes,
-        # bounded by the stream's max age, which the state bucket's records have anyway
-        results_ttl_s=min(settings.batch_results_ttl_s, settings.stream_max_age_s),
+        results_ttl_s=settings.batch_results_ttl_s,  # bounded by the state bucket's max age (retention.py)
     )

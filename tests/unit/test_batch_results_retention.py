@@ -31,7 +31,10 @@ from tests.fakes import Clock, MemoryState
 DELIVERY = Delivery(attempt=1, max_attempts=5, consumer="assembler-completions", stream_seq=1)
 
 
-def make_deps(tmp_path, ttl: float | None = 60.0, state=None) -> Deps:
+WEEK = 7 * 24 * 3600.0
+
+
+def make_deps(tmp_path, ttl: float | None = 60.0, state=None, max_age: float | None = WEEK) -> Deps:
     return Deps(
         state=state or MemoryState(),
         content=None,  # type: ignore[arg-type]
@@ -39,6 +42,7 @@ def make_deps(tmp_path, ttl: float | None = 60.0, state=None) -> Deps:
         artifacts=ArtifactStore(tmp_path),
         clock=Clock(1000.0),
         results_ttl_s=ttl,
+        state_max_age_s=max_age,
     )
 
 
@@ -64,6 +68,17 @@ async def test_on_announced_gives_the_items_the_ttl_and_the_record_its_expiry(tm
     record = decode_batch((await state.get(batch_key("b1")))[0])
     assert record.results_expire_at == 1060.0 and record.finished
     assert batch_key("b1") not in state.ttls  # type: ignore[attr-defined]  # the record keeps the bucket's max age
+
+
+async def test_a_ttl_as_long_as_the_max_age_writes_only_the_record(tmp_path):
+    """The bucket's max age takes the items from started_at + max_age on: the results expire
+    then, and no item is written again."""
+    deps = make_deps(tmp_path, ttl=WEEK)
+    await finished_batch(deps.state)
+    seq = deps.state.seq  # type: ignore[attr-defined]
+    assert await keep_batch_results("b1", deps) is True
+    assert deps.state.ttls == {} and deps.state.seq == seq + 1  # type: ignore[attr-defined]
+    assert decode_batch((await deps.state.get(batch_key("b1")))[0]).results_expire_at == 900.0 + WEEK
 
 
 async def test_a_redelivered_completion_writes_nothing_again(tmp_path):

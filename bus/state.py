@@ -8,6 +8,7 @@ never both win a state change.
 from __future__ import annotations
 
 import asyncio
+import math
 
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
@@ -52,6 +53,36 @@ class StateStore:
 
     async def put(self, key: str, value: bytes) -> int:
         return await (await self.kv()).put(key, value)
+
+    async def put_many(
+        self, entries: dict[str, bytes], ttl_s: float, window: int = 512, ack_timeout_s: float = 5.0
+    ) -> None:
+        """Write every key with a per-message TTL (``Nats-TTL``, whole seconds, at least 1): the
+        server removes each one when it runs out. The first is awaited alone, so that a refusal
+        (a bucket whose stream does not allow message TTLs) raises at once; the rest are
+        pipelined, ``window`` PubAcks in flight, each window given ``ack_timeout_s`` (nats-py
+        2.16 leaves an async publish whose PubAck is an error it cannot map unanswered)."""
+        ttl = max(1, math.ceil(ttl_s))
+        items = iter(entries.items())
+        first = next(items, None)
+        if first is None:
+            return
+        await self.js.publish(f"$KV.{self.bucket}.{first[0]}", first[1], msg_ttl=ttl)
+        pending: list[asyncio.Future] = []
+        for key, value in items:
+            pending.append(await self.js.publish_async(f"$KV.{self.bucket}.{key}", value, msg_ttl=ttl))
+            if len(pending) >= window:
+                await self._acks(pending, ack_timeout_s)
+        await self._acks(pending, ack_timeout_s)
+
+    @staticmethod
+    async def _acks(pending: list[asyncio.Future], timeout: float) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*pending), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{len(pending)} KV writes not acknowledged within {timeout}s") from None
+        finally:
+            pending.clear()
 
     async def items(self, prefix: str, timeout: float = 30.0) -> dict[str, bytes]:
         """Every current key under ``prefix.``, read with one ordered consumer (last value per

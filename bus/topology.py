@@ -208,6 +208,20 @@ class Topology:
         return cfg
 
 
+async def allow_msg_ttl(js: JetStreamContext, bucket: str) -> bool:
+    """Let the KV bucket's stream take per-message TTLs (nats-server 2.11+), as nats-py creates
+    buckets; one created otherwise (an older client, `nats kv add`) is updated, once. The
+    state bucket needs it for the batch results TTL (services/assembler/retention.py). True
+    when it was updated."""
+    info = await js.stream_info(f"KV_{bucket}")
+    if info.config.allow_msg_ttl:
+        return False
+    info.config.allow_msg_ttl = True
+    await js.update_stream(info.config)
+    log.info("KV bucket %s now allows per-message TTLs", bucket)
+    return True
+
+
 class ProvisionError(RuntimeError):
     """The server's topology cannot be made to match the declared one; the message says why."""
 
@@ -282,6 +296,7 @@ async def provision(
             continue
         try:
             await js.key_value(bucket)
+            await allow_msg_ttl(js, bucket)
         except (NotFoundError, BucketNotFoundError):
             await js.create_key_value(
                 KeyValueConfig(

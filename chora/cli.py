@@ -10,7 +10,7 @@ import sys
 
 from typing import Any
 
-from chora.commands import assembly, cache, completion, configs, dlq, doctor, events, instances, mcp
+from chora.commands import assembly, cache, completion, configs, dlq, doctor, events, instances, mcp, runs
 from chora.common import (
     EXIT_CODES,
     EXIT_FAILED,
@@ -31,7 +31,7 @@ from chora.common import (
 from chora.options import add_command, connection_parser
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
-COMMAND_MODULES = [configs, dlq, assembly, events, cache, doctor, mcp, instances]
+COMMAND_MODULES = [configs, dlq, assembly, runs, events, cache, doctor, mcp, instances]
 
 
 # ---------------------------------------------------------------------- generate

@@ -17,6 +17,7 @@ from services.settings import Settings
 # to argparse: a command line it cannot parse.
 EXIT_FAILED = 1  # the outcome is an error (generation, assembly, a batch with failed items, ...)
 EXIT_INVALID = 3  # `chora generate`: the validator marked the content invalid (unless --allow-invalid)
+EXIT_NOT_FOUND = 3  # batch/artifact commands: no such run, or its results expired (same code: "nothing there")
 EXIT_USAGE = 64  # an option value that parses but cannot be used (a bad --trace-id, --context, ...)
 EXIT_UNAVAILABLE = 69  # NATS cannot be reached: refused, timed out, TLS handshake or authentication failed
 EXIT_TIMEOUT = 75  # no outcome within --timeout: the request stays queued; try again later
@@ -27,7 +28,7 @@ EXIT_CODES = [
     (0, "done"),
     (EXIT_FAILED, "failed: an error outcome, an invalid config, a batch with failed items, a closed output pipe"),
     (2, "the command line does not parse"),
-    (EXIT_INVALID, "generate: the validator marked the content invalid"),
+    (EXIT_INVALID, "generate: the validator marked the content invalid; cancel, results: no such run (or expired)"),
     (EXIT_USAGE, "an option value that parses but cannot be used (--context, --trace-id, ...)"),
     (EXIT_UNAVAILABLE, "NATS cannot be reached (refused, timed out, TLS or authentication failed)"),
     (EXIT_TIMEOUT, "no outcome within --timeout (the request stays queued: try again later)"),

@@ -22,6 +22,7 @@ from contracts.catalogue import (
     ARTIFACT_REQUESTED,
     BATCH_COMPLETED,
     BATCH_REQUESTED,
+    CANCEL_REQUESTED,
     CATALOGUE,
     CONTENT_GENERATED,
     CONTENT_VALIDATED,
@@ -29,6 +30,7 @@ from contracts.catalogue import (
     events_stream,
     subject_for,
 )
+from contracts.cancels import cancel_request
 from contracts.envelope import CloudEvent, EnvelopeError, decode, encode_binary, new_event
 from contracts.events import (
     ArtifactAssembled,
@@ -338,6 +340,26 @@ class ChoraClient:
         event = self.new_request(BATCH_REQUESTED, data, trace_id=trace_id, traceparent=traceparent)
         completed = (await self.request(event, [BATCH_COMPLETED], timeout))[BATCH_COMPLETED]
         return BatchResult(event, completed.data, completed.traceid, completed.traceparent)
+
+    async def cancel(
+        self,
+        kind: str,
+        id: str,
+        reason: str | None = None,
+        *,
+        trace_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> CloudEvent:
+        """Ask the assembler to cancel a run under way: ``kind`` "batch" (``id`` its batch id) or
+        "artifact" (the artifact request's id). Returns the published ``chora.cancel.requested``
+        at once; the run's completion (``batch_completed`` / ``artifact_assembled``, e.g. through
+        :meth:`outcomes`) says ``cancelled`` unless it completed first. Its id is derived from
+        the run, so asking twice is one request. ValueError for a bad kind, id or reason."""
+        asked = cancel_request(kind, id, reason, source=self.source)  # validated, with its derived id
+        event = self.new_request(CANCEL_REQUESTED, asked.data, trace_id=trace_id, traceparent=traceparent)
+        event.id = asked.id
+        await self.publish(event)
+        return event
 
     async def fetch_content(self, ref: str) -> str:
         """The text an ``obj://<bucket>/<name>`` reference names (content too large to travel inline)."""

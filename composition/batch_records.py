@@ -9,6 +9,7 @@ Reading takes any store with ``get(key)`` and ``matching(pattern)`` (the bus's
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Protocol
 
@@ -45,6 +46,9 @@ class BatchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     closed_by: str | None = None  # id of the event whose update closed the batch: it announces the completion
     stopped_by_index: int | None = None  # continue_on_error false: the failed item that stopped the batch
     finished: bool = False  # the batch_completed is in the stream (set by the completions consumer)
+    # when the item outcomes expire (set once finished: services/assembler/retention.py); past it
+    # readers answer "expired", and the item records are gone (per-message TTL)
+    results_expire_at: float | None = None
 
     @property
     def done(self) -> int:
@@ -79,6 +83,14 @@ class BatchLookupError(Exception):
     """No batch has that id or id prefix, or more than one does."""
 
 
+class ResultsExpired(BatchLookupError):
+    """The batch finished longer ago than the results TTL: its item outcomes are gone."""
+
+
+def results_expired(r: BatchRecord, now: float | None = None) -> bool:
+    return r.results_expire_at is not None and (time.time() if now is None else now) >= r.results_expire_at
+
+
 def batch_progress(batch_id: str, r: BatchRecord) -> dict[str, Any]:
     """A batch's progress, as `chora batch status` and the gateway show it."""
     return {
@@ -93,6 +105,7 @@ def batch_progress(batch_id: str, r: BatchRecord) -> dict[str, Any]:
         "continue_on_error": r.continue_on_error,
         "started_at": r.started_at,
         "elapsed_s": round((r.closed_at or time.time()) - r.started_at, 3),
+        "results_expire_at": r.results_expire_at,  # set once finished: the results TTL
     }
 
 
@@ -106,6 +119,52 @@ async def read_batch_item(state: Readable, batch_id: str, index: int) -> BatchIt
     """The outcome of item ``index``, or None while it has none."""
     got = await state.get(batch_item_key(batch_id, index))
     return None if got is None else decode_item(got[0])
+
+
+# A page of more item indexes than this is read with one ordered consumer (every item of the
+# batch), not one KV get per index.
+_GETS_PER_PAGE = 256
+
+
+async def read_batch_page(
+    state: Readable, batch_id: str, r: BatchRecord, cursor: int = 0, limit: int | None = None
+) -> dict[str, Any]:
+    """Item outcomes ``cursor`` .. ``cursor + limit`` (all from ``cursor`` when ``limit`` is
+    None) of the batch whose record is ``r``: ``{batch_id, total, cursor, next_cursor, items}``,
+    each item an outcome's fields, or ``{index, status: skipped | pending}`` while it has none;
+    ``next_cursor`` is None at the end. :class:`ResultsExpired` past the results TTL.
+    `chora batch results` and the gateway (HTTP, MCP) both read through here."""
+    if results_expired(r):
+        raise ResultsExpired(f"the results of batch {batch_id} have expired: they are kept for the results TTL after it finished")
+    stop = r.total if limit is None else min(r.total, cursor + limit)
+    indexes = range(cursor, max(cursor, stop))
+    outcomes: dict[int, BatchItemOutcome]
+    if len(indexes) > _GETS_PER_PAGE:
+        prefix = batch_item_prefix(batch_id)
+        raw = await state.matching(f"{prefix}.*")
+        outcomes = {}
+        for k, v in raw.items():
+            token = k.rsplit(".", 1)[1]
+            if token.isdigit() and int(token) in indexes:
+                outcomes[int(token)] = decode_item(v)
+    else:
+        got = await asyncio.gather(*(read_batch_item(state, batch_id, i) for i in indexes))
+        outcomes = {i: o for i, o in zip(indexes, got) if o is not None}
+    items: list[dict[str, Any]] = []
+    for i in indexes:
+        o = outcomes.get(i)
+        if o is not None:
+            items.append(msgspec.to_builtins(o))
+        else:
+            items.append({"index": i, "status": "skipped" if r.closed else "pending"})
+    end = indexes.stop
+    return {
+        "batch_id": batch_id,
+        "total": r.total,
+        "cursor": cursor,
+        "next_cursor": end if end < r.total else None,
+        "items": items,
+    }
 
 
 async def find_batch(state: Readable, batch_id: str) -> tuple[str, bytes]:

@@ -67,6 +67,10 @@ class CompositionSettings(BaseSettings):
     # Which misses claim their key across instances (one KV write each): "auto" (generators
     # that are not deterministic, e.g. model calls), "always" or "never".
     cache_claims: Literal["auto", "always", "never"] = "auto"
+    # A batch's item outcomes stay readable (`chora batch results`, the gateway) this long after
+    # the batch finished, then expire (per-message TTL on their KV records); at most the stream's
+    # max age (NATS_STREAM_MAX_AGE_S / CHORA_STREAM_MAX_AGE_S), which bounds every record anyway.
+    batch_results_ttl_s: float = Field(default=7 * 24 * 3600, ge=1)
     # Per-request callbacks (``callback_url`` on a request): the hosts or URL prefixes they may
     # go to (see composition/callbacks.py); empty: callbacks are refused. The notifier signs
     # them with the secret in the variable named by callback_secret_env.

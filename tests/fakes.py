@@ -17,6 +17,7 @@ class MemoryState:
         self.seq = 0
         self.creates = 0
         self.updates = 0
+        self.ttls: dict[str, float] = {}
 
     async def get(self, key):
         await asyncio.sleep(0)
@@ -46,6 +47,12 @@ class MemoryState:
         self.seq += 1
         self.data[key] = (value, self.seq)
         return self.seq
+
+    async def put_many(self, entries, ttl_s):
+        """Like :meth:`put` for each, and the TTL noted in ``ttls`` (nothing expires here)."""
+        for key, value in entries.items():
+            await self.put(key, value)
+            self.ttls[key] = ttl_s
 
     async def items(self, prefix):
         await asyncio.sleep(0)

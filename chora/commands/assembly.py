@@ -14,6 +14,7 @@
   (``items_ref``).
 - ``chora batch status ID``: the batch's progress, read from its KV record; ID
   may be an unambiguous prefix (the 8 characters of the progress bar).
+- ``chora batch cancel`` and ``chora batch results``: :mod:`chora.commands.runs`.
 
 The stream is followed from before the request is published, and re-read from
 the last event seen after a reconnect, so the outcome cannot be missed; the
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import msgspec
 
+from chora.commands import runs
 from chora.options import add_command
 from chora.common import (
     EXIT_FAILED,
@@ -382,3 +384,4 @@ def register(sub) -> None:
     sp = add_command(bt, "status", connects=True, json=True, help="progress of a batch, from its state record")
     sp.add_argument("batch_id")
     sp.set_defaults(func=lambda a: asyncio.run(batch_status(a)))
+    runs.register_batch(bt)  # cancel, results

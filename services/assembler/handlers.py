@@ -54,6 +54,7 @@ from contracts.handling import Delivery, EventHandlers, Handler, Reject, Retry, 
 from services.assembler import artifacts as art
 from services.assembler import batches as bat
 from services.assembler.compose import ComposeError, compile_layout
+from services.assembler.retention import keep_batch_results
 from services.assembler.state import (
     ArtifactRun,
     BatchRecord,
@@ -106,6 +107,8 @@ class Deps:
     ack_wait_s: float = 30.0
     inline_items: int = INLINE_ITEMS
     max_event_bytes: int = 1 << 20  # the bus refuses larger events: stay well under it
+    results_ttl_s: float | None = None  # a finished batch's results TTL (retention.py); None: the bucket's max age
+    state_max_age_s: float | None = None  # the state bucket's max age (the stream's), which bounds every record
     stats: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -493,6 +496,8 @@ async def on_announced(event: CloudEvent, delivery: Delivery, deps: Deps) -> lis
         except KeyError:  # expired meanwhile
             pass
     deps.committers.forget(key)
+    if isinstance(data, BatchCompleted):
+        await keep_batch_results(data.batch_id, deps)
     return []
 
 

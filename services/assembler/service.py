@@ -11,7 +11,7 @@ runs two durable consumers (see :meth:`AssemblerApp.consumers`):
   mark their records finished (see :mod:`services.assembler`).
 
 Settings read: ``configs_dir`` (content configs, and artifact configs in its
-``artifacts/``), ``max_event_bytes``, and through the topology ``duplicate_window_s`` and ``ack_wait_s``.
+``artifacts/``), ``max_event_bytes``, ``batch_results_ttl_s``, and through the topology ``duplicate_window_s`` and ``ack_wait_s``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,16 @@ class AssemblerApp:
 
     name = "assembler"
 
-    def __init__(self, configs_dir: Path | str, *, source: str = SOURCE, max_event_bytes: int = 1 << 20):
+    def __init__(
+        self,
+        configs_dir: Path | str,
+        *,
+        source: str = SOURCE,
+        max_event_bytes: int = 1 << 20,
+        results_ttl_s: float | None = None,
+    ):
         self.max_event_bytes = max_event_bytes
+        self.results_ttl_s = results_ttl_s
         self.configs = ConfigStore(configs_dir)
         self.artifacts = ArtifactStore(configs_dir)
         self.source = source
@@ -51,6 +59,8 @@ class AssemblerApp:
             duplicate_window_s=topo.duplicate_window_s,
             ack_wait_s=topo.consumers["assembler"].ack_wait_s,
             max_event_bytes=self.max_event_bytes,
+            results_ttl_s=self.results_ttl_s,
+            state_max_age_s=topo.max_age_s,
         )
         self._routed = route(EVENT_HANDLERS, self.deps, self.name)
 
@@ -78,4 +88,8 @@ class AssemblerApp:
 
 
 def build(settings: Settings) -> AssemblerApp:
-    return AssemblerApp(settings.configs_dir, max_event_bytes=settings.max_event_bytes)
+    return AssemblerApp(
+        settings.configs_dir,
+        max_event_bytes=settings.max_event_bytes,
+        results_ttl_s=settings.batch_results_ttl_s,  # bounded by the state bucket's max age (retention.py)
+    )

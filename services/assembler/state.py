@@ -41,6 +41,7 @@ from composition.batch_records import batch_key as batch_key
 from composition.batch_records import decode_batch as decode_batch
 from composition.batch_records import decode_item as decode_item
 from composition.keys import key_id as key_id
+from composition.runs import artifact_key as artifact_key
 from contracts.events import ErrorInfo
 
 log = logging.getLogger("chora.assembler")
@@ -48,10 +49,6 @@ log = logging.getLogger("chora.assembler")
 
 def batch_spec_key(batch_id: str) -> str:
     return f"{batch_key(batch_id)}.spec"
-
-
-def artifact_key(run_id: str) -> str:
-    return f"artifact.{key_id(run_id)}"
 
 
 def part_key(run_id: str, part_id: str) -> str:
@@ -188,6 +185,7 @@ class State(Protocol):
     async def create(self, key: str, value: bytes) -> int | None: ...
     async def update(self, key: str, value: bytes, revision: int) -> int | None: ...
     async def put(self, key: str, value: bytes) -> int: ...
+    async def put_many(self, entries: dict[str, bytes], ttl_s: float) -> None: ...  # with a TTL each
     async def items(self, prefix: str) -> dict[str, bytes]: ...
 
 

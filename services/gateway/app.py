@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path as FsPath
-from typing import Annotated, Any, Awaitable, Callable
+from typing import Annotated, Any, Awaitable, Callable, Literal
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +23,7 @@ from services.gateway import sse
 from services.gateway.idempotency import fingerprint, idempotent
 from services.gateway.mcp.http import Caller, McpHttp
 from services.gateway.middleware import GatewayMiddleware
+from composition.runs import RunKind
 from services.gateway.model import API_VERSION, GatewayError, Outcome, Pending
 from services.gateway.operations import Operations
 from services.gateway.problems import HTTP_CODES, from_error, problem, trace_of
@@ -95,6 +96,27 @@ class BatchBody(BaseModel):
 
 
 Id = Annotated[str, Path(min_length=1, max_length=256)]
+ReasonQ = Annotated[str | None, Query(max_length=500, description="why; carried on the cancel request")]
+
+
+class CancelAccepted(BaseModel):
+    kind: Literal["artifact", "batch"]
+    id: str = Field(description="the run's id")
+    state: Literal["cancelling"]
+    cancel_id: str = Field(description="the chora.cancel.requested event's id: derived from the run, so one per run")
+    location: str = Field(description="where the run's state and, once it comes, its completion show")
+
+
+def cancel_responses(what: str, location: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        202: {
+            "model": CancelAccepted,
+            "description": f"the cancel is asked; Location is {location}, where the completion (status cancelled, "
+            "unless the run completed first) shows",
+        },
+        404: {**_PROBLEM, "description": f"{what} is unknown (or expired): BATCH_NOT_FOUND, ARTIFACT_RUN_NOT_FOUND"},
+        409: {**_PROBLEM, "description": f"{what} has already completed: RUN_COMPLETED (with its run_status)"},
+    }
 TimeoutQ = Annotated[
     float | None, Query(ge=0, description="seconds to wait for the outcome (else Prefer: wait=N, else the default)")
 ]
@@ -324,6 +346,40 @@ def create_app(
             return JSONResponse(doc, status_code=202, headers={"Location": acc.location})
 
         return await answer(request, principal, idempotency_key, compute)
+
+    # ------------------------------------------------------------------ cancels
+    async def cancelled(request: Request, kind: RunKind, run_id: str, reason: str | None) -> Response:
+        doc = await ops.cancel(kind, run_id, reason, trace=request.state.trace)
+        return JSONResponse(doc, status_code=202, headers={"Location": doc["location"]})
+
+    @app.delete(
+        "/v1/batches/{batch_id}",
+        status_code=202,
+        tags=["batches"],
+        summary="Cancel a batch",
+        description="Publishes a chora.cancel.requested for the batch and answers at once: its "
+        "batch_completed will say cancelled (with the counts of what ran), unless it completes first. "
+        "Asking twice is one request (the cancel's id is derived from the batch).",
+        responses=cancel_responses("the batch", "/v1/batches/{id}"),
+    )
+    async def delete_batch(
+        request: Request, batch_id: Id, reason: ReasonQ = None, _: Principal = auth("batch")
+    ) -> Response:
+        return await cancelled(request, "batch", batch_id, reason)
+
+    @app.delete(
+        "/v1/artifacts/{request_id}",
+        status_code=202,
+        tags=["requests"],
+        summary="Cancel an artifact run",
+        description="Publishes a chora.cancel.requested for the artifact request and answers at once: "
+        "its artifact_assembled will say cancelled, unless it completes first.",
+        responses=cancel_responses("the artifact run", "/v1/requests/{id}"),
+    )
+    async def delete_artifact(
+        request: Request, request_id: Id, reason: ReasonQ = None, _: Principal = auth("generate")
+    ) -> Response:
+        return await cancelled(request, "artifact", request_id, reason)
 
     # ------------------------------------------------------------------ reading
     @app.get("/v1/batches/{batch_id}", tags=["batches"], summary="A batch's progress")

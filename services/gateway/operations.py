@@ -30,13 +30,14 @@ from bus.state import StateStore
 from bus.topology import GATEWAY_TTL_S, Topology
 from composition.artifacts import ArtifactStore
 from composition.batch_records import (
-    BatchRecord,
-    decode_batch,
-    key_id,
+    ResultsExpired,
     batch_key,
     batch_progress,
-    read_batch_item,
+    decode_batch,
+    key_id,
+    read_batch_page,
 )
+from composition.runs import RunKind, read_run
 from composition.callbacks import CallbackRefused, check_callback_url
 from composition.capabilities import GENERATORS_KEY, decode_generators
 from composition.configs import GenerationError, ConfigStore, valid_config_id
@@ -49,6 +50,7 @@ from contracts.catalogue import (
     GENERATION_REQUESTED,
     subject_for,
 )
+from contracts.cancels import cancel_request
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ArtifactRequested, BatchRequested, GenerationRequested
 from contracts.tracing import child_traceparent, new_trace_id
@@ -70,6 +72,7 @@ FEATURES = [
     "callbacks",
     "api-keys",
     "rate-limit",
+    "cancel",
 ]
 
 
@@ -202,6 +205,35 @@ class Operations:
         await self.stores.records.put(request_key(ev.id), msgspec.json.encode(record))
         return Accepted(ev.id, ev.traceid, len(items))
 
+    async def cancel(
+        self, kind: RunKind, run_id: str, reason: str | None = None, *, trace: Trace | None = None
+    ) -> dict[str, Any]:
+        """Ask the assembler to cancel run ``run_id`` (a ``chora.cancel.requested``): 404 when
+        neither the assembler nor this gateway knows the run, 409 when it has completed."""
+        what = "batch" if kind == "batch" else "artifact run"
+        run = await read_run(self.stores.state, kind, run_id)
+        status = run["status"] if run is not None else None
+        if run is None:  # not accepted by the assembler yet: a request this gateway published?
+            record = await self._record(run_id)
+            if record is None or record.kind != ("batch" if kind == "batch" else "assemble"):
+                code = "BATCH_NOT_FOUND" if kind == "batch" else "ARTIFACT_RUN_NOT_FOUND"
+                raise GatewayError(404, code, f"no {what} {run_id} (unknown, or expired)")
+            status = (record.outcome or {}).get("status") if record.state == "done" else None
+        if status is not None:
+            raise GatewayError(
+                409, "RUN_COMPLETED", f"{what} {run_id} has already completed ({status})", extra={"run_status": status}
+            )
+        trace = trace or Trace(new_trace_id())
+        try:
+            ev = cancel_request(kind, run_id, reason, source=self.gateway.source, trace_id=trace.trace_id)
+        except ValueError as e:
+            raise GatewayError(422, "INVALID_REQUEST", str(e)) from None
+        if trace.traceparent:
+            ev.traceparent = child_traceparent(trace.trace_id, trace.traceparent)
+        await self._publish(ev)
+        location = f"/{API_VERSION}/batches/{run_id}" if kind == "batch" else f"/{API_VERSION}/requests/{run_id}"
+        return {"kind": kind, "id": run_id, "state": "cancelling", "cancel_id": ev.id, "location": location}
+
     # ------------------------------------------------------------------ reading
     async def request_status(self, request_id: str) -> dict[str, Any]:
         """A request this gateway published: ``{request_id, kind, state, trace_id, outcome?}``."""
@@ -258,27 +290,13 @@ class Operations:
         if got is None:
             await self.batch_status(batch_id)  # 404, or queued
             return {"batch_id": batch_id, "total": None, "cursor": cursor, "next_cursor": cursor, "items": []}
-        r: BatchRecord = decode_batch(got[0])
-        indexes = list(range(cursor, min(r.total, cursor + limit)))
-        outcomes = await asyncio.gather(*(read_batch_item(self.stores.state, batch_id, i) for i in indexes))
-        items: list[dict[str, Any]] = []
-        for i, o in zip(indexes, outcomes):
-            if o is not None:
-                items.append(msgspec.to_builtins(o))
-            elif r.closed:
-                items.append({"index": i, "status": "skipped"})
-            else:
-                items.append({"index": i, "status": "pending"})
+        try:
+            page = await read_batch_page(self.stores.state, batch_id, decode_batch(got[0]), cursor, limit)
+        except ResultsExpired as e:
+            raise GatewayError(404, "BATCH_RESULTS_EXPIRED", str(e)) from None
         if content:
-            await self._attach_content(batch_id, items)
-        end = cursor + len(indexes)
-        return {
-            "batch_id": batch_id,
-            "total": r.total,
-            "cursor": cursor,
-            "next_cursor": end if end < r.total else None,
-            "items": items,
-        }
+            await self._attach_content(batch_id, page["items"])
+        return page
 
     def list_configs(self) -> list[dict[str, Any]]:
         """Every content and artifact config: id, kind, description, declared context (its defaults)."""

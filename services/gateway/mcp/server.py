@@ -44,7 +44,9 @@ TOOL_SCOPES = {
     "batch_results": "read",
     "request_status": "read",
     "list_configs": "read",
+    "cancel_run": "batch",  # for kind "batch"; "generate" for an artifact run (CANCEL_SCOPES)
 }
+CANCEL_SCOPES = {"batch": "batch", "artifact": "generate"}  # the scope that may start such a run
 RESOURCE_SCOPE = "read"
 
 INSTRUCTIONS = """chora-compose renders content from configs (templates, model prompts) and assembles
@@ -53,7 +55,8 @@ content_config_id and artifact_id exist and the context each one declares. gener
 and assemble_artifact wait for the outcome up to timeout_s; a result with state "pending"
 means it is still being made: call request_status with its request_id later. batch_generate
 answers at once with a batch_id: poll batch_status until state is "finished", then read
-batch_results page by page (next_cursor)."""
+batch_results page by page (next_cursor) while they are kept (BATCH_RESULTS_EXPIRED after).
+cancel_run stops a batch or an artifact run under way."""
 
 
 # ---------------------------------------------------------------------- output models
@@ -96,6 +99,17 @@ class BatchResults(BaseModel):
     cursor: int
     next_cursor: int | None = Field(description="the cursor of the next page; None at the end")
     items: list[dict[str, Any]] = Field(description="index, status (success, error, skipped, pending), content, error")
+
+
+class CancelAsked(BaseModel):
+    """A cancel that was asked; the run's completion will say cancelled, unless it completes first."""
+
+    kind: Literal["artifact", "batch"]
+    id: str = Field(description="the run's id")
+    state: Literal["cancelling"] = "cancelling"
+    cancel_id: str = Field(description="the chora.cancel.requested event's id (the same for every ask)")
+    location: str = Field(description="the HTTP resource where the run's state and outcome show")
+    poll: str = Field(description="what to call to see the completion")
 
 
 class ConfigList(BaseModel):
@@ -182,8 +196,10 @@ def build_server(ops: Operations, *, local: bool) -> MCPServer:
     root.handlers[:] = handlers  # undo the SDK's logging.basicConfig: the process configures its logging
     root.setLevel(level)
 
-    async def guarded(tool: str, call: Callable[[], Awaitable[CallToolResult]]) -> CallToolResult:
-        needed = TOOL_SCOPES[tool]
+    async def guarded(
+        tool: str, call: Callable[[], Awaitable[CallToolResult]], needed: str | None = None
+    ) -> CallToolResult:
+        needed = needed or TOOL_SCOPES[tool]
         if not allowed(granted_scopes(local), needed):
             return tool_error("FORBIDDEN", f"{tool} needs the {needed!r} scope, which this API key has not", 403)
         try:
@@ -327,6 +343,30 @@ def build_server(ops: Operations, *, local: bool) -> MCPServer:
             return _ok(BatchResults.model_validate(page))
 
         return await guarded("batch_results", call)
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False))
+    async def cancel_run(
+        kind: Annotated[Literal["artifact", "batch"], Field(description="what the run is")],
+        id: Annotated[
+            str, Field(description="the batch_id, or the artifact's request_id", min_length=1, max_length=256)
+        ],
+        reason: Annotated[str | None, Field(description="why (kept on the cancel request)", max_length=500)] = None,
+        trace_id: TraceId = None,
+    ) -> Annotated[CallToolResult, CancelAsked]:
+        """Cancel a batch or an artifact run that is under way: nothing more is generated for it
+        and its completion says cancelled. Answers at once; a run that has completed already is
+        a RUN_COMPLETED error, an unknown one BATCH_NOT_FOUND or ARTIFACT_RUN_NOT_FOUND."""
+
+        async def call() -> CallToolResult:
+            doc = await ops.cancel(kind, id, reason, trace=Trace.parse(trace_id))
+            poll = (
+                f"call batch_status with batch_id={id}"
+                if kind == "batch"
+                else f"call request_status with request_id={id}"
+            )
+            return _ok(CancelAsked(**doc, poll=poll))
+
+        return await guarded("cancel_run", call, CANCEL_SCOPES[kind])
 
     @server.tool(annotations=read_only)
     async def request_status(request_id: RequestId) -> Annotated[CallToolResult, RequestResult]:

@@ -135,7 +135,9 @@ async def read_batch_page(
     ``next_cursor`` is None at the end. :class:`ResultsExpired` past the results TTL.
     `chora batch results` and the gateway (HTTP, MCP) both read through here."""
     if results_expired(r):
-        raise ResultsExpired(f"the results of batch {batch_id} have expired: they are kept for the results TTL after it finished")
+        raise ResultsExpired(
+            f"the results of batch {batch_id} have expired: they are kept for the results TTL after it finished"
+        )
     stop = r.total if limit is None else min(r.total, cursor + limit)
     indexes = range(cursor, max(cursor, stop))
     outcomes: dict[int, BatchItemOutcome]

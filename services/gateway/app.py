@@ -117,6 +117,8 @@ def cancel_responses(what: str, location: str) -> dict[int | str, dict[str, Any]
         404: {**_PROBLEM, "description": f"{what} is unknown (or expired): BATCH_NOT_FOUND, ARTIFACT_RUN_NOT_FOUND"},
         409: {**_PROBLEM, "description": f"{what} has already completed: RUN_COMPLETED (with its run_status)"},
     }
+
+
 TimeoutQ = Annotated[
     float | None, Query(ge=0, description="seconds to wait for the outcome (else Prefer: wait=N, else the default)")
 ]

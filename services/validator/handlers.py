@@ -126,7 +126,9 @@ async def on_content_generated(event: CloudEvent, delivery: Delivery, deps: Deps
         err = checked.report.error
         code, message = (err.code, err.message) if err is not None else ("CONFIG_INVALID", "unknown")
         what = "has invalid validation rules" if code == RulesError.code else "cannot be loaded"
-        issues = [ValidationIssue(rule="config", severity="error", message=cut(f"config {config_id!r} {what}: {message}"))]
+        issues = [
+            ValidationIssue(rule="config", severity="error", message=cut(f"config {config_id!r} {what}: {message}"))
+        ]
 
     verdict = ContentValidated(
         request_id=data.request_id,

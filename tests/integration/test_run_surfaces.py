@@ -353,9 +353,7 @@ async def test_mcp_cancel_run_tool(stack):
 async def test_client_cancel_publishes_the_same_request(stack):
     batch_id = await write_batch(stack, 2)
     async with contextlib.AsyncExitStack() as es:
-        client = await es.enter_async_context(
-            await ChoraClient.connect(stack.server.url, prefix=stack.settings.prefix)
-        )
+        client = await es.enter_async_context(await ChoraClient.connect(stack.server.url, prefix=stack.settings.prefix))
         ev = await client.cancel("batch", batch_id, "from python", trace_id="trace-client-1")
         assert ev.id == cancel_event_id("batch", batch_id) and ev.traceid == "trace-client-1"
         _, stored = await last_cancel(stack)

@@ -332,8 +332,9 @@ async def test_delete_artifact_answers_202_404_409(stack, http):
 
 
 # ---------------------------------------------------------------------- MCP and the client
-async def test_mcp_cancel_run_tool(stack):
+async def test_mcp_cancel_run_asks_the_cancel_and_batch_results_past_the_ttl_are_expired(stack):
     batch_id, run_id = await write_batch(stack, 2), await write_artifact_run(stack)
+    expired = await write_batch(stack, 1, closed=True, finished=True, outcomes=[ok(0)], expire_at=1.0)
     async with held(over_http(f"{stack.gw.url}/mcp", "key-all")) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
         schema = tools["cancel_run"].input_schema
@@ -345,6 +346,8 @@ async def test_mcp_cancel_run_tool(stack):
         assert (await last_cancel(stack))[1].data.reason == "mcp"
         got = await client.call_tool("cancel_run", {"kind": "artifact", "id": "no-such-run"})
         assert got.is_error and got.structured_content["error"]["code"] == "ARTIFACT_RUN_NOT_FOUND"
+        got = await client.call_tool("batch_results", {"batch_id": expired})
+        assert got.is_error and got.structured_content["error"]["code"] == "BATCH_RESULTS_EXPIRED"
     async with held(over_http(f"{stack.gw.url}/mcp", "key-reader")) as reader:
         got = await reader.call_tool("cancel_run", {"kind": "artifact", "id": run_id})
         assert got.is_error and got.structured_content["error"]["code"] == "FORBIDDEN"

@@ -106,6 +106,9 @@ class ArtifactConfig(BaseModel):
     parts: Annotated[list[PartConfig], Field(min_length=1, max_length=MAX_PARTS)]
     compose: ComposeConfig = ComposeConfig()
     context: dict[str, Any] = {}
+    # a run of this artifact must be complete this many seconds after the assembler accepts it,
+    # else it ends as timed_out (a request's own deadline_s wins); none by default
+    deadline_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
 
     @model_validator(mode="after")
     def _unique_parts(self) -> "ArtifactConfig":

@@ -57,25 +57,40 @@ SINGLE_AUTH_CONF = NATS_DIR / "single-auth.conf"
 
 USERS = ("admin", "generator", "telemetry", "validator", "assembler", "notifier", "client", "gateway")
 EVENTS = "CHORA_EVENTS"
-DURABLES = ("generator", "telemetry", "validator", "assembler", "notify-release-hook")
+DURABLES = (
+    "generator",
+    "generator-compensations",
+    "telemetry",
+    "validator",
+    "assembler",
+    "assembler-cancels",
+    "assembler-deadlines",
+    "notify-release-hook",
+)
 
 # The intended table, restated independently of auth.conf: what each user may publish among
 # the catalogue subjects and the dead-letter subjects.
 EVENT_PUBLISH = {
-    "generator": {"chora.content_generated"},
+    "generator": {"chora.content_generated", "chora.effects_compensated"},
     "telemetry": set(),
     "validator": {"chora.content_validated", "chora.config_validated"},
-    "assembler": {"chora.generation.requested", "chora.artifact_assembled", "chora.batch_completed"},
+    "assembler": {
+        "chora.generation.requested",
+        "chora.artifact_assembled",
+        "chora.batch_completed",
+        "chora.deadline.requested",
+        "chora.compensation.requested",
+    },
     "notifier": {"chora.notification_delivered", "chora.notification_failed"},
     "client": {"chora.generation.requested", "chora.artifact.requested", "chora.batch.requested"},
     "gateway": {"chora.generation.requested", "chora.artifact.requested", "chora.batch.requested"},
 }
 # durables each user may pull from, settle (ack) and dead-letter for
 OWN_DURABLES = {
-    "generator": {"generator"},
+    "generator": {"generator", "generator-compensations"},
     "telemetry": {"telemetry"},
     "validator": {"validator"},
-    "assembler": {"assembler"},
+    "assembler": {"assembler", "assembler-cancels", "assembler-deadlines"},
     "notifier": {"notify-release-hook"},
     "client": set(),
     "gateway": set(),
@@ -86,6 +101,7 @@ FACTS = {
     "chora.config_validated",
     "chora.artifact_assembled",
     "chora.batch_completed",
+    "chora.effects_compensated",
     "chora.notification_delivered",
     "chora.notification_failed",
 }

@@ -72,9 +72,7 @@ def chunks_of(effects: Sequence[Effect]) -> list[list[Effect]]:
 # --------------------------------------------------------------------------- markers
 
 
-async def put_marker(
-    deps: Deps, kind: str, run_id: str, outcome: str, by: str, reason: str | None = None
-) -> None:
+async def put_marker(deps: Deps, kind: str, run_id: str, outcome: str, by: str, reason: str | None = None) -> None:
     """The stopped-run marker the generator watches (put before the run's record is closed)."""
     marker = RunMarker(kind=kind, outcome=outcome, by=by, at=deps.clock(), reason=reason)  # type: ignore[arg-type]
     await deps.state.put(cancelled_key(run_id), encode_marker(marker))
@@ -255,9 +253,7 @@ async def run_effects(run: ArtifactRun, deps: Deps) -> list[Effect]:
                 refs[part] = ref
     in_flight = [p.id for p in run.parts if p.id not in run.settled]
     order = [*reversed(in_flight), *reversed(run.settled)]
-    return [
-        Effect(key=p, cache_key=cache.get(p), content_ref=refs.get(p)) for p in order if p in cache or p in refs
-    ]
+    return [Effect(key=p, cache_key=cache.get(p), content_ref=refs.get(p)) for p in order if p in cache or p in refs]
 
 
 async def compensated_keys(record_key: str, deps: Deps) -> list[str]:

@@ -45,12 +45,8 @@ async def test_a_cancel_before_its_batch_request_is_honoured_once_nothing_genera
         await pub.publish(req)
         await wait_for(lambda: completed_for(col, req.id), 10, "batch_completed of the cancelled batch")
         await pub.publish(cancel(req.id))  # a second cancel of a closed batch: changes nothing
-        await wait_for(
-            lambda: (read_batch_status(nc, settings, req.id)), 10, "the batch record"
-        )
-        await wait_for(
-            lambda: _finished(nc, settings, req.id), 10, "the completion read back (finished)"
-        )
+        await wait_for(lambda: read_batch_status(nc, settings, req.id), 10, "the batch record")
+        await wait_for(lambda: _finished(nc, settings, req.id), 10, "the completion read back (finished)")
     done = completed_for(col, req.id)
     assert len(done) == 1
     d = done[0].data

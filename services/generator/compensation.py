@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from composition.runs import CANCELLED_PREFIX, run_token, undone_id
 from contracts.catalogue import COMPENSATION_REQUESTED, EFFECTS_COMPENSATED
 from contracts.envelope import CloudEvent, new_event
-from contracts.events import CompensationRequested, EffectsCompensated
+from contracts.events import CompensationRequested, Effect, EffectsCompensated
 from contracts.handling import Delivery, Retry, expect
 
 log = logging.getLogger("chora.generator")
@@ -52,25 +52,39 @@ class BusUndo:
             await self.content.delete(ref)
 
 
+WINDOW = 64  # effects undone at once (each is one or two KV / Object Store round trips)
+
+
 async def on_compensation_requested(event: CloudEvent, delivery: Delivery, deps: Any) -> list[CloudEvent]:
+    """Undo the listed effects in their order, a window of :data:`WINDOW` at a time (the
+    effects of different items are independent; one item's are undone in order)."""
     data = expect(event, COMPENSATION_REQUESTED, CompensationRequested, "generator")
     undo: Undo | None = deps.undo
     done: list[str] = []
     failed: list[str] = []
-    for effect in data.effects:
+
+    async def undo_one(effect: Effect) -> Exception | None:
         try:
             if undo is not None:
                 if effect.cache_key:
                     await undo.remove_cache_entry(effect.cache_key)
                 if effect.content_ref:
                     await undo.remove_content(effect.content_ref)
-        except Exception as e:  # the store is in trouble: try the whole request again later
-            if not delivery.last:
-                raise Retry(f"compensating {data.kind} {data.id}: {type(e).__name__}: {e}") from None
-            log.warning("compensating %s %s: %s failed for good: %s", data.kind, data.id, effect.key, e)
+        except Exception as e:  # the store is in trouble
+            return e
+        return None
+
+    effects = data.effects
+    for start in range(0, len(effects), WINDOW):
+        window = effects[start : start + WINDOW]
+        for effect, error in zip(window, await asyncio.gather(*(undo_one(e) for e in window))):
+            if error is None:
+                done.append(effect.key)
+                continue
+            if not delivery.last:  # try the whole request again later: undoing twice is undoing once
+                raise Retry(f"compensating {data.kind} {data.id}: {type(error).__name__}: {error}")
+            log.warning("compensating %s %s: %s failed for good: %s", data.kind, data.id, effect.key, error)
             failed.append(effect.key)
-            continue
-        done.append(effect.key)
     fact = EffectsCompensated(
         kind=data.kind, id=data.id, chunk=data.chunk, chunks=data.chunks, compensated=done, failed=failed
     )

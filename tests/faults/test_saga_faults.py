@@ -122,7 +122,7 @@ async def cancelled_and_checked(stack: ProcStack, batch_id: str, fault: str, t0:
 
 async def test_cancel_mid_batch_kill9_generator_then_restart(stack):
     batch_id = await start_and_publish(stack)
-    await progress(stack, batch_id, ITEMS // 3)
+    await progress(stack, batch_id, ITEMS // 10)
     at_fault = await running_at_fault(stack, batch_id)
     await publish_cancel(stack, batch_id)
     # the generator dies while it skips the cancelled batch's requests
@@ -137,7 +137,7 @@ async def test_cancel_mid_batch_kill9_generator_then_restart(stack):
 
 async def test_cancel_mid_batch_kill9_assembler_during_compensation(stack):
     batch_id = await start_and_publish(stack)
-    await progress(stack, batch_id, ITEMS // 3)
+    await progress(stack, batch_id, ITEMS // 10)
     # the generator goes first, so that the compensation requests wait for it
     stack.kill9("generator")
     at_fault = await running_at_fault(stack, batch_id)

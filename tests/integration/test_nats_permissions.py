@@ -675,6 +675,27 @@ async def test_state_bucket_keys_belong_to_their_service(provisioned, connect):
     assert (await kv.get("configcheck.cfg.abc")).value == b"reported"
 
 
+async def test_the_generator_follows_the_stopped_run_markers_and_nothing_else(provisioned, connect):
+    admin, topo = provisioned
+    asm, gen = await connect("assembler"), await connect("generator")
+    a = StateStore(asm.js(), topo.state_bucket)
+    await a.put("cancelled.b1", b"m")  # the assembler writes the markers (composition/runs.py)
+    await a.put("batch.b1", b"record")
+    seen: list[tuple[str, bool]] = []
+    sub = await StateStore(gen.js(10), topo.state_bucket).follow("cancelled.*", lambda k, p: seen.append((k, p)))
+    await wait_for(lambda: seen == [("cancelled.b1", True)], 5, "the existing marker, followed by the generator")
+    await a.put("cancelled.b2", b"m")
+    await wait_for(lambda: ("cancelled.b2", True) in seen, 5, "a new marker")
+    await sub.unsubscribe()
+    # a follow of anything else is refused: the filter is in the API subject
+    await refused(
+        StateStore(gen.js(), topo.state_bucket).follow("batch.*", lambda k, p: None),
+        gen,
+        f"$JS.API.CONSUMER.CREATE.KV_{topo.state_bucket}.",
+    )
+    assert all(k.startswith("cancelled.") for k, _ in seen)
+
+
 async def test_content_bucket_write_and_read_rights(provisioned, connect):
     admin, topo = provisioned
     writers = ("generator", "validator", "assembler")

@@ -4,13 +4,17 @@ with the assembler and the generator running in-process through run_service."""
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from bus.cache import ResultCacheStore
 from bus.content import ContentStore
 from bus.publisher import Publisher
 from bus.state import StateStore
+from bus.topology import Topology, provision
 from composition.runs import cancelled_key
 from contracts.catalogue import (
+    ARTIFACT_ASSEMBLED,
+    ARTIFACT_REQUESTED,
     BATCH_COMPLETED,
     BATCH_REQUESTED,
     CANCEL_REQUESTED,
@@ -20,13 +24,33 @@ from contracts.catalogue import (
     GENERATION_REQUESTED,
 )
 from contracts.envelope import new_event
-from contracts.events import CancelRequested
+from contracts.events import ArtifactRequested, CancelRequested
 from services.assembler.state import batch_item_key, decode_stored
 from services.assembler.status import read_batch_status
 from tests.conftest import wait_for
-from tests.integration.test_assembler_batches import batch, bus, completed_for, count_stored, running
+from tests.integration.test_assembler_artifacts import ARTIFACTS, CONFIGS
+from tests.integration.test_assembler_batches import Collector, batch, bus, completed_for, count_stored, running
 
 __all__ = ["bus"]  # the fixture, shared
+
+SLOW = """
+id: slow
+deadline_s: 1
+parts:
+  - {id: one, content_config_id: intro}
+"""
+
+
+@pytest.fixture
+def asettings(settings, tmp_path):
+    """The artifact tests' configs, and an artifact with a deadline in its config."""
+    d = tmp_path / "configs"
+    (d / "artifacts").mkdir(parents=True)
+    for name, text in CONFIGS.items():
+        (d / name).write_text(text)
+    for name, text in {**ARTIFACTS, "slow.yaml": SLOW}.items():
+        (d / "artifacts" / name).write_text(text)
+    return settings.model_copy(update={"configs_dir": d})
 
 
 def cancel(batch_id: str, kind: str = "batch"):
@@ -44,9 +68,14 @@ async def test_a_cancel_before_its_batch_request_is_honoured_once_nothing_genera
         assert await read_batch_status(nc, settings, req.id) is None  # nothing else changed
         await pub.publish(req)
         await wait_for(lambda: completed_for(col, req.id), 10, "batch_completed of the cancelled batch")
-        await pub.publish(cancel(req.id))  # a second cancel of a closed batch: changes nothing
-        await wait_for(lambda: read_batch_status(nc, settings, req.id), 10, "the batch record")
         await wait_for(lambda: _finished(nc, settings, req.id), 10, "the completion read back (finished)")
+        ack = await pub.publish(cancel(req.id))  # a second cancel, of a closed batch: changes nothing
+
+        async def handled() -> bool:
+            info = await js.consumer_info(topo.events_stream, "assembler-cancels")
+            return info.ack_floor.stream_seq >= ack.seq
+
+        await wait_for(handled, 10, "the second cancel handled (acknowledged)")
     done = completed_for(col, req.id)
     assert len(done) == 1
     d = done[0].data
@@ -86,16 +115,16 @@ async def test_a_deadline_fires_once_after_an_assembler_restart(settings, bus, n
 async def test_cancel_mid_batch_skips_the_rest_and_compensates_what_ran(settings, bus, nc):
     js, topo, col = bus
     pub = Publisher(js, settings.prefix)
-    n = 1000  # the completion lists them inline
+    n = 500  # the completion lists them inline
     req = new_event(BATCH_REQUESTED, batch(n), source="urn:test")
     async with running(("assembler", settings), ("generator", settings)):
         await pub.publish(req)
 
         async def some_done() -> bool:
             st = await read_batch_status(nc, settings, req.id)
-            return st is not None and st["done"] >= 50
+            return st is not None and st["done"] >= 30
 
-        await wait_for(some_done, 30, "50 items done")
+        await wait_for(some_done, 30, "30 items done")
         await pub.publish(cancel(req.id))
         await wait_for(lambda: completed_for(col, req.id), 30, "batch_completed cancelled")
         await wait_for(
@@ -106,7 +135,7 @@ async def test_cancel_mid_batch_skips_the_rest_and_compensates_what_ran(settings
     done = completed_for(col, req.id)
     assert len(done) == 1
     d = done[0].data
-    assert d.status == "cancelled" and d.successful >= 50 and d.skipped > 0
+    assert d.status == "cancelled" and d.successful >= 30 and d.skipped > 0
     assert d.successful + d.failed + d.skipped == n
     outcomes = col.of(CONTENT_GENERATED, lambda e: e.data.origin.id == req.id)
     assert len({e.data.origin.key for e in outcomes}) == n  # nothing lost
@@ -133,3 +162,55 @@ async def test_cancel_mid_batch_skips_the_rest_and_compensates_what_ran(settings
 
 def _counted_bits(d) -> set[int]:
     return {o.index for o in d.items if o.status != "skipped"}
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+async def test_artifacts_cancelled_timed_out_and_failed_are_compensated(nc, asettings):
+    """Three artifact runs on one stack: a cancel and a config deadline while the parts wait
+    (no generator yet), then a run whose required part fails after another part wrote its
+    cache entry: that entry is removed and the part reported in compensated_parts."""
+    js = nc.jetstream()
+    topo = Topology.from_settings(asettings)
+    await provision(js, topo)
+    col = await Collector().start(nc, asettings.prefix)
+    pub = Publisher(js, asettings.prefix)
+
+    def assembled(run_id: str):
+        return col.of(ARTIFACT_ASSEMBLED, lambda e: e.data.request_id == run_id)
+
+    waiting = new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id="chain"), source="urn:test")
+    timed = new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id="slow"), source="urn:test")
+    async with running(("assembler", asettings)):
+        await pub.publish(waiting)
+        await pub.publish(timed)
+        await wait_for(lambda: len(col.of(GENERATION_REQUESTED)) >= 2, 10, "the first part of each run requested")
+        await pub.publish(cancel(waiting.id, kind="artifact"))
+        await wait_for(lambda: assembled(waiting.id), 10, "artifact_assembled of the cancelled run")
+        await wait_for(lambda: assembled(timed.id), 10, "artifact_assembled of the run past its config deadline")
+    c, t = assembled(waiting.id)[0].data, assembled(timed.id)[0].data
+    assert (c.status, c.error.code, c.parts_count, c.compensated_parts) == ("cancelled", "RUN_CANCELLED", 0, [])
+    assert (t.status, t.error.code, t.compensated_parts) == ("timed_out", "DEADLINE_EXCEEDED", [])
+    assert t.duration_ms >= 1000
+
+    failing = new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id="required"), source="urn:test")
+    async with running(("generator", asettings), ("validator", asettings), ("assembler", asettings)):
+        await pub.publish(failing)
+        await wait_for(lambda: assembled(failing.id), 30, "artifact_assembled of the failed run")
+        # the generator answers what the stopped runs still had waiting, unrendered
+        await wait_for(
+            lambda: len(col.of(CONTENT_GENERATED, lambda e: e.data.origin.id in (waiting.id, timed.id))) >= 2,
+            10,
+            "the outcomes of the stopped runs' waiting parts",
+        )
+    f = assembled(failing.id)[0].data
+    assert f.status == "error" and f.failed_part == "broken" and f.compensated_parts == ["intro"]
+    intro = col.of(CONTENT_GENERATED, lambda e: e.data.origin.id == failing.id and e.data.origin.key == "intro")
+    assert intro and intro[0].data.cache_key
+    cache = ResultCacheStore(js, topo.cache_bucket, ContentStore(js, topo.content_bucket))
+    assert await cache.get(intro[0].data.cache_key) is None
+    fact = col.of(EFFECTS_COMPENSATED, lambda e: e.data.id == failing.id)
+    assert len(fact) == 1 and fact[0].data.compensated == ["intro"]
+    skipped = col.of(CONTENT_GENERATED, lambda e: e.data.origin.id in (waiting.id, timed.id))
+    assert {e.data.error.code for e in skipped} == {"RUN_CANCELLED"}

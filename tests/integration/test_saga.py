@@ -28,7 +28,7 @@ from contracts.events import ArtifactRequested, CancelRequested
 from services.assembler.state import batch_item_key, decode_stored
 from services.assembler.status import read_batch_status
 from tests.conftest import wait_for
-from tests.integration.test_assembler_artifacts import ARTIFACTS, CONFIGS
+from tests.integration.test_assembler_artifacts import ARTIFACTS, with_configs
 from tests.integration.test_assembler_batches import Collector, batch, bus, completed_for, count_stored, running
 
 __all__ = ["bus"]  # the fixture, shared
@@ -44,13 +44,7 @@ parts:
 @pytest.fixture
 def asettings(settings, tmp_path):
     """The artifact tests' configs, and an artifact with a deadline in its config."""
-    d = tmp_path / "configs"
-    (d / "artifacts").mkdir(parents=True)
-    for name, text in CONFIGS.items():
-        (d / name).write_text(text)
-    for name, text in {**ARTIFACTS, "slow.yaml": SLOW}.items():
-        (d / "artifacts" / name).write_text(text)
-    return settings.model_copy(update={"configs_dir": d})
+    return with_configs(settings, tmp_path, {**ARTIFACTS, "slow.yaml": SLOW})
 
 
 def cancel(batch_id: str, kind: str = "batch"):

@@ -93,9 +93,13 @@ async def on_compensation_requested(event: CloudEvent, delivery: Delivery, deps:
 
 class StoppedRuns:
     """The key tokens of stopped runs (a set, shared with the request handler), kept current by
-    a watch on their markers. Best effort: while the watch is down the set only misses runs,
-    and a request of a missed run is rendered as before (its outcome is not counted)."""
+    following their markers. The follow is made afresh every :attr:`REFRESH_S` seconds (it
+    reads the current markers again, a few keys: a follow lost with a server restart is
+    replaced). Best effort: while no follow runs the set only misses runs, and a request of a
+    missed run is rendered as before (its outcome is not counted). The set only grows while
+    the process runs: one short string per stopped run."""
 
+    REFRESH_S = 30.0
     RETRY_S = 5.0
 
     def __init__(self, runs: set[str]):
@@ -105,12 +109,8 @@ class StoppedRuns:
 
     def _changed(self, key: str, present: bool) -> None:
         token = run_token(key)
-        if token is None:
-            return
-        if present:
+        if token is not None and present:
             self.runs.add(token)
-        else:
-            self.runs.discard(token)
 
     def start(self, state: Any) -> None:
         if state is not None and hasattr(state, "follow"):
@@ -119,20 +119,27 @@ class StoppedRuns:
     async def _follow(self, state: Any) -> None:
         while True:
             try:
-                self._sub = await state.follow(f"{CANCELLED_PREFIX}.*", self._changed)
-                return
+                sub = await state.follow(f"{CANCELLED_PREFIX}.*", self._changed)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("cannot follow the stopped runs (retrying in %.0fs): %s", self.RETRY_S, e)
                 await asyncio.sleep(self.RETRY_S)  # a retry pause, not a synchronisation
+                continue
+            await self._drop()
+            self._sub = sub
+            await asyncio.sleep(self.REFRESH_S)  # the refresh period
+
+    async def _drop(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # the connection is gone or going: the server drops the consumer
+                pass
+            self._sub = None
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:  # the connection is going anyway
-                pass
+        await self._drop()

@@ -1,9 +1,9 @@
 """Markers of stopped runs, shared by the assembler (writes them) and the generator (reads them).
 
 When a run (an artifact or a batch) is cancelled or times out, the assembler puts
-``cancelled.<key id of the run>`` in the state bucket *before* it closes the run's
-record; the generator keeps the set of marked runs in memory (a watch on
-``cancelled.>``) and answers the generation requests of a marked run with an
+``cancelled.<kind>.<key id of the run>`` in the state bucket *before* it closes the run's
+record; the generator keeps the set of marked runs in memory (a follow of
+``cancelled.*.*``) and answers the generation requests of a marked run with an
 error outcome RUN_CANCELLED instead of rendering them. A cancel that arrives
 before its run's request is handled leaves the marker too, and the request's
 handler honours it (see docs/saga.md). Here one layer down, so that both
@@ -29,14 +29,26 @@ def undone_id(request_id: str) -> str:
     return str(uuid.uuid5(_UNDONE, f"undone/{request_id}"))
 
 
-def cancelled_key(run_id: str) -> str:
-    return f"{CANCELLED_PREFIX}.{key_id(run_id)}"
+MARKERS = f"{CANCELLED_PREFIX}.*.*"  # the subject pattern of every marker key
+
+
+def cancelled_key(kind: str, run_id: str) -> str:
+    """The marker key of run ``run_id`` of ``kind`` (``artifact`` / ``batch``): a cancel that
+    names the wrong kind marks a run that does not exist, never another one."""
+    return f"{CANCELLED_PREFIX}.{kind}.{key_id(run_id)}"
 
 
 def run_token(key: str) -> str | None:
-    """The run's key token of a marker key (``cancelled.<token>``), else None."""
-    head, _, token = key.partition(".")
-    return token if head == CANCELLED_PREFIX and token and "." not in token else None
+    """``<kind>.<run key token>`` of a marker key (``cancelled.<kind>.<token>``), else None."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] != CANCELLED_PREFIX or parts[1] not in ("artifact", "batch") or not parts[2]:
+        return None
+    return f"{parts[1]}.{parts[2]}"
+
+
+def run_of(kind: str, run_id: str) -> str:
+    """What :func:`run_token` gives for the marker of run ``run_id`` of ``kind``."""
+    return f"{kind}.{key_id(run_id)}"
 
 
 class RunMarker(msgspec.Struct, kw_only=True, omit_defaults=True):

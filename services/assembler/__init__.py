@@ -88,7 +88,7 @@ They add closing events and one announcing step, under the same rules:
 - a ``cancel.requested``, or the run's own ``deadline.requested`` timer when due,
   closes an open run by compare-and-set with a closed reason (``outcome``
   cancelled / timed_out) and becomes ``closed_by``; a closed run ignores it. The
-  stopped-run marker ``cancelled.<run>`` is put first (the generator skips the
+  stopped-run marker ``cancelled.<kind>.<run>`` is put first (the generator skips the
   run's requests). A cancel that arrives before its request leaves the marker,
   and the request's handler, which reads the marker after creating the record,
   closes the run itself (``closed_by`` = the request).

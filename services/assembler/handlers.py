@@ -242,7 +242,7 @@ async def on_batch_requested(event: CloudEvent, delivery: Delivery, deps: Deps) 
         committer.prime(new, rev)
         indexes = range(total)
         deps.count("batch_started")
-    if await saga.marked(deps, batch_id):  # cancelled before we got here (checked after the create: docs/saga.md)
+    if await saga.marked(deps, "batch", batch_id):  # cancelled before we got here (checked after the create: docs/saga.md)
         committed = await committer.submit(StopOp(event.id, "cancelled"))
         again = committed.result is not SagaResult.STOPPED
         return await saga.after_batch_close(event, batch_id, committed.record, delivery, deps, again=again)
@@ -375,7 +375,7 @@ async def _run_requested(
 ) -> list[CloudEvent]:
     """The first parts (requested_by = run id) and the deadline timer, or the refusal; or the
     cancel that came before the request (checked after the create: docs/saga.md)."""
-    if not run.closed and await saga.marked(deps, run.run_id):
+    if not run.closed and await saga.marked(deps, "artifact", run.run_id):
         committed = await deps.run(run.run_id).submit(StopOp(event.id, "cancelled"))
         return await _caused_by(
             event, committed.record, delivery, deps, again=again or committed.result is not SagaResult.STOPPED

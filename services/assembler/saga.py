@@ -75,11 +75,11 @@ def chunks_of(effects: Sequence[Effect]) -> list[list[Effect]]:
 async def put_marker(deps: Deps, kind: str, run_id: str, outcome: str, by: str, reason: str | None = None) -> None:
     """The stopped-run marker the generator watches (put before the run's record is closed)."""
     marker = RunMarker(kind=kind, outcome=outcome, by=by, at=deps.clock(), reason=reason)  # type: ignore[arg-type]
-    await deps.state.put(cancelled_key(run_id), encode_marker(marker))
+    await deps.state.put(cancelled_key(kind, run_id), encode_marker(marker))
 
 
-async def marked(deps: Deps, run_id: str) -> bool:
-    return await deps.state.get(cancelled_key(run_id)) is not None
+async def marked(deps: Deps, kind: str, run_id: str) -> bool:
+    return await deps.state.get(cancelled_key(kind, run_id)) is not None
 
 
 # --------------------------------------------------------------------------- cancel and deadline

@@ -11,7 +11,7 @@ duplicate JetStream drops. That fact is also the compensating notification: a
 webhook subscription may take it like any other event (docs/saga.md).
 
 :class:`StoppedRuns` keeps the set of cancelled or timed-out runs in memory from
-a watch on their markers (``cancelled.>`` in the state bucket), so that the
+a follow of their markers (``cancelled.<kind>.<run>`` in the state bucket), so that the
 request handler checks a set, not the KV store, before rendering.
 """
 
@@ -21,7 +21,7 @@ import asyncio
 import logging
 from typing import Any, Protocol
 
-from composition.runs import CANCELLED_PREFIX, run_token, undone_id
+from composition.runs import MARKERS, run_token, undone_id
 from contracts.catalogue import COMPENSATION_REQUESTED, EFFECTS_COMPENSATED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import CompensationRequested, Effect, EffectsCompensated
@@ -119,7 +119,7 @@ class StoppedRuns:
     async def _follow(self, state: Any) -> None:
         while True:
             try:
-                sub = await state.follow(f"{CANCELLED_PREFIX}.*", self._changed)
+                sub = await state.follow(MARKERS, self._changed)
             except asyncio.CancelledError:
                 raise
             except Exception as e:

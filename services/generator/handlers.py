@@ -30,7 +30,7 @@ from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested, TokenUsage
 from contracts.handling import Delivery, EventHandlers, Reject, Retry, expect
 from composition.configs import ConfigStore, GenerationError
-from composition.keys import key_id
+from composition.runs import run_of
 from services.generator.cache import ResultCache
 from services.generator.compensation import on_compensation_requested
 from services.generator.generators import GeneratorRegistry
@@ -61,7 +61,7 @@ class Deps:
     max_event_bytes: int | None = None
     # the result cache (None: every request is rendered)
     cache: ResultCache | None = None
-    # key tokens of the runs that were cancelled or timed out (composition/runs.py), kept
+    # the runs that were cancelled or timed out (``<kind>.<key token>``, composition/runs.py), kept
     # current by a watch on their markers: their requests are answered RUN_CANCELLED, unrendered
     cancelled: set[str] = field(default_factory=set)
     # undoes a stopped run's effects (services/generator/compensation.py; None: nothing to undo with)
@@ -104,7 +104,7 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
     max_output_bytes, max_event_bytes = deps.max_output_bytes, deps.max_event_bytes
     data = expect(event, GENERATION_REQUESTED, GenerationRequested, "generator")
     origin = data.origin
-    if origin is not None and deps.cancelled and key_id(origin.id) in deps.cancelled:
+    if origin is not None and deps.cancelled and run_of(origin.kind, origin.id) in deps.cancelled:
         return _error(
             event,
             data.content_config_id,

@@ -43,6 +43,7 @@ from bus.publisher import Publisher
 from bus.server import EmbeddedServer, server_binary
 from bus.state import StateStore
 from bus.topology import Topology, provision
+from composition.runs import MARKERS
 from bus.settings import NatsSettings
 from services.settings import Settings
 from contracts.catalogue import ARTIFACT_REQUESTED, CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED
@@ -679,13 +680,13 @@ async def test_the_generator_follows_the_stopped_run_markers_and_nothing_else(pr
     admin, topo = provisioned
     asm, gen = await connect("assembler"), await connect("generator")
     a = StateStore(asm.js(), topo.state_bucket)
-    await a.put("cancelled.b1", b"m")  # the assembler writes the markers (composition/runs.py)
+    await a.put("cancelled.batch.b1", b"m")  # the assembler writes the markers (composition/runs.py)
     await a.put("batch.b1", b"record")
     seen: list[tuple[str, bool]] = []
-    sub = await StateStore(gen.js(10), topo.state_bucket).follow("cancelled.*", lambda k, p: seen.append((k, p)))
-    await wait_for(lambda: seen == [("cancelled.b1", True)], 5, "the existing marker, followed by the generator")
-    await a.put("cancelled.b2", b"m")
-    await wait_for(lambda: ("cancelled.b2", True) in seen, 5, "a new marker")
+    sub = await StateStore(gen.js(10), topo.state_bucket).follow(MARKERS, lambda k, p: seen.append((k, p)))
+    await wait_for(lambda: seen == [("cancelled.batch.b1", True)], 5, "the existing marker, followed by the generator")
+    await a.put("cancelled.artifact.r2", b"m")
+    await wait_for(lambda: ("cancelled.artifact.r2", True) in seen, 5, "a new marker")
     await sub.unsubscribe()
     # a follow of anything else is refused: the filter is in the API subject
     await refused(

@@ -58,7 +58,7 @@ async def test_a_cancel_before_its_batch_request_is_honoured_once_nothing_genera
     async with running(("assembler", settings)):
         await pub.publish(cancel(req.id))
         state = StateStore(js, topo.state_bucket)
-        await wait_for(lambda: state.get(cancelled_key(req.id)), 10, "the cancelled-run marker of an unknown batch")
+        await wait_for(lambda: state.get(cancelled_key("batch", req.id)), 10, "the cancelled-run marker of an unknown batch")
         assert await read_batch_status(nc, settings, req.id) is None  # nothing else changed
         await pub.publish(req)
         await wait_for(lambda: completed_for(col, req.id), 10, "batch_completed of the cancelled batch")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from composition.configs import ConfigStore
-from composition.keys import key_id
-from composition.runs import undone_id
+from composition.runs import run_of, undone_id
 from contracts.catalogue import COMPENSATION_REQUESTED, EFFECTS_COMPENSATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import CompensationRequested, Effect, GenerationRequested, Origin
@@ -30,7 +29,8 @@ def request(run_id: str | None) -> object:
 
 
 async def test_requests_of_stopped_runs_get_run_cancelled_others_render(deps):
-    deps.cancelled.add(key_id("run-1"))
+    deps.cancelled.add(run_of("batch", "run-1"))
+    deps.cancelled.add(run_of("artifact", "run-2"))  # another kind: not this batch
     (skipped,) = await on_generation_requested(request("run-1"), Delivery.first(), deps)
     assert skipped.data.status == "error" and skipped.data.error.code == "RUN_CANCELLED"
     assert skipped.data.origin.id == "run-1" and skipped.data.content is None
@@ -105,10 +105,10 @@ class FollowableState:
 async def test_stopped_runs_are_collected_from_the_markers():
     runs: set[str] = set()
     stopped = StoppedRuns(runs)
-    state = FollowableState(["cancelled.r1", "cancelled.h0123", "batch.b1", "cancelled.a.b"])
+    state = FollowableState(["cancelled.batch.r1", "cancelled.artifact.h01", "batch.b1", "cancelled.r2", "cancelled.x.r3"])
     stopped.start(state)
     try:
         await wait_for(lambda: runs, 5, "the markers followed")
-        assert runs == {"r1", "h0123"}
+        assert runs == {"batch.r1", "artifact.h01"}
     finally:
         await stopped.close()

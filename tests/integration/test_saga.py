@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from bus.cache import ResultCacheStore
-from bus.content import ContentStore
+from bus.content import ContentMissing, ContentStore
 from bus.publisher import Publisher
 from bus.state import StateStore
 from bus.topology import Topology, provision
@@ -20,6 +20,7 @@ from contracts.catalogue import (
     CANCEL_REQUESTED,
     COMPENSATION_REQUESTED,
     CONTENT_GENERATED,
+    CONTENT_VALIDATED,
     EFFECTS_COMPENSATED,
     GENERATION_REQUESTED,
 )
@@ -39,12 +40,20 @@ deadline_s: 1
 parts:
   - {id: one, content_config_id: intro}
 """
+# the required part fails after the first one is done (validated): that one's effects are undone
+LATE_FAILURE = """
+id: late-failure
+context: {product: P, edition: e}
+parts:
+  - {id: intro, content_config_id: intro}
+  - {id: broken, content_config_id: needs-var, depends_on: [intro]}
+"""
 
 
 @pytest.fixture
 def asettings(settings, tmp_path):
     """The artifact tests' configs, and an artifact with a deadline in its config."""
-    return with_configs(settings, tmp_path, {**ARTIFACTS, "slow.yaml": SLOW})
+    return with_configs(settings, tmp_path, {**ARTIFACTS, "slow.yaml": SLOW, "late-failure.yaml": LATE_FAILURE})
 
 
 def cancel(batch_id: str, kind: str = "batch"):
@@ -188,8 +197,9 @@ async def test_artifacts_cancelled_timed_out_and_failed_are_compensated(nc, aset
     assert (t.status, t.error.code, t.compensated_parts) == ("timed_out", "DEADLINE_EXCEEDED", [])
     assert t.duration_ms >= 1000
 
-    failing = new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id="required"), source="urn:test")
-    async with running(("generator", asettings), ("validator", asettings), ("assembler", asettings)):
+    failing = new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id="late-failure"), source="urn:test")
+    tiny = asettings.model_copy(update={"content_threshold_bytes": 8})  # every content by reference
+    async with running(("generator", tiny), ("validator", tiny), ("assembler", tiny)):
         await pub.publish(failing)
         await wait_for(lambda: assembled(failing.id), 30, "artifact_assembled of the failed run")
         # the generator answers what the stopped runs still had waiting, unrendered
@@ -204,6 +214,11 @@ async def test_artifacts_cancelled_timed_out_and_failed_are_compensated(nc, aset
     assert intro and intro[0].data.cache_key
     cache = ResultCacheStore(js, topo.cache_bucket, ContentStore(js, topo.content_bucket))
     assert await cache.get(intro[0].data.cache_key) is None
+    # the part's content was stored by reference (the validator's object): deleted too
+    valid = col.of(CONTENT_VALIDATED, lambda e: e.data.origin.id == failing.id and e.data.origin.key == "intro")
+    assert valid and valid[0].data.content_ref
+    with pytest.raises(ContentMissing):
+        await ContentStore(js, topo.content_bucket).get(valid[0].data.content_ref)
     fact = col.of(EFFECTS_COMPENSATED, lambda e: e.data.id == failing.id)
     assert len(fact) == 1 and fact[0].data.compensated == ["intro"]
     skipped = col.of(CONTENT_GENERATED, lambda e: e.data.origin.id in (waiting.id, timed.id))

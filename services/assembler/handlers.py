@@ -17,6 +17,9 @@ outcomes of generations, by their origin's kind (:data:`OUTCOME_HANDLERS`):
 
 and (the ``assembler-completions`` consumer) ``batch_completed`` /
 ``artifact_assembled`` with the assembler's own id: mark the record finished.
+Once a run is closed, what its closing event announces (compensation requests,
+then the completion) is decided in :mod:`.saga`, which also handles cancels,
+deadline timers and the compensations' facts on consumers of their own.
 """
 
 from __future__ import annotations

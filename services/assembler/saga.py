@@ -157,8 +157,8 @@ async def after_batch_close(
     if not record.closed or record.finished or announcer(record) != event.id:
         return []
     committer = deps.batch(batch_id)
-    if record.compensation is None:
-        effects = await batch_effects(batch_id, record, deps) if bat.needs_compensation(record) else []
+    if record.compensation is None and bat.needs_compensation(record):  # (else: nothing to undo, no plan)
+        effects = await batch_effects(batch_id, record, deps)
         record = (await committer.submit(PlanOp(len(chunks_of(effects))))).record
         if compensating(record):
             return _requests(event, "batch", batch_id, record, effects, deps)
@@ -180,8 +180,8 @@ async def after_run_close(
     if not run.closed or run.finished or announcer(run) != event.id:
         return []
     committer = deps.run(run.run_id)
-    if run.compensation is None:
-        effects = await run_effects(run, deps) if art.needs_compensation(run) else []
+    if run.compensation is None and art.needs_compensation(run):
+        effects = await run_effects(run, deps)
         run = (await committer.submit(PlanOp(len(chunks_of(effects))))).record
         if compensating(run):
             return _requests(event, "artifact", run.run_id, run, effects, deps)

@@ -7,8 +7,9 @@ each applied exactly once by compare-and-set like the others:
 - :class:`StopOp`: a cancel request or the run's deadline closes an open run
   (``outcome`` cancelled / timed_out, ``closed_by`` = that event); a closed run
   ignores it.
-- :class:`PlanOp`: the closing event, having read the run's registered effects,
-  fixes how many compensation requests it sends (0: nothing to undo). Set once.
+- :class:`PlanOp`: the closing event of a run that ended badly, having read the
+  run's registered effects, fixes how many compensation requests it sends (0:
+  nothing to undo). Set once. A run that succeeded gets no plan (``None``).
 - :class:`UndoneOp`: one compensation request's ``effects_compensated`` is counted;
   the one that completes the set is ``compensated_by`` and announces the completion.
 

@@ -163,6 +163,18 @@ class ResultCacheStore:
         finally:
             await watcher.stop()
 
+    async def remove(self, key: str) -> None:
+        """Remove the entry under ``key`` (and its object, if it went by reference); nothing
+        if there is none. A compensation's undo: removing twice is removing once."""
+        kv = await self.kv()
+        try:
+            entry = await kv.get(key + ENTRY)
+        except KeyNotFoundError:
+            return
+        if entry.value and entry.value[:1] == BY_REF:
+            await self.content.delete(entry.value[1:].decode())
+        await kv.delete(key + ENTRY)
+
     async def keys(self, config_id: str | None = None) -> list[str]:
         """The keys that have an entry (of ``config_id``, or all)."""
         pattern = f"{config_id or '*'}.*{ENTRY}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import BadObjectMetaError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from contracts.envelope import CloudEvent
@@ -60,6 +60,19 @@ class ContentStore:
             return (await store.get(name)).data or b""
         except (ObjectNotFoundError, NotFoundError):
             raise ContentMissing(f"{ref} not found (expired or deleted)") from None
+
+    async def delete(self, ref: str) -> bool:
+        """Delete the object ``ref`` names: True if it was there (a compensation's undo:
+        deleting twice is deleting once). A reference to another bucket is left alone (False)."""
+        if not ref.startswith(REF_PREFIX + self.bucket + "/"):
+            return False
+        name = ref[len(REF_PREFIX) + len(self.bucket) + 1 :]
+        store = await self._os()
+        try:
+            await store.delete(name)
+        except (ObjectNotFoundError, NotFoundError, ObjectDeletedError, BadObjectMetaError):
+            return False
+        return True
 
     async def offload(self, event: CloudEvent) -> CloudEvent:
         """The event as it should travel: large content (or many batch items) replaced by a reference."""

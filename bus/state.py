@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import math
+import logging
+import uuid
+from typing import Any, Callable
 
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+
+
+log = logging.getLogger("chora.bus")
 
 
 class StateStore:
@@ -123,3 +129,27 @@ class StateStore:
             return out
         finally:
             await sub.unsubscribe()
+
+    async def follow(self, pattern: str, on_change: Callable[[str, bool], None], idle_s: float = 60.0) -> Any:
+        """Call ``on_change(key, present)`` for every key matching ``pattern`` now (present)
+        and for every later put (present) or delete/purge (not present). Returns the
+        subscription (``await sub.unsubscribe()`` to stop; the server drops the consumer
+        ``idle_s`` after its subscriber is gone). A named push consumer with its filter in the
+        API subject, so that a user may be allowed to follow only ``pattern`` (deploy/nats/auth.conf)."""
+        strip = len(f"$KV.{self.bucket}.")
+
+        async def on_msg(msg) -> None:
+            op = (msg.headers or {}).get("KV-Operation") or (msg.headers or {}).get("Nats-Marker-Reason")
+            on_change(msg.subject[strip:], not op)
+
+        config = ConsumerConfig(
+            name=f"follow-{uuid.uuid4().hex[:16]}",
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=idle_s,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        return await self.js.subscribe(
+            f"$KV.{self.bucket}.{pattern}", stream=f"KV_{self.bucket}", cb=on_msg, config=config, manual_ack=True
+        )

@@ -34,8 +34,11 @@ from contracts.catalogue import (
     BATCH_REQUESTED,
     CANCEL_REQUESTED,
     CATALOGUE,
+    COMPENSATION_REQUESTED,
     CONTENT_GENERATED,
     CONTENT_VALIDATED,
+    DEADLINE_REQUESTED,
+    EFFECTS_COMPENSATED,
     GENERATION_REQUESTED,
 )
 
@@ -50,6 +53,10 @@ CALLBACK_OUTCOMES = "notifier-callbacks"
 # 6 attempts + 120 deliveries put off (open circuit, request not recorded yet), 64 in flight.
 CALLBACK_MAX_DELIVER = 126
 CALLBACK_MAX_IN_FLIGHT = 64
+# The assembler's deadline timers (docs/saga.md): each is held, unacknowledged, until it is
+# due (a nak with that delay), so up to this many runs may wait for their deadline at once.
+DEADLINES_MAX_PENDING = 100_000
+DEADLINES_MAX_DELIVER = 1000
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,17 @@ class Topology:
                 "assembler": spec(
                     "assembler", (ARTIFACT_REQUESTED, BATCH_REQUESTED, CONTENT_GENERATED, CONTENT_VALIDATED)
                 ),
-                # cancels on a consumer of their own: they never wait behind a run's backlog of outcomes
-                "assembler-cancels": spec("assembler-cancels", (CANCEL_REQUESTED,)),
+                # cancels (and the compensations' facts) on a consumer of their own: they never wait
+                # behind a run's backlog of outcomes
+                "assembler-cancels": spec("assembler-cancels", (CANCEL_REQUESTED, EFFECTS_COMPENSATED)),
+                # deadline timers: each held (nak with a delay) until due, see docs/saga.md
+                "assembler-deadlines": replace(
+                    spec("assembler-deadlines", (DEADLINE_REQUESTED,)),
+                    max_deliver=DEADLINES_MAX_DELIVER,
+                    max_ack_pending=DEADLINES_MAX_PENDING,
+                ),
+                # the generator undoes its effects (cache entries, stored content) for a run that ended badly
+                "generator-compensations": spec("generator-compensations", (COMPENSATION_REQUESTED,)),
                 # the assembler reads its own completions back: "finished" means "stored in the stream"
                 "assembler-completions": spec("assembler-completions", (BATCH_COMPLETED, ARTIFACT_ASSEMBLED)),
                 # the notifier's per-request callbacks (services/notifier/callbacks.py): the requests,

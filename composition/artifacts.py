@@ -109,6 +109,9 @@ class ArtifactConfig(BaseModel):
     context: dict[str, Any] = {}
     # What the telemetry JSONL keeps of the artifact requests (TelemetrySpec).
     telemetry: TelemetrySpec = TelemetrySpec()
+    # a run of this artifact must be complete this many seconds after the assembler accepts it,
+    # else it ends as timed_out (a request's own deadline_s wins); none by default
+    deadline_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
 
     @model_validator(mode="after")
     def _unique_parts(self) -> "ArtifactConfig":

@@ -49,6 +49,14 @@ class BatchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     # when the item outcomes expire (set once finished: services/assembler/retention.py); past it
     # readers answer "expired", and the item records are gone (per-message TTL)
     results_expire_at: float | None = None
+    # the saga (docs/saga.md): a cancel or the deadline closes it; a stopped, cancelled or timed-out
+    # batch has its items' effects undone before its completion is announced
+    outcome: str | None = None  # cancelled | timed_out: how it was stopped (None: it ran or stopped on an error)
+    deadline_at: float | None = None
+    compensation: int | None = None  # compensation requests planned once closed (None: not yet; 0: none)
+    compensated: list[int] = []  # the requests (chunks) whose effects_compensated was counted
+    compensated_at: float | None = None
+    compensated_by: str | None = None  # the effects_compensated that completed it: it announces
 
     @property
     def done(self) -> int:
@@ -102,6 +110,7 @@ def batch_progress(batch_id: str, r: BatchRecord) -> dict[str, Any]:
         "skipped": r.skipped,
         "closed": r.closed,
         "finished": r.finished,
+        "outcome": r.outcome,
         "continue_on_error": r.continue_on_error,
         "started_at": r.started_at,
         "elapsed_s": round((r.closed_at or time.time()) - r.started_at, 3),

@@ -76,6 +76,10 @@ class CompositionSettings(BaseSettings):
     # them with the secret in the variable named by callback_secret_env.
     callback_allow: list[str] = []
     callback_secret_env: str = "CHORA_CALLBACK_SECRET"
+    # A batch request without deadline_s must be complete this many seconds after the assembler
+    # accepts it, else it ends as timed_out (docs/saga.md). None: no default deadline. Batches
+    # have no config of their own (their items do), so the default is the operator's.
+    batch_deadline_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     # The notifier's webhook subscriptions (YAML or JSON); none: no webhooks.
     notifier_config: Path | None = None
     # jinja2 renders run in this many worker processes (0: one per core, at least 2), each

@@ -33,7 +33,10 @@ from contracts.catalogue import (
     CATALOGUE,
     CONFIG_VALIDATED,
     CONTENT_GENERATED,
+    COMPENSATION_REQUESTED,
     CONTENT_VALIDATED,
+    DEADLINE_REQUESTED,
+    EFFECTS_COMPENSATED,
     GENERATION_REQUESTED,
     NOTIFICATION_DELIVERED,
     NOTIFICATION_FAILED,
@@ -43,7 +46,9 @@ ASYNCAPI_FILE = Path(__file__).parent / "asyncapi.json"
 DOCUMENT_VERSION = "0.1.0"
 _ALL = tuple(CATALOGUE)
 _FACTS = tuple(t for t, s in CATALOGUE.items() if s.kind == "fact")
-_REQUESTS = tuple(t for t, s in CATALOGUE.items() if s.kind == "request")
+# requests the services make of each other (the saga's timers and compensations): not for clients
+_INTERNAL = (DEADLINE_REQUESTED, COMPENSATION_REQUESTED)
+_REQUESTS = tuple(t for t, s in CATALOGUE.items() if s.kind == "request" and t not in _INTERNAL)
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,10 @@ def _on(durable: str, *types: str) -> dict[str, str]:
 
 SERVICES: dict[str, Role] = {
     "generator": Role(
-        "Renders a content config and reports the outcome.",
-        _on("generator", GENERATION_REQUESTED),
-        (CONTENT_GENERATED,),
+        "Renders a content config and reports the outcome; undoes its effects (result cache entries, stored "
+        "content) for a run that ended badly (see docs/saga.md).",
+        _on("generator", GENERATION_REQUESTED) | _on("generator-compensations", COMPENSATION_REQUESTED),
+        (CONTENT_GENERATED, EFFECTS_COMPENSATED),
     ),
     "validator": Role(
         "Checks generated content against its config's rules.",
@@ -73,9 +79,10 @@ SERVICES: dict[str, Role] = {
     "assembler": Role(
         "Turns artifacts and batches into generation requests, collects their outcomes, announces completion once.",
         _on("assembler", ARTIFACT_REQUESTED, BATCH_REQUESTED, CONTENT_GENERATED, CONTENT_VALIDATED)
-        | _on("assembler-cancels", CANCEL_REQUESTED)
+        | _on("assembler-cancels", CANCEL_REQUESTED, EFFECTS_COMPENSATED)
+        | _on("assembler-deadlines", DEADLINE_REQUESTED)
         | _on("assembler-completions", ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
-        (GENERATION_REQUESTED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
+        (GENERATION_REQUESTED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED, DEADLINE_REQUESTED, COMPENSATION_REQUESTED),
     ),
     "notifier": Role(
         "Pushes the events its subscriptions match to webhooks (one durable consumer per subscription, notify-<name>; any event type).",

@@ -19,9 +19,12 @@ from contracts.events import (
     BatchCompleted,
     BatchRequested,
     CancelRequested,
+    CompensationRequested,
     ConfigValidated,
     ContentGenerated,
     ContentValidated,
+    DeadlineRequested,
+    EffectsCompensated,
     GenerationRequested,
     NotificationDelivered,
     NotificationFailed,
@@ -54,6 +57,9 @@ ARTIFACT_ASSEMBLED = "chora.artifact_assembled"
 BATCH_REQUESTED = "chora.batch.requested"
 BATCH_COMPLETED = "chora.batch_completed"
 CANCEL_REQUESTED = "chora.cancel.requested"
+DEADLINE_REQUESTED = "chora.deadline.requested"
+COMPENSATION_REQUESTED = "chora.compensation.requested"
+EFFECTS_COMPENSATED = "chora.effects_compensated"
 NOTIFICATION_DELIVERED = "chora.notification_delivered"
 NOTIFICATION_FAILED = "chora.notification_failed"
 
@@ -74,6 +80,11 @@ CATALOGUE: dict[str, EventSpec] = {
         EventSpec(BATCH_REQUESTED, BatchRequested, "Generate many items as one batch.", "request"),
         EventSpec(BATCH_COMPLETED, BatchCompleted, "Outcome of a batch: every item accounted for.", "fact"),
         EventSpec(CANCEL_REQUESTED, CancelRequested, "Stop an artifact or batch run and compensate it.", "request"),
+        EventSpec(DEADLINE_REQUESTED, DeadlineRequested, "The assembler's timer: time a run out when due.", "request"),
+        EventSpec(
+            COMPENSATION_REQUESTED, CompensationRequested, "Undo the effects of a run that ended badly.", "request"
+        ),
+        EventSpec(EFFECTS_COMPENSATED, EffectsCompensated, "Effects of a run were undone (withdrawn).", "fact"),
         EventSpec(NOTIFICATION_DELIVERED, NotificationDelivered, "An event reached a webhook.", "fact"),
         EventSpec(NOTIFICATION_FAILED, NotificationFailed, "An event could not be delivered to a webhook.", "fact"),
     )

@@ -90,6 +90,10 @@ class ContentGenerated(msgspec.Struct, kw_only=True, omit_defaults=True):
     model: str | None = None
     stop_reason: Annotated[str | None, Meta(description="e.g. end_turn, max_tokens, stop_sequence")] = None
     usage: TokenUsage | None = None
+    cache_key: Annotated[
+        str | None,
+        Meta(description="the result cache entry this request wrote (a run that ends badly has it removed)"),
+    ] = None
 
 
 class ValidationIssue(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -238,6 +242,48 @@ class CancelRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
     kind: Literal["artifact", "batch"]
     id: Annotated[str, Meta(min_length=1, max_length=256, description="id of the artifact / batch request")]
     reason: Annotated[str, Meta(max_length=500)] | None = None
+
+
+class DeadlineRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The assembler's own timer: end run ``id`` as ``timed_out`` at ``at`` if it is still open.
+
+    Published by the assembler when it accepts a run with a deadline, and read back by
+    it (durable ``assembler-deadlines``), which holds it until ``at`` (a nak with that delay)."""
+
+    kind: Literal["artifact", "batch"]
+    id: Annotated[str, Meta(description="id of the artifact / batch request")]
+    at: Annotated[float, Meta(description="the deadline, Unix time in seconds")]
+
+
+class Effect(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One step's effect that a compensation undoes."""
+
+    key: Annotated[str, Meta(description="the part id, or the item index as a string")]
+    cache_key: Annotated[str | None, Meta(description="a result cache entry to remove")] = None
+    content_ref: Annotated[str | None, Meta(description="an Object Store object to delete")] = None
+
+
+class CompensationRequested(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Undo these effects of run ``id``, in this order (the reverse of the order they were
+    made). A run's effects travel in ``chunks`` requests of at most 1,000 effects each."""
+
+    kind: Literal["artifact", "batch"]
+    id: Annotated[str, Meta(description="id of the artifact / batch request")]
+    chunk: Annotated[int, Meta(ge=0)] = 0
+    chunks: Annotated[int, Meta(ge=1)] = 1
+    effects: list[Effect] = []
+
+
+class EffectsCompensated(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The effects of one compensation request are undone: the compensating notification
+    of the outputs a run withdrew (a webhook subscription may take it like any other fact)."""
+
+    kind: Literal["artifact", "batch"]
+    id: Annotated[str, Meta(description="id of the artifact / batch request")]
+    chunk: int = 0
+    chunks: int = 1
+    compensated: Annotated[list[str], Meta(description="the keys of the effects undone, in the order undone")] = []
+    failed: Annotated[list[str], Meta(description="keys whose effects could not be undone")] = []
 
 
 class NotificationDelivered(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -79,4 +79,24 @@ re-announcement of a completion decided more than (window - ack_wait) ago
 waits (nak, 5 s) for the completions consumer (which restarts with the
 instance) to find the stored one and set ``finished``, and only on its last
 delivery announces anyway: a second copy is preferred to none.
+
+Cancel, deadlines and compensation (:mod:`.saga`, docs/saga.md)
+---------------------------------------------------------------
+
+They add closing events and one announcing step, under the same rules:
+
+- a ``cancel.requested``, or the run's own ``deadline.requested`` timer when due,
+  closes an open run by compare-and-set with a closed reason (``outcome``
+  cancelled / timed_out) and becomes ``closed_by``; a closed run ignores it. The
+  stopped-run marker ``cancelled.<kind>.<run>`` is put first (the generator skips the
+  run's requests). A cancel that arrives before its request leaves the marker,
+  and the request's handler, which reads the marker after creating the record,
+  closes the run itself (``closed_by`` = the request).
+- who announces is :func:`.saga_ops.announcer`: the closing event, which (for a
+  run that ended badly) first fixes the compensation plan once and publishes
+  the ``compensation.requested`` events, re-publishing them on each redelivery
+  under the same ids while they wait; then the completion, by the closing event
+  if there was nothing to undo, else by the ``effects_compensated`` whose count
+  completed the plan (``compensated_by``), again on each of its redeliveries.
+- ``finished`` is still set only by the completions consumer.
 """

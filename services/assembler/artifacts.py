@@ -24,6 +24,7 @@ from contracts.catalogue import GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ArtifactAssembled, ErrorInfo, GenerationRequested, Origin
 from services.assembler.compose import ComposeError, compose, merge_context
+from services.assembler.saga_ops import SAGA_OPS, SagaOp, SagaResult, StopOp, saga_step
 from services.assembler.state import ArtifactRun, PartPlan, PartState
 
 NAMESPACE = uuid.UUID("5b2e8f1a-7c4d-5a3b-8e6f-1d9c0b2a4e73")
@@ -36,6 +37,22 @@ def part_request_id(run_id: str, part_id: str) -> str:
 
 def assembled_id(run_id: str) -> str:
     return str(uuid.uuid5(NAMESPACE, f"artifact/{run_id}/assembled"))
+
+
+def deadline_id(run_id: str) -> str:
+    """The id of the run's one deadline timer."""
+    return str(uuid.uuid5(NAMESPACE, f"artifact/{run_id}/deadline"))
+
+
+def needs_compensation(run: ArtifactRun) -> bool:
+    """A run that did not succeed (failed, cancelled, timed out) has its parts' effects undone."""
+    return run.closed and run.status != "success"
+
+
+def stop_error(outcome: str) -> ErrorInfo:
+    if outcome == "cancelled":
+        return ErrorInfo(code="RUN_CANCELLED", message="the artifact run was cancelled")
+    return ErrorInfo(code="DEADLINE_EXCEEDED", message="the artifact run was not complete by its deadline")
 
 
 class Result(str, Enum):
@@ -161,11 +178,20 @@ def advance(run: ArtifactRun, event_id: str, now: float) -> list[str]:
     return requested
 
 
-def fold(run: ArtifactRun, ops: Sequence[PartOp | FinishOp], now: float) -> tuple[ArtifactRun | None, list[Result]]:
+def fold(
+    run: ArtifactRun, ops: Sequence[PartOp | FinishOp | SagaOp], now: float
+) -> tuple[ArtifactRun | None, list[Result | SagaResult]]:
     """Apply part outcomes in order (see :func:`services.assembler.batches.fold` for the contract)."""
-    results: list[Result] = []
+    results: list[Result | SagaResult] = []
     changed = False
     for op in ops:
+        if isinstance(op, SAGA_OPS):
+            res = saga_step(run, op, now)
+            if res is SagaResult.STOPPED and isinstance(op, StopOp):
+                run.status, run.error = op.outcome, stop_error(op.outcome)
+            changed = changed or res is not SagaResult.IGNORED
+            results.append(res)
+            continue
         if isinstance(op, FinishOp):
             if run.finished:
                 results.append(Result.ALREADY)
@@ -187,6 +213,7 @@ def fold(run: ArtifactRun, ops: Sequence[PartOp | FinishOp], now: float) -> tupl
         changed = True
         results.append(Result.APPLIED)
         st.settled_by = op.event_id
+        run.settled.append(op.part_id)
         if op.ok:
             st.status = "done"
         else:
@@ -230,8 +257,9 @@ def part_request(cause: CloudEvent, run: ArtifactRun, part_id: str, deps: Mappin
     )
 
 
-def assembled_data(run: ArtifactRun, contents: Mapping[str, str]) -> ArtifactAssembled:
-    """The outcome of a closed run; ``contents`` holds the done parts' contents."""
+def assembled_data(run: ArtifactRun, contents: Mapping[str, str], compensated: Sequence[str] = ()) -> ArtifactAssembled:
+    """The outcome of a closed run; ``contents`` holds the done parts' contents (success only),
+    ``compensated`` the parts whose effects were undone (a run that did not succeed)."""
     omitted = run.omitted()
     duration = round(((run.closed_at or run.started_at) - run.started_at) * 1000.0, 3)
 
@@ -239,11 +267,13 @@ def assembled_data(run: ArtifactRun, contents: Mapping[str, str]) -> ArtifactAss
         return ArtifactAssembled(
             request_id=run.run_id,
             artifact_id=run.artifact_id,
-            status="error",
+            status=run.status if run.status in ("cancelled", "timed_out") else "error",  # type: ignore[arg-type]
+            parts_count=sum(1 for p in run.parts if run.state[p.id].status == "done"),
             duration_ms=duration,
             omitted_parts=omitted,
             failed_part=failed_part,
             error=error,
+            compensated_parts=list(compensated),
         )
 
     if run.status != "success":

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 from contracts.catalogue import GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import BatchCompleted, BatchItemOutcome, BatchRequested, ErrorInfo, GenerationRequested, Origin
+from services.assembler.saga_ops import SAGA_OPS, SagaOp, SagaResult, saga_step
 from services.assembler.state import BatchRecord, bit_is_set, new_bitmap, set_bit
 
 NAMESPACE = uuid.UUID("0d7a4c0e-3b1f-5e8a-9c2d-6a1b7f4e2c90")
@@ -56,11 +57,31 @@ class FinishOp:
 FINISH = FinishOp()
 
 
-def new_record(total: int, continue_on_error: bool, now: float) -> BatchRecord:
-    return BatchRecord(total=total, started_at=now, continue_on_error=continue_on_error, bitmap=new_bitmap(total))
+def deadline_id(batch_id: str) -> str:
+    """The id of the batch's one deadline timer."""
+    return str(uuid.uuid5(NAMESPACE, f"batch/{batch_id}/deadline"))
 
 
-def fold(record: BatchRecord, ops: Sequence[ItemOp | FinishOp], now: float) -> tuple[BatchRecord | None, list[Result]]:
+def new_record(total: int, continue_on_error: bool, now: float, deadline_s: float | None = None) -> BatchRecord:
+    return BatchRecord(
+        total=total,
+        started_at=now,
+        continue_on_error=continue_on_error,
+        bitmap=new_bitmap(total),
+        deadline_at=None if deadline_s is None else now + deadline_s,
+    )
+
+
+def needs_compensation(record: BatchRecord) -> bool:
+    """A batch that was cancelled, timed out or stopped on an error has its items' effects
+    undone; one that ran every item (continue_on_error) keeps them, failures or not: each
+    item stands on its own."""
+    return record.closed and (record.outcome is not None or record.stopped_by_index is not None)
+
+
+def fold(
+    record: BatchRecord, ops: Sequence[ItemOp | FinishOp | SagaOp], now: float
+) -> tuple[BatchRecord | None, list[Result | SagaResult]]:
     """Apply ``ops`` in order to ``record`` (which this may change).
 
     Setting a bit that is set is a no-op, so a redelivered outcome is counted
@@ -69,10 +90,15 @@ def fold(record: BatchRecord, ops: Sequence[ItemOp | FinishOp], now: float) -> t
     ``closed_by``; ops after it are ignored. Returns (the record, or None when
     nothing changed; one :class:`Result` per op).
     """
-    results: list[Result] = []
+    results: list[Result | SagaResult] = []
     bitmap = bytearray(record.bitmap)
     changed = False
     for op in ops:
+        if isinstance(op, SAGA_OPS):
+            res = saga_step(record, op, now)
+            changed = changed or res is not SagaResult.IGNORED
+            results.append(res)
+            continue
         if isinstance(op, FinishOp):
             if record.finished:
                 results.append(Result.ALREADY)
@@ -140,6 +166,7 @@ def build_completed(
     record: BatchRecord,
     outcomes: dict[int, BatchItemOutcome],
     config_ids: Sequence[str] | None = None,
+    compensated: Sequence[str] = (),
 ) -> tuple[BatchCompleted, list[BatchItemOutcome]]:
     """The batch_completed of a closed record (without ``items``/``items_ref``) and the item list.
 
@@ -170,7 +197,15 @@ def build_completed(
             )
     skipped = record.total - (record.successful + record.failed)
     error = None
-    if record.stopped_by_index is not None:
+    status = "success" if record.failed == 0 else "error"
+    if record.outcome is not None:
+        status = record.outcome
+        why = "cancelled" if record.outcome == "cancelled" else "past its deadline"
+        error = ErrorInfo(
+            code="RUN_CANCELLED" if record.outcome == "cancelled" else "DEADLINE_EXCEEDED",
+            message=f"the batch was {why}: {record.successful + record.failed} item(s) ran, {skipped} were skipped",
+        )
+    elif record.stopped_by_index is not None:
         stopper = items[record.stopped_by_index]
         why = f" with {stopper.error.code}" if stopper.error else ""
         error = ErrorInfo(
@@ -182,12 +217,13 @@ def build_completed(
         error = ErrorInfo(code="ITEMS_FAILED", message=f"{record.failed} of {record.total} items failed")
     completed = BatchCompleted(
         batch_id=batch_id,
-        status="success" if record.failed == 0 else "error",
+        status=status,  # type: ignore[arg-type]
         total=record.total,
         successful=record.successful,
         failed=record.failed,
         skipped=skipped,
         duration_ms=round(((record.closed_at or record.started_at) - record.started_at) * 1000.0, 3),
         error=error,
+        compensated_parts=list(compensated),
     )
     return completed, items

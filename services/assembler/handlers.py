@@ -17,6 +17,9 @@ outcomes of generations, by their origin's kind (:data:`OUTCOME_HANDLERS`):
 
 and (the ``assembler-completions`` consumer) ``batch_completed`` /
 ``artifact_assembled`` with the assembler's own id: mark the record finished.
+Once a run is closed, what its closing event announces (compensation requests,
+then the completion) is decided in :mod:`.saga`, which also handles cancels,
+deadline timers and the compensations' facts on consumers of their own.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from contracts.events import (
 from contracts.handling import Delivery, EventHandlers, Handler, Reject, Retry, route
 from services.assembler import artifacts as art
 from services.assembler import batches as bat
+from services.assembler import saga
 from services.assembler.compose import ComposeError, compile_layout
 from services.assembler.retention import keep_batch_results
 from services.assembler.state import (
@@ -62,6 +66,7 @@ from services.assembler.state import (
     Committers,
     PartContent,
     State,
+    StoredOutcome,
     artifact_key,
     batch_item_key,
     batch_item_prefix,
@@ -76,9 +81,11 @@ from services.assembler.state import (
     encode,
     encode_spec,
     key_id,
+    part_cache_key,
     part_key,
     unset_bits,
 )
+from services.assembler.saga_ops import SagaResult, StopOp
 
 log = logging.getLogger("chora.assembler")
 
@@ -109,6 +116,7 @@ class Deps:
     max_event_bytes: int = 1 << 20  # the bus refuses larger events: stay well under it
     results_ttl_s: float | None = None  # a finished batch's results TTL (retention.py); None: the bucket's max age
     state_max_age_s: float | None = None  # the state bucket's max age (the stream's), which bounds every record
+    batch_deadline_s: float | None = None  # a batch request without deadline_s gets this one
     stats: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -140,6 +148,10 @@ async def on_outcome(event: CloudEvent, delivery: Delivery, deps: Deps) -> Seque
 async def on_part_generated(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     data: ContentGenerated = event.data
     if data.status == "success":
+        if data.cache_key and data.origin is not None:  # its effect, registered for compensation
+            run = await deps.run(data.origin.id).read()
+            if run is not None and not run.closed:
+                await deps.state.put(part_cache_key(run.run_id, data.origin.key), data.cache_key.encode())
         return []  # done once validated
     return await on_part_outcome(event, delivery, deps, ok=False, error=data.error)
 
@@ -165,7 +177,7 @@ def _validation_error(data: ContentValidated) -> ErrorInfo:
 # --------------------------------------------------------------------------- announcing again
 
 
-def _announce_again_allowed(closed_at: float | None, what: str, delivery: Delivery, deps: Deps) -> None:
+def announce_again_allowed(closed_at: float | None, what: str, delivery: Delivery, deps: Deps) -> None:
     """Before announcing a completion a second time (a redelivery of the event that
     decided it): if it was decided so long ago that JetStream's duplicate window may
     no longer catch a second copy, give the completions consumer time to mark it
@@ -212,12 +224,14 @@ async def on_batch_requested(event: CloudEvent, delivery: Delivery, deps: Deps) 
     batch_id = event.id
     total = len(data.items)
     committer = deps.batch(batch_id)
-    new = bat.new_record(total, data.continue_on_error, deps.clock())
+    new = bat.new_record(total, data.continue_on_error, deps.clock(), data.deadline_s or deps.batch_deadline_s)
+    record: BatchRecord = new
     rev = await deps.state.create(batch_key(batch_id), encode(new))
     if rev is None:  # a redelivery, or another instance got it first: resume
-        record = await committer.read(fresh=True)
-        if record is None:
+        found = await committer.read(fresh=True)
+        if found is None:
             raise Retry("the batch record exists but cannot be read yet")
+        record = found
         if record.total != total:
             log.warning(
                 "batch %s: a request with this id and %d items was already handled (%d items); ignored",
@@ -227,16 +241,25 @@ async def on_batch_requested(event: CloudEvent, delivery: Delivery, deps: Deps) 
             )
             return []
         if record.closed:
-            return []
+            return await saga.after_batch_close(event, batch_id, record, delivery, deps, again=True)
         indexes: Any = unset_bits(record.bitmap, total)
         deps.count("batch_resumed")
     else:
         committer.prime(new, rev)
         indexes = range(total)
         deps.count("batch_started")
+    if await saga.marked(
+        deps, "batch", batch_id
+    ):  # cancelled before we got here (checked after the create: docs/saga.md)
+        committed = await committer.submit(StopOp(event.id, "cancelled"))
+        again = committed.result is not SagaResult.STOPPED
+        return await saga.after_batch_close(event, batch_id, committed.record, delivery, deps, again=again)
     if not data.continue_on_error:
         await deps.state.put(batch_spec_key(batch_id), encode_spec([i.content_config_id for i in data.items]))
-    return bat.item_requests(event, data, indexes, deps.source)
+    out = bat.item_requests(event, data, indexes, deps.source)
+    if record.deadline_at is not None:
+        out.append(saga.deadline_event(event, "batch", batch_id, record.deadline_at, deps.source))
+    return out
 
 
 def _item_index(key: str, total: int) -> int | None:
@@ -262,21 +285,21 @@ async def on_item_outcome(event: CloudEvent, delivery: Delivery, deps: Deps) -> 
         return []
     if record.closed or bit_is_set(record.bitmap, index):
         return await _batch_again(event, batch_id, committer, delivery, deps)
-    outcome = BatchItemOutcome(
+    outcome = StoredOutcome(  # the outcome, and the effects it registers for compensation
         index=index,
         content_config_id=data.content_config_id,
         status=data.status,
         request_id=data.request_id,
         content_hash=data.content_hash,
         error=data.error,
+        cache_key=data.cache_key,
+        content_ref=data.content_ref,
     )
     await deps.state.put(batch_item_key(batch_id, index), encode(outcome))  # before the bit that counts it
     committed = await committer.submit(bat.ItemOp(index, data.status == "success", event.id))
     record = committed.record
     if committed.result is bat.Result.COUNTED:
-        if record.closed and record.closed_by == event.id:
-            return await batch_completed_events(event, batch_id, record, deps)
-        return []
+        return await saga.after_batch_close(event, batch_id, record, delivery, deps, again=False)
     if committed.result is bat.Result.DUPLICATE:
         return await _batch_again(event, batch_id, committer, delivery, deps)
     return []  # the batch stopped before this outcome: not counted, reported as skipped
@@ -288,14 +311,14 @@ async def _batch_again(
     """A redelivered (or duplicate) outcome: if it is the one that closed the batch and the
     completion is not known to be in the stream, announce it (again: same id)."""
     record = await committer.read(fresh=True)
-    if record is None or not record.closed or record.closed_by != event.id or record.finished:
+    if record is None:
         return []
-    _announce_again_allowed(record.closed_at, f"batch {batch_id}", delivery, deps)
-    deps.count("batch_announced_again")
-    return await batch_completed_events(event, batch_id, record, deps)
+    return await saga.after_batch_close(event, batch_id, record, delivery, deps, again=True)
 
 
-async def batch_completed_events(event: CloudEvent, batch_id: str, record: BatchRecord, deps: Deps) -> list[CloudEvent]:
+async def batch_completed_events(
+    event: CloudEvent, batch_id: str, record: BatchRecord, deps: Deps, compensated: Sequence[str] = ()
+) -> list[CloudEvent]:
     raw = await deps.state.items(batch_item_prefix(batch_id))
     outcomes: dict[int, BatchItemOutcome] = {}
     for k, v in raw.items():
@@ -307,7 +330,7 @@ async def batch_completed_events(event: CloudEvent, batch_id: str, record: Batch
     if record.total > record.successful + record.failed:
         got = await deps.state.get(batch_spec_key(batch_id))
         config_ids = decode_spec(got[0]) if got else None
-    completed, items = bat.build_completed(batch_id, record, outcomes, config_ids)
+    completed, items = bat.build_completed(batch_id, record, outcomes, config_ids, compensated)
     body = msgspec.json.encode(items)
     # Inline up to inline_items items, and only if they leave room in the event (long error messages).
     if len(items) <= deps.inline_items and len(body) <= deps.max_event_bytes // 2:
@@ -327,7 +350,7 @@ async def on_artifact_requested(event: CloudEvent, delivery: Delivery, deps: Dep
     committer = deps.run(run_id)
     existing = await committer.read(fresh=True)
     if existing is not None:
-        return await _run_again(event, existing, delivery, deps)
+        return await _run_requested(event, existing, delivery, deps, again=True)
     now = deps.clock()
     try:
         loaded = deps.artifacts.get(data.artifact_id)
@@ -338,6 +361,8 @@ async def on_artifact_requested(event: CloudEvent, delivery: Delivery, deps: Dep
             except ComposeError as e:
                 raise ArtifactError(e.code, e.message) from None
         run = art.new_run(run_id, loaded, data.context, now)
+        deadline_s = data.deadline_s or loaded.spec.deadline_s
+        run.deadline_at = None if deadline_s is None else now + deadline_s
         art.advance(run, run_id, now)
     except ArtifactError as e:
         log.info("artifact request %s refused: %s", run_id, e)
@@ -347,12 +372,26 @@ async def on_artifact_requested(event: CloudEvent, delivery: Delivery, deps: Dep
         existing = await committer.read(fresh=True)
         if existing is None:
             raise Retry("the artifact record exists but cannot be read yet")
-        return await _run_again(event, existing, delivery, deps)
+        return await _run_requested(event, existing, delivery, deps, again=True)
     committer.prime(run, rev)
     deps.count("artifact_started")
-    return await _caused_by(
-        event, run, delivery, deps, again=False
-    )  # the first parts (requested_by = run id), or the refusal
+    return await _run_requested(event, run, delivery, deps, again=False)
+
+
+async def _run_requested(
+    event: CloudEvent, run: ArtifactRun, delivery: Delivery, deps: Deps, *, again: bool
+) -> list[CloudEvent]:
+    """The first parts (requested_by = run id) and the deadline timer, or the refusal; or the
+    cancel that came before the request (checked after the create: docs/saga.md)."""
+    if not run.closed and await saga.marked(deps, "artifact", run.run_id):
+        committed = await deps.run(run.run_id).submit(StopOp(event.id, "cancelled"))
+        return await _caused_by(
+            event, committed.record, delivery, deps, again=again or committed.result is not SagaResult.STOPPED
+        )
+    out = await _caused_by(event, run, delivery, deps, again=again)
+    if run.deadline_at is not None and not run.closed:
+        out.append(saga.deadline_event(event, "artifact", run.run_id, run.deadline_at, deps.source))
+    return out
 
 
 async def on_part_outcome(
@@ -422,11 +461,8 @@ async def _caused_by(
             committed = await deps.run(run.run_id).submit(art.PartOp(e.data.origin.key, False, event.id, error))
             run = committed.record
         out = []
-    if run.closed and run.closed_by == event.id and not run.finished:
-        if again:
-            _announce_again_allowed(run.closed_at, f"artifact run {run.run_id}", delivery, deps)
-            deps.count("artifact_announced_again")
-        out.append(await assembled_event(event, run, deps))
+    if run.closed:
+        out.extend(await saga.after_run_close(event, run, delivery, deps, again=again))
     return out
 
 
@@ -460,13 +496,15 @@ async def part_requests(cause: CloudEvent, run: ArtifactRun, part_ids: list[str]
     return out
 
 
-async def assembled_event(cause: CloudEvent, run: ArtifactRun, deps: Deps) -> CloudEvent:
+async def assembled_event(
+    cause: CloudEvent, run: ArtifactRun, deps: Deps, compensated: Sequence[str] = ()
+) -> CloudEvent:
     contents = {}
     if run.status == "success":
         for p in run.parts:
             if run.state[p.id].status == "done":
                 contents[p.id] = await _part_content(run.run_id, p.id, deps)
-    data: ArtifactAssembled = art.assembled_data(run, contents)
+    data: ArtifactAssembled = art.assembled_data(run, contents, compensated)
     return new_event(ARTIFACT_ASSEMBLED, data, source=deps.source, cause=cause, event_id=art.assembled_id(run.run_id))
 
 

@@ -10,6 +10,10 @@ Keys (in the state bucket; KV keys allow ``[-/_=.A-Za-z0-9]``):
 - ``artifact.<run>``             :class:`ArtifactRun`, updated with compare-and-set
 - ``artifact.<run>.part.<part>`` :class:`PartContent` of a done part, written before the update
                                  that marks it done
+- ``artifact.<run>.cache.<part>`` the result cache key a part's generation wrote (its effect, to
+                                 undo if the run ends badly; see docs/saga.md)
+- ``<batch.<id>|artifact.<run>>.comp.<chunk>`` the keys one compensation request undid (JSON list),
+                                 written before the update that counts it
 
 ``<id>`` is the event id of the request when it is a safe key token, else a
 hash of it (:func:`key_id`): a foreign producer may use any CloudEvent id.
@@ -42,7 +46,7 @@ from composition.batch_records import decode_batch as decode_batch
 from composition.batch_records import decode_item as decode_item
 from composition.keys import key_id as key_id
 from composition.runs import artifact_key as artifact_key
-from contracts.events import ErrorInfo
+from contracts.events import BatchItemOutcome, ErrorInfo
 
 log = logging.getLogger("chora.assembler")
 
@@ -53,6 +57,15 @@ def batch_spec_key(batch_id: str) -> str:
 
 def part_key(run_id: str, part_id: str) -> str:
     return f"{artifact_key(run_id)}.part.{part_id}"
+
+
+def part_cache_key(run_id: str, part_id: str) -> str:
+    return f"{artifact_key(run_id)}.cache.{part_id}"
+
+
+def comp_key(record_key: str, chunk: int) -> str:
+    """Under a run's record key (``batch.<id>`` or ``artifact.<run>``): what compensation request ``chunk`` undid."""
+    return f"{record_key}.comp.{chunk}"
 
 
 # --------------------------------------------------------------------------- bitmaps
@@ -129,10 +142,18 @@ class ArtifactRun(msgspec.Struct, kw_only=True, omit_defaults=True):
     closed: bool = False
     closed_at: float | None = None
     closed_by: str | None = None
-    status: str | None = None  # success | error, once closed
+    status: str | None = None  # success | error | cancelled | timed_out, once closed
     failed_part: str | None = None
     error: ErrorInfo | None = None
     finished: bool = False  # the artifact_assembled is in the stream
+    # the saga (docs/saga.md; the fields mean what they mean on a BatchRecord)
+    settled: list[str] = []  # part ids in the order they were settled (compensation goes in reverse)
+    outcome: str | None = None  # cancelled | timed_out
+    deadline_at: float | None = None
+    compensation: int | None = None
+    compensated: list[int] = []
+    compensated_at: float | None = None
+    compensated_by: str | None = None
 
     def omitted(self) -> list[str]:
         return [p.id for p in self.parts if self.state[p.id].status == "omitted"]
@@ -144,6 +165,15 @@ class ArtifactRun(msgspec.Struct, kw_only=True, omit_defaults=True):
         return None
 
 
+class StoredOutcome(BatchItemOutcome, kw_only=True, omit_defaults=True):
+    """A batch item's outcome as stored under ``batch.<id>.item.<i>``: the outcome (readers
+    decode it as a :class:`BatchItemOutcome`, ignoring the rest) and the effects its
+    generation had, registered for compensation (docs/saga.md)."""
+
+    cache_key: str | None = None
+    content_ref: str | None = None
+
+
 class PartContent(msgspec.Struct, kw_only=True, omit_defaults=True):
     content: str | None = None
     content_ref: str | None = None  # large content stays in the Object Store
@@ -153,6 +183,7 @@ class PartContent(msgspec.Struct, kw_only=True, omit_defaults=True):
 _enc = msgspec.msgpack.Encoder()
 _dec_run = msgspec.msgpack.Decoder(ArtifactRun)
 _dec_part = msgspec.msgpack.Decoder(PartContent)
+_dec_stored = msgspec.msgpack.Decoder(StoredOutcome)
 
 
 def encode(record: msgspec.Struct) -> bytes:
@@ -165,6 +196,10 @@ def decode_run(raw: bytes) -> ArtifactRun:
 
 def decode_part(raw: bytes) -> PartContent:
     return _dec_part.decode(raw)
+
+
+def decode_stored(raw: bytes) -> StoredOutcome:
+    return _dec_stored.decode(raw)
 
 
 def encode_spec(config_ids: Sequence[str]) -> bytes:

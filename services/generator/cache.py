@@ -73,6 +73,9 @@ class CacheBackend(Protocol):
     async def wait(self, key: str, timeout: float) -> bytes | None:
         """The value once stored; None when the claim on ``key`` ends without one, or on timeout."""
 
+    async def remove(self, key: str) -> None:
+        """Remove the entry under ``key`` (nothing if there is none)."""
+
 
 def canonical_json(value: Any) -> bytes:
     """JSON with sorted keys and no whitespace: equal values give equal bytes."""
@@ -153,8 +156,11 @@ class ResultCache:
         render: Callable[[], Awaitable[str]],
         *,
         bypass: bool = False,
+        written: list[str] | None = None,
     ) -> tuple[str, bool]:
-        """(content, cached): from the cache, from an identical render in flight, or ``render()``."""
+        """(content, cached): from the cache, from an identical render in flight, or ``render()``.
+        When this call stores an entry, its key is appended to ``written`` (an effect a
+        compensation may undo: :meth:`CacheBackend.remove`)."""
         ttl = self.ttl_for(config, generator)
         if ttl is None:
             return await render(), False
@@ -173,6 +179,8 @@ class ResultCache:
             self.metrics.bypass.inc()
             content = await render()
             await self._put(key, content, ttl)
+            if written is not None:
+                written.append(key)
             return content, False
         while True:
             shared = self._inflight.get(key)
@@ -201,6 +209,8 @@ class ResultCache:
             del self._inflight[key]
         future.set_result(content)
         (self.metrics.hit if cached else self.metrics.miss).inc()
+        if not cached and written is not None:
+            written.append(key)
         return content, cached
 
     def claims_for(self, generator: Any) -> bool:

@@ -20,16 +20,19 @@ import hashlib
 import inspect
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
-from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
+from contracts.catalogue import COMPENSATION_REQUESTED, CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested, TokenUsage
 from contracts.handling import Delivery, EventHandlers, Reject, Retry, expect
 from composition.configs import ConfigStore, GenerationError
+from composition.runs import run_of
 from services.generator.cache import ResultCache
+from services.generator.compensation import on_compensation_requested
 from services.generator.generators import GeneratorRegistry
 from services.generator.generators.base import Generated, RetriableGenerationError, ensure_ready
 
@@ -58,6 +61,11 @@ class Deps:
     max_event_bytes: int | None = None
     # the result cache (None: every request is rendered)
     cache: ResultCache | None = None
+    # the runs that were cancelled or timed out (``<kind>.<key token>``, composition/runs.py), kept
+    # current by a watch on their markers: their requests are answered RUN_CANCELLED, unrendered
+    cancelled: set[str] = field(default_factory=set)
+    # undoes a stopped run's effects (services/generator/compensation.py; None: nothing to undo with)
+    undo: Any = None
 
 
 def _error(
@@ -95,6 +103,17 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
     store, registry, source = deps.store, deps.registry, deps.source
     max_output_bytes, max_event_bytes = deps.max_output_bytes, deps.max_event_bytes
     data = expect(event, GENERATION_REQUESTED, GenerationRequested, "generator")
+    origin = data.origin
+    if origin is not None and deps.cancelled and run_of(origin.kind, origin.id) in deps.cancelled:
+        return _error(
+            event,
+            data.content_config_id,
+            None,
+            t0,
+            "RUN_CANCELLED",
+            f"the {origin.kind} run {origin.id} was cancelled or timed out: not generated",
+            source,
+        )
 
     config_id = data.content_config_id
     if not isinstance(config_id, str):
@@ -137,10 +156,13 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
                 )
             return content
 
+        written: list[str] = []  # the cache entry this request stores: its effect (docs/saga.md)
         if deps.cache is None:
             content, cached = await render(), False
         else:  # the result cache (services/generator/cache.py): errors are never stored
-            content, cached = await deps.cache.fetch(config, generator, context, render, bypass=data.no_cache)
+            content, cached = await deps.cache.fetch(
+                config, generator, context, render, bypass=data.no_cache, written=written
+            )
         raw = content.encode("utf-8")
         out = ContentGenerated(
             request_id=event.id,
@@ -152,6 +174,7 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
             content_length=len(content),
             origin=data.origin,
             cached=cached,
+            cache_key=written[0] if written and origin is not None else None,
         )
         if meta is not None:
             out.model, out.stop_reason = meta.model, meta.stop_reason
@@ -180,4 +203,7 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
     return [new_event(CONTENT_GENERATED, out, source=source, cause=event)]
 
 
-EVENT_HANDLERS: EventHandlers[Deps] = {GENERATION_REQUESTED: on_generation_requested}
+EVENT_HANDLERS: EventHandlers[Deps] = {
+    GENERATION_REQUESTED: on_generation_requested,
+    COMPENSATION_REQUESTED: on_compensation_requested,
+}

@@ -35,6 +35,7 @@ from composition.capabilities import GENERATORS_KEY, GeneratorInfo, GeneratorsRe
 from composition.configs import ConfigError, ConfigStore
 from contracts.handling import route
 from services.generator.cache import CacheMetrics, ResultCache
+from services.generator.compensation import BusUndo, StoppedRuns
 from services.generator.generators import GeneratorRegistry
 from services.generator.generators.base import readiness_of, requirements_of
 from services.generator.generators.jinja import Jinja2Generator
@@ -82,6 +83,14 @@ class GeneratorApp:
         self.config_errors: dict[str, str] = {}
         self._preparing: list[asyncio.Task] = []
         self.handle = route(EVENT_HANDLERS, self.deps, self.name)
+        self.stopped = StoppedRuns(self.deps.cancelled)
+
+    def consumers(self, topology: Any) -> list[tuple[Any, Any]]:
+        """Its requests, and the compensations of stopped runs (docs/saga.md) on a durable of their own."""
+        return [
+            (topology.consumers["generator"], self.handle),
+            (topology.consumers["generator-compensations"], self.handle),
+        ]
 
     async def start(self, ctx: Any = None) -> None:
         self.registry.load()
@@ -94,6 +103,8 @@ class GeneratorApp:
                 wait_s=self.cache_wait_s,
                 claims=self.cache_claims,
             )
+        self.deps.undo = BusUndo(backend, getattr(ctx, "content", None))
+        self.stopped.start(getattr(ctx, "state", None))
         limits = getattr(ctx, "limits", None)
         self.config_errors = {}
         used: set[str] = set()  # the generators that a loaded config names
@@ -157,6 +168,7 @@ class GeneratorApp:
             self.pool.drain()
 
     async def close(self) -> None:
+        await self.stopped.close()
         results = await asyncio.gather(*self._preparing, return_exceptions=True)
         for r in results:
             if isinstance(r, Exception):

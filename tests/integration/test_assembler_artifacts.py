@@ -69,15 +69,20 @@ parts:
 }
 
 
-@pytest.fixture
-def asettings(settings, tmp_path):
+def with_configs(settings, tmp_path, artifacts: dict[str, str] = ARTIFACTS):
+    """``settings`` with a configs dir of :data:`CONFIGS` and ``artifacts``."""
     d = tmp_path / "configs"
     (d / "artifacts").mkdir(parents=True)
     for name, text in CONFIGS.items():
         (d / name).write_text(text)
-    for name, text in ARTIFACTS.items():
+    for name, text in artifacts.items():
         (d / "artifacts" / name).write_text(text)
     return settings.model_copy(update={"configs_dir": d})
+
+
+@pytest.fixture
+def asettings(settings, tmp_path):
+    return with_configs(settings, tmp_path)
 
 
 @pytest.fixture

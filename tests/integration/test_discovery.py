@@ -137,7 +137,11 @@ async def test_srv_info_lists_the_info_health_and_stats_endpoints_of_the_instanc
     assert facts == stack["generator"]
     health = json.loads((await nc.request(subjects["health"], b"", timeout=5)).data)
     assert health["ready"] is True and health["status"] == "ready"
-    assert health["checks"] == {"nats": "connected", "consumers": {"generator": "bound"}, "draining": False}
+    assert health["checks"] == {
+        "nats": "connected",
+        "consumers": {"generator": "bound", "generator-compensations": "bound"},
+        "draining": False,
+    }
 
 
 async def test_srv_stats_carries_the_consumer_counters(stack, nc, settings):
@@ -158,7 +162,7 @@ async def test_srv_stats_carries_the_consumer_counters(stack, nc, settings):
     stats = json.loads((await nc.request("$SRV.STATS.chora-assembler", b"", timeout=5)).data)
     assert stats["type"] == "io.nats.micro.v1.stats_response" and stats["started"].endswith("Z")
     data = next(e["data"] for e in stats["endpoints"] if e["name"] == "stats")
-    assert set(data) == {"assembler", "assembler-completions"}
+    assert set(data) == {"assembler", "assembler-completions", "assembler-cancels", "assembler-deadlines"}
     assert set(data["assembler"]) == {"acked", "naked", "dead", "published"}
 
 

@@ -43,6 +43,7 @@ from bus.publisher import Publisher
 from bus.server import EmbeddedServer, server_binary
 from bus.state import StateStore
 from bus.topology import Topology, provision
+from composition.runs import MARKERS
 from bus.settings import NatsSettings
 from services.settings import Settings
 from contracts.catalogue import ARTIFACT_REQUESTED, CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED
@@ -57,25 +58,40 @@ SINGLE_AUTH_CONF = NATS_DIR / "single-auth.conf"
 
 USERS = ("admin", "generator", "telemetry", "validator", "assembler", "notifier", "client", "gateway")
 EVENTS = "CHORA_EVENTS"
-DURABLES = ("generator", "telemetry", "validator", "assembler", "notify-release-hook")
+DURABLES = (
+    "generator",
+    "generator-compensations",
+    "telemetry",
+    "validator",
+    "assembler",
+    "assembler-cancels",
+    "assembler-deadlines",
+    "notify-release-hook",
+)
 
 # The intended table, restated independently of auth.conf: what each user may publish among
 # the catalogue subjects and the dead-letter subjects.
 EVENT_PUBLISH = {
-    "generator": {"chora.content_generated"},
+    "generator": {"chora.content_generated", "chora.effects_compensated"},
     "telemetry": set(),
     "validator": {"chora.content_validated", "chora.config_validated"},
-    "assembler": {"chora.generation.requested", "chora.artifact_assembled", "chora.batch_completed"},
+    "assembler": {
+        "chora.generation.requested",
+        "chora.artifact_assembled",
+        "chora.batch_completed",
+        "chora.deadline.requested",
+        "chora.compensation.requested",
+    },
     "notifier": {"chora.notification_delivered", "chora.notification_failed"},
     "client": {"chora.generation.requested", "chora.artifact.requested", "chora.batch.requested"},
     "gateway": {"chora.generation.requested", "chora.artifact.requested", "chora.batch.requested"},
 }
 # durables each user may pull from, settle (ack) and dead-letter for
 OWN_DURABLES = {
-    "generator": {"generator"},
+    "generator": {"generator", "generator-compensations"},
     "telemetry": {"telemetry"},
     "validator": {"validator"},
-    "assembler": {"assembler"},
+    "assembler": {"assembler", "assembler-cancels", "assembler-deadlines"},
     "notifier": {"notify-release-hook"},
     "client": set(),
     "gateway": set(),
@@ -86,6 +102,7 @@ FACTS = {
     "chora.config_validated",
     "chora.artifact_assembled",
     "chora.batch_completed",
+    "chora.effects_compensated",
     "chora.notification_delivered",
     "chora.notification_failed",
 }
@@ -662,6 +679,27 @@ async def test_state_bucket_keys_belong_to_their_service(provisioned, connect):
     kv = await admin.js(10).key_value(topo.state_bucket)
     assert (await kv.get("batch.b1")).value == b"two"
     assert (await kv.get("configcheck.cfg.abc")).value == b"reported"
+
+
+async def test_the_generator_follows_the_stopped_run_markers_and_nothing_else(provisioned, connect):
+    admin, topo = provisioned
+    asm, gen = await connect("assembler"), await connect("generator")
+    a = StateStore(asm.js(), topo.state_bucket)
+    await a.put("cancelled.batch.b1", b"m")  # the assembler writes the markers (composition/runs.py)
+    await a.put("batch.b1", b"record")
+    seen: list[tuple[str, bool]] = []
+    sub = await StateStore(gen.js(10), topo.state_bucket).follow(MARKERS, lambda k, p: seen.append((k, p)))
+    await wait_for(lambda: seen == [("cancelled.batch.b1", True)], 5, "the existing marker, followed by the generator")
+    await a.put("cancelled.artifact.r2", b"m")
+    await wait_for(lambda: ("cancelled.artifact.r2", True) in seen, 5, "a new marker")
+    await sub.unsubscribe()
+    # a follow of anything else is refused: the filter is in the API subject
+    await refused(
+        StateStore(gen.js(), topo.state_bucket).follow("batch.*", lambda k, p: None),
+        gen,
+        f"$JS.API.CONSUMER.CREATE.KV_{topo.state_bucket}.",
+    )
+    assert all(k.startswith("cancelled.") for k, _ in seen)
 
 
 async def test_content_bucket_write_and_read_rights(provisioned, connect):

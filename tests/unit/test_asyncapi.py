@@ -24,6 +24,8 @@ SERVICES_WITH_TOPOLOGY = ("generator", "validator", "assembler", "notifier-callb
 PARTY_OF = {
     "assembler-completions": "assembler",
     "assembler-cancels": "assembler",
+    "assembler-deadlines": "assembler",
+    "generator-compensations": "generator",
     "notifier-callback-requests": "notifier-callbacks",
 }
 

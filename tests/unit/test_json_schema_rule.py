@@ -19,6 +19,10 @@ from contracts.events import (
     BatchItem,
     BatchItemOutcome,
     CancelRequested,
+    CompensationRequested,
+    DeadlineRequested,
+    Effect,
+    EffectsCompensated,
     BatchRequested,
     ConfigValidated,
     ContentGenerated,
@@ -94,6 +98,21 @@ CASES: dict[str, tuple[msgspec.Struct, dict, str]] = {
         CancelRequested(kind="batch", id="b", reason="not needed"),
         {"kind": "run", "id": "b"},
         "$.kind: 'run' is not one of ['artifact', 'batch'] (enum)",
+    ),
+    "chora.deadline.requested": (
+        DeadlineRequested(kind="artifact", id="r", at=1800000000.5),
+        {"kind": "artifact", "id": "r"},
+        "$: 'at' is a required property (required)",
+    ),
+    "chora.compensation.requested": (
+        CompensationRequested(kind="batch", id="b", chunk=0, chunks=1, effects=[Effect(key="3", cache_key="c.k")]),
+        {"kind": "batch", "id": "b", "chunk": -1},
+        "$.chunk: -1 is less than the minimum of 0 (minimum)",
+    ),
+    "chora.effects_compensated": (
+        EffectsCompensated(kind="batch", id="b", compensated=["3", "1"]),
+        {"kind": "batch", "id": "b", "compensated": [3]},
+        "$.compensated[0]: 3 is not of type 'string' (type)",
     ),
     "chora.notification_delivered": (
         NotificationDelivered(

@@ -58,7 +58,9 @@ subscriptions:
     everything, notes = cfg.subscriptions
     assert NOTIFICATION_DELIVERED not in everything.event_types
     assert NOTIFICATION_FAILED not in everything.event_types
-    assert BATCH_COMPLETED in everything.event_types and len(everything.event_types) == 9
+    # every type but the two notification facts (the saga's compensating notification included)
+    assert BATCH_COMPLETED in everything.event_types and len(everything.event_types) == 12
+    assert "chora.effects_compensated" in everything.event_types
     assert notes.event_types == (NOTIFICATION_FAILED,)
 
 

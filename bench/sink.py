@@ -87,16 +87,17 @@ async def _prefill(js, events) -> None:
         await asyncio.gather(*futs)
 
 
-async def _ceiling(js, stream: str, n: int, name: str) -> float:
-    """Seconds a count-only durable push consumer takes to receive ``n`` messages."""
+async def _ceiling(js, stream: str, n: int, name: str) -> tuple[float, float]:
+    """(seconds, CPU seconds of this process) a count-only durable push consumer takes to
+    receive ``n`` messages."""
     done = asyncio.Event()
     count = 0
-    t0 = 0.0
+    t0 = c0 = 0.0
 
     async def cb(msg) -> None:
-        nonlocal count, t0
+        nonlocal count, t0, c0
         if count == 0:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         count += 1
         if count == n:
             done.set()
@@ -112,10 +113,11 @@ async def _ceiling(js, stream: str, n: int, name: str) -> float:
         f"{PREFIX}.>", stream=stream, durable=name, config=cfg, cb=cb, manual_ack=True, flow_control=True
     )
     await asyncio.wait_for(done.wait(), 300)
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     await sub.unsubscribe()
     await js.delete_consumer(stream, name)
-    return secs * n / max(1, n - 1)  # the clock started at the first message
+    scale = n / max(1, n - 1)  # the clocks started at the first message
+    return secs * scale, cpu * scale
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -170,6 +172,7 @@ def _sink_run(url: str, home: Path, n: int, profile: str | None = None) -> dict:
                 got = chunk[:cut].count(b"\n")
                 if got and t_first is None:
                     t_first = time.perf_counter()
+                    cpu_first = _cpu_s(proc.pid)
                     first_lines = got
                 lines += got
                 pos += cut
@@ -190,7 +193,8 @@ def _sink_run(url: str, home: Path, n: int, profile: str | None = None) -> dict:
         "start_s": round(t_first - t_spawn, 3),
         "total_s": round(t_end - t_spawn, 3),
         "peak_rss_mb": round(peak_kb / 1024, 1),
-        "cpu_s": cpu,
+        "cpu_s": round(cpu, 2),
+        "cpu_us_per_event": round((cpu - cpu_first) / max(1, n - first_lines) * 1e6, 1),
         "lines": len(seqs),
         "exactly_once": exactly_once,
     }
@@ -199,7 +203,7 @@ def _sink_run(url: str, home: Path, n: int, profile: str | None = None) -> dict:
 def _cpu_s(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -233,14 +237,18 @@ async def main(argv: list[str] | None = None) -> dict:
             rounds = []
             for r in range(args.repeat):
                 load = _load()
-                ceiling = n / await _ceiling(js, topo.events_stream, n, f"bench-ceiling-{r}")
+                secs, cpu = await _ceiling(js, topo.events_stream, n, f"bench-ceiling-{r}")
+                ceiling, ceiling_cpu_us = n / secs, cpu / n * 1e6
                 sink = _sink_run(server.url, Path(tmp) / f"home-{r}", n, args.profile)
                 rounds.append(
                     {
                         "load_before": load,
                         "ceiling_msgs_per_s": round(ceiling),
+                        "ceiling_cpu_us_per_msg": round(ceiling_cpu_us, 1),
                         "sink": sink,
                         "ratio": round(sink["events_per_s"] / ceiling, 3),
+                        # CPU per message, ceiling / sink: what the ratio would be with a core each
+                        "cpu_ratio": round(ceiling_cpu_us / max(0.1, sink["cpu_us_per_event"]), 3),
                         "load_after": _load(),
                     }
                 )
@@ -256,13 +264,17 @@ async def main(argv: list[str] | None = None) -> dict:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
     print(f"sink alone, {n} pre-filled content_generated events ({body} B body, ~{head} B headers)")
-    print("| round | load (1/5/15 min) | ceiling msg/s | sink events/s | ratio | start s | peak RSS MB | once |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| round | load (1/5/15 min) | ceiling msg/s | sink events/s | ratio | CPU us/msg ceiling / sink | CPU ratio "
+        "| start s | peak RSS MB | once |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rounds):
         s = r["sink"]
         print(
             f"| {i + 1} | {r['load_before']} | {r['ceiling_msgs_per_s']:,} | {s['events_per_s']:,} | "
-            f"{r['ratio']:.0%} | {s['start_s']} | {s['peak_rss_mb']} | {s['exactly_once']} |"
+            f"{r['ratio']:.0%} | {r['ceiling_cpu_us_per_msg']} / {s['cpu_us_per_event']} | {r['cpu_ratio']:.0%} "
+            f"| {s['start_s']} | {s['peak_rss_mb']} | {s['exactly_once']} |"
         )
     print(json.dumps(result))
     return result

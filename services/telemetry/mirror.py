@@ -79,20 +79,27 @@ def _as_chora_wrote_it(headers: dict[str, str] | None, body: bytes) -> CloudEven
 
 
 class Stamp:
-    """RFC3339 UTC timestamps with microseconds, the date part formatted once per second."""
+    """RFC3339 UTC timestamps with microseconds, formatted at most once per millisecond (a
+    batch of lines read together shares it) and the date part once per second."""
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self._sec = -1
         self._prefix = ""
+        self._until = 0.0
+        self._last = ""
 
     def __call__(self) -> str:
         ts = self.clock()
+        if ts < self._until and ts >= self._until - 0.001:
+            return self._last
         sec = int(ts)
         if sec != self._sec:
             self._sec = sec
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._prefix}.{int((ts - sec) * 1e6):06d}Z"
+        self._until = ts + 0.001
+        self._last = f"{self._prefix}.{int((ts - sec) * 1e6):06d}Z"
+        return self._last
 
 
 class TelemetryMirror:

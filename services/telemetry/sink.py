@@ -29,6 +29,10 @@ complete line: of the live file, or, when the live file is empty (just rotated),
 of the newest rotated file. Nothing else is remembered, so memory does not grow
 with the number of events.
 
+The sink holds an exclusive lock on ``<file>.lock`` while it runs: a second sink
+pointed at the same file refuses to start (two writers would interleave and each
+write what the other did).
+
 A file written before lines had a ``seq`` (an upgrade) has no position: the sink
 then asks for the messages stored since the ``timestamp`` of its last line
 (:meth:`JsonlSink.start_time`), which may repeat the events of the moments before
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import fcntl
 import logging
 import os
 import stat
@@ -133,6 +138,7 @@ class JsonlSink:
         self._resume_time: float | None = None
         self._lock: asyncio.Lock | None = None
         self._fd: int | None = None
+        self._lock_fd: int | None = None
         self._size = 0
         self._day: str | None = None  # UTC day of the live file's first line
         self._rotate_retry_at = 0.0
@@ -184,7 +190,13 @@ class JsonlSink:
             except OSError:
                 pass
         os.close(fd)
+        self._unlock()
         await self.wait_compressed()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
 
     async def wait_compressed(self) -> None:
         """Wait until every rotated file handed over so far is compressed (or failed)."""
@@ -345,18 +357,38 @@ class JsonlSink:
             raise
         return fd
 
+    def _take_file_lock(self) -> None:
+        """One writer per file: an exclusive lock on ``<file>.lock`` (released by the kernel when
+        the process ends, even by ``kill -9``). A second sink on the same file refuses to start."""
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SinkError(
+                f"another telemetry sink writes {self.path}: each instance needs a file of its own "
+                "(CHORA_HOME or CHORA_TELEMETRY_PATH)"
+            ) from None
+        self._lock_fd = fd
+
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._take_file_lock()
         # A crash may have left a rotated file uncompressed or a half-written .gz.tmp.
         rotation.recover(self.path, fsync=self.fsync)
         rotation.apply_retention(self.path, self.retention_files)
-        fd = self._create()
+        try:
+            fd = self._create()
+        except BaseException:
+            self._unlock()
+            raise
         try:
             size = self._repair(fd, os.fstat(fd).st_size)
             self._day = self._first_day(size)
             self._load_position(size)
         except BaseException:
             os.close(fd)
+            self._unlock()
             raise
         self._fd = fd
         self._size = size

@@ -164,7 +164,7 @@ async def test_every_file_is_0600(tmp_path):
     finally:
         os.umask(old)
     files = list(tmp_path.iterdir())
-    assert len(files) == 4  # 3 .gz + the live file
+    assert len(files) == 5  # 3 .gz + the live file + its lock file
     for p in files:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p.name
 
@@ -246,7 +246,11 @@ async def test_stale_tmp_and_leftover_plain_are_cleaned_on_start(tmp_path):
     s2 = JsonlSink(path, clock=Clock(DAY1))
     await s2.start()
     await s2.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["events-2025-03-09-001.jsonl.gz", "events.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "events-2025-03-09-001.jsonl.gz",
+        "events.jsonl",
+        "events.jsonl.lock",
+    ]
     assert [r["event_id"] for r in read_all(tmp_path)] == [a.id, b.id]
 
 

@@ -344,6 +344,15 @@ async def test_an_unreadable_last_line_yields_to_the_one_before(tmp_path):
     await s.close()
 
 
+async def test_a_second_sink_on_the_same_file_refuses_to_start(sink, tmp_path):
+    other = JsonlSink(sink.path)
+    with pytest.raises(SinkError, match="another telemetry sink writes"):
+        await other.start()
+    await sink.close()
+    await other.start()  # the first one gone: the file is free
+    await other.close()
+
+
 async def test_new_file_mode_is_0600(sink):
     await sink.write(requested())
     assert stat.S_IMODE(os.stat(sink.path).st_mode) == 0o600

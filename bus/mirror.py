@@ -296,6 +296,7 @@ class StreamMirror:
             self._failed(f"cannot subscribe: {e}")
             return
         pos = self.target.position()
+        await self._check_position(pos)
         cfg = ConsumerConfig(
             deliver_subject=inbox,
             ack_policy=AckPolicy.NONE,
@@ -325,6 +326,29 @@ class StreamMirror:
         self._consumer = info.name
         self.stats.resets += 1
         log.info("%s: reading %s after sequence %d (consumer %s)", self.name, self.stream, pos, info.name)
+
+    async def _check_position(self, pos: int) -> None:
+        """Say so when the stream ends below the position: it was recreated or purged, and the
+        reader would wait for sequences that the new stream reaches only later (its first
+        messages are not mirrored). Nothing is decided here: an operator moves the files away."""
+        if pos <= 0:
+            return
+        try:
+            last = (await self.js.stream_info(self.stream)).state.last_seq
+        except Exception as e:  # not allowed or not reachable: the reading itself will tell
+            log.debug("%s: stream info: %s", self.name, e)
+            return
+        if last < pos:
+            log.error(
+                "%s: %s ends at sequence %d, below this reader's position %d: was the stream recreated or "
+                "purged? Messages up to %d will not be read; move the output away to start from the stream's "
+                "beginning",
+                self.name,
+                self.stream,
+                last,
+                pos,
+                pos,
+            )
 
     def _failed(self, why: str) -> None:
         log.warning("%s: %s; retrying in %.1fs", self.name, why, self.retry_s)

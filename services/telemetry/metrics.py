@@ -6,7 +6,7 @@ subscription names, stream and consumer names): never an event id, a trace
 id or a request id. Each label keeps at most ``MAX_LABEL_VALUES`` distinct
 values per metric; later newcomers are counted under ``other``.
 
-From events (the sink sees every one):
+From events (each sink instance sees every one):
 
     chora_events_total{event_type,status}                 events mirrored (duplicates not counted)
     chora_generation_duration_seconds{generator}          content_generated duration_ms, successes only
@@ -20,9 +20,15 @@ From events (the sink sees every one):
     chora_artifact_duration_seconds                       histogram of artifact_assembled duration_ms
     chora_webhook_deliveries_total{subscription,outcome}  notification_delivered (delivered) / _failed (failed)
     chora_webhook_delivery_duration_seconds{subscription} notification_delivered duration_ms
-    chora_sink_lag_seconds                                line written minus event time
+    chora_sink_lag_seconds                                line written minus the time the stream stored the message
     chora_sink_lines_written_total                        lines appended to the JSONL file
-    chora_sink_duplicates_skipped_total                   events already written (redeliveries)
+    chora_sink_duplicates_skipped_total                   messages at or below the sink's position, not written again
+    chora_sink_malformed_total{code}                      messages that are not CloudEvents (a ``malformed`` line each)
+
+Every sink instance reads the whole stream, so every instance counts every event: across
+instances, take the ``max`` of per-instance sums, not their ``sum``. The figures are
+recorded per written batch (:meth:`TelemetryMetrics.mirrored`), from the plain payloads
+the sink mirrors: a status that is not one of the catalogue's is counted as ``other``.
 
 The live state of the circuit breakers comes from the notifier process itself
 (:mod:`services.notifier.metrics`), and the consumer loop's own figures from

@@ -121,6 +121,7 @@ class TelemetryMirror:
         self.clock = clock
         self._stamp = Stamp(clock)
         self._records: list[tuple[str | None, Any, int]] = []  # (type, data, stored ns) of the batch
+        self._records_last = 0  # the stream sequence of the last of them
         self.skipped = 0
         self.malformed = 0
 
@@ -146,15 +147,18 @@ class TelemetryMirror:
                 return
         if self.sink.add(seq, encode_seq_line(seq, event, self._stamp(), self.sink.redact_keys)):
             self._records.append((event.type, event.data, stored_ns))
+            self._records_last = seq
 
     async def flush(self) -> None:
         records, self._records = self._records, []
+        last = self._records_last
         try:
             await self.sink.flush()
         except Exception:
             self._records = []  # the lines are read again, and counted then
             raise
-        if records:
+        # counted once written (a failed flush running at the same time may have dropped them)
+        if records and self.sink.written_seq >= last:
             self.metrics.mirrored(records, self.clock())
 
     # ------------------------------------------------------------------ bad input

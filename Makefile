@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint bench bench-isolation bench-gateway install clean prometheus check-asyncapi
+.PHONY: up test lint bench bench-sink profile-sink bench-isolation bench-gateway install clean prometheus check-asyncapi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ test: $(STAMP) prometheus lint
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.e2e
+	$(VENV)/bin/python -m bench.sink
+
+# the telemetry sink alone from a pre-filled stream, against the nats-py push-consumer ceiling
+# in the same run (events/s, ratio, CPU per message, peak RSS, every sequence once)
+bench-sink: $(STAMP)
+	$(VENV)/bin/python -m bench.sink --repeat 2
+
+# where the sink's CPU goes: py-spy samples `chora service run telemetry` during bench-sink
+# (collapsed stacks in var/sink-profile.txt, for flamegraph.pl or speedscope)
+profile-sink: $(STAMP)
+	mkdir -p var
+	$(VENV)/bin/python -m bench.sink --events 50000 --profile var/sink-profile.txt
 
 # what isolating renders costs: per render (in-loop vs the worker pool) and the full stack both ways
 bench-isolation: $(STAMP)

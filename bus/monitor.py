@@ -201,6 +201,10 @@ class JetStreamMonitor:
             snap.streams.append(StreamFigures(name, _int(st.messages), _int(st.bytes), _int(st.consumer_count)))
             if st.consumer_count:
                 for ci in await self.js.consumers_info(name):
+                    if not ci.config.durable_name:
+                        # ephemeral (the telemetry sink's reader, the gateway's followers): a new
+                        # server-made name at each start would be a new series each time
+                        continue
                     snap.consumers.append(
                         ConsumerFigures(
                             stream=name,

@@ -115,7 +115,6 @@ class Topology:
             replicas=replicas or s.replicas,
             consumers={
                 "generator": spec("generator", (GENERATION_REQUESTED,)),
-                "telemetry": spec("telemetry", None),
                 "validator": spec("validator", (CONTENT_GENERATED,)),
                 "assembler": spec(
                     "assembler", (ARTIFACT_REQUESTED, BATCH_REQUESTED, CONTENT_GENERATED, CONTENT_VALIDATED)

@@ -23,8 +23,6 @@ class CompositionSettings(BaseSettings):
     telemetry_path: Path | None = None  # default: <home>/telemetry/events.jsonl
     # fsync every JSONL batch (survives a machine crash, not only a process kill); off by default.
     telemetry_fsync: bool = False
-    # Event ids the sink remembers to keep one line per id across redeliveries (~106 B each).
-    telemetry_max_ids: int = 1_000_000
     # Keys whose values the JSONL never shows (any depth of an event's data, case-insensitive);
     # CHORA_TELEMETRY_REDACT_KEYS='["password","api_key","my_key"]'.
     telemetry_redact_keys: list[str] = [

@@ -5,7 +5,8 @@
   headers (the ``headers`` schema), the data as the JSON payload (the payload Struct's
   schema, the same as in ``contracts/schemas/``);
 - operations: what each service receives (with its durable JetStream consumer as the NATS
-  binding's ``queue``: the instances of a service share its messages) and sends, from
+  binding's ``queue``: the instances of a service share its messages; none for the
+  telemetry sink, whose every instance reads the whole stream) and sends, from
   :data:`SERVICES`, the one table of who talks on which subject (a test checks it
   against bus/topology.py and the services' code);
 - components.schemas: every payload Struct and the Structs inside them.
@@ -53,14 +54,15 @@ _REQUESTS = tuple(t for t, s in CATALOGUE.items() if s.kind == "request" and t n
 
 @dataclass(frozen=True)
 class Role:
-    """What one party receives (event type -> durable consumer) and sends."""
+    """What one party receives (event type -> durable consumer, or None when every instance
+    receives every event) and sends."""
 
     description: str
-    receives: dict[str, str]
+    receives: dict[str, str | None]
     sends: tuple[str, ...]
 
 
-def _on(durable: str, *types: str) -> dict[str, str]:
+def _on(durable: str | None, *types: str) -> dict[str, str | None]:
     return dict.fromkeys(types, durable)
 
 
@@ -96,7 +98,12 @@ SERVICES: dict[str, Role] = {
         | _on("notifier-callbacks", CONTENT_GENERATED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
         (NOTIFICATION_DELIVERED, NOTIFICATION_FAILED),
     ),
-    "telemetry": Role("Mirrors every event to JSONL and Prometheus.", _on("telemetry", *_ALL), ()),
+    "telemetry": Role(
+        "Mirrors every event to JSONL and Prometheus. Each instance reads the whole stream in order, "
+        "without acks, and keeps its position in its own file (no shared durable consumer).",
+        _on(None, *_ALL),
+        (),
+    ),
     "client": Role(
         "Your service, the CLI or the gateway: publishes requests and reads the outcomes "
         "(chora_client.ChoraClient in Python; any NATS client otherwise).",

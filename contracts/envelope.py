@@ -26,6 +26,7 @@ from contracts.tracing import child_traceparent, new_trace_id, parse_traceparent
 SPECVERSION = "1.0"
 JSON = "application/json"
 _CORE = ("id", "source", "specversion", "type", "time", "datacontenttype", "subject", "dataschema")
+_NOT_EXTENSIONS = frozenset((*_CORE, "traceid", "traceparent"))
 _EXT_NAME = re.compile(r"^[a-z0-9]{1,20}$")
 _NEEDS_QUOTING = re.compile(r'[^\x21-\x7e]|["%]')
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -206,14 +207,22 @@ def _check(attrs: Mapping[str, Any]) -> None:
         raise EnvelopeError("BAD_CONTENT_TYPE", f"datacontenttype {ct!r} is not JSON")
 
 
-def decode(headers: Mapping[str, str] | None, body: bytes, *, max_bytes: int = 1 << 20) -> CloudEvent:
-    """Decode a NATS message (binary or structured mode) into a CloudEvent."""
+def decode(
+    headers: Mapping[str, str] | None, body: bytes, *, max_bytes: int = 1 << 20, typed: bool = True
+) -> CloudEvent:
+    """Decode a NATS message (binary or structured mode) into a CloudEvent.
+
+    ``typed=False`` (for a mirror, which copies what it reads): the data stays plain JSON
+    (a dict, usually), checked neither against its type's Struct nor the catalogue."""
     if len(body) > max_bytes:
         raise EnvelopeError("OVERSIZED", f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
     headers = headers or {}
     attrs: dict[str, str] = {}
     content_type = None
     for k, v in headers.items():
+        if k.startswith("ce-") and k.islower():  # as chora writes them: no lower() needed
+            attrs[k[3:]] = v if "%" not in v else _unquote(k, v)
+            continue
         lk = k.lower()
         if lk.startswith("ce-"):
             name = lk[3:]
@@ -221,17 +230,26 @@ def decode(headers: Mapping[str, str] | None, body: bytes, *, max_bytes: int = 1
         elif lk == "content-type":
             content_type = v
     if content_type and content_type.lower().startswith("application/cloudevents"):
-        return _decode_structured(body)
+        return _decode_structured(body, typed)
     if content_type and "datacontenttype" not in attrs:
         attrs["datacontenttype"] = content_type
     if not attrs:
         raise EnvelopeError("NOT_A_CLOUDEVENT", "no ce-* headers and no structured-mode Content-Type")
     _check(attrs)
+    if not typed:
+        return _from_attrs(attrs, _plain_data(body) if body else None)
     data = _decode_data(attrs["type"], body, raw=True) if body else _decode_data(attrs["type"], {}, raw=False)
     return _from_attrs(attrs, data)
 
 
-def _decode_structured(body: bytes) -> CloudEvent:
+def _plain_data(body: bytes) -> Any:
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as e:
+        raise EnvelopeError("INVALID_JSON", f"data is not valid JSON: {e}") from None
+
+
+def _decode_structured(body: bytes, typed: bool = True) -> CloudEvent:
     try:
         doc = msgspec.json.decode(body)
     except msgspec.DecodeError as e:
@@ -244,9 +262,11 @@ def _decode_structured(body: bytes) -> CloudEvent:
             raw = base64.b64decode(doc["data_base64"], validate=True)
         except (ValueError, TypeError):
             raise EnvelopeError("INVALID_DATA", "data_base64 is not valid base64") from None
-        data = _decode_data(doc["type"], raw, raw=True)
-    else:
+        data = _decode_data(doc["type"], raw, raw=True) if typed else _plain_data(raw)
+    elif typed:
         data = _decode_data(doc["type"], doc.get("data", {}), raw=False)
+    else:
+        data = doc.get("data")
     attrs = {}
     for k, v in doc.items():
         if k in ("data", "data_base64"):
@@ -258,7 +278,7 @@ def _decode_structured(body: bytes) -> CloudEvent:
 
 
 def _from_attrs(attrs: dict[str, str], data: Any) -> CloudEvent:
-    ext = {k: v for k, v in attrs.items() if k not in _CORE and k not in ("traceid", "traceparent")}
+    ext = {k: v for k, v in attrs.items() if k not in _NOT_EXTENSIONS}
     for k in ext:
         if not _EXT_NAME.match(k):
             raise EnvelopeError("BAD_ATTRIBUTE", f"attribute name {k!r} is not lower-case alphanumeric (1-20)")

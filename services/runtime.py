@@ -34,6 +34,7 @@ from bus.connection import connect, settle
 from bus.consumer import ConsumerLoop, Handler
 from bus.content import ContentStore
 from bus.discovery import Registration, register
+from bus.mirror import StreamMirror
 from bus.progress import ConsumerProgress
 from bus.publisher import Publisher
 from bus.state import StateStore
@@ -100,6 +101,8 @@ class ServiceApp(Protocol):
     # for a service with more than its one durable consumer (default: [(its own, handle)]).
     # Optional: async def drain() -> None, called on SIGTERM before the consumers drain (e.g. to
     # hand back work still queued inside the app, so the drain does not wait for it).
+    # Optional: mirror_target (a bus.mirror.MirrorTarget): the app reads the whole stream in order
+    # without acks, keeping its position itself (the telemetry sink), instead of its consumer.
     # Optional: metrics_registry (a prometheus_client CollectorRegistry) of the app's own metrics,
     # served on the process's /metrics; read after start().
 
@@ -160,8 +163,13 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
                 publish=Publisher(js, topo.prefix, content=content, max_bytes=settings.max_event_bytes).publish_many,
             )
         )
+        mirror_target = getattr(app, "mirror_target", None)
         pairs: list[tuple[ConsumerSpec, Handler]] = (
-            app.consumers(topo) if hasattr(app, "consumers") else [(topo.consumers[name], app.handle)]
+            app.consumers(topo)
+            if hasattr(app, "consumers")
+            else []
+            if mirror_target is not None
+            else [(topo.consumers[name], app.handle)]
         )
         if settings.provision:
             await provision(js, topo, consumers=[], extra=[spec for spec, _ in pairs])
@@ -201,6 +209,8 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         )
         for spec, handler in pairs
     ]
+    # A mirror (the telemetry sink) reads the whole stream without acks (bus.mirror).
+    mirrors = [StreamMirror(nc, js, topo.events_stream, mirror_target, name=name)] if mirror_target is not None else []
     stop = stop or asyncio.Event()
     aloop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -208,15 +218,18 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
             aloop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
-    health.watch(lambda: nc.is_connected, [(spec.durable, loop) for (spec, _), loop in zip(pairs, loops)])
+    health.watch(
+        lambda: nc.is_connected,
+        [(spec.durable, loop) for (spec, _), loop in zip(pairs, loops)] + [(m.name, m) for m in mirrors],
+    )
     health.start_ticking()
-    runs = [asyncio.create_task(loop.run()) for loop in loops]
+    runs = [asyncio.create_task(loop.run()) for loop in loops] + [asyncio.create_task(m.run()) for m in mirrors]
     health.started = True
 
     def facts() -> dict[str, Any]:
         return {"service": name, "pid": os.getpid(), **(app.info() or {}), "metrics_url": metrics.url}
 
-    discovery = await _register(nc, name, settings, health, facts, loops, metrics.url)
+    discovery = await _register(nc, name, settings, health, facts, loops, mirrors, metrics.url)
     rf = ready_file(settings, name)
     rf.parent.mkdir(parents=True, exist_ok=True)
     rf.write_text(json.dumps(facts()))
@@ -229,7 +242,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         app_drain = getattr(app, "drain", None)
         if app_drain is not None:
             await app_drain()
-        await asyncio.gather(*(loop.stop() for loop in loops))
+        await asyncio.gather(*(loop.stop() for loop in loops), *(m.stop() for m in mirrors))
         await asyncio.gather(*runs)
         if discovery is not None:
             await discovery.stop()
@@ -247,7 +260,7 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
         # shutdown() waits for the server thread's poll loop: not on the event loop.
         await asyncio.to_thread(metrics.stop)
         rf.unlink(missing_ok=True)
-        log.info("%s stopped: %s", name, [loop.stats for loop in loops])
+        log.info("%s stopped: %s", name, [loop.stats for loop in loops] + [m.stats for m in mirrors])
 
 
 async def _register(
@@ -257,6 +270,7 @@ async def _register(
     health: Health,
     facts: Any,
     loops: list[ConsumerLoop],
+    mirrors: list[StreamMirror],
     metrics_url: str | None,
 ) -> Registration | None:
     """This process as an instance of the micro service ``chora-<name>`` (see bus.discovery).
@@ -276,7 +290,10 @@ async def _register(
             },
             info=facts,
             health=health.ready_doc,
-            stats=lambda: {loop.spec.durable: asdict(loop.stats) for loop in loops},
+            stats=lambda: {
+                **{loop.spec.durable: asdict(loop.stats) for loop in loops},
+                **{m.name: asdict(m.stats) for m in mirrors},
+            },
         )
     except Exception as e:
         log.warning("%s: cannot register for discovery ($SRV): %s", name, e)

@@ -128,3 +128,44 @@ def encode_line(
     keep_context: KeepContext = keep_none,
 ) -> bytes:
     return _encoder.encode(to_record(event, timestamp, redact_keys, keep_context)) + b"\n"
+
+
+# --------------------------------------------------------------------------- mirrored lines
+# The sink's lines also carry ``seq``, the stream sequence of the message (its position in
+# the stream: see services.telemetry.sink), as the last key.
+
+
+def encode_seq_line(
+    seq: int,
+    event: CloudEvent,
+    timestamp: str | None = None,
+    redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS,
+    keep_context: KeepContext = keep_none,
+) -> bytes:
+    """The line of ``event``, stored in the stream at sequence ``seq``."""
+    rec = to_record(event, timestamp, redact_keys, keep_context)
+    rec["seq"] = seq
+    return _encoder.encode(rec) + b"\n"
+
+
+MALFORMED = "malformed"
+
+
+def encode_malformed_line(
+    seq: int, timestamp: str, attrs: dict[str, str | None], code: str, message: str, subject: str
+) -> bytes:
+    """The line of a message that is not a valid CloudEvent: what could be read of it,
+    ``status: "malformed"`` and why (never its body)."""
+    rec: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "timestamp": timestamp,
+        "event_id": attrs.get("id"),
+        "event_type": attrs.get("type"),
+        "source": attrs.get("source"),
+        "nats_subject": subject,
+        "status": MALFORMED,
+        "error_code": code,
+        "error_message": message[:1000],
+        "seq": seq,
+    }
+    return _encoder.encode(rec) + b"\n"

@@ -6,7 +6,7 @@ subscription names, stream and consumer names): never an event id, a trace
 id or a request id. Each label keeps at most ``MAX_LABEL_VALUES`` distinct
 values per metric; later newcomers are counted under ``other``.
 
-From events (the sink sees every one):
+From events (each sink instance sees every one):
 
     chora_events_total{event_type,status}                 events mirrored (duplicates not counted)
     chora_generation_duration_seconds{generator}          content_generated duration_ms, successes only
@@ -20,9 +20,15 @@ From events (the sink sees every one):
     chora_artifact_duration_seconds                       histogram of artifact_assembled duration_ms
     chora_webhook_deliveries_total{subscription,outcome}  notification_delivered (delivered) / _failed (failed)
     chora_webhook_delivery_duration_seconds{subscription} notification_delivered duration_ms
-    chora_sink_lag_seconds                                line written minus event time
+    chora_sink_lag_seconds                                line written minus the time the stream stored the message
     chora_sink_lines_written_total                        lines appended to the JSONL file
-    chora_sink_duplicates_skipped_total                   events already written (redeliveries)
+    chora_sink_duplicates_skipped_total                   messages at or below the sink's position, not written again
+    chora_sink_malformed_total{code}                      messages that are not CloudEvents (a ``malformed`` line each)
+
+Every sink instance reads the whole stream, so every instance counts every event: across
+instances, take the ``max`` of per-instance sums, not their ``sum``. The figures are
+recorded per written batch (:meth:`TelemetryMetrics.mirrored`), from the plain payloads
+the sink mirrors: a status that is not one of the catalogue's is counted as ``other``.
 
 The live state of the circuit breakers comes from the notifier process itself
 (:mod:`services.notifier.metrics`), and the consumer loop's own figures from
@@ -54,6 +60,7 @@ host:port of its monitoring URL:
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from datetime import datetime
 from typing import Any, Iterable
 
@@ -71,8 +78,8 @@ from contracts.catalogue import (
     NOTIFICATION_DELIVERED,
     NOTIFICATION_FAILED,
 )
-from contracts.envelope import CloudEvent
 from services.metrics import Bounded as _Bounded
+from services.metrics import event_type_label
 from services.metrics import label as _label
 
 GENERATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -81,6 +88,46 @@ BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1000
 BATCH_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 WEBHOOK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_OUTCOME = {"successful": "success", "failed": "error", "skipped": "skipped"}
+_DETAILED = frozenset(
+    (
+        CONTENT_GENERATED,
+        CONTENT_VALIDATED,
+        BATCH_COMPLETED,
+        ARTIFACT_ASSEMBLED,
+        NOTIFICATION_DELIVERED,
+        NOTIFICATION_FAILED,
+    )
+)
+# Statuses an event can carry (contracts.events Status and RunStatus); anything else is "other":
+# the sink reads payloads without their Struct, so a label never takes a value as it comes.
+_STATUSES = frozenset(("success", "error", "cancelled", "timed_out"))
+
+
+def _status(value: Any) -> str:
+    if value is None:
+        return "ok"
+    return value if isinstance(value, str) and value in _STATUSES else "other"
+
+
+def observe_all(hist: Any, values: list[float]) -> None:
+    """Observe every one of ``values`` in ``hist`` (a histogram without labels, or one labelled
+    child) with one increment per bucket and one of the sum. prometheus_client has no bulk
+    observe, so this uses its buckets' values (``_buckets``, ``_upper_bounds``, ``_sum``, there
+    since 0.4); without them, one ``observe`` per value."""
+    buckets = getattr(hist, "_buckets", None)
+    bounds = getattr(hist, "_upper_bounds", None)
+    total = getattr(hist, "_sum", None)
+    if buckets is None or bounds is None or total is None or len(buckets) != len(bounds):
+        for v in values:
+            hist.observe(v)
+        return
+    counts = [0] * len(bounds)
+    for v in values:
+        counts[bisect_left(bounds, v)] += 1  # the first bucket whose bound is >= v, as observe()
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+    total.inc(sum(values))
 
 
 def _seconds(ms: Any) -> float | None:
@@ -239,7 +286,13 @@ class TelemetryMetrics:
         )
         self.duplicates_skipped = Counter(
             "chora_sink_duplicates_skipped",
-            "Events not written again because their id was already written.",
+            "Stream messages not written again because their sequence was already written.",
+            registry=r,
+        )
+        self.malformed_lines = Counter(
+            "chora_sink_malformed",
+            "Stream messages that are not CloudEvents, mirrored as malformed lines, by error code.",
+            ["code"],
             registry=r,
         )
         self.generation_errors = Counter(
@@ -326,55 +379,79 @@ class TelemetryMetrics:
             self.batch_items.labels(outcome)
 
     # ------------------------------------------------------------------ recording
-    def written(self, event: CloudEvent, written_at: float) -> None:
-        """One event got its line."""
-        data = event.data
-        status = getattr(data, "status", None)
-        self.events.labels(_label(event.type), _label(status, "ok")).inc()
-        self.lines_written.inc()
-        t = event_timestamp(event.time)
-        if t is not None:
-            self.sink_lag.observe(max(0.0, written_at - t))
-        kind = event.type
-        if kind == CONTENT_GENERATED:
-            if status == "success":
-                s = _seconds(getattr(data, "duration_ms", None))
+    def mirrored(self, records: Iterable[tuple[str | None, Any, int]], written_at: float) -> None:
+        """A batch of lines was written: ``(event type, plain payload, stored at ns)`` per line.
+        Counters get one increment per label set of the batch, histograms one per bucket (the
+        lag: write time minus the time the stream stored the message)."""
+        counts: dict[tuple[str | None, str], int] = {}
+        lags: list[float] = []
+        durations: dict[str, list[float]] = {}
+        for kind, data, stored_ns in records:
+            plain = isinstance(data, dict)
+            status = _status(data.get("status") if plain else None)
+            key = (kind, status)
+            counts[key] = counts.get(key, 0) + 1
+            lag = written_at - stored_ns * 1e-9
+            lags.append(lag if lag > 0.0 else 0.0)
+            if not plain or kind not in _DETAILED:
+                continue
+            if kind == CONTENT_GENERATED and status == "success":
+                s = _seconds(data.get("duration_ms"))
                 if s is not None:
-                    self.generation_duration.labels(self._generator(getattr(data, "generator_type", None))).observe(s)
-            elif status == "error":
-                err = getattr(data, "error", None)
-                self.generation_errors.labels(self._code(getattr(err, "code", None))).inc()
+                    durations.setdefault(self._generator(data.get("generator_type")), []).append(s)
+            else:
+                self._detail(kind, data, status)
+        for (kind, st), n in counts.items():
+            self.events.labels(event_type_label(kind), st).inc(n)
+        self.lines_written.inc(len(lags))
+        observe_all(self.sink_lag, lags)
+        for generator, values in durations.items():
+            observe_all(self.generation_duration.labels(generator), values)
+
+    def malformed(self, code: str) -> None:
+        """A message that is not a CloudEvent got its ``malformed`` line."""
+        self.malformed_lines.labels(self._code(code)).inc()
+        self.lines_written.inc()
+
+    def _detail(self, kind: str, data: dict[str, Any], status: Any) -> None:
+        """The figures of the event types that carry more than a status."""
+        if kind == CONTENT_GENERATED:  # successes are counted by mirrored()
+            if status == "error":
+                err = data.get("error")
+                self.generation_errors.labels(self._code(err.get("code") if isinstance(err, dict) else None)).inc()
         elif kind == CONTENT_VALIDATED:
-            self.validations.labels("valid" if getattr(data, "valid", False) else "invalid").inc()
-            for issue in getattr(data, "issues", None) or ():
-                self.validation_issues.labels(
-                    self._rule(getattr(issue, "rule", None)), _label(getattr(issue, "severity", None))
-                ).inc()
+            self.validations.labels("valid" if data.get("valid") is True else "invalid").inc()
+            issues = data.get("issues")
+            for issue in issues if isinstance(issues, list) else ():
+                if isinstance(issue, dict):
+                    severity = issue.get("severity")
+                    self.validation_issues.labels(
+                        self._rule(issue.get("rule")), severity if severity in ("error", "warning") else "other"
+                    ).inc()
         elif kind == BATCH_COMPLETED:
-            total = getattr(data, "total", None)
-            if isinstance(total, int) and total >= 0:
+            total = data.get("total")
+            if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
                 self.batch_size.observe(total)
-            s = _seconds(getattr(data, "duration_ms", None))
+            s = _seconds(data.get("duration_ms"))
             if s is not None:
                 self.batch_duration.observe(s)
             for outcome in ("successful", "failed", "skipped"):
-                n = getattr(data, outcome, None)
-                if isinstance(n, int) and n > 0:
+                n = data.get(outcome)
+                if isinstance(n, int) and not isinstance(n, bool) and n > 0:
                     self.batch_items.labels(_BATCH_OUTCOME[outcome]).inc(n)
         elif kind == ARTIFACT_ASSEMBLED:
-            self.artifacts.labels(_label(status)).inc()
-            s = _seconds(getattr(data, "duration_ms", None))
+            self.artifacts.labels(_status(status)).inc()
+            s = _seconds(data.get("duration_ms"))
             if s is not None:
                 self.artifact_duration.observe(s)
         elif kind == NOTIFICATION_DELIVERED:
-            sub = self._subscription(getattr(data, "subscription", None))
+            sub = self._subscription(data.get("subscription"))
             self.webhook_deliveries.labels(sub, "delivered").inc()
-            s = _seconds(getattr(data, "duration_ms", None))
+            s = _seconds(data.get("duration_ms"))
             if s is not None:
                 self.webhook_duration.labels(sub).observe(s)
         elif kind == NOTIFICATION_FAILED:
-            sub = self._subscription(getattr(data, "subscription", None))
-            self.webhook_deliveries.labels(sub, "failed").inc()
+            self.webhook_deliveries.labels(self._subscription(data.get("subscription")), "failed").inc()
 
     # ------------------------------------------------------------------ JetStream
     def jetstream_polled(self, snapshot: JetStreamSnapshot) -> None:
@@ -391,6 +468,3 @@ class TelemetryMetrics:
         self.monitor_up.set(0)
         if servers is not None:
             self.jetstream.servers = list(servers)
-
-    def duplicate(self, event: CloudEvent) -> None:
-        self.duplicates_skipped.inc()

@@ -1,7 +1,11 @@
 """Wiring of the telemetry sink: ``build(settings)`` -> :class:`TelemetryApp`.
 
 Nothing happens at import or build time; :meth:`TelemetryApp.start` opens the
-JSONL file (repairing a torn last line, remembering the ids already written).
+JSONL file (repairing a torn last line, reading its position back: the stream
+sequence of the last line). The app has no handler and no durable consumer: it is a
+``mirror_target`` (:class:`services.telemetry.mirror.TelemetryMirror`), which the
+runtime feeds with :class:`bus.mirror.StreamMirror`: every instance reads the whole
+stream, in order, without acks.
 Its metrics live in ``app.metrics_registry``, which the runtime serves on the
 process's ``/metrics`` (:mod:`services.metrics`).
 
@@ -26,11 +30,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from bus.monitor import JetStreamMonitor, JetStreamSnapshot
-from contracts.handling import route
 from services.settings import Settings
-from services.telemetry.handlers import EVENT_HANDLERS, Deps
 from services.telemetry.metrics import TelemetryMetrics
 from services.telemetry.privacy import ConfigOptIn
+from services.telemetry.mirror import DEFAULT_MAX_EVENT_BYTES, TelemetryMirror
 from services.telemetry.sink import JsonlSink
 
 
@@ -53,6 +56,7 @@ class TelemetryApp:
         *,
         monitor: Monitor | None = None,
         monitor_interval_s: float = DEFAULT_MONITOR_INTERVAL_S,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ):
         self.sink = sink
         self.monitor = monitor
@@ -62,7 +66,9 @@ class TelemetryApp:
         self._monitor_failing = False
         self.metrics = metrics or TelemetryMetrics()
         self.metrics_registry = self.metrics.registry  # served on the process's /metrics by the runtime
-        self.handle = route(EVENT_HANDLERS, Deps(self.sink, self.metrics), self.name)
+        self.mirror_target = TelemetryMirror(
+            self.sink, self.metrics, consumer=self.name, max_event_bytes=max_event_bytes
+        )
 
     async def start(self, ctx: Any = None) -> None:
         await self.sink.start()
@@ -128,7 +134,6 @@ def build(settings: Settings) -> TelemetryApp:
     sink = JsonlSink(
         Path(settings.jsonl_path),
         fsync=settings.telemetry_fsync,
-        max_ids=settings.telemetry_max_ids,
         redact_keys=frozenset(settings.telemetry_redact_keys),
         rotate_bytes=settings.telemetry_rotate_bytes,
         rotate_daily=settings.telemetry_rotate_daily,
@@ -139,4 +144,5 @@ def build(settings: Settings) -> TelemetryApp:
         sink,
         TelemetryMetrics(),
         monitor_interval_s=settings.monitor_interval_s,
+        max_event_bytes=settings.max_event_bytes,
     )

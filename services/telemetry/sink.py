@@ -1,7 +1,8 @@
-"""The JSONL mirror: one line per event id, written by group commit.
+"""The JSONL mirror: one line per stream message, in stream order, written by batches.
 
-The line format is :mod:`services.telemetry.lines`; the memory of the ids
-written is :mod:`services.telemetry.ids`.
+The line format is :mod:`services.telemetry.lines` (each line carries ``seq``, the
+stream sequence of its message); what reads the stream is :mod:`bus.mirror` and what
+turns a message into a line is :mod:`services.telemetry.mirror`.
 
 Rotation and retention
 ----------------------
@@ -16,65 +17,50 @@ for the names and the crash-safe compression. A file is larger than
 ``rotate_bytes`` only when a single batch is. A line produced just before
 midnight may land in the next day's file (the day is checked per batch).
 
-Any event type is mirrored the same way: nothing here knows the catalogue.
+Exactly once, by stream sequence
+--------------------------------
+The sink is the only writer of its file and it writes lines in stream order, so
+its position in the stream is the ``seq`` of its last line. :meth:`JsonlSink.add`
+takes a line only when its sequence is above the position (a sequence at or below
+it is never written again) and :meth:`JsonlSink.flush` appends everything taken
+since the last flush with ONE ``os.write`` to a file descriptor opened
+``O_APPEND``. On :meth:`JsonlSink.start` the position is read back from the last
+complete line: of the live file, or, when the live file is empty (just rotated),
+of the newest rotated file. Nothing else is remembered, so memory does not grow
+with the number of events.
 
-Exactly one line per event id
------------------------------
-The sink remembers the ids it has written (as 16-byte BLAKE2b digests, to keep
-memory low) and acknowledges an event it has already written without writing
-it again. On :meth:`JsonlSink.start` the memory is rebuilt from the tail of the
-existing file, so a restarted sink still recognises what it wrote before.
+The sink holds an exclusive lock on ``<file>.lock`` while it runs: a second sink
+pointed at the same file refuses to start (two writers would interleave and each
+write what the other did).
 
-Rotation does not touch the memory. On start, when the live file holds fewer
-than ``max_ids`` lines (it was rotated recently: always the case just after a
-rotation), the newest rotated files are read too, newest first, until
-``max_ids`` ids are remembered or the next older file was last written before
-the redelivery horizon (``dedupe_horizon_s``, default 1 h, judged by the file's
-mtime, which compression preserves). An event whose line is older than that
-cannot be redelivered (see below), so reading further would only cost
-start-up time (a 64 MiB file holds ~200,000 lines).
+A file written before lines had a ``seq`` (an upgrade) has no position: the sink
+then asks for the messages stored since the ``timestamp`` of its last line
+(:meth:`JsonlSink.start_time`), which may repeat the events of the moments before
+the upgrade once.
 
-The memory is bounded (``max_ids``, default 1,000,000; the oldest are forgotten
-first). That is safe because duplicates only reach the sink in two ways:
-
-* a republish of the same event: JetStream's duplicate window (``Nats-Msg-Id``
-  is the event id) drops it before it is stored, so it is never delivered;
-* a redelivery of a message that was not acknowledged (the process died or the
-  ack was lost after the line was written). A message is redelivered within
-  ``ack_wait * max_deliver`` plus the backoff (minutes), and during that time
-  the sink writes far fewer than ``max_ids`` other events (at 4,000 events/s,
-  3 minutes are ~720,000 events).
-
-Memory cost is about 105 bytes per remembered id (~105 MB at the default cap,
-reached only after 1,000,000 events; ~10 MB after 100,000). The cap covers the
-redelivery horizon at 4,000 events/s; raise ``CHORA_TELEMETRY_MAX_IDS`` for
-higher sustained rates.
-
-Group commit
-------------
-:meth:`JsonlSink.write` encodes the line, appends it to a pending buffer and
-waits. A single flusher task takes everything pending and writes it with ONE
-``os.write`` to a file descriptor opened ``O_APPEND``; then it wakes every
-writer of that batch. ``write`` returns only once its line is in the file, so
-the consumer acknowledges the message after the write. If the write fails the
-ids of the batch are forgotten again (the file is truncated back if it was
-partly written) and every writer of the batch gets :class:`SinkError`, so the
-messages are redelivered.
+Crashes and failed writes
+-------------------------
+A line torn by a crash (``kill -9`` in the middle of a write: a file not ending
+in a newline) is cut off on start; its message is read again, being above the
+position. A batch is never left half-written: if a write fails, the part that
+made it is truncated away, everything taken and not yet written is dropped, the
+position falls back to the last written sequence and :class:`SinkError` is raised
+(the reader then reads again from there).
 
 Durability: with ``fsync=False`` (the default) a written line sits in the
 kernel's page cache: it survives the process being killed (even ``kill -9``),
 but not a machine crash or power loss, which can lose the last seconds of
-acknowledged lines. With ``fsync=True`` every batch is fsync'ed (in a thread)
-before its writers are released; the batches simply grow while a sync runs.
-
-A line torn by a crash (a file not ending in a newline) is cut off on start;
-its event was not acknowledged and comes back.
+lines; they are read again from the stream on start (the position is the last
+line that reached the disk), as long as the stream still holds them. With
+``fsync=True`` every batch is fsync'ed (in a thread) before :meth:`flush`
+returns; lines keep being taken meanwhile, so the next batch simply grows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import fcntl
 import logging
 import os
 import stat
@@ -86,38 +72,45 @@ import msgspec
 
 from contracts.envelope import CloudEvent, now_rfc3339
 from services.telemetry import rotation
-from services.telemetry.ids import RecentIds, id_key, ids_of, ids_of_file
-from services.telemetry.lines import DEFAULT_REDACT_KEYS, encode_line
+from services.telemetry.lines import DEFAULT_REDACT_KEYS, encode_seq_line
 from services.telemetry.privacy import KeepContext, keep_none
 
 log = logging.getLogger("chora.telemetry")
 
-DEFAULT_MAX_IDS = 1_000_000
 DEFAULT_ROTATE_BYTES = 64 << 20
 DEFAULT_RETENTION_FILES = 30
-DEFAULT_DEDUPE_HORIZON_S = 3600.0
 _ROTATE_RETRY_S = 60.0
 _SCAN_CHUNK = 1 << 20
 
 
 class SinkError(Exception):
-    """The line could not be written; the event must be redelivered."""
+    """The lines could not be written; they must be read again from the stream."""
 
 
 class _TimestampOnly(msgspec.Struct):
     timestamp: str
 
 
+class _Position(msgspec.Struct):
+    """What start-up reads of the last line: its sequence (None in lines written before
+    lines had one) and when it was written."""
+
+    seq: int | None = None
+    timestamp: str | None = None
+
+
+_position_decoder = msgspec.json.Decoder(_Position)
+
+
 # --------------------------------------------------------------------------- the sink
 
 
 class JsonlSink:
-    """Mirror CloudEvents to a JSONL file, one line per event id.
+    """Mirror stream messages to a JSONL file, one line per stream sequence, in order.
 
-    ``await start()`` before writing, ``await close()`` at the end (pending lines
-    are written first). ``await write(event)`` returns True when it wrote the
-    line, False when the id was already written; it raises :class:`SinkError`
-    when the line could not be written.
+    ``await start()`` before adding, ``await close()`` at the end (what was added is
+    written first). ``add(seq, line)`` takes a line (False when ``seq`` is at or below
+    the position); ``await flush()`` writes what was taken, or raises :class:`SinkError`.
     """
 
     def __init__(
@@ -125,14 +118,12 @@ class JsonlSink:
         path: str | os.PathLike[str],
         *,
         fsync: bool = False,
-        max_ids: int = DEFAULT_MAX_IDS,
         clock: Callable[[], float] = time.time,
         scan_chunk_bytes: int = _SCAN_CHUNK,
         redact_keys: frozenset[str] = DEFAULT_REDACT_KEYS,
         rotate_bytes: int = DEFAULT_ROTATE_BYTES,
         rotate_daily: bool = True,
         retention_files: int = DEFAULT_RETENTION_FILES,
-        dedupe_horizon_s: float = DEFAULT_DEDUPE_HORIZON_S,
         keep_context: KeepContext = keep_none,
     ):
         self.path = Path(path)
@@ -140,24 +131,22 @@ class JsonlSink:
         self.rotate_bytes = max(0, int(rotate_bytes or 0))
         self.rotate_daily = rotate_daily
         self.retention_files = retention_files
-        self.dedupe_horizon_s = dedupe_horizon_s
         self.redact_keys = frozenset(k.lower() for k in redact_keys)
         self.fsync = fsync
         self.clock = clock
         self._scan_chunk = max(64, scan_chunk_bytes)
-        self._written = RecentIds(max_ids)
-        self._inflight: dict[bytes, asyncio.Future] = {}
         self._buf: list[bytes] = []
-        self._batch: list[tuple[bytes, asyncio.Future]] = []
+        self._last = 0  # the sequence of the last line taken (written or in _buf)
+        self._written = 0  # the sequence of the last line written
+        self._resume_time: float | None = None
+        self._lock: asyncio.Lock | None = None
         self._fd: int | None = None
+        self._lock_fd: int | None = None
         self._size = 0
         self._day: str | None = None  # UTC day of the live file's first line
         self._rotate_retry_at = 0.0
         self._bg: set[asyncio.Task] = set()
         self._compress_lock: asyncio.Lock | None = None
-        self._wake: asyncio.Event | None = None
-        self._flusher: asyncio.Task | None = None
-        self._closing = False
         self.lines_written = 0
         self.duplicates_skipped = 0
         self.batches = 0
@@ -165,13 +154,20 @@ class JsonlSink:
         self.rotations = 0
         self.compress_errors = 0
 
-    @property
-    def max_ids(self) -> int:
-        return self._written.maxlen
+    # ------------------------------------------------------------------ position
+    def position(self) -> int:
+        """The stream sequence of the last line taken (0: none yet)."""
+        return self._last
 
     @property
-    def remembered(self) -> int:
-        return len(self._written)
+    def written_seq(self) -> int:
+        """The stream sequence of the last line written to the file."""
+        return self._written
+
+    def start_time(self) -> float | None:
+        """With no position but lines in the file (written before lines had a ``seq``): when
+        the last one was written, to read the stream from there. None otherwise."""
+        return self._resume_time if self._last == 0 else None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -179,27 +175,17 @@ class JsonlSink:
             return
         await asyncio.to_thread(self._open)
         self._compress_lock = asyncio.Lock()
-        self._closing = False
-        self._wake = wake = asyncio.Event()
-        self._flusher = asyncio.create_task(self._flush_loop(wake), name=f"jsonl-flusher:{self.path.name}")
-
-    async def flush(self) -> None:
-        """Wait until every line enqueued so far is written (or failed)."""
-        pending = [f for _, f in self._batch] + list(self._inflight.values())
-        if pending:
-            await asyncio.gather(*(asyncio.shield(f) for f in pending), return_exceptions=True)
+        self._lock = asyncio.Lock()
 
     async def close(self) -> None:
-        """Write what is pending, stop the flusher, close the file, finish compressing."""
+        """Write what was taken, close the file, finish compressing."""
         if self._fd is None:
             await self.wait_compressed()
             return
-        self._closing = True
-        if self._wake is not None:
-            self._wake.set()
-        if self._flusher is not None:
-            await self._flusher
-            self._flusher = None
+        try:
+            await self.flush()
+        except SinkError as e:
+            log.error("telemetry sink: closing with lines not written (they are read again on start): %s", e)
         fd, self._fd = self._fd, None
         if self.fsync:
             try:
@@ -207,7 +193,13 @@ class JsonlSink:
             except OSError:
                 pass
         os.close(fd)
+        self._unlock()
         await self.wait_compressed()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
 
     async def wait_compressed(self) -> None:
         """Wait until every rotated file handed over so far is compressed (or failed)."""
@@ -215,43 +207,34 @@ class JsonlSink:
             await asyncio.gather(*list(self._bg), return_exceptions=True)
 
     # ------------------------------------------------------------------ writing
-    async def write(self, event: CloudEvent) -> bool:
-        wake = self._wake
-        if self._fd is None or wake is None or self._closing:
-            raise SinkError(f"sink {self.path} is not open")
-        key = id_key(event.id)
-        pending = self._inflight.get(key)
-        if pending is not None:
-            # The same id is being written right now: its outcome is ours.
-            await asyncio.shield(pending)
+    def add(self, seq: int, line: bytes) -> bool:
+        """Take the line of stream sequence ``seq`` (ending in a newline) to be written by the
+        next :meth:`flush`; False (and nothing taken) when ``seq`` is at or below the position."""
+        if seq <= self._last:
             self.duplicates_skipped += 1
             return False
-        if key in self._written:
-            self.duplicates_skipped += 1
-            return False
-        line = encode_line(event, now_rfc3339(self.clock()), self.redact_keys, self.keep_context)
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
         self._buf.append(line)
-        self._batch.append((key, fut))
-        wake.set()
-        # shield: a cancelled writer must not cancel the batch's future
-        # (the line is written anyway, and duplicates may be waiting on it).
-        await asyncio.shield(fut)
+        self._last = seq
         return True
 
-    async def _flush_loop(self, wake: asyncio.Event) -> None:
-        while True:
-            await wake.wait()
-            wake.clear()
+    @property
+    def pending(self) -> int:
+        """Lines taken and not yet written."""
+        return len(self._buf)
+
+    async def flush(self) -> None:
+        """Write every line taken so far, in one write (after a rotation when one is due)."""
+        lock = self._lock
+        if self._fd is None or lock is None:
+            if self._buf:
+                raise SinkError(f"sink {self.path} is not open")
+            return
+        async with lock:
             if not self._buf:
-                if self._closing:
-                    return
-                continue
-            buf, batch = self._buf, self._batch
-            self._buf, self._batch = [], []
+                return
+            buf, self._buf = self._buf, []
+            last = self._last
             data = b"".join(buf)
-            del buf
             rotated: list[Path] = []
             try:
                 if self.fsync:
@@ -259,26 +242,32 @@ class JsonlSink:
                 else:
                     self._write_batch(data, rotated)
             except Exception as e:
-                log.error("telemetry sink: writing %d lines to %s failed: %s", len(batch), self.path, e)
-                err = SinkError(f"writing to {self.path} failed: {e}")
-                for key, fut in batch:
-                    self._inflight.pop(key, None)
-                    if not fut.done():
-                        fut.set_exception(err)
-            else:
-                written = self._written
-                for key, fut in batch:
-                    self._inflight.pop(key, None)
-                    written.add(key)
-                    if not fut.done():
-                        fut.set_result(None)
-                self.lines_written += len(batch)
-                self.batches += 1
-            for plain in rotated:
-                self._compress_later(plain)
-            # Lines enqueued while we were writing, or a close waiting: go round again.
-            if self._buf or self._closing:
-                wake.set()
+                # Lines taken meanwhile follow the failed ones: they go too, so no gap is left.
+                dropped = len(buf) + len(self._buf)
+                self._buf = []
+                self._last = self._written
+                log.error("telemetry sink: writing %d lines to %s failed: %s", len(buf), self.path, e)
+                raise SinkError(f"writing to {self.path} failed ({dropped} lines to read again): {e}") from e
+            finally:
+                for plain in rotated:
+                    self._compress_later(plain)
+            self._written = last
+            self.lines_written += len(buf)
+            self.batches += 1
+
+    async def write(self, event: CloudEvent, seq: int | None = None) -> bool:
+        """Add the line of ``event`` as stream sequence ``seq`` (default: the next one) and
+        flush; False when ``seq`` is at or below the position. For tools and tests: the
+        service goes through :mod:`services.telemetry.mirror`."""
+        if self._fd is None:
+            raise SinkError(f"sink {self.path} is not open")
+        seq = self._last + 1 if seq is None else seq
+        if not self.add(
+            seq, encode_seq_line(seq, event, now_rfc3339(self.clock()), self.redact_keys, self.keep_context)
+        ):
+            return False
+        await self.flush()
+        return True
 
     def _write_batch(self, data: bytes, rotated: list[Path]) -> None:
         """Rotate first if needed (the renamed file goes into ``rotated``), then append."""
@@ -373,18 +362,38 @@ class JsonlSink:
             raise
         return fd
 
+    def _take_file_lock(self) -> None:
+        """One writer per file: an exclusive lock on ``<file>.lock`` (released by the kernel when
+        the process ends, even by ``kill -9``). A second sink on the same file refuses to start."""
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SinkError(
+                f"another telemetry sink writes {self.path}: each instance needs a file of its own "
+                "(CHORA_HOME or CHORA_TELEMETRY_PATH)"
+            ) from None
+        self._lock_fd = fd
+
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._take_file_lock()
         # A crash may have left a rotated file uncompressed or a half-written .gz.tmp.
         rotation.recover(self.path, fsync=self.fsync)
         rotation.apply_retention(self.path, self.retention_files)
-        fd = self._create()
+        try:
+            fd = self._create()
+        except BaseException:
+            self._unlock()
+            raise
         try:
             size = self._repair(fd, os.fstat(fd).st_size)
             self._day = self._first_day(size)
-            self._load_ids(size)
+            self._load_position(size)
         except BaseException:
             os.close(fd)
+            self._unlock()
             raise
         self._fd = fd
         self._size = size
@@ -426,61 +435,82 @@ class JsonlSink:
         log.warning("telemetry sink: cut a torn last line (%d bytes) off %s", size - keep, self.path)
         return keep
 
-    def _load_ids(self, size: int) -> None:
-        """Remember the ids of the last ``max_ids`` lines, reading the file backwards."""
-        limit = self._written.maxlen
-        found: list[list[bytes]] = []  # per chunk, newest chunk first
-        count = 0
-        bad = 0
+    def _load_position(self, size: int) -> None:
+        """The position is the ``seq`` of the last readable line: of the live file, else of the
+        newest rotated file that has one."""
         with open(self.path, "rb") as f:
-            pos = size
-            carry = b""  # the start of a line whose beginning is in an earlier chunk
-            while pos > 0 and count < limit:
-                n = min(self._scan_chunk, pos)
-                pos -= n
-                f.seek(pos)
-                buf = f.read(n) + carry
-                if pos > 0:
-                    nl = buf.find(b"\n")
-                    if nl < 0:
-                        carry = buf
-                        continue
-                    carry, buf = buf[: nl + 1], buf[nl + 1 :]
-                else:
-                    carry = b""
-                keys, nbad = ids_of(buf)
-                bad += nbad
-                found.append(keys)
-                count += len(keys)
-        if bad:
-            log.warning("telemetry sink: %d unreadable lines in %s were skipped", bad, self.path)
-        keys_in_order = [k for chunk in reversed(found) for k in chunk]
-        if count < limit:
-            keys_in_order = self._rotated_ids(limit - count) + keys_in_order
-        for k in keys_in_order[-limit:]:
-            self._written.add(k)
-
-    def _rotated_ids(self, wanted: int) -> list[bytes]:
-        """Up to ``wanted`` of the newest ids in the rotated files, oldest first (see the
-        module docstring for where this stops)."""
-        # A rotated file's mtime is the time of its last write (compression keeps it). Real
-        # time, not ``clock``: the horizon is about how long ago the process wrote.
-        horizon = time.time() - self.dedupe_horizon_s
-        per_file: list[list[bytes]] = []
-        got = 0
-        for r in reversed(rotation.list_rotated(self.path)):
-            if got >= wanted:
-                break
-            try:
-                if os.stat(r.path).st_mtime < horizon:
+            found = self._last_line_position(_tail_lines(f, size, self._scan_chunk))
+        if found is None:
+            for r in reversed(rotation.list_rotated(self.path)):
+                try:
+                    with rotation.open_lines(r.path) as f:
+                        found = self._last_line_position(_all_lines_reversed(f))
+                except (OSError, EOFError) as e:
+                    log.warning("telemetry sink: could not read %s: %s", r.path, e)
+                    continue
+                if found is not None:
                     break
-            except FileNotFoundError:
+        if found is None:
+            return
+        if found.seq is not None:
+            self._last = self._written = found.seq
+            log.info("telemetry sink: %s goes on after stream sequence %d", self.path, found.seq)
+            return
+        try:
+            self._resume_time = _dt.datetime.fromisoformat(found.timestamp or "").timestamp()
+        except ValueError:
+            self._resume_time = None
+        log.warning(
+            "telemetry sink: the last line of %s has no seq (written by an older sink): reading the stream from %s",
+            self.path,
+            found.timestamp,
+        )
+
+    @staticmethod
+    def _last_line_position(lines_newest_first) -> _Position | None:
+        bad = 0
+        for line in lines_newest_first:
+            if not line.strip():
                 continue
             try:
-                keys = ids_of_file(r.path, self._scan_chunk)
-            except (OSError, EOFError) as e:
-                log.warning("telemetry sink: could not read ids from %s: %s", r.path, e)
-                keys = []
-            per_file.append(keys[-(wanted - got) :])
-            got += len(per_file[-1])
-        return [k for keys in reversed(per_file) for k in keys]
+                return _position_decoder.decode(line)
+            except msgspec.DecodeError:
+                bad += 1
+                if bad == 1:
+                    log.warning("telemetry sink: an unreadable line near the end of the file is skipped")
+        return None
+
+
+def _tail_lines(f, size: int, chunk: int):
+    """The complete lines of a file of ``size`` bytes, last first, read backwards by chunks."""
+    pos = size
+    carry = b""
+    while pos > 0:
+        n = min(chunk, pos)
+        pos -= n
+        f.seek(pos)
+        buf = f.read(n) + carry
+        parts = buf.split(b"\n")
+        carry = parts[0] if pos > 0 else b""
+        for line in reversed(parts[1:] if pos > 0 else parts):
+            yield line
+    if carry:
+        yield carry
+
+
+def _all_lines_reversed(f):
+    """The lines of a (decompressed) file object, last first: it is read through, keeping only
+    the last chunk's worth of lines."""
+    tail: list[bytes] = []
+    carry = b""
+    while True:
+        buf = f.read(_SCAN_CHUNK)
+        if not buf:
+            break
+        parts = (carry + buf).split(b"\n")
+        carry = parts.pop()
+        if parts:
+            tail = parts
+    if carry:
+        tail.append(carry)
+    return reversed(tail)

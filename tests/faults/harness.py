@@ -104,13 +104,25 @@ class ProcStack:
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         started = []
         for name in names:
+            env = self.env
+            if name == "telemetry":
+                # every telemetry instance mirrors the whole stream into a file of its own: the
+                # first one running writes self.jsonl, a second one running at the same time another
+                running = [
+                    p for p in self.procs.get(name, []) + [p for n, p in started if n == name] if p.poll() is None
+                ]
+                if running:
+                    env = {
+                        **env,
+                        "CHORA_TELEMETRY_PATH": str(self.home / f"telemetry-{len(running) + 1}" / "events.jsonl"),
+                    }
             with open(self.home / "logs" / f"{name}.log", "ab") as log:
                 started.append(
                     (
                         name,
                         subprocess.Popen(
                             [sys.executable, "-m", "chora", "service", "run", name],
-                            env=self.env,
+                            env=env,
                             stdout=log,
                             stderr=subprocess.STDOUT,
                             start_new_session=True,
@@ -272,7 +284,11 @@ async def undrained(stack: ProcStack) -> dict[str, tuple[int, int]] | None:
     nc = await nats.connect(stack.url.split(","))
     try:
         infos = await nc.jetstream().consumers_info(f"{stack.prefix.upper()}_EVENTS")
-        return {c.name: (c.num_pending, c.num_ack_pending) for c in infos if c.num_pending or c.num_ack_pending}
+        return {
+            c.name: (c.num_pending, c.num_ack_pending)
+            for c in infos
+            if c.config.durable_name and (c.num_pending or c.num_ack_pending)  # not the sinks' ephemeral readers
+        }
     except Exception:
         return None
     finally:

@@ -225,6 +225,20 @@ async def test_two_instances_of_every_service(stack):
     batch_id = await start_and_publish(stack, instances=2)
     await finish_and_check(stack, batch_id, "two instances of every service", None, None)
     for name in SERVICES:  # each instance did its share, by its own /metrics
+        if name == "telemetry":
+            continue  # no share: every instance mirrors the whole stream (below)
         per_instance = [acked(url) for url in instance_metrics(stack, name)]
         print(f"{name}: messages acked per instance {per_instance}")
         assert len(per_instance) == 2 and all(n > 0 for n in per_instance), (name, per_instance)
+    # the two telemetry instances: two complete files, the same stream sequences in each
+    other = stack.home / "telemetry-2" / "events.jsonl"
+    first = stack.jsonl.read_bytes().count(b"\n")
+    await wait_for(
+        lambda: other.exists() and other.read_bytes().count(b"\n") >= first,
+        DRAIN_WAIT_S,
+        "the second telemetry instance's file to catch up",
+    )
+    seqs = [[json.loads(x)["seq"] for x in f.read_bytes().splitlines()] for f in (stack.jsonl, other)]
+    n = min(map(len, seqs))  # the files may still grow (notifications): compare what both hold
+    assert n >= first and seqs[0][:n] == seqs[1][:n]
+    assert all(s == sorted(set(s)) for s in seqs), "every stream sequence once, in order"

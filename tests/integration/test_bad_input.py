@@ -1,6 +1,7 @@
 """Bad input against the real services: every malformed message lands in the
-dead-letter stream with its reason, once per consumer that received it, and
-the good messages around it are all handled (a poison message blocks nothing)."""
+dead-letter stream with its reason, once per consumer that received it, the
+telemetry sink mirrors it as a ``malformed`` line with that reason, and the good
+messages around it are all handled (a poison message blocks nothing)."""
 
 from __future__ import annotations
 
@@ -110,11 +111,10 @@ async def test_malformed_events_are_dead_lettered_and_nothing_else_is_lost(nc, s
     await asyncio.wait_for(collect(), 30)
     assert {outcomes[i] for i in good} == {"success"}
 
-    # Each malformed message is dead-lettered by each consumer of its subject (generator, telemetry).
+    # Each malformed message is dead-lettered by each consumer of its subject (the generator).
     expected = collections.Counter()
     for _, _, _, code in MALFORMED:
         expected[("generator", code)] += 1
-        expected[("telemetry", code)] += 1
 
     async def dead_letters() -> collections.Counter:
         info = await js.stream_info(topo.dlq_stream)
@@ -133,6 +133,24 @@ async def test_malformed_events_are_dead_lettered_and_nothing_else_is_lost(nc, s
 
     # Nothing is left unacknowledged or waiting for a retry.
     await wait_for(lambda: settled(js, topo), timeout=30, what="every consumer settled")
+
+    # The sink mirrors every stream message once, in order; a malformed one as a `malformed`
+    # line with its code. It reads the envelope, not the payload: data that does not match its
+    # type's schema and a type it does not know are mirrored as they are.
+    mirrored_as_is = {"INVALID_DATA", "UNKNOWN_TYPE"}
+    want = sorted(code for *_, code in MALFORMED if code not in mirrored_as_is)
+
+    def malformed_lines() -> list[dict]:
+        try:
+            raw = settings.jsonl_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        return [r for r in map(json.loads, raw.splitlines()) if r["status"] == "malformed"]
+
+    await wait_for(lambda: len(malformed_lines()) == len(want), timeout=30, what="a malformed line per bad message")
+    assert sorted(r["error_code"] for r in malformed_lines()) == want
+    seqs = [json.loads(x)["seq"] for x in settings.jsonl_path.read_bytes().splitlines()]
+    assert seqs == sorted(set(seqs))
 
 
 async def test_a_bad_config_is_an_error_event_not_a_dead_letter(nc, settings, services):

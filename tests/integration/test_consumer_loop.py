@@ -181,6 +181,8 @@ async def test_large_content_travels_by_reference_transparently(nc, js_topo):
     js, topo = js_topo
     content = ContentStore(js, topo.content_bucket, threshold=64 * 1024)
     big = "é" * 100_000  # 200,000 UTF-8 bytes
+    observer = topo.consumer_spec("observer", None)  # a second consumer of every event
+    await provision(js, topo, consumers=[], extra=[observer])
 
     async def generate(ev, delivery):
         return [
@@ -201,7 +203,7 @@ async def test_large_content_travels_by_reference_transparently(nc, js_topo):
 
     loops = [
         ConsumerLoop(nc, js, topo, topo.consumers["generator"], generate, content=content),
-        ConsumerLoop(nc, js, topo, topo.consumers["telemetry"], mirror, content=content),
+        ConsumerLoop(nc, js, topo, observer, mirror, content=content),
     ]
     tasks = [asyncio.create_task(lp.run()) for lp in loops]
     await Publisher(js, topo.prefix).publish(request())

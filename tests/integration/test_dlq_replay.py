@@ -294,7 +294,8 @@ async def test_a_replay_that_fails_again_is_one_new_dead_letter_with_its_code_an
 
 async def test_a_replay_of_an_undecodable_message_reaches_only_the_consumer_it_targets(nc, settings, topo):
     js = nc.jetstream()
-    await provision(js, topo, consumers=["telemetry"])
+    observer = topo.consumer_spec("observer", None)  # a second consumer of every event
+    await provision(js, topo, consumers=[], extra=[observer])
     seen_by_telemetry = []
 
     async def telemetry(ev):
@@ -302,27 +303,27 @@ async def test_a_replay_of_an_undecodable_message_reaches_only_the_consumer_it_t
         return []
 
     gen = ConsumerLoop(nc, js, topo, topo.consumers["generator"], Picky())
-    tel = ConsumerLoop(nc, js, topo, topo.consumers["telemetry"], telemetry)
+    tel = ConsumerLoop(nc, js, topo, observer, telemetry)
     tasks = [asyncio.create_task(loop.run()) for loop in (gen, tel)]
     try:
         headers, _ = encode_binary(request("x"))
         await js.publish(topo.subject(GENERATION_REQUESTED), b"{not json", headers=headers)
         await wait_for(lambda: gen.stats.dead == 1 and tel.stats.dead == 1, 10, "a dead letter from each consumer")
         [mine] = await list_dead_letters(js, topo, consumer="generator")
-        [theirs] = await list_dead_letters(js, topo, consumer="telemetry")
+        [theirs] = await list_dead_letters(js, topo, consumer="observer")
 
         r = await replay(js, topo, mine.seq)
 
         async def telemetry_past_the_replay():
-            ci = await js.consumer_info(topo.events_stream, "telemetry")
+            ci = await js.consumer_info(topo.events_stream, "observer")
             return ci.delivered.stream_seq >= r.stream_seq and ci.num_ack_pending == 0
 
         await wait_for(lambda: gen.stats.dead == 2, 10, "the generator to dead-letter the replay")
-        await wait_for(telemetry_past_the_replay, 10, "telemetry to ack the replay")
+        await wait_for(telemetry_past_the_replay, 10, "the observer to ack the replay")
         assert tel.stats.dead == 1 and seen_by_telemetry == []
         entries = await list_dead_letters(js, topo)
-        assert [(d.seq, d.consumer, d.replay_of) for d in entries[:1]] == [(theirs.seq, "telemetry", None)]
-        assert len(entries) == 2  # telemetry's own, and exactly one new one for the replay
+        assert [(d.seq, d.consumer, d.replay_of) for d in entries[:1]] == [(theirs.seq, "observer", None)]
+        assert len(entries) == 2  # the observer's own, and exactly one new one for the replay
         assert (entries[1].consumer, entries[1].code, entries[1].replay_of) == (
             "generator",
             mine.code,

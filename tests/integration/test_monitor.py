@@ -58,3 +58,21 @@ async def test_a_server_that_goes_away_shows_as_down_though_jetstream_is_unreada
     assert metrics.registry.get_sample_value("chora_jetstream_monitor_up") == 0
     # the last JetStream figures stay, flagged stale by chora_jetstream_monitor_up
     assert metrics.registry.get_sample_value("chora_stream_messages", {"stream": topo.events_stream}) is not None
+
+
+async def test_consumer_figures_are_per_durable_not_per_ephemeral(settings, nc):
+    """An ephemeral consumer (the telemetry sink's reader) has a new server-made name at each
+    start: it would be a new series each time, so only durables get consumer figures."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    topo = Topology.from_settings(settings)
+    js = nc.jetstream()
+    await provision(js, topo)
+    sub = await nc.subscribe(nc.new_inbox())
+    eph = await js.add_consumer(
+        topo.events_stream, ConsumerConfig(deliver_subject=sub.subject, ack_policy=AckPolicy.NONE)
+    )
+    snap = await JetStreamMonitor(js, topo).snapshot()
+    names = {c.consumer for c in snap.consumers}
+    assert "generator" in names and eph.name not in names
+    assert names == {c for c in topo.consumers}

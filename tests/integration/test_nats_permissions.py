@@ -61,7 +61,6 @@ EVENTS = "CHORA_EVENTS"
 DURABLES = (
     "generator",
     "generator-compensations",
-    "telemetry",
     "validator",
     "assembler",
     "assembler-cancels",
@@ -89,7 +88,7 @@ EVENT_PUBLISH = {
 # durables each user may pull from, settle (ack) and dead-letter for
 OWN_DURABLES = {
     "generator": {"generator", "generator-compensations"},
-    "telemetry": {"telemetry"},
+    "telemetry": set(),  # it reads with an ephemeral consumer of its own, without acks
     "validator": {"validator"},
     "assembler": {"assembler", "assembler-cancels", "assembler-deadlines"},
     "notifier": {"notify-release-hook"},
@@ -400,7 +399,7 @@ async def test_services_work_with_their_own_users_and_provision_off(
         assert refused.subscription == "callback" and refused.error.code == "CALLBACK_REFUSED"
         assert refused.event_id == outcomes["chora.content_generated"].id and len(posts) == 1
 
-        # telemetry mirrored all three, content resolved through the Object Store
+        # telemetry mirrored them all (content by reference stays a reference: content_ref)
         jsonl = per_service["telemetry"].jsonl_path
 
         def mirrored() -> list[dict]:
@@ -422,7 +421,7 @@ async def test_services_work_with_their_own_users_and_provision_off(
             lambda: {r["event_type"] for r in mirrored()} >= expected, 20, "those events in the telemetry JSONL"
         )
 
-        # a malformed request: generator and telemetry both dead-letter it, each on its own subject
+        # a malformed request: the generator dead-letters it, telemetry mirrors it as malformed
         await client.js(10).publish(
             "chora.generation.requested",
             b"{not json",
@@ -435,9 +434,15 @@ async def test_services_work_with_their_own_users_and_provision_off(
         )
 
         async def dead_lettered() -> bool:
-            return all([await subject_count(admin, f"chora.dlq.{d}") == 1 for d in ("generator", "telemetry")])
+            return await subject_count(admin, "chora.dlq.generator") == 1
 
-        await wait_for(dead_lettered, 20, "dead letters of generator and telemetry")
+        await wait_for(dead_lettered, 20, "the generator's dead letter")
+        await wait_for(
+            lambda: any(r["status"] == "malformed" and r["event_id"] == "bad-1" for r in mirrored()),
+            20,
+            "the malformed line in the telemetry JSONL",
+        )
+        assert await subject_count(admin, "chora.dlq.telemetry") == 0
     finally:
         for name in stops:
             stops[name].set()
@@ -594,6 +599,9 @@ async def test_publish_table_every_user_every_subject(auth_server, connect):
         f"$JS.API.STREAM.DELETE.{EVENTS}",
         f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.x",
         "$JS.API.STREAM.CREATE.X",
+        # an ephemeral consumer of the events stream (server-named): the sink's reader, the
+        # gateway's followers
+        f"$JS.API.CONSUMER.CREATE.{EVENTS}",
     ]
     received: set[tuple[str, str]] = set()
 
@@ -607,6 +615,8 @@ async def test_publish_table_every_user_every_subject(auth_server, connect):
     def allowed(user: str, subject: str) -> bool:
         if subject in EVENT_PUBLISH[user]:
             return True
+        if subject == f"$JS.API.CONSUMER.CREATE.{EVENTS}":
+            return user in ("telemetry", "gateway")
         for d in OWN_DURABLES[user]:
             if subject in (
                 f"chora.dlq.{d}",

@@ -404,7 +404,8 @@ async def test_dashboard_and_alerts_against_real_prometheus(settings, nc, nats_s
                 ">=",
                 5 + 4,
             ),
-            ('sum(chora_events_consumed_total{service="telemetry",outcome="dead"})', "==", 1),
+            # the malformed message: a line of its own in the sink (no dead letter from it)
+            ('sum(chora_sink_malformed_total{code="NOT_A_CLOUDEVENT"})', "==", 1),
             ('sum(chora_handler_duration_seconds_count{service="validator"})', ">=", 1),
             # the breaker's live state, straight from the notifier
             ('chora_webhook_circuit_state{subscription="down-hook",state="open"}', "==", 1),

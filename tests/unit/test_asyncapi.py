@@ -19,7 +19,7 @@ from services.notifier.config import Subscription
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES_WITH_TOPOLOGY = ("generator", "validator", "assembler", "notifier-callbacks", "telemetry")
+SERVICES_WITH_TOPOLOGY = ("generator", "validator", "assembler", "notifier-callbacks")
 # durable -> the party of contracts.asyncapi.SERVICES it belongs to, where the names differ
 PARTY_OF = {
     "assembler-completions": "assembler",
@@ -72,6 +72,8 @@ def test_receivers_match_the_topology():
     assert set(derived) == set(SERVICES_WITH_TOPOLOGY)
     for service in SERVICES_WITH_TOPOLOGY:
         assert asyncapi.SERVICES[service].receives == derived[service], service
+    # the telemetry sink: no durable, every instance reads every event (bus.mirror)
+    assert asyncapi.SERVICES["telemetry"].receives == dict.fromkeys(CATALOGUE, None)
     # the notifier: one durable per subscription, any event type
     sub = Subscription(name="ops", events=["chora.*"], url="https://hooks.example.com/x", secret_env="S")
     assert asyncapi.SERVICES["notifier"].receives == dict.fromkeys(CATALOGUE, "notify-<subscription>")

@@ -215,7 +215,7 @@ def exposed_text() -> str:
     )
 
     m = TelemetryMetrics()
-    for ev in (
+    events = (
         new_event(
             CONTENT_GENERATED,
             ContentGenerated(
@@ -268,8 +268,11 @@ def exposed_text() -> str:
             ),
             source="t",
         ),
-    ):
-        m.written(ev, 0.0)
+    )
+    import msgspec
+
+    m.mirrored([(ev.type, msgspec.to_builtins(ev.data), 0) for ev in events], 0.0)
+    m.malformed("NOT_A_CLOUDEVENT")
     from types import SimpleNamespace
 
     from services.metrics import ServiceMetrics

@@ -1,9 +1,8 @@
 """The JSONL lifecycle: schema_version, rotation by size and by UTC day, gzip, retention,
-0600 everywhere, one line per event id across rotation and restart, crash recovery."""
+0600 everywhere, the position (stream sequence) across rotation and restart, crash recovery."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import errno
 import gzip
@@ -11,7 +10,6 @@ import json
 import os
 import stat
 import threading
-import time
 
 import pytest
 
@@ -52,7 +50,7 @@ def gz_files(d):
 
 
 def line_size(i: int = 0) -> int:
-    return len(sink_mod.encode_line(requested(i), "2025-03-09T23:59:00.000000Z"))
+    return len(sink_mod.encode_seq_line(1, requested(i), "2025-03-09T23:59:00.000000Z"))
 
 
 async def test_schema_version_is_the_first_key(tmp_path):
@@ -114,7 +112,7 @@ async def test_day_rotation_after_restart_uses_the_files_first_line(tmp_path):
     await s1.close()
     s2 = JsonlSink(path, clock=Clock(DAY2))  # restarted on the next day
     await s2.start()
-    assert await s2.write(a) is False  # still remembered
+    assert s2.position() == 1 and await s2.write(a, 1) is False
     b = requested(2)
     assert await s2.write(b) is True
     await s2.close()
@@ -166,12 +164,12 @@ async def test_every_file_is_0600(tmp_path):
     finally:
         os.umask(old)
     files = list(tmp_path.iterdir())
-    assert len(files) == 4  # 3 .gz + the live file
+    assert len(files) == 5  # 3 .gz + the live file + its lock file
     for p in files:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p.name
 
 
-async def test_no_duplicate_id_across_rotation_and_restart(tmp_path):
+async def test_position_across_rotation_and_restart(tmp_path):
     path = tmp_path / "events.jsonl"
     per = line_size()
     evs = [requested(i) for i in range(7)]
@@ -179,33 +177,32 @@ async def test_no_duplicate_id_across_rotation_and_restart(tmp_path):
     await s1.start()
     for e in evs:
         await s1.write(e)
-    # in memory: a redelivery after the rotation is still recognised
-    for e in evs:
-        assert await s1.write(e) is False
+    for i, e in enumerate(evs, 1):
+        assert await s1.write(e, i) is False  # at or below the position
     await s1.close()
     assert s1.rotations == 3  # the live file holds one line; the rest is in .gz files
 
     s2 = JsonlSink(path, rotate_bytes=2 * per + 10, clock=Clock(DAY1))
     await s2.start()
-    assert s2.remembered == 7  # the live file plus the newest rotated files
-    for e in evs:
-        assert await s2.write(e) is False, "an id from a rotated file was forgotten"
+    assert s2.position() == 7
     new = requested(100)
-    assert await s2.write(new) is True
+    assert await s2.write(new, 7) is False
+    assert await s2.write(new, 8) is True
     await s2.close()
-    ids = [r["event_id"] for r in read_all(tmp_path)]
-    assert ids == [e.id for e in evs] + [new.id]
-    assert len(ids) == len(set(ids))
+    recs = read_all(tmp_path)
+    assert [r["event_id"] for r in recs] == [e.id for e in evs] + [new.id]
+    assert [r["seq"] for r in recs] == list(range(1, 9))
 
 
 async def test_restart_right_after_a_rotation_reads_the_rotated_file(tmp_path):
-    """A crash between the rotation and the first line of the new file: the live file is empty."""
+    """A crash between the rotation and the first line of the new file: the live file is empty,
+    the position is in the newest rotated file (gzipped on start)."""
     path = tmp_path / "events.jsonl"
     a, b = requested(1), requested(2)
     s1 = JsonlSink(path, clock=Clock(DAY1))
     await s1.start()
-    await s1.write(a)
-    await s1.write(b)
+    await s1.write(a, 41)
+    await s1.write(b, 42)
     await s1.close()
     mtime = os.stat(path).st_mtime_ns
     os.rename(path, rotation.rotated_name(path, "2025-03-09", 1))  # as a rotation leaves it, before the gzip
@@ -214,34 +211,10 @@ async def test_restart_right_after_a_rotation_reads_the_rotated_file(tmp_path):
     assert gz_files(tmp_path) == ["events-2025-03-09-001.jsonl.gz"]
     assert os.stat(tmp_path / gz_files(tmp_path)[0]).st_mtime_ns == mtime  # the time of its last line
     assert not rotation.rotated_name(path, "2025-03-09", 1).exists()
-    assert await s2.write(a) is False and await s2.write(b) is False
+    assert s2.position() == 42
+    assert await s2.write(a, 41) is False and await s2.write(b, 42) is False
     await s2.close()
     assert [r["event_id"] for r in read_all(tmp_path)] == [a.id, b.id]
-
-
-async def test_restart_reads_rotated_files_only_within_the_horizon(tmp_path):
-    path = tmp_path / "events.jsonl"
-    old, fresh = requested(1), requested(2)
-    clock = Clock(DAY1)
-    s1 = JsonlSink(path, clock=clock)
-    await s1.start()
-    await s1.write(old)  # 2025-03-09
-    clock.t = DAY1 + 3 * 86400
-    await s1.write(fresh)  # 2025-03-12: rotates the 03-09 file
-    await s1.close()
-    # the 03-09 file was last written 3 days ago (its mtime): beyond the 1 h horizon, not read
-    gz = tmp_path / "events-2025-03-09-001.jsonl.gz"
-    os.utime(gz, (time.time() - 3 * 86400, time.time() - 3 * 86400))
-    s2 = JsonlSink(path, clock=Clock(DAY1 + 3 * 86400 + 60))
-    await s2.start()
-    assert s2.remembered == 1
-    await s2.close()
-    # with a horizon reaching back that far it is read
-    s3 = JsonlSink(path, clock=Clock(DAY1 + 3 * 86400 + 60), dedupe_horizon_s=5 * 86400)
-    await s3.start()
-    assert s3.remembered == 2
-    assert await s3.write(old) is False
-    await s3.close()
 
 
 async def test_compression_runs_in_a_thread(tmp_path, monkeypatch):
@@ -273,7 +246,11 @@ async def test_stale_tmp_and_leftover_plain_are_cleaned_on_start(tmp_path):
     s2 = JsonlSink(path, clock=Clock(DAY1))
     await s2.start()
     await s2.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["events-2025-03-09-001.jsonl.gz", "events.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "events-2025-03-09-001.jsonl.gz",
+        "events.jsonl",
+        "events.jsonl.lock",
+    ]
     assert [r["event_id"] for r in read_all(tmp_path)] == [a.id, b.id]
 
 
@@ -308,16 +285,19 @@ async def test_failed_compression_keeps_the_plain_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("fsync", [False, True])
-async def test_concurrent_writers_across_rotations_lose_nothing(tmp_path, fsync):
+async def test_batches_across_rotations_lose_nothing(tmp_path, fsync):
     s = JsonlSink(tmp_path / "events.jsonl", rotate_bytes=20 * line_size(), fsync=fsync, clock=Clock(DAY1))
     await s.start()
     evs = [requested(i) for i in range(400)]
-    results = []
-    for w in range(10):  # waves of concurrent writers (each wave a batch or two), redeliveries mixed in
-        wave = evs[40 * w : 40 * w + 40] + evs[max(0, 40 * w - 10) : 40 * w]
-        results += await asyncio.gather(*(s.write(e) for e in wave))
+    taken = []
+    for w in range(10):  # batches of 40, each after a replay of the 10 before it (an overlap)
+        for seq in list(range(40 * w - 9, 40 * w + 1)) + list(range(40 * w + 1, 40 * w + 41)):
+            if seq >= 1:
+                taken.append(s.add(seq, sink_mod.encode_seq_line(seq, evs[seq - 1])))
+        await s.flush()
     await s.close()
-    assert results.count(True) == 400 and results.count(False) == 90
+    assert taken.count(True) == 400 and taken.count(False) == 90
     assert s.rotations >= 3
-    ids = [r["event_id"] for r in read_all(tmp_path)]
-    assert sorted(ids) == sorted(e.id for e in evs) and len(set(ids)) == 400
+    recs = read_all(tmp_path)
+    assert [r["seq"] for r in recs] == list(range(1, 401))
+    assert [r["event_id"] for r in recs] == [e.id for e in evs]

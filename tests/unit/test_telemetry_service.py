@@ -1,5 +1,6 @@
-"""TelemetryApp: handle() mirrors to JSONL and Prometheus; /metrics over real HTTP
-(served the way the runtime serves it: the process's ServiceMetrics with the app's registry)."""
+"""TelemetryApp: its mirror target writes stream messages to JSONL and Prometheus; /metrics over
+real HTTP (served the way the runtime serves it: the process's ServiceMetrics with the app's
+registry)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,25 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.settings import Settings
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
-from contracts.envelope import new_event
+from contracts.envelope import encode_binary, new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
-from contracts.handling import Delivery
 from services import runtime
 from services.metrics import ServiceMetrics
 from services.telemetry.metrics import TelemetryMetrics, event_timestamp
 from services.telemetry.service import TelemetryApp, build
 
-FIRST = Delivery.first("telemetry")
+
+def feed(app, seq: int, ev, stored: float | None = None) -> None:
+    """Hand ``ev`` to the app's mirror target as stream message ``seq`` (as bus.mirror does)."""
+    headers, body = encode_binary(ev)
+    stored_ns = int((stored if stored is not None else event_timestamp(ev.time) or 0.0) * 1e9)
+    app.mirror_target.accept(seq, "chora." + ev.type.removeprefix("chora."), headers, body, stored_ns)
+
+
+async def mirror(app, *events, start: int = 1) -> None:
+    for i, ev in enumerate(events, start):
+        feed(app, i, ev)
+    await app.mirror_target.flush()
 
 
 def requested(config="welcome"):
@@ -78,7 +89,7 @@ async def test_info_reports_path_and_the_served_url_is_real(app, tmp_path):
     assert (tmp_path / "var" / "telemetry" / "events.jsonl").exists()
 
 
-async def test_handle_mirrors_and_metrics_over_http(app):
+async def test_mirror_target_writes_lines_and_metrics_over_http(app):
     req1, req2, req3 = requested("a"), requested("b"), requested("c")
     ok1 = generated(req1, generator_type="jinja2", duration_ms=250.0)
     ok2 = generated(req2, generator_type="jinja2", duration_ms=1500.0)
@@ -89,18 +100,10 @@ async def test_handle_mirrors_and_metrics_over_http(app):
         duration_ms=3.0,
         error=ErrorInfo(code="TEMPLATE_ERROR", message="boom"),
     )
-    for ev in (req1, req2, req3, ok1, ok2, bad):
-        assert await app.handle(ev, FIRST) == []
-    # redeliveries: acknowledged, not written, counted as duplicates
-    assert await app.handle(ok1, FIRST) == []
-    assert await app.handle(req1, FIRST) == []
-
-    app.process.handled("telemetry", CONTENT_GENERATED, "ack", 0.002)
-    app.process.handled("telemetry", CONTENT_GENERATED, "ack", 0.004)
-    app.process.handled("telemetry", GENERATION_REQUESTED, "retry", 0.1)
+    await mirror(app, req1, req2, req3, ok1, ok2, bad)
 
     path = app.sink.path
-    assert len(path.read_text().splitlines()) == 6
+    assert [json.loads(x)["seq"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
     text = await asyncio.to_thread(scrape, app.process.url)
     s = samples(text)
@@ -108,32 +111,11 @@ async def test_handle_mirrors_and_metrics_over_http(app):
     assert s[("chora_events_total", (("event_type", CONTENT_GENERATED), ("status", "error")))] == 1
     assert s[("chora_events_total", (("event_type", GENERATION_REQUESTED), ("status", "ok")))] == 3
     assert s[("chora_sink_lines_written_total", ())] == 6
-    assert s[("chora_sink_duplicates_skipped_total", ())] == 2
     # generation duration: successes only, in seconds
     assert s[("chora_generation_duration_seconds_count", (("generator", "jinja2"),))] == 2
     assert s[("chora_generation_duration_seconds_sum", (("generator", "jinja2"),))] == pytest.approx(1.75)
     assert s[("chora_generation_duration_seconds_bucket", (("generator", "jinja2"), ("le", "0.5")))] == 1
     assert s[("chora_sink_lag_seconds_count", ())] == 6
-    assert (
-        s[
-            (
-                "chora_events_consumed_total",
-                (("consumer", "telemetry"), ("event_type", CONTENT_GENERATED), ("outcome", "ack")),
-            )
-        ]
-        == 2
-    )
-    assert (
-        s[
-            (
-                "chora_events_consumed_total",
-                (("consumer", "telemetry"), ("event_type", GENERATION_REQUESTED), ("outcome", "retry")),
-            )
-        ]
-        == 1
-    )
-    assert s[("chora_handler_duration_seconds_count", (("consumer", "telemetry"),))] == 3
-
     # no ids in labels: neither event ids, request ids nor trace ids appear anywhere
     for ev in (req1, req2, req3, ok1, ok2, bad):
         assert ev.id not in text
@@ -161,7 +143,7 @@ async def test_handle_mirrors_and_metrics_over_http(app):
 
 
 async def test_own_registry_not_the_global_one(app):
-    await app.handle(requested(), FIRST)
+    await mirror(app, requested())
     assert REGISTRY.get_sample_value("chora_sink_lines_written_total") is None
     assert app.metrics.registry.get_sample_value("chora_sink_lines_written_total") == 1
     # two apps in one process do not clash
@@ -169,15 +151,17 @@ async def test_own_registry_not_the_global_one(app):
     assert other.registry is not app.metrics.registry
 
 
-async def test_lag_is_write_time_minus_event_time(tmp_path):
+async def test_lag_is_write_time_minus_the_time_the_stream_stored_it(tmp_path):
     metrics = TelemetryMetrics()
-    ev = requested()
-    t = event_timestamp(ev.time)
-    assert t is not None
-    metrics.written(ev, t + 2.0)
-    assert metrics.registry.get_sample_value("chora_sink_lag_seconds_sum") == pytest.approx(2.0, abs=1e-5)
+    t = 1_700_000_000.0
+    metrics.mirrored(
+        [(GENERATION_REQUESTED, {}, int(t * 1e9)), (GENERATION_REQUESTED, {}, int((t - 1.0) * 1e9))], t + 2
+    )
+    assert metrics.registry.get_sample_value("chora_sink_lag_seconds_sum") == pytest.approx(5.0, abs=1e-5)
+    assert metrics.registry.get_sample_value("chora_sink_lag_seconds_count") == 2
     assert metrics.registry.get_sample_value("chora_sink_lag_seconds_bucket", {"le": "1.0"}) == 0
     assert metrics.registry.get_sample_value("chora_sink_lag_seconds_bucket", {"le": "2.5"}) == 1
+    assert metrics.registry.get_sample_value("chora_sink_lag_seconds_bucket", {"le": "5.0"}) == 2
 
 
 def test_event_timestamp_tolerates_garbage():
@@ -195,7 +179,7 @@ async def test_close_closes_file_and_stop_stops_http_server(tmp_path):
     process.serve("127.0.0.1", 0)
     url = process.url
     await asyncio.to_thread(scrape, url)
-    await a.handle(requested(), FIRST)
+    await mirror(a, requested())
     await a.close()
     await asyncio.to_thread(process.stop)
     with pytest.raises(OSError):
@@ -206,7 +190,7 @@ async def test_close_closes_file_and_stop_stops_http_server(tmp_path):
     assert json.loads(line)["event_type"] == GENERATION_REQUESTED
 
 
-async def test_failed_write_propagates_so_the_message_is_redelivered(app, monkeypatch):
+async def test_failed_write_raises_and_counts_nothing_until_written(app, monkeypatch):
     from services.telemetry import sink as sink_mod
 
     real = sink_mod.os.write
@@ -219,8 +203,9 @@ async def test_failed_write_propagates_so_the_message_is_redelivered(app, monkey
     monkeypatch.setattr(sink_mod.os, "write", boom)
     ev = requested()
     with pytest.raises(sink_mod.SinkError):
-        await app.handle(ev, FIRST)
+        await mirror(app, ev)
     assert app.metrics.registry.get_sample_value("chora_sink_lines_written_total") == 0
+    assert app.mirror_target.position() == 0  # the reader reads it again
     monkeypatch.setattr(sink_mod.os, "write", real)
-    assert await app.handle(ev, FIRST) == []
+    await mirror(app, ev)
     assert app.metrics.registry.get_sample_value("chora_sink_lines_written_total") == 1

@@ -1,8 +1,7 @@
-"""JsonlSink: line content, one line per event id, group commit, repair, file mode."""
+"""JsonlSink: line content, one line per stream sequence, batches, position on restart, repair, file mode."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import json
 import os
@@ -15,7 +14,7 @@ from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested
 from services.telemetry import sink as sink_mod
-from services.telemetry.ids import RecentIds
+from services.telemetry.lines import encode_seq_line
 from services.telemetry.sink import JsonlSink, SinkError
 
 
@@ -150,106 +149,73 @@ async def test_unknown_event_type_is_mirrored_generically(sink):
     assert line["error_code"] == "SOME_FAILED"
 
 
-# --------------------------------------------------------------------------- one line per id
+# --------------------------------------------------------------------------- one line per sequence
 
 
-async def test_concurrent_duplicates_make_one_line(sink):
-    ev = generated()
-    others = [generated() for _ in range(20)]
-    results = await asyncio.gather(*([sink.write(ev) for _ in range(50)] + [sink.write(o) for o in others]))
-    assert results[:50].count(True) == 1
-    assert all(results[50:])
-    ids = [x["event_id"] for x in lines(sink.path)]
-    assert len(ids) == 21 and len(set(ids)) == 21
-    assert ids.count(ev.id) == 1
-    assert sink.duplicates_skipped == 49
-    assert sink.lines_written == 21
+async def test_a_sequence_at_or_below_the_position_is_not_written_again(sink):
+    a, b = requested(), requested()
+    assert await sink.write(a, 5) is True
+    assert await sink.write(b, 5) is False
+    assert await sink.write(b, 3) is False
+    assert await sink.write(b, 6) is True
+    assert [(x["seq"], x["event_id"]) for x in lines(sink.path)] == [(5, a.id), (6, b.id)]
+    assert sink.position() == sink.written_seq == 6
+    assert sink.duplicates_skipped == 2
 
 
-async def test_sequential_redelivery_is_skipped(sink):
-    ev = generated()
-    assert await sink.write(ev) is True
-    assert await sink.write(ev) is False
-    assert len(lines(sink.path)) == 1
-
-
-async def test_group_commit_batches_concurrent_writers(sink):
+async def test_lines_taken_are_written_by_one_flush_in_one_write(sink, monkeypatch):
     evs = [requested() for _ in range(300)]
-    assert all(await asyncio.gather(*(sink.write(e) for e in evs)))
-    # 300 writers that were all waiting at once share a handful of os.write calls
-    assert sink.batches < 10
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(sink_mod.os, "write", lambda fd, data: (writes.append(len(data)), real_write(fd, data))[1])
+    for i, e in enumerate(evs, 1):
+        assert sink.add(i, encode_seq_line(i, e, "2026-01-01T00:00:00.000000Z"))
+    assert sink.pending == 300 and sink.path.read_bytes() == b""
+    await sink.flush()
+    assert len(writes) == 1 and sink.batches == 1 and sink.pending == 0
     assert [x["event_id"] for x in lines(sink.path)] == [e.id for e in evs]
+    assert [x["seq"] for x in lines(sink.path)] == list(range(1, 301))
 
 
-async def test_dedupe_survives_restart(tmp_path):
+async def test_position_survives_restart(tmp_path):
     path = tmp_path / "events.jsonl"
-    a, b, c = requested(), requested(), requested()
     s1 = JsonlSink(path)
     await s1.start()
-    assert await s1.write(a) and await s1.write(b)
+    assert s1.position() == 0 and s1.start_time() is None
+    assert await s1.write(requested(), 7) and await s1.write(requested(), 9)
     await s1.close()
 
-    s2 = JsonlSink(path)
+    s2 = JsonlSink(path, scan_chunk_bytes=64)  # lines are longer than a chunk
     await s2.start()
-    assert s2.remembered == 2
-    assert await s2.write(a) is False
-    assert await s2.write(b) is False
-    assert await s2.write(c) is True
+    assert s2.position() == 9
+    assert await s2.write(requested(), 9) is False
+    assert await s2.write(requested(), 10) is True
     await s2.close()
-    assert [x["event_id"] for x in lines(path)] == [a.id, b.id, c.id]
+    assert [x["seq"] for x in lines(path)] == [7, 9, 10]
 
 
-async def test_restart_scan_across_small_chunks_and_cap(tmp_path):
-    """The restart scan reads the file backwards in chunks and keeps the newest max_ids."""
+async def test_a_file_without_seq_resumes_from_the_time_of_its_last_line(tmp_path):
+    """A file of the sink before lines had a seq (an upgrade): no position, but the time to
+    read the stream from."""
     path = tmp_path / "events.jsonl"
-    evs = [requested(f"cfg-{i}", pad="x" * (i * 7 % 50)) for i in range(40)]
-    s1 = JsonlSink(path)
-    await s1.start()
-    for e in evs:
-        await s1.write(e)
-    await s1.close()
-
-    s2 = JsonlSink(path, max_ids=25, scan_chunk_bytes=100)  # lines are longer than a chunk
-    await s2.start()
-    assert s2.remembered == 25
-    for e in evs[15:]:
-        assert await s2.write(e) is False, "a recent id was forgotten"
-    assert await s2.write(evs[14]) is True, "only the newest 25 ids are remembered"
-    await s2.close()
-
-    s3 = JsonlSink(path, scan_chunk_bytes=64)
-    await s3.start()
-    assert s3.remembered == 40  # 41 lines, evs[14] twice (written again after it was forgotten)
-    for e in evs:
-        assert await s3.write(e) is False
-    await s3.close()
-    assert len(lines(path)) == 41
-
-
-def test_recent_ids_is_bounded():
-    r = RecentIds(3)
-    for k in (b"a", b"b", b"c", b"a", b"d"):
-        r.add(k)
-    assert len(r) == 3
-    assert b"a" not in r and b"b" in r and b"c" in r and b"d" in r
-
-
-async def test_memory_cap_forgets_oldest(tmp_path):
-    s = JsonlSink(tmp_path / "e.jsonl", max_ids=3)
+    path.write_bytes(
+        b'{"timestamp":"2026-01-01T00:00:00.000000Z","event_id":"a"}\n'
+        b'{"timestamp":"2026-01-02T03:04:05.000000Z","event_id":"b"}\n'
+    )
+    s = JsonlSink(path)
     await s.start()
-    evs = [requested() for _ in range(5)]
-    for e in evs:
-        await s.write(e)
-    assert s.remembered == 3
-    assert await s.write(evs[-1]) is False
-    assert await s.write(evs[0]) is True
+    assert s.position() == 0
+    assert s.start_time() == 1767323045.0
+    await s.write(requested(), 1)
+    assert s.start_time() is None  # a position now
     await s.close()
 
 
 # --------------------------------------------------------------------------- failures
 
 
-async def test_failed_write_raises_forgets_ids_and_can_be_retried(sink, monkeypatch):
+async def test_failed_write_drops_the_batch_and_falls_back_to_the_written_position(sink, monkeypatch):
+    assert await sink.write(requested(), 1)
     ev, other = generated(), generated()
     real_write = os.write
     calls = {"n": 0}
@@ -261,14 +227,17 @@ async def test_failed_write_raises_forgets_ids_and_can_be_retried(sink, monkeypa
         return real_write(fd, data)
 
     monkeypatch.setattr(sink_mod.os, "write", failing_write)
-    results = await asyncio.gather(sink.write(ev), sink.write(ev), sink.write(other), return_exceptions=True)
-    # all three shared the failed batch: nobody may ack
-    assert all(isinstance(r, SinkError) for r in results), results
-    assert sink.path.read_bytes() == b""
-    # redelivery: written now, once
-    assert await sink.write(ev) is True
-    assert await sink.write(ev) is False
-    assert [x["event_id"] for x in lines(sink.path)] == [ev.id]
+    sink.add(2, encode_seq_line(2, ev))
+    sink.add(3, encode_seq_line(3, other))
+    assert sink.position() == 3
+    with pytest.raises(SinkError):
+        await sink.flush()
+    # nothing of the batch in the file; the reader asks again from after 1
+    assert [x["seq"] for x in lines(sink.path)] == [1]
+    assert sink.position() == sink.written_seq == 1 and sink.pending == 0
+    assert await sink.write(ev, 2) is True
+    assert await sink.write(other, 3) is True
+    assert [x["event_id"] for x in lines(sink.path)][1:] == [ev.id, other.id]
 
 
 async def test_partial_write_is_truncated_back(sink, monkeypatch):
@@ -306,15 +275,13 @@ async def test_write_before_start_and_after_close_raises(tmp_path):
         await s.write(requested())
 
 
-async def test_close_writes_pending_lines(tmp_path):
+async def test_close_writes_what_was_taken(tmp_path):
     s = JsonlSink(tmp_path / "e.jsonl")
     await s.start()
-    evs = [requested() for _ in range(10)]
-    tasks = [asyncio.create_task(s.write(e)) for e in evs]
-    await asyncio.sleep(0)  # let the writers enqueue (scheduling, not timing)
+    for i in range(1, 11):
+        s.add(i, encode_seq_line(i, requested()))
     await s.close()
-    assert len(lines(tmp_path / "e.jsonl")) == 10  # written before close returned
-    assert await asyncio.gather(*tasks) == [True] * 10
+    assert [x["seq"] for x in lines(tmp_path / "e.jsonl")] == list(range(1, 11))
 
 
 async def test_fsync_mode_writes_lines(tmp_path, monkeypatch):
@@ -323,8 +290,9 @@ async def test_fsync_mode_writes_lines(tmp_path, monkeypatch):
     monkeypatch.setattr(sink_mod.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     s = JsonlSink(tmp_path / "e.jsonl", fsync=True)
     await s.start()
-    evs = [requested() for _ in range(50)]
-    assert all(await asyncio.gather(*(s.write(e) for e in evs)))
+    for i in range(1, 51):
+        s.add(i, encode_seq_line(i, requested()))
+    await s.flush()
     assert synced, "fsync=True must fsync"
     await s.close()
     assert len(lines(tmp_path / "e.jsonl")) == 50
@@ -349,33 +317,42 @@ async def test_torn_last_line_is_repaired(tmp_path):
     await s2.start()
     assert path.read_bytes() == good
     assert s2.repaired_bytes > 0
+    assert s2.position() == 2  # the torn line's message is read again
     c = requested()
-    assert await s2.write(a) is False
-    assert await s2.write(c) is True
+    assert await s2.write(a, 2) is False
+    assert await s2.write(c, 3) is True
     await s2.close()
     assert [x["event_id"] for x in lines(path)] == [a.id, b.id, c.id]
 
 
 async def test_file_that_is_only_a_torn_line_becomes_empty(tmp_path):
     path = tmp_path / "events.jsonl"
-    path.write_bytes(b'{"event_id":"x", "timest')
+    path.write_bytes(b'{"event_id":"x", "seq": 4, "timest')
     s = JsonlSink(path)
     await s.start()
-    assert path.read_bytes() == b""
+    assert path.read_bytes() == b"" and s.position() == 0
     ev = requested()
     await s.write(ev)
     await s.close()
     assert [x["event_id"] for x in lines(path)] == [ev.id]
 
 
-async def test_unreadable_line_in_the_middle_is_skipped(tmp_path):
+async def test_an_unreadable_last_line_yields_to_the_one_before(tmp_path):
     path = tmp_path / "events.jsonl"
-    a = requested()
-    path.write_bytes(b"garbage\n" + json.dumps({"event_id": a.id}).encode() + b"\n{}\n")
+    path.write_bytes(b"garbage\n" + json.dumps({"event_id": "a", "seq": 12}).encode() + b"\nnot json\n")
     s = JsonlSink(path)
     await s.start()
-    assert await s.write(a) is False
+    assert s.position() == 12
     await s.close()
+
+
+async def test_a_second_sink_on_the_same_file_refuses_to_start(sink, tmp_path):
+    other = JsonlSink(sink.path)
+    with pytest.raises(SinkError, match="another telemetry sink writes"):
+        await other.start()
+    await sink.close()
+    await other.start()  # the first one gone: the file is free
+    await other.close()
 
 
 async def test_new_file_mode_is_0600(sink):

@@ -4,11 +4,10 @@ uvicorn): `chora batch cancel|results`, `chora artifact cancel|status` (cli.main
 ``DELETE /v1/batches/{id}`` and ``DELETE /v1/artifacts/{id}``, the MCP tool ``cancel_run``,
 ``ChoraClient.cancel``, and the results TTL (2 s here).
 
-The assembler does not act on cancels on this branch: the tests check what these surfaces
-own (the ``chora.cancel.requested`` in the stream with its data and headers, the answers and
-exit codes), with run records written as the assembler writes them, and a completion
-published as the assembler would publish it where a command follows one.
-"""
+The tests check what these surfaces own (the ``chora.cancel.requested`` in the stream with its
+data and headers, the answers and exit codes), with run records written as the assembler
+writes them; the assembler in the stack acts on the cancels (the saga: tests/integration/test_saga.py
+covers it), and where a command follows the completion it is the assembler's."""
 
 from __future__ import annotations
 
@@ -33,9 +32,9 @@ from chora_client import ChoraClient
 from composition.batch_records import BatchRecord, batch_item_key, batch_key, decode_batch
 from composition.runs import artifact_key
 from contracts.cancels import cancel_event_id
-from contracts.catalogue import BATCH_COMPLETED, CANCEL_REQUESTED, subject_for
-from contracts.envelope import decode, encode_binary, new_event
-from contracts.events import BatchCompleted, BatchItemOutcome, ErrorInfo
+from contracts.catalogue import CANCEL_REQUESTED, subject_for
+from contracts.envelope import decode
+from contracts.events import BatchItemOutcome, ErrorInfo
 from services.gateway.security import ApiKey, KeyRing, hash_key
 from services.gateway.service import GatewayApp
 from services.gateway.settings import GatewaySettings
@@ -93,7 +92,11 @@ async def write_batch(
     """A batch record (and its item outcomes) as the assembler writes them; its id."""
     batch_id = batch_id or str(uuid.uuid4())
     failed = sum(1 for o in outcomes if o.status == "error")
+    bitmap = bytearray((total + 7) // 8)
+    for o in outcomes:
+        bitmap[o.index >> 3] |= 1 << (o.index & 7)
     record = BatchRecord(
+        bitmap=bytes(bitmap),
         total=total,
         started_at=time.time(),
         successful=len(outcomes) - failed,
@@ -108,9 +111,11 @@ async def write_batch(
     return batch_id
 
 
-async def write_artifact_run(stack, *, status: str | None = None) -> str:
+async def write_artifact_run(stack, *, status: str | None = None, readable_by_the_assembler: bool = True) -> str:
     run_id = str(uuid.uuid4())
     doc = {"v": 1, "run_id": run_id, "artifact_id": "product-docs", "started_at": time.time()}
+    if not readable_by_the_assembler:
+        del doc["run_id"]
     if status is not None:
         doc.update(closed=True, status=status, finished=True)
     await stack.state.put(artifact_key(run_id), msgspec.msgpack.encode(doc))
@@ -151,9 +156,14 @@ async def test_cli_batch_cancel_publishes_one_cancel_request_with_its_data_and_h
     raw = await js.get_last_msg(stack.settings.stream_name, subject_for(CANCEL_REQUESTED, stack.settings.prefix))
     assert raw.headers["Nats-Msg-Id"] == doc["cancel_id"] and raw.headers["ce-type"] == CANCEL_REQUESTED
 
-    # asking again is the same request: JetStream drops the copy
+    # the assembler stops the batch; asking again then publishes nothing: it has completed
+    async def cancelled():
+        got = await stack.state.get(batch_key(batch_id))
+        return got is not None and decode_batch(got[0]).outcome == "cancelled"
+
+    await wait_for(cancelled, timeout=20, what="the assembler to close the batch as cancelled")
     code, doc, err = await chora(capsys, "batch", "cancel", batch_id, "--json")
-    assert code == 0 and doc["cancel_id"] == ev.id, err
+    assert code == 1 and doc["outcome"] == "already_completed" and doc["status"] == "cancelled", err
     assert (await last_cancel(stack))[0] == seq
 
 
@@ -187,20 +197,18 @@ async def test_cli_batch_cancel_wait_prints_the_completion_status_and_counts(sta
         return (await last_cancel(stack))[1] is not None and (await last_cancel(stack))[1].data.id == batch_id
 
     await wait_for(asked, timeout=20, what="the cancel request in the stream", interval=0.05)
-    completed = BatchCompleted(
-        batch_id=batch_id, status="cancelled", total=4, successful=1, failed=1, skipped=2, compensated_parts=["0"]
-    )
-    headers, body = encode_binary(new_event(BATCH_COMPLETED, completed, source="chora://assembler"))
-    await stack.nc.jetstream().publish(subject_for(BATCH_COMPLETED, stack.settings.prefix), body, headers=headers)
+    # the assembler's completion: the two items that ran are counted, the other two skipped;
+    # these outcomes registered no effects (no cache entry, no stored content), so nothing is undone
     code, doc, err = await asyncio.wait_for(run, 30)
     assert code == 0, err
     assert doc["outcome"] == "completed" and doc["status"] == "cancelled"
     assert (doc["total"], doc["successful"], doc["failed"], doc["skipped"]) == (4, 1, 1, 2)
-    assert doc["compensated_parts"] == ["0"]
+    assert doc["compensated_parts"] == []
 
 
 async def test_cli_cancel_wait_past_the_timeout_is_75(stack, capsys):
-    run_id = await write_artifact_run(stack)
+    # a run record the assembler cannot act on (no run_id: it retries the cancel, no completion comes)
+    run_id = await write_artifact_run(stack, readable_by_the_assembler=False)
     code, doc, err = await chora(capsys, "artifact", "cancel", run_id, "--wait", "--timeout", "0.5", "--json")
     assert code == 75 and doc["outcome"] == "timeout" and "the cancel stays asked" in err
     assert (await last_cancel(stack))[1].data.id == run_id

@@ -30,8 +30,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# two workers (pytest-xdist); the heavy modules run one at a time (tests/conftest.py)
 test: $(STAMP) prometheus lint
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.e2e

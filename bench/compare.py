@@ -77,42 +77,48 @@ def _children_cpu_since_last() -> float:
 
 
 def table(rows: dict[str, dict], n: int, rate: float) -> str:
+    """One markdown table; the last two columns are project / best peer and project / plain
+    nats-py for each line (above 1 is better for throughput, below 1 for latency and CPU)."""
     proj = rows["project"]
-    peers = {k: v for k, v in rows.items() if k.startswith("faststream")}
-    best = max(peers.values(), key=lambda r: r["throughput_rps"]) if peers else None
-    best_lat = min(peers.values(), key=lambda r: r["p99_ms"]) if peers else None
+    peers = [v for k, v in rows.items() if k.startswith("faststream")]
+    best = max(peers, key=lambda r: r["throughput_rps"]) if peers else None
     raw = rows.get("raw nats-py")
     cols = list(rows)
-    out = [
-        f"requests N = {n} (saturation), latency at {rate:g} req/s offered; load (1/5/15 min) before each part",
-        "",
-        "| | " + " | ".join(cols) + " | project / best peer | project / raw nats-py |",
-        "|---" * (len(cols) + 3) + "|",
-    ]
 
-    def ratio(a: float, b: float | None) -> str:
-        return f"{a / b:.2f}x" if b else "-"
+    def ratio(key: str, other: dict | None) -> str:
+        return f"{proj[key] / other[key]:.2f}x" if other and other[key] else "-"
 
-    out.append(
-        "| throughput, req/s (to content_validated) | "
-        + " | ".join(f"{rows[c]['throughput_rps']:,.0f}" for c in cols)
-        + f" | **{ratio(proj['throughput_rps'], best and best['throughput_rps'])}**"
-        + f" | {ratio(proj['throughput_rps'], raw and raw['throughput_rps'])} |"
+    def line(label: str, cell, key: str, bold: bool = False) -> str:
+        r1 = ratio(key, best)
+        return (
+            f"| {label} | "
+            + " | ".join(cell(rows[c]) for c in cols)
+            + (f" | **{r1}**" if bold else f" | {r1}")
+            + f" | {ratio(key, raw)} |"
+        )
+
+    return "\n".join(
+        [
+            f"N = {n:,} requests at saturation; latency at {rate:g} req/s offered; "
+            "load average (1/5/15 min) before each part",
+            "",
+            "| | " + " | ".join(cols) + " | project / best peer | project / raw nats-py |",
+            "|---" * (len(cols) + 3) + "|",
+            line(
+                "throughput, req/s (to content_validated)",
+                lambda r: f"{r['throughput_rps']:,.0f}",
+                "throughput_rps",
+                True,
+            ),
+            line(
+                f"p50 / p95 / p99 ms at {rate:g} req/s (ratio: p99)",
+                lambda r: f"{r['p50_ms']:,.1f} / {r['p95_ms']:,.1f} / {r['p99_ms']:,.1f}",
+                "p99_ms",
+            ),
+            line("CPU ms per request, every process", lambda r: f"{r['cpu_ms_per_request']:.2f}", "cpu_ms_per_request"),
+            "| load before | " + " | ".join(rows[c]["load"] for c in cols) + " | | |",
+        ]
     )
-    out.append(
-        f"| p50 / p95 / p99 ms at {rate:g} req/s | "
-        + " | ".join(f"{rows[c]['p50_ms']:.2f} / {rows[c]['p95_ms']:.2f} / {rows[c]['p99_ms']:.2f}" for c in cols)
-        + f" | p99 {ratio(best_lat['p99_ms'], proj['p99_ms']) if best_lat else '-'} better"
-        + f" | p99 {ratio(raw['p99_ms'], proj['p99_ms']) if raw else '-'} better |"
-    )
-    out.append(
-        "| CPU ms per request, every process | "
-        + " | ".join(f"{rows[c]['cpu_ms_per_request']:.2f}" for c in cols)
-        + f" | {ratio(best['cpu_ms_per_request'], proj['cpu_ms_per_request']) if best else '-'} less"
-        + f" | {ratio(raw['cpu_ms_per_request'], proj['cpu_ms_per_request']) if raw else '-'} less |"
-    )
-    out.append("| load before | " + " | ".join(rows[c]["load"] for c in cols) + " | | |")
-    return "\n".join(out)
 
 
 async def project(args: argparse.Namespace) -> dict:

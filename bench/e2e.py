@@ -152,7 +152,7 @@ async def wait_idle(js, stream: str, timeout: float = 300.0) -> float:
     """Wait until every consumer of ``stream`` has nothing pending and nothing awaiting its ack;
     return how long that took. The latency run starts only then: otherwise it measures the
     backlog the saturation run left behind."""
-    t0 = time.perf_counter()
+    t0 = said = time.perf_counter()
     busy: list[str] = []
     while time.perf_counter() - t0 < timeout:
         infos = await js.consumers_info(stream)
@@ -160,7 +160,8 @@ async def wait_idle(js, stream: str, timeout: float = 300.0) -> float:
                 if c.num_pending or c.num_ack_pending]
         if not busy:
             return time.perf_counter() - t0
-        if int(time.perf_counter() - t0) % 10 == 0:
+        if time.perf_counter() - said >= 10:
+            said = time.perf_counter()
             print(f"waiting for idle consumers: {', '.join(busy)}", file=sys.stderr, flush=True)
         await asyncio.sleep(0.1)
     raise TimeoutError(f"consumers still busy after {timeout}s: {', '.join(busy)}")

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint bench bench-sink profile-sink bench-isolation bench-gateway install clean prometheus check-asyncapi
+.PHONY: up test lint bench bench-e2e bench-sink profile-sink bench-isolation bench-gateway install clean prometheus check-asyncapi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,23 @@ lint: $(STAMP)
 test: $(STAMP) prometheus lint
 	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup
 
-bench: $(STAMP)
-	$(VENV)/bin/python -m bench.e2e
+# the project (all five services, to content_validated), the FastStream peer (pull and push, in
+# a venv of its own) and plain nats-py, in one run with the same N: one table with the ratios
+PEER_VENV ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.installed-stamp
+
+$(PEER_STAMP): bench/peer-requirements.txt
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet -r bench/peer-requirements.txt
+	touch $(PEER_STAMP)
+
+bench: $(STAMP) $(PEER_STAMP)
+	$(VENV)/bin/python -m bench.compare --peer-python $(PEER_VENV)/bin/python
 	$(VENV)/bin/python -m bench.sink
+
+# the project alone, JSON (throughput, latency by stage, CPU per request per process)
+bench-e2e: $(STAMP)
+	$(VENV)/bin/python -m bench.e2e
 
 # the telemetry sink alone from a pre-filled stream, against the nats-py push-consumer ceiling
 # in the same run (events/s, ratio, CPU per message, peak RSS, every sequence once)
@@ -66,4 +80,4 @@ bench-gateway: $(STAMP)
 	$(VENV)/bin/python -m bench.gateway
 
 clean:
-	rm -rf $(VENV) var .pytest_cache tools/node_modules
+	rm -rf $(VENV) $(PEER_VENV) var .pytest_cache tools/node_modules

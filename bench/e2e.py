@@ -1,18 +1,21 @@
-"""End-to-end benchmark: request published -> content_generated line in the JSONL.
+"""End-to-end benchmark: request published -> its outcome's line in the JSONL.
 
-Starts the real stack (embedded nats-server, generator and telemetry as their
-own processes, exactly as `chora up` does) in a temp dir, then measures:
+Starts the real stack (embedded nats-server and every service as its own
+process, exactly as `chora up` does) in a temp dir, then measures, up to the
+``--until`` event (content_validated by default, the last stage of a request):
 
   (a) throughput at saturation: N requests published as fast as JetStream
-      takes them; time from the first publish to the N-th content_generated
-      line in the telemetry JSONL;
-  (b) latency at a fixed offered rate (default 200/s): for each request, the
-      time from just before its publish to its content_generated line being
-      readable in the JSONL; p50/p95/p99;
-  (c) the telemetry sink's resident memory after all of it (>= 100,000 events
-      with the defaults).
+      takes them; time from the first publish to the N-th outcome line in the
+      telemetry JSONL;
+  (b) latency at a fixed offered rate (default 200/s), started only once every
+      consumer of the stream is idle (nothing pending, nothing unacknowledged),
+      so it does not measure the saturation run's backlog: for each request,
+      the time from just before its publish to its outcome line being readable
+      in the JSONL; p50/p95/p99;
+  (c) the telemetry sink's resident memory after all of it.
 
 Prints one JSON object. Usage: python -m bench.e2e [--requests N] [--rate R] [--seconds S]
+`make bench` (bench.compare) runs it next to the FastStream peer and plain nats-py.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -35,7 +39,7 @@ from bench.stack import running_stack
 from bus.publisher import Publisher
 from bus.settings import NatsSettings
 from services.settings import Settings
-from contracts.catalogue import GENERATION_REQUESTED
+from contracts.catalogue import CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
 from contracts.events import GenerationRequested
 
@@ -52,10 +56,12 @@ _decode_line = msgspec.json.Decoder(_Line).decode
 
 class JsonlFollower:
     """Reads new complete lines of the JSONL as they appear; records when each
-    content_generated line for a request id was first readable."""
+    ``event_type`` line for a request id was first readable."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, event_type: str = CONTENT_VALIDATED):
         self.path = path
+        self.event_type = event_type
+        self.marker = event_type.encode()
         self.pos = 0
         self.buf = b""
         self.seen: dict[str, float] = {}
@@ -77,10 +83,10 @@ class JsonlFollower:
         *lines, self.buf = data.split(b"\n")
         n = 0
         for ln in lines:
-            if b"content_generated" not in ln:
+            if self.marker not in ln:
                 continue
             rec = _decode_line(ln)
-            if rec.request_id and rec.request_id not in self.seen:
+            if rec.event_type == self.event_type and rec.request_id and rec.request_id not in self.seen:
                 self.seen[rec.request_id] = now
                 self.wall[rec.request_id] = (_ts(rec.event_time), _ts(rec.timestamp), wall)
                 n += 1
@@ -126,6 +132,44 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pids(stack) -> dict[str, int]:
+    pids = {name: p.pid for name, p in stack.children.items()}
+    if stack.server is not None and stack.server.pid is not None:
+        pids["nats-server"] = stack.server.pid
+    return pids
+
+
+async def wait_idle(js, stream: str, timeout: float = 300.0) -> float:
+    """Wait until every consumer of ``stream`` has nothing pending and nothing awaiting its ack;
+    return how long that took. The latency run starts only then: otherwise it measures the
+    backlog the saturation run left behind."""
+    t0 = said = time.perf_counter()
+    busy: list[str] = []
+    while time.perf_counter() - t0 < timeout:
+        infos = await js.consumers_info(stream)
+        busy = [
+            f"{c.name} ({c.num_pending} pending, {c.num_ack_pending} unacked)"
+            for c in infos
+            if c.num_pending or c.num_ack_pending
+        ]
+        if not busy:
+            return time.perf_counter() - t0
+        if time.perf_counter() - said >= 10:
+            said = time.perf_counter()
+            print(f"waiting for idle consumers: {', '.join(busy)}", file=sys.stderr, flush=True)
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"consumers still busy after {timeout}s: {', '.join(busy)}")
+
+
 def _machine() -> dict:
     cpu = "unknown"
     try:
@@ -138,7 +182,8 @@ def _machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()}
 
 
-async def saturation(pub: Publisher, follower: JsonlFollower, n: int, run: str) -> dict:
+async def saturation(pub: Publisher, follower: JsonlFollower, n: int, run: str, pids: dict[str, int]) -> dict:
+    cpu0 = {name: _cpu_s(pid) for name, pid in pids.items()}
     events = [_request(i, run) for i in range(n)]
     ids = {e.id for e in events}
     t0 = time.perf_counter()
@@ -149,11 +194,15 @@ async def saturation(pub: Publisher, follower: JsonlFollower, n: int, run: str) 
     published = time.perf_counter()
     await follower.wait_for(ids, timeout=max(120.0, n / 200))
     last = max(follower.seen[i] for i in ids)
+    cpu = {name: (_cpu_s(pid) - cpu0[name]) * 1000 / n for name, pid in pids.items()}
     return {
         "requests": n,
         "publish_rate_per_s": round(n / (published - t0)),
         "end_to_end_per_s": round(n / (last - t0)),
         "seconds": round(last - t0, 2),
+        # CPU per request of each process, from the first publish to the last outcome line (a
+        # service still draining a backlog then, e.g. the sink, is counted only so far)
+        "cpu_ms_per_request": {k: round(v, 3) for k, v in sorted(cpu.items())},
     }
 
 
@@ -216,10 +265,12 @@ async def main(args: argparse.Namespace) -> dict:
         )
         async with running_stack(settings, args.services.split(",") if args.services else None) as (stack, nc):
             pub = Publisher(nc.jetstream(), settings.prefix)
-            follower = JsonlFollower(settings.jsonl_path)
+            follower = JsonlFollower(settings.jsonl_path, args.until)
             run = uuid.uuid4().hex
             await fixed_rate(pub, follower, args.rate, 2, run)  # warm-up: imports, caches, connections
-            sat = await saturation(pub, follower, args.requests, run)
+            await wait_idle(nc.jetstream(), settings.stream_name)
+            sat = await saturation(pub, follower, args.requests, run, _pids(stack))
+            idle_s = await wait_idle(nc.jetstream(), settings.stream_name)
             lat = await fixed_rate(pub, follower, args.rate, args.seconds, run)
             events = sum(1 for _ in open(settings.jsonl_path, "rb"))
             sink_rss = _rss_mb(stack.children["telemetry"].pid)
@@ -228,7 +279,9 @@ async def main(args: argparse.Namespace) -> dict:
         return {
             "machine": _machine(),
             "services": services,
+            "until": args.until,
             "saturation": sat,
+            "seconds_to_idle": round(idle_s, 2),
             "latency": lat,
             "sink": {"events_in_jsonl": events, "rss_mb": round(sink_rss or 0, 1)},
             "generator": {"rss_mb": round(gen_rss or 0, 1)},
@@ -241,4 +294,10 @@ if __name__ == "__main__":
     ap.add_argument("--rate", type=float, default=200.0, help="offered rate for the latency run")
     ap.add_argument("--seconds", type=float, default=15.0, help="length of the latency run")
     ap.add_argument("--services", default="", help="comma-separated services to run (default: all of them)")
+    ap.add_argument(
+        "--until",
+        default=CONTENT_VALIDATED,
+        choices=(CONTENT_VALIDATED, CONTENT_GENERATED),
+        help="the outcome whose JSONL line ends a request's measurement",
+    )
     print(json.dumps(asyncio.run(main(ap.parse_args())), indent=2))

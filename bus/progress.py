@@ -12,7 +12,10 @@ answers from the consumer's state on the server:
 
 One consumer-info request answers many callers: the last answer is kept, and a
 caller whose ``seq`` it already covers asks nothing; concurrent callers share one
-request (at most one every ``min_interval`` seconds).
+request (at most one every ``min_interval`` seconds), and an answer "caught up" covers
+every caller that asked before it was sent (each one's ``seq`` is stored by then), not
+only the one that sent it: a backlog of waiting callers is answered by one request,
+not one request per interval each.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ class ConsumerProgress:
         self.floor = 0  # every message up to this stream sequence is settled
         self._asked = 0.0
         self._lock = asyncio.Lock()
+        self._highest = 0  # the highest ``seq`` asked about: stored, since its caller holds its message
 
     async def handled_through(self, seq: int) -> bool:
         """Whether the consumer has settled every one of its messages up to stream sequence ``seq``."""
         if seq <= self.floor:
             return True
+        self._highest = max(self._highest, seq)
         async with self._lock:
             if seq <= self.floor:
                 return True
@@ -45,8 +50,10 @@ class ConsumerProgress:
         return seq <= self.floor
 
     async def _refresh(self, seq: int) -> None:
-        # ``seq`` is stored (the caller holds its message) before we ask: when the answer says
-        # the consumer is caught up, everything up to it is settled
+        # ``seq`` and every sequence asked about so far are stored (their callers hold their
+        # messages) before we ask: when the answer says the consumer is caught up, everything
+        # up to the highest of them is settled
+        top = max(seq, self._highest)
         info = await self.js.consumer_info(self.stream, self.durable)
         self._asked = time.monotonic()
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
@@ -54,4 +61,4 @@ class ConsumerProgress:
         # settled. (Not also "ack floor at the last delivered": after a stream leader change
         # a clustered consumer can report an ack floor behind its last delivery for good.)
         caught_up = not info.num_pending and not info.num_ack_pending
-        self.floor = max(self.floor, seq if caught_up else floor or 0)
+        self.floor = max(self.floor, top if caught_up else floor or 0)

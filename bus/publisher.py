@@ -59,6 +59,8 @@ class Publisher:
         if not futures:
             return []
         try:
+            if len(futures) == 1:  # the common case (one outcome per message): no gathering future
+                return [await asyncio.wait_for(futures[0], self.timeout)]
             return list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout))
         except asyncio.TimeoutError:
             for f in futures:

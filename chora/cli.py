@@ -29,6 +29,7 @@ from chora.common import (
     trace_id_or_exit,
 )
 from chora.options import add_command, connection_parser
+from services import eventloop
 
 # Modules with register(subparsers): see chora/commands/__init__.py.
 COMMAND_MODULES = [configs, dlq, assembly, runs, events, cache, doctor, mcp, instances]
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     # httpx logs every request at INFO: one line per webhook POST and per upstream API call
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    eventloop.install()  # every asyncio.run of a command (services included) on uvloop where available
     try:
         code = args.func(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush

@@ -13,6 +13,7 @@ says what was wrong; the bus turns it into a dead letter.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import time
 import uuid
@@ -60,10 +61,28 @@ class CloudEvent(msgspec.Struct, kw_only=True):
 # --------------------------------------------------------------------------- building
 
 
+_second: list = [-1, ""]  # the last whole second formatted, and its text: one strftime per second
+
+
 def now_rfc3339(ts: float | None = None) -> str:
     ts = time.time() if ts is None else ts
     secs = int(ts)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{int((ts - secs) * 1e6):06d}Z"
+    if _second[0] != secs:
+        _second[:] = [secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))]
+    return f"{_second[1]}.{int((ts - secs) * 1e6):06d}Z"
+
+
+_NS_BYTES = _ID_NAMESPACE.bytes
+
+
+def derived_id(name: str) -> str:
+    """``str(uuid.uuid5(_ID_NAMESPACE, name))``, without the UUID object (a handler makes one per
+    outcome): SHA-1 of namespace + name, version 5, RFC 4122 variant."""
+    h = bytearray(hashlib.sha1(_NS_BYTES + name.encode("utf-8")).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50
+    h[8] = (h[8] & 0x3F) | 0x80
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def new_event(
@@ -82,7 +101,7 @@ def new_event(
     second publish), and the trace is carried on."""
     if event_id is None:
         if cause is not None:
-            event_id = str(uuid.uuid5(_ID_NAMESPACE, f"{cause.id}/{event_type}/{seq}"))
+            event_id = derived_id(f"{cause.id}/{event_type}/{seq}")
         else:
             event_id = str(uuid.uuid4())
     traceid = None

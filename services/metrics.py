@@ -184,6 +184,8 @@ class ServiceMetrics(MetricsServer):
         self._consumed: dict[tuple[str, str, str], Any] = {}
         self._published: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[str, Any] = {}
+        self._handled: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._published_raw: dict[tuple[str, str, Any], Any] = {}
 
     def include(self, registry: CollectorRegistry) -> None:
         """Serve ``registry``'s series from this endpoint too (an app's own metrics)."""
@@ -208,16 +210,32 @@ class ServiceMetrics(MetricsServer):
 
     # ------------------------------------------------------------------ Observer
     def handled(self, consumer: str, event_type: str, outcome: str, seconds: float) -> None:
-        c = self._consumer(consumer)
-        self._child(self._consumed, self.consumed_total, (c, event_type_label(event_type), label(outcome))).inc()
-        duration = self._durations.get(c)
-        if duration is None:
-            duration = self._durations[c] = self.handler_duration.labels(c)
-        duration.observe(max(0.0, seconds))
+        # one dict look-up per message on the hot path: the (counter, histogram) children of
+        # these raw values, labelled once (a raw value outside the bounded sets maps to "other")
+        key = (consumer, event_type, outcome)
+        children = self._handled.get(key)
+        if children is None:
+            c = self._consumer(consumer)
+            counter = self._child(
+                self._consumed, self.consumed_total, (c, event_type_label(event_type), label(outcome))
+            )
+            duration = self._durations.get(c)
+            if duration is None:
+                duration = self._durations[c] = self.handler_duration.labels(c)
+            children = (counter, duration)
+            if len(self._handled) < 4 * MAX_LABEL_VALUES:
+                self._handled[key] = children
+        children[0].inc()
+        children[1].observe(seconds if seconds > 0.0 else 0.0)
 
     def published(self, consumer: str, events: Sequence[CloudEvent]) -> None:
-        c = self._consumer(consumer)
         for ev in events:
             status = getattr(ev.data, "status", None)
-            key = (c, event_type_label(ev.type), label(status, "ok"))
-            self._child(self._published, self.published_total, key).inc()
+            raw = (consumer, ev.type, status)
+            child = self._published_raw.get(raw)
+            if child is None:
+                key = (self._consumer(consumer), event_type_label(ev.type), label(status, "ok"))
+                child = self._child(self._published, self.published_total, key)
+                if len(self._published_raw) < 4 * MAX_LABEL_VALUES:
+                    self._published_raw[raw] = child
+            child.inc()

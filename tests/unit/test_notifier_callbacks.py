@@ -59,6 +59,11 @@ def request(url: str, origin: Origin | None = None):
     )
 
 
+def plain_request():
+    """A top-level generation request without a callback."""
+    return new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world"), source="t")
+
+
 def outcome(req, origin: Origin | None = None):
     data = ContentGenerated(
         request_id=req.id, content_config_id="hello-world", status="success", content="x", origin=origin
@@ -127,3 +132,41 @@ async def test_an_allow_list_without_its_secret_stops_the_start(tmp_path):
     await app.start()
     assert app.info()["callbacks"]["on"] is True
     await app.close()
+
+
+async def test_the_outcome_of_a_request_seen_without_a_callback_needs_no_lookup():
+    with Webhook() as hook:
+        store = Store()
+        d = deps(store, handled=False, url=hook.url)  # the requests consumer "not caught up": no matter
+        handle = route(CALLBACK_HANDLERS, d, "notifier")
+        req = plain_request()
+        assert await handle(req, delivery(1, CALLBACK_REQUESTS)) == []
+        assert await handle(outcome(req), delivery(1)) == []  # settled: no Retry while "not caught up"
+        assert store.gets == 0 and store.kv == {} and hook.received == []
+        assert req.id not in d.no_callback  # forgotten once its outcome is settled
+        await d.sender.close()
+
+
+async def test_a_request_with_a_callback_after_one_without_is_still_delivered():
+    with Webhook() as hook:
+        d = deps(Store(), handled=False, url=hook.url)
+        handle = route(CALLBACK_HANDLERS, d, "notifier")
+        plain = plain_request()
+        assert await handle(plain, delivery(1, CALLBACK_REQUESTS)) == []
+        with_url = request(hook.url)
+        with_url.id = plain.id  # the same id again, now with a callback (a re-publish past the window)
+        assert await handle(with_url, delivery(1, CALLBACK_REQUESTS)) == []
+        (note,) = await handle(outcome(with_url), delivery(1))
+        assert note.type == NOTIFICATION_DELIVERED and len(hook.received) == 1
+        await d.sender.close()
+
+
+async def test_requests_remembered_without_a_callback_are_bounded(monkeypatch):
+    monkeypatch.setattr("services.notifier.callbacks.MAX_NO_CALLBACK", 2)
+    d = deps(Store(), handled=True, url="http://127.0.0.1:9/cb")
+    handle = route(CALLBACK_HANDLERS, d, "notifier")
+    reqs = [plain_request() for _ in range(3)]
+    for r in reqs:
+        await handle(r, delivery(1, CALLBACK_REQUESTS))
+    assert list(d.no_callback) == [reqs[1].id, reqs[2].id]  # the oldest forgotten
+    await d.sender.close()

@@ -30,9 +30,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# two workers (pytest-xdist); the heavy modules run one at a time (tests/conftest.py)
+# two workers (pytest-xdist), a test module at a time each (its module-scoped stack is set up once)
 test: $(STAMP) prometheus lint
-	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup
+	$(VENV)/bin/python -m pytest -n 2 --dist loadscope
 
 # the project (all five services, to content_validated), the FastStream peer (pull and push, in
 # a venv of its own) and plain nats-py, in one run with the same N: one table with the ratios

@@ -62,20 +62,6 @@ def pytest_report_header(config) -> str:
     return f"nats_server fixture: {server_choice().reason}"
 
 
-# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Each module
-# is one group, so its module-scoped stack is set up once, on one worker; the modules that run
-# whole stacks under load (kill -9, 5,000 and 100,000 items) share one group, so that at most one
-# of them runs at a time and the other worker takes the light tests meanwhile.
-HEAVY_MODULES = ("tests/faults/", "tests/e2e/test_large_batch.py")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        group = "heavy" if path.startswith(HEAVY_MODULES) else path
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture
 def nats_server(tmp_path):
     """A real nats-server on a free port with a temp store dir, stopped afterwards: the

@@ -26,7 +26,7 @@ from contracts.catalogue import (
 )
 from contracts.envelope import new_event
 from contracts.events import ArtifactRequested, CancelRequested
-from services.assembler.state import batch_item_key, decode_stored
+from services.assembler.state import batch_item_key, batch_key, decode_batch, decode_stored
 from services.assembler.status import read_batch_status
 from tests.conftest import wait_for
 from tests.integration.test_assembler_artifacts import ARTIFACTS, with_configs
@@ -122,6 +122,9 @@ async def test_cancel_mid_batch_skips_the_rest_and_compensates_what_ran(settings
     pub = Publisher(js, settings.prefix)
     n = 500  # the completion lists them inline
     req = new_event(BATCH_REQUESTED, batch(n), source="urn:test")
+    # Three phases, so that the generator cannot have rendered every item before the cancel
+    # (it runs ahead of the assembler's counting): some items run; then, with the generator
+    # stopped, the cancel closes the batch; then the generator comes back to a stopped run.
     async with running(("assembler", settings), ("generator", settings)):
         await pub.publish(req)
 
@@ -130,7 +133,16 @@ async def test_cancel_mid_batch_skips_the_rest_and_compensates_what_ran(settings
             return st is not None and st["done"] >= 30
 
         await wait_for(some_done, 30, "30 items done")
+    state = StateStore(js, topo.state_bucket)
+    async with running(("assembler", settings)):
         await pub.publish(cancel(req.id))
+
+        async def closed_as_cancelled() -> bool:
+            got = await state.get(batch_key(req.id))
+            return got is not None and decode_batch(got[0]).outcome == "cancelled"
+
+        await wait_for(closed_as_cancelled, 30, "the batch closed as cancelled")
+    async with running(("assembler", settings), ("generator", settings)):
         await wait_for(lambda: completed_for(col, req.id), 30, "batch_completed cancelled")
         await wait_for(
             lambda: len(col.of(CONTENT_GENERATED, lambda e: e.data.origin.id == req.id)) >= n,
@@ -147,7 +159,6 @@ async def test_cancel_mid_batch_skips_the_rest_and_compensates_what_ran(settings
     skipped_by_generator = [e for e in outcomes if e.data.status == "error"]
     assert skipped_by_generator and all(e.data.error.code == "RUN_CANCELLED" for e in skipped_by_generator)
     # compensation: each counted item's cache entry, undone the last item first, and reported
-    state = StateStore(js, topo.state_bucket)
     counted = [i for i in range(n) if (await state.get(batch_item_key(req.id, i))) is not None]
     registered = {}
     for i in counted:

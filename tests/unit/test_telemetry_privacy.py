@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import msgspec
 import pytest
 from prometheus_client import generate_latest
 
@@ -128,7 +129,7 @@ def test_prometheus_labels_carry_no_context_value():
         new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id="art", context=ctx), source="t"),
         new_event(BATCH_REQUESTED, BatchRequested(items=[BatchItem(content_config_id="g", context=ctx)]), source="t"),
     ):
-        metrics.written(ev, 0.0)
+        metrics.mirrored([(ev.type, msgspec.to_builtins(ev.data), 0)], 0.0)
     text = generate_latest(metrics.registry).decode()
     assert 'chora_events_total{event_type="chora.generation.requested",status="ok"} 1.0' in text
     assert "Zebediah" not in text and "platinum" not in text

@@ -92,11 +92,13 @@ class EmbeddedServer:
         self.proc = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        pump = threading.Thread(target=self._pump, args=(self.proc,), daemon=True)
+        pump.start()
         ports = self._wait_for_ports(timeout)
         if ports is None:
             code = self.proc.poll()
             self.stop()
+            pump.join(timeout=5)  # the process has ended: its last lines are still on their way to us
             why = f"exited with code {code}" if code is not None else f"did not write its ports file within {timeout}s"
             raise ServerError(f"nats-server {why} ({' '.join(self.command())}):\n" + "".join(self._log_lines[-20:]))
         self.url = _pick(ports["nats"], "nats")

@@ -276,19 +276,37 @@ class LocalCluster:
             n.stop()
 
 
+def last_mirrored_seq(path: Path) -> int:
+    """The stream sequence of the last whole line in a telemetry JSONL file (0 if none)."""
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 65536))
+        lines = [x for x in f.read().split(b"\n")[:-1] if x.strip()]  # the last one may be half written
+    return json.loads(lines[-1])["seq"] if lines else 0
+
+
 async def undrained(stack: ProcStack) -> dict[str, tuple[int, int]] | None:
     """The durable consumers (the webhook subscription's too) that still have messages
-    pending or unacknowledged, as name -> (pending, ack pending); None if unreadable."""
+    pending or unacknowledged, as name -> (pending, ack pending), and the telemetry sink
+    as "telemetry-sink" -> (events not yet in its JSONL, 0) while it trails the stream's
+    last sequence (it reads without a durable); None if unreadable."""
     import nats
 
     nc = await nats.connect(stack.url.split(","))
     try:
-        infos = await nc.jetstream().consumers_info(f"{stack.prefix.upper()}_EVENTS")
-        return {
+        js = nc.jetstream()
+        stream = f"{stack.prefix.upper()}_EVENTS"
+        infos = await js.consumers_info(stream)
+        left = {
             c.name: (c.num_pending, c.num_ack_pending)
             for c in infos
             if c.config.durable_name and (c.num_pending or c.num_ack_pending)  # not the sinks' ephemeral readers
         }
+        behind = (await js.stream_info(stream)).state.last_seq - last_mirrored_seq(stack.jsonl)
+        if behind > 0:
+            left["telemetry-sink"] = (behind, 0)
+        return left
     except Exception:
         return None
     finally:

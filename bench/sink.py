@@ -52,7 +52,7 @@ class _Seq(msgspec.Struct):
 
 def _events(n: int) -> list[tuple[str, dict[str, str], bytes]]:
     out = []
-    subject = f"{PREFIX}.content_generated"
+    subject = f"{PREFIX}.content_generated.standalone"
     for i in range(n):
         cause = new_event(
             GENERATION_REQUESTED,

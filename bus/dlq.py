@@ -57,7 +57,7 @@ from bus.deadletter import (
     original_headers,
 )
 from bus.topology import Topology
-from contracts.catalogue import CATALOGUE
+from contracts.catalogue import type_of_subject
 
 ADVISORY_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
 
@@ -242,8 +242,7 @@ async def replay(js: JetStreamContext, topo: Topology, dl: DeadLetter | int) -> 
         dl = await read(js, topo, dl)
     if dl.body is None or dl.subject is None:
         raise DlqError(f"dead letter {dl.seq}: nothing to replay ({dl.reason})")
-    allowed = {s.subject(topo.prefix) for s in CATALOGUE.values()}
-    if dl.subject not in allowed:
+    if type_of_subject(dl.subject, topo.prefix) is None:
         raise DlqError(f"dead letter {dl.seq}: original subject {dl.subject!r} is not one of {topo.events_stream}'s")
     headers = dict(dl.headers)
     msg_id = replay_msg_id(dl, topo)

@@ -9,7 +9,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from bus.content import ContentStore
-from contracts.catalogue import CATALOGUE
+from contracts.catalogue import CATALOGUE, event_subject
 from contracts.envelope import CloudEvent, encode_binary
 
 
@@ -41,7 +41,12 @@ class Publisher:
         spec = CATALOGUE.get(event.type)
         if spec is None:
             raise PublishError(f"unknown event type {event.type!r}: add it to contracts.catalogue")
-        return spec.subject(self.prefix)
+        if not spec.by_origin:
+            return spec.subject(self.prefix)
+        try:
+            return event_subject(event.type, event.data, self.prefix)
+        except ValueError as e:
+            raise PublishError(f"event {event.id} ({event.type}): {e}") from None
 
     async def publish(self, event: CloudEvent) -> PubAck:
         return (await self.publish_many([event]))[0]

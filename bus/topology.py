@@ -40,6 +40,8 @@ from contracts.catalogue import (
     DEADLINE_REQUESTED,
     EFFECTS_COMPENSATED,
     GENERATION_REQUESTED,
+    ORIGIN_KINDS,
+    STANDALONE,
 )
 
 log = logging.getLogger("chora.bus")
@@ -57,6 +59,7 @@ CALLBACK_MAX_IN_FLIGHT = 64
 # due (a nak with that delay), so up to this many runs may wait for their deadline at once.
 DEADLINES_MAX_PENDING = 100_000
 DEADLINES_MAX_DELIVER = 1000
+RUN_KINDS = tuple(k for k in ORIGIN_KINDS if k != STANDALONE)  # the assembler's: artifact, batch
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class ConsumerSpec:
     # now on) or a datetime (what was stored since then). None: "new", and an existing
     # consumer keeps the start it was created with. See provision() for an existing one.
     start: str | datetime | None = "all"
+    # For the types whose subjects carry the kind of run (contracts.catalogue.ORIGIN_KINDS): only
+    # these kinds are delivered (None: all of them)
+    origin_kinds: tuple[str, ...] | None = None
 
     def nak_delay(self, num_delivered: int) -> float:
         return self.backoff_s[min(max(num_delivered, 1), len(self.backoff_s)) - 1]
@@ -116,8 +122,11 @@ class Topology:
             consumers={
                 "generator": spec("generator", (GENERATION_REQUESTED,)),
                 "validator": spec("validator", (CONTENT_GENERATED,)),
-                "assembler": spec(
-                    "assembler", (ARTIFACT_REQUESTED, BATCH_REQUESTED, CONTENT_GENERATED, CONTENT_VALIDATED)
+                # the outcomes of its own runs' parts and items only: standalone requests' outcomes
+                # are never sent to it (their subjects end with "standalone")
+                "assembler": replace(
+                    spec("assembler", (ARTIFACT_REQUESTED, BATCH_REQUESTED, CONTENT_GENERATED, CONTENT_VALIDATED)),
+                    origin_kinds=RUN_KINDS,
                 ),
                 # cancels (and the compensations' facts) on a consumer of their own: they never wait
                 # behind a run's backlog of outcomes
@@ -137,6 +146,7 @@ class Topology:
                 CALLBACK_REQUESTS: replace(
                     spec(CALLBACK_REQUESTS, (GENERATION_REQUESTED, ARTIFACT_REQUESTED, BATCH_REQUESTED)), start=None
                 ),
+                # (a part or an item never has a callback of its own: standalone outcomes only)
                 CALLBACK_OUTCOMES: ConsumerSpec(
                     CALLBACK_OUTCOMES,
                     (CONTENT_GENERATED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
@@ -144,13 +154,27 @@ class Topology:
                     CALLBACK_MAX_DELIVER,
                     max_ack_pending=CALLBACK_MAX_IN_FLIGHT,
                     start=None,
+                    origin_kinds=(STANDALONE,),
                 ),
             },
         )
 
     # ------------------------------------------------------------------ subjects
     def subject(self, event_type: str) -> str:
+        """Every event of the type (``<prefix>.content_generated.*`` for one split by origin)."""
         return CATALOGUE[event_type].subject(self.prefix)
+
+    def filter_subjects(self, c: ConsumerSpec) -> list[str]:
+        """What consumer ``c`` reads: its types' subjects, narrowed to its origin kinds."""
+        assert c.event_types is not None
+        subjects: list[str] = []
+        for t in c.event_types:
+            spec = CATALOGUE[t]
+            if spec.by_origin and c.origin_kinds is not None:
+                subjects += [spec.subject_of(self.prefix, k) for k in c.origin_kinds]
+            else:
+                subjects.append(spec.subject(self.prefix))
+        return subjects
 
     def dlq_subject(self, consumer: str) -> str:
         return f"{self.prefix}.dlq.{consumer}"
@@ -199,6 +223,7 @@ class Topology:
             tuple(overrides.get("backoff_s", base.backoff_s)),
             overrides.get("max_ack_pending", base.max_ack_pending),
             overrides.get("start", base.start),
+            overrides.get("origin_kinds"),
         )
 
     def consumer_config(self, c: ConsumerSpec) -> ConsumerConfig:
@@ -215,7 +240,7 @@ class Topology:
         if isinstance(start, datetime):
             cfg.deliver_policy, cfg.opt_start_time = DeliverPolicy.BY_START_TIME, start
         if c.event_types is not None:
-            subjects = [self.subject(t) for t in c.event_types]
+            subjects = self.filter_subjects(c)
             if len(subjects) == 1:
                 cfg.filter_subject = subjects[0]
             else:

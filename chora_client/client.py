@@ -28,6 +28,7 @@ from contracts.catalogue import (
     CONTENT_VALIDATED,
     GENERATION_REQUESTED,
     events_stream,
+    event_subject,
     subject_for,
 )
 from contracts.cancels import cancel_request
@@ -233,7 +234,7 @@ class ChoraClient:
         """Publish a request to its subject; a JetStream error (no stream, no permission) raises."""
         headers, body = encode_binary(event)
         try:
-            await self.js.publish(subject_for(event.type, self.prefix), body, headers=headers)
+            await self.js.publish(event_subject(event.type, event.data, self.prefix), body, headers=headers)
         except Exception as e:
             raise ChoraClientError(f"cannot publish {event.type} {event.id}: {type(e).__name__}: {e}") from e
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from contracts.catalogue import (
     GENERATION_REQUESTED,
     NOTIFICATION_DELIVERED,
     NOTIFICATION_FAILED,
+    ORIGIN_KINDS,
+    STANDALONE,
 )
 
 ASYNCAPI_FILE = Path(__file__).parent / "asyncapi.json"
@@ -60,6 +62,8 @@ class Role:
     description: str
     receives: dict[str, str | None]
     sends: tuple[str, ...]
+    # the origin kinds (ORIGIN_KINDS) it receives of the types split by origin, by durable (else all)
+    kinds: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _on(durable: str | None, *types: str) -> dict[str, str | None]:
@@ -85,6 +89,7 @@ SERVICES: dict[str, Role] = {
         | _on("assembler-deadlines", DEADLINE_REQUESTED)
         | _on("assembler-completions", ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
         (GENERATION_REQUESTED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED, DEADLINE_REQUESTED, COMPENSATION_REQUESTED),
+        {"assembler": ("artifact", "batch")},
     ),
     "notifier": Role(
         "Pushes the events its subscriptions match to webhooks (one durable consumer per subscription, notify-<name>; any event type).",
@@ -97,6 +102,7 @@ SERVICES: dict[str, Role] = {
         _on("notifier-callback-requests", GENERATION_REQUESTED, ARTIFACT_REQUESTED, BATCH_REQUESTED)
         | _on("notifier-callbacks", CONTENT_GENERATED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
         (NOTIFICATION_DELIVERED, NOTIFICATION_FAILED),
+        {"notifier-callbacks": (STANDALONE,)},
     ),
     "telemetry": Role(
         "Mirrors every event to JSONL and Prometheus. Each instance reads the whole stream in order, "
@@ -169,7 +175,9 @@ def _message(event_type: str, payload_name: str) -> dict[str, Any]:
     return msg
 
 
-def _operation(party: str, action: str, event_type: str, durable: str | None) -> dict[str, Any]:
+def _operation(
+    party: str, action: str, event_type: str, durable: str | None, kinds: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     channel = _channel_id(event_type)
     op: dict[str, Any] = {
         "action": action,
@@ -178,6 +186,11 @@ def _operation(party: str, action: str, event_type: str, durable: str | None) ->
         "messages": [{"$ref": f"#/channels/{channel}/messages/{CATALOGUE[event_type].struct.__name__}"}],
         "tags": [{"name": party}],
     }
+    if kinds is not None and CATALOGUE[event_type].by_origin:
+        op["summary"] += f" (origin_kind {' and '.join(kinds)} only)"
+        op["description"] = (
+            f"Its consumer filters on the subjects ending with {', '.join(kinds)}: it is never sent the others."
+        )
     if durable is not None:
         op["bindings"] = {"nats": {"queue": durable, "bindingVersion": "0.1.0"}}
     return op
@@ -192,16 +205,34 @@ def document(prefix: str = "chora") -> dict[str, Any]:
     for event_type, spec in CATALOGUE.items():
         name = spec.struct.__name__
         messages[event_type] = _message(event_type, name)
-        channels[_channel_id(event_type)] = {
+        channel: dict[str, Any] = {
             "address": spec.subject(prefix),
             "title": event_type,
             "description": f"{spec.description} Stored in the events stream (JetStream, limits retention).",
             "messages": {name: {"$ref": f"#/components/messages/{event_type}"}},
         }
+        if spec.by_origin:
+            channel["address"] = spec.subject_of(prefix, STANDALONE).rsplit(".", 1)[0] + ".{origin_kind}"
+            channel["description"] += (
+                " The subject's last token is the kind of run the outcome belongs to: " + ", ".join(ORIGIN_KINDS) + "; "
+                f"subscribe to {spec.subject(prefix)} for all of them."
+            )
+            channel["parameters"] = {
+                "origin_kind": {
+                    "enum": list(ORIGIN_KINDS),
+                    "default": STANDALONE,
+                    "description": "origin.kind of the payload (artifact: a part of an artifact, batch: an item of "
+                    "a batch), standalone when the request had no origin",
+                    "location": "$message.payload#/origin/kind",
+                }
+            }
+        channels[_channel_id(event_type)] = channel
     operations: dict[str, Any] = {}
     for party, role in SERVICES.items():
         for event_type, durable in role.receives.items():
-            operations[f"{party}.receive.{_channel_id(event_type)}"] = _operation(party, "receive", event_type, durable)
+            operations[f"{party}.receive.{_channel_id(event_type)}"] = _operation(
+                party, "receive", event_type, durable, role.kinds.get(durable or "")
+            )
         for event_type in role.sends:
             operations[f"{party}.send.{_channel_id(event_type)}"] = _operation(party, "send", event_type, None)
     return {

@@ -1,8 +1,16 @@
 """The event catalogue: every event type, its subject and its payload Struct.
 
-Subjects are derived from types: ``chora.content_generated`` travels on
-``<prefix>.content_generated``; with the default prefix ``chora`` the subject
+Subjects are derived from types: ``chora.generation.requested`` travels on
+``<prefix>.generation.requested``; with the default prefix ``chora`` the subject
 equals the type. Tests use their own prefix so that runs never meet.
+
+The outcomes of generations (``content_generated``, ``content_validated``) carry one
+more token, the kind of run they belong to (:data:`ORIGIN_KINDS`):
+``<prefix>.content_generated.standalone`` for a request of its own,
+``.artifact`` for an artifact's part, ``.batch`` for a batch item. The CloudEvents
+type is the same on all three; ``<prefix>.content_generated.*`` reads them all.
+A consumer that needs only one kind filters on it and is never sent the others
+(the assembler reads only the parts and items of its runs).
 """
 
 from __future__ import annotations
@@ -32,6 +40,11 @@ from contracts.events import (
 
 TYPE_PREFIX = "chora."
 
+#: The last subject token of an outcome of a generation: the ``origin.kind`` it echoes,
+#: or ``standalone`` for a request that is not part of a run.
+STANDALONE = "standalone"
+ORIGIN_KINDS = (STANDALONE, "artifact", "batch")
+
 
 @dataclass(frozen=True, slots=True)
 class EventSpec:
@@ -39,13 +52,26 @@ class EventSpec:
     struct: builtins.type[msgspec.Struct]  # (the field `type` hides the builtin in this body)
     description: str
     kind: str  # "request" or "fact"
+    by_origin: bool = False  # its subject ends with the kind of run it belongs to (ORIGIN_KINDS)
 
     @property
     def suffix(self) -> str:
         return self.type.removeprefix(TYPE_PREFIX)
 
     def subject(self, prefix: str = "chora") -> str:
-        return f"{prefix}.{self.suffix}"
+        """The subject every event of the type matches: what a stream, a consumer filter or a
+        subscription names (``<prefix>.content_generated.*`` for one split by origin)."""
+        return f"{prefix}.{self.suffix}.*" if self.by_origin else f"{prefix}.{self.suffix}"
+
+    def subject_of(self, prefix: str = "chora", origin_kind: str | None = None) -> str:
+        """The subject one event is published on: for a type split by origin, the token of its
+        ``origin.kind`` (``standalone`` when it has none)."""
+        if not self.by_origin:
+            return f"{prefix}.{self.suffix}"
+        kind = origin_kind or STANDALONE
+        if kind not in ORIGIN_KINDS:
+            raise ValueError(f"unknown origin kind {kind!r} (one of {', '.join(ORIGIN_KINDS)})")
+        return f"{prefix}.{self.suffix}.{kind}"
 
 
 GENERATION_REQUESTED = "chora.generation.requested"
@@ -67,8 +93,10 @@ CATALOGUE: dict[str, EventSpec] = {
     s.type: s
     for s in (
         EventSpec(GENERATION_REQUESTED, GenerationRequested, "Render one content config.", "request"),
-        EventSpec(CONTENT_GENERATED, ContentGenerated, "Outcome of a generation request.", "fact"),
-        EventSpec(CONTENT_VALIDATED, ContentValidated, "Validation verdict on generated content.", "fact"),
+        EventSpec(CONTENT_GENERATED, ContentGenerated, "Outcome of a generation request.", "fact", by_origin=True),
+        EventSpec(
+            CONTENT_VALIDATED, ContentValidated, "Validation verdict on generated content.", "fact", by_origin=True
+        ),
         EventSpec(
             CONFIG_VALIDATED,
             ConfigValidated,
@@ -100,6 +128,35 @@ def subject_for(event_type: str, prefix: str = "chora") -> str:
     if spec is None:
         raise KeyError(f"unknown event type {event_type!r}")
     return spec.subject(prefix)
+
+
+def event_subject(event_type: str, data: object, prefix: str = "chora") -> str:
+    """The subject an event of ``event_type`` with payload ``data`` is published on."""
+    spec = CATALOGUE.get(event_type)
+    if spec is None:
+        raise KeyError(f"unknown event type {event_type!r}")
+    if not spec.by_origin:
+        return f"{prefix}.{spec.suffix}"
+    origin = getattr(data, "origin", None)
+    if origin is None and isinstance(data, dict):
+        origin = data.get("origin")
+        origin_kind = origin.get("kind") if isinstance(origin, dict) else None
+    else:
+        origin_kind = getattr(origin, "kind", None)
+    return spec.subject_of(prefix, origin_kind)
+
+
+def type_of_subject(subject: str, prefix: str = "chora") -> str | None:
+    """The event type published on ``subject`` (a concrete one), None if it is no catalogue subject."""
+    for spec in CATALOGUE.values():
+        base = f"{prefix}.{spec.suffix}"
+        if spec.by_origin:
+            head, _, kind = subject.rpartition(".")
+            if head == base and kind in ORIGIN_KINDS:
+                return spec.type
+        elif subject == base:
+            return spec.type
+    return None
 
 
 def all_subjects(prefix: str = "chora") -> list[str]:

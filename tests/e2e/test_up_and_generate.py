@@ -116,7 +116,7 @@ async def test_generate_from_cli_and_from_another_service(stack):
             if body.get("request_id") == event_id and not got.done():
                 got.set_result((msg.headers, body))
 
-        await nc.subscribe(f"{prefix}.content_generated", cb=on_msg)
+        await nc.subscribe(f"{prefix}.content_generated.*", cb=on_msg)  # any kind of run: .standalone here
         js = nc.jetstream()
         ack = await js.publish(
             f"{prefix}.generation.requested",

@@ -41,7 +41,7 @@ async def _prefill(url: str) -> None:
             source="test",
         )
         headers, body = encode_binary(ev)
-        futs.append(await js.publish_async(f"{PREFIX}.content_generated", body, headers=headers))
+        futs.append(await js.publish_async(f"{PREFIX}.content_generated.standalone", body, headers=headers))
         if len(futs) >= 1000:
             await asyncio.gather(*futs)
             futs = []

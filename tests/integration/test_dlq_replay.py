@@ -168,7 +168,11 @@ async def test_max_deliveries_advisory_is_listed_and_replayed_from_the_events_st
 
     [adv] = await wait_for(advisory, 10, "the MAX_DELIVERIES advisory in the DLQ")
     assert adv.advisory and adv.code == "MAX_DELIVERIES" and adv.deliveries == 2
-    assert (adv.event_id, adv.event_type, adv.subject) == (ev.id, CONTENT_GENERATED, topo.subject(CONTENT_GENERATED))
+    assert (adv.event_id, adv.event_type, adv.subject) == (
+        ev.id,
+        CONTENT_GENERATED,
+        f"{topo.prefix}.content_generated.standalone",
+    )
     assert (await read(js, topo, adv.seq)).stream_seq == adv.stream_seq
 
     r = await replay(js, topo, adv.seq)

@@ -46,7 +46,7 @@ from bus.topology import Topology, provision
 from composition.runs import MARKERS
 from bus.settings import NatsSettings
 from services.settings import Settings
-from contracts.catalogue import ARTIFACT_REQUESTED, CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED
+from contracts.catalogue import ARTIFACT_REQUESTED, CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED, ORIGIN_KINDS
 from contracts.envelope import decode, new_event
 from contracts.events import ArtifactRequested, GenerationRequested
 from services.runtime import ready_file, run_service
@@ -68,12 +68,18 @@ DURABLES = (
     "notify-release-hook",
 )
 
+
 # The intended table, restated independently of auth.conf: what each user may publish among
 # the catalogue subjects and the dead-letter subjects.
+def _of_every_kind(subject: str) -> set[str]:
+    """An outcome's subjects: one per kind of run it may belong to."""
+    return {f"{subject}.{kind}" for kind in ORIGIN_KINDS}
+
+
 EVENT_PUBLISH = {
-    "generator": {"chora.content_generated", "chora.effects_compensated"},
+    "generator": {*_of_every_kind("chora.content_generated"), "chora.effects_compensated"},
     "telemetry": set(),
-    "validator": {"chora.content_validated", "chora.config_validated"},
+    "validator": {*_of_every_kind("chora.content_validated"), "chora.config_validated"},
     "assembler": {
         "chora.generation.requested",
         "chora.artifact_assembled",
@@ -96,8 +102,8 @@ OWN_DURABLES = {
     "gateway": set(),
 }
 FACTS = {
-    "chora.content_generated",
-    "chora.content_validated",
+    "chora.content_generated.*",
+    "chora.content_validated.*",
     "chora.config_validated",
     "chora.artifact_assembled",
     "chora.batch_completed",
@@ -215,7 +221,7 @@ async def subject_count(admin: Conn, subject: str) -> int:
     info = await admin.js(10).stream_info(
         EVENTS if not subject.startswith("chora.dlq.") else "CHORA_DLQ", subjects_filter=subject
     )
-    return (info.state.subjects or {}).get(subject, 0)
+    return sum((info.state.subjects or {}).values())  # every subject the filter matches
 
 
 async def refused(aw, conn: Conn, subject: str) -> None:
@@ -359,8 +365,8 @@ async def test_services_work_with_their_own_users_and_provision_off(
             ev = decode(msg.headers, msg.data)
             outcomes[ev.type] = ev
 
-        await client.nc.subscribe("chora.content_generated", cb=on_fact)
-        await client.nc.subscribe("chora.content_validated", cb=on_fact)
+        await client.nc.subscribe("chora.content_generated.*", cb=on_fact)
+        await client.nc.subscribe("chora.content_validated.*", cb=on_fact)
         await client.nc.subscribe("chora.notification_delivered", cb=on_fact)
         await client.nc.subscribe("chora.notification_failed", cb=on_fact)
         # with a callback (refused: callbacks are off here): the notifier records it in KV and
@@ -479,8 +485,8 @@ async def test_generator_cannot_publish_another_services_event(provisioned, conn
         await gen.js().publish("chora.batch_completed", b'{"batch_id": "forged"}')
     assert await subject_count(admin, "chora.batch_completed") == 0
     # the connection is still usable for what it may do
-    await gen.js(10).publish("chora.content_generated", b"{}")
-    assert await subject_count(admin, "chora.content_generated") == 1
+    await gen.js(10).publish("chora.content_generated.standalone", b"{}")
+    assert await subject_count(admin, "chora.content_generated.*") == 1
 
 
 async def test_generator_cannot_read_the_assemblers_consumer(provisioned, connect):
@@ -516,11 +522,11 @@ async def test_generator_cannot_read_the_assemblers_consumer(provisioned, connec
 async def test_client_cannot_publish_facts_nor_read_requests_or_other_inboxes(provisioned, connect):
     admin, _ = provisioned
     client = await connect("client")
-    await client.nc.publish("chora.content_generated", b'{"request_id": "forged"}')
+    await client.nc.publish("chora.content_generated.standalone", b'{"request_id": "forged"}')
     await client.nc.flush()
     await wait_for(lambda: client.violations("Publish"), 5, "the client's error callback")
-    assert 'permissions violation for publish to "chora.content_generated"' in client.violations()[0].lower()
-    assert await subject_count(admin, "chora.content_generated") == 0
+    assert 'permissions violation for publish to "chora.content_generated.standalone"' in client.violations()[0].lower()
+    assert await subject_count(admin, "chora.content_generated.*") == 0
     # requests of other teams are not for the client to read, nor are the services' inboxes
     refused_subs = [
         await client.nc.subscribe(subject)
@@ -541,7 +547,7 @@ async def test_client_cannot_publish_facts_nor_read_requests_or_other_inboxes(pr
     async def cb(msg):
         got.append(msg.subject)
 
-    await client.nc.subscribe("chora.content_validated", cb=cb)
+    await client.nc.subscribe("chora.content_validated.*", cb=cb)
     await client.nc.subscribe("_INBOX.client.x", cb=cb)
 
     async def delivered() -> bool:
@@ -551,13 +557,13 @@ async def test_client_cannot_publish_facts_nor_read_requests_or_other_inboxes(pr
         # the latter arrived the former would have too.
         for subject in ("chora.generation.requested", "_INBOX.generator.x", "$KV.CHORA_STATE.batch.b1"):
             await admin.nc.publish(subject, b"{}")
-        await admin.nc.publish("chora.content_validated", b"{}")
+        await admin.nc.publish("chora.content_validated.batch", b"{}")
         await admin.nc.publish("_INBOX.client.x", b"{}")
         await synced(admin)
-        return {"chora.content_validated", "_INBOX.client.x"} <= set(got)
+        return {"chora.content_validated.batch", "_INBOX.client.x"} <= set(got)
 
     await wait_for(delivered, 5, "the allowed subscriptions to receive")
-    assert set(got) == {"_INBOX.client.x", "chora.content_validated"}, (got, client.errors)
+    assert set(got) == {"_INBOX.client.x", "chora.content_validated.batch"}, (got, client.errors)
     assert [sub.pending_msgs for sub in refused_subs] == [0] * 6
     assert len(client.violations("Subscription")) == 6
 
@@ -592,7 +598,9 @@ async def test_publish_table_every_user_every_subject(auth_server, connect):
     by every service user and the client: exactly the allowed ones reach an admin
     subscriber, exactly the others are reported as violations."""
     admin = await connect("admin")
-    subjects: list[str] = [s.subject("chora") for s in CATALOGUE.values()]
+    subjects: list[str] = []
+    for spec in CATALOGUE.values():
+        subjects += sorted(_of_every_kind(f"chora.{spec.suffix}")) if spec.by_origin else [spec.subject()]
     for d in DURABLES:
         subjects += [f"chora.dlq.{d}", f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{d}", f"$JS.ACK.{EVENTS}.{d}.1.1.1.1.0"]
     subjects += [

@@ -14,7 +14,7 @@ async def test_handled_through_follows_the_ack_floor_and_a_caught_up_consumer(se
     topo = Topology.from_settings(settings)
     await provision(js, topo, consumers=[])
     subject = f"{settings.prefix}.generation.requested"
-    other = f"{settings.prefix}.content_generated"
+    other = f"{settings.prefix}.content_generated.standalone"
     sub = await js.pull_subscribe(subject, durable="reqs", stream=topo.events_stream)
     progress = ConsumerProgress(js, topo.events_stream, "reqs", min_interval=0)
 
@@ -61,7 +61,7 @@ async def test_one_caught_up_answer_covers_every_caller_waiting_for_it(settings,
     await js.pull_subscribe(f"{settings.prefix}.generation.requested", durable="reqs", stream=topo.events_stream)
     counting = _CountingJs(js)
     progress = ConsumerProgress(counting, topo.events_stream, "reqs", min_interval=0)  # type: ignore[arg-type]
-    other = f"{settings.prefix}.content_generated"
+    other = f"{settings.prefix}.content_generated.standalone"
     seqs = [(await js.publish(other, b"{}")).seq for _ in range(5)]  # outcomes; the consumer has no request
     # five callers at once: the first one's request goes out before the others ask; the next
     # request, made while the four wait, answers all four (one request per caller before)

@@ -45,7 +45,7 @@ class Recorder:
 
 async def _publish(js, prefix: str, start: int, n: int) -> None:
     futs = [
-        await js.publish_async(f"{prefix}.content_generated", str(i).encode(), headers={"n": str(i)})
+        await js.publish_async(f"{prefix}.content_generated.standalone", str(i).encode(), headers={"n": str(i)})
         for i in range(start, start + n)
     ]
     await asyncio.gather(*futs)
@@ -82,7 +82,7 @@ async def test_reads_after_the_position_and_replaces_a_consumer_that_disappears(
         await task
     assert target.written == list(range(1, 501))
     assert m.stats.resets >= 2 and m.stats.received == 400
-    assert target.subjects == {f"{prefix}.content_generated"}
+    assert target.subjects == {f"{prefix}.content_generated.standalone"}
 
 
 async def test_a_failed_write_is_read_again_from_the_written_position(nc, stream):

@@ -68,7 +68,7 @@ def request(config_id: str, **ctx):
 async def count(js, topo: Topology, event_type: str) -> int:
     subject = topo.subject(event_type)
     info = await js.stream_info(topo.events_stream, subjects_filter=subject)
-    return (info.state.subjects or {}).get(subject, 0)
+    return sum((info.state.subjects or {}).values())  # every subject the filter matches
 
 
 async def read_all(js, topo: Topology, event_type: str) -> list:

@@ -46,7 +46,12 @@ def test_chora_contracts_asyncapi_prints_it(capsys):
 def test_every_event_type_is_a_channel_with_its_cloudevent_message():
     doc = asyncapi.document()
     assert doc["asyncapi"] == "3.0.0"
-    assert {c["address"] for c in doc["channels"].values()} == set(catalogue.all_subjects())
+    # a type split by origin: one channel, its last token a parameter (subscribing to all: <type>.*)
+    addresses = {c["address"].replace("{origin_kind}", "*") for c in doc["channels"].values()}
+    assert addresses == set(catalogue.all_subjects())
+    outcomes = doc["channels"]["content_generated"]
+    assert outcomes["address"] == "chora.content_generated.{origin_kind}"
+    assert outcomes["parameters"]["origin_kind"]["enum"] == ["standalone", "artifact", "batch"]
     schemas = doc["components"]["schemas"]
     for event_type, spec in CATALOGUE.items():
         msg = doc["components"]["messages"][event_type]
@@ -69,6 +74,8 @@ def test_receivers_match_the_topology():
         service = PARTY_OF.get(spec.durable, spec.durable)
         for event_type in spec.event_types or CATALOGUE:
             derived.setdefault(service, {})[event_type] = spec.durable
+        # the origin kinds a consumer narrows its outcomes to are the document's too
+        assert asyncapi.SERVICES[service].kinds.get(spec.durable) == spec.origin_kinds, spec.durable
     assert set(derived) == set(SERVICES_WITH_TOPOLOGY)
     for service in SERVICES_WITH_TOPOLOGY:
         assert asyncapi.SERVICES[service].receives == derived[service], service

@@ -11,9 +11,16 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkEvent
 
 from contracts import schemas
-from contracts.catalogue import CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED, subject_for
+from contracts.catalogue import (
+    CATALOGUE,
+    CONTENT_GENERATED,
+    CONTENT_VALIDATED,
+    GENERATION_REQUESTED,
+    event_subject,
+    subject_for,
+)
 from contracts.envelope import EnvelopeError, decode, encode_binary, encode_structured, new_event
-from contracts.events import BatchItem, BatchRequested, ContentGenerated, GenerationRequested
+from contracts.events import BatchItem, BatchRequested, ContentGenerated, GenerationRequested, Origin
 from contracts.tracing import child_traceparent, parse_traceparent, w3c_trace_id
 
 
@@ -121,9 +128,28 @@ def test_trace_ids_from_outside_map_to_w3c():
 
 
 def test_catalogue_subjects_follow_types():
-    assert subject_for(CONTENT_GENERATED) == "chora.content_generated"
+    assert subject_for(GENERATION_REQUESTED) == "chora.generation.requested"
     assert subject_for(GENERATION_REQUESTED, "t1") == "t1.generation.requested"
     assert all(t.startswith("chora.") for t in CATALOGUE)
+
+
+def test_outcomes_travel_on_the_subject_of_their_kind_of_run():
+    """content_generated / content_validated: one more token, the origin kind (standalone when
+    none); the type's subject, for streams, filters and subscriptions, matches all three."""
+    assert subject_for(CONTENT_GENERATED) == "chora.content_generated.*"
+    assert subject_for(CONTENT_VALIDATED, "t1") == "t1.content_validated.*"
+    batch = ContentGenerated(
+        request_id="r", content_config_id="c", status="success", origin=Origin(kind="batch", id="b", key="0")
+    )
+    assert event_subject(CONTENT_GENERATED, batch) == "chora.content_generated.batch"
+    assert (
+        event_subject(CONTENT_GENERATED, msgspec.structs.replace(batch, origin=None), "t1")
+        == "t1.content_generated.standalone"
+    )
+    assert event_subject(CONTENT_VALIDATED, {"origin": {"kind": "artifact"}}) == "chora.content_validated.artifact"
+    assert event_subject(GENERATION_REQUESTED, batch) == "chora.generation.requested"  # requests are not split
+    with pytest.raises(ValueError, match="unknown origin kind 'job'"):
+        event_subject(CONTENT_GENERATED, {"origin": {"kind": "job"}})
 
 
 def test_schema_files_match_the_structs():

@@ -65,6 +65,10 @@ class CompositionSettings(BaseSettings):
     # Which misses claim their key across instances (one KV write each): "auto" (generators
     # that are not deterministic, e.g. model calls), "always" or "never".
     cache_claims: Literal["auto", "always", "never"] = "auto"
+    # A config that does not set ``cache:`` and whose generator is deterministic (a local template)
+    # is cached once its renders are measured to cost at least this long: a cheaper render costs
+    # less than the lookup (services/generator/cache.py). 0: cached from the first request.
+    cache_min_render_ms: float = Field(default=1.0, ge=0)
     # A batch's item outcomes stay readable (`chora batch results`, the gateway) this long after
     # the batch finished, then expire (per-message TTL on their KV records); at most the stream's
     # max age (NATS_STREAM_MAX_AGE_S / CHORA_STREAM_MAX_AGE_S), which bounds every record anyway.

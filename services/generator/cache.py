@@ -8,9 +8,17 @@ entries can be purged by key prefix. A changed config file or template file
 changes its hash, so it can never be served a stale entry.
 
 Policy (:meth:`ResultCache.ttl_for`): a config's ``cache:`` says a TTL,
-``on`` (the default TTL) or ``off``. Unset, the cache is on (default TTL) for
-a generator that declares ``deterministic = True`` and off for any other. A
-request with ``no_cache: true`` renders afresh and refreshes the entry.
+``on`` (the default TTL) or ``off``. Unset, the cache is off for a generator
+that is not deterministic, and for one that declares ``deterministic = True``
+it is on (default TTL) once that config's renders are measured to cost at least
+``min_render_s`` (``CHORA_CACHE_MIN_RENDER_MS``, default 1 ms; 0: always on):
+a lookup is a KV round trip and a miss one more write, which a local template
+render of tens of microseconds does not pay back (measured: bench.e2e with
+hello-world requests, docs/performance.md). The cost is the render's own time,
+in the render worker (``render_seconds(config)`` of the generator), else timed
+around the render here; a config version not measured yet is rendered, not
+looked up. A request with ``no_cache: true`` renders afresh and refreshes the
+entry.
 
 Only successful renders are stored: an error (a :class:`GenerationError`, a
 retry, any exception) reaches every request that waited for it and is stored
@@ -46,12 +54,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from typing import Any, Awaitable, Callable, Protocol
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter
 
 from composition.configs import LoadedConfig
+from services.generator.costs import RenderCosts
 
 log = logging.getLogger("chora.generator")
 
@@ -129,13 +139,27 @@ class ResultCache:
         default_ttl_s: float = 3600,
         wait_s: float = 10.0,
         claims: str = "auto",
+        min_render_s: float = 0.001,
     ):
         self.backend = backend
         self.metrics = metrics
         self.default_ttl_s = default_ttl_s
         self.wait_s = wait_s
         self.claims = claims
+        self.min_render_s = min_render_s
         self._inflight: dict[str, asyncio.Future[str]] = {}
+        self._costs = RenderCosts()  # of generators that do not report their own
+
+    def render_cost(self, config: LoadedConfig, generator: Any) -> float | None:
+        """What a render of this config version costs (seconds, a moving average), None if unknown."""
+        own = getattr(generator, "render_seconds", None)
+        return own(config) if own is not None else self._costs.get(config)
+
+    def _worth_it(self, config: LoadedConfig, generator: Any) -> bool:
+        if self.min_render_s <= 0:
+            return True
+        cost = self.render_cost(config, generator)
+        return cost is not None and cost >= self.min_render_s
 
     def ttl_for(self, config: LoadedConfig, generator: Any) -> float | None:
         """The TTL of this config's entries, or None when its results are not cached."""
@@ -144,7 +168,9 @@ class ResultCache:
             return None
         if isinstance(setting, int):
             return float(setting)
-        if setting == "on" or getattr(generator, "deterministic", False) is True:
+        if setting == "on":
+            return float(self.default_ttl_s)
+        if getattr(generator, "deterministic", False) is True and self._worth_it(config, generator):
             return float(self.default_ttl_s)
         return None
 
@@ -163,6 +189,11 @@ class ResultCache:
         compensation may undo: :meth:`CacheBackend.remove`)."""
         ttl = self.ttl_for(config, generator)
         if ttl is None:
+            if config.spec.cache is None and getattr(generator, "render_seconds", None) is None:
+                t0 = time.perf_counter()
+                content = await render()
+                self._costs.observe(config, time.perf_counter() - t0)
+                return content, False
             return await render(), False
         try:
             key = cache_key(

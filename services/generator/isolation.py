@@ -49,6 +49,7 @@ import msgspec
 
 from composition.configs import GenerationError, LoadedConfig
 from contracts.handling import Retry
+from services.generator.costs import RenderCosts
 from services.generator.generators.base import MAX_OUTPUT_CHARS, _needs_template
 from services.generator.generators.jinja import Jinja2Generator
 from services.generator.generators.limits import MAX_RENDER_SECONDS
@@ -127,7 +128,10 @@ def _render(gen: Any, config_id: str, template_hash: str | None, name: str, sour
             if source is None:
                 raise GenerationError("GENERATOR_FAILED", f"{name}: the worker has no source for this template")
             tmpl = gen.compile_source(config_id, template_hash, name, source)
-        return ("ok", gen.render_template(tmpl, name, context))
+        t0 = time.thread_time()
+        text = gen.render_template(tmpl, name, context)
+        # the render's own CPU time (a preemption does not count): what a cache hit would save
+        return ("ok", text, time.thread_time() - t0)
     except GenerationError as e:
         return ("error", e.code, e.message)
     except MemoryError:
@@ -237,6 +241,7 @@ class RenderPool:
         self._draining = False
         self.started = False
         self.kills = 0  # workers this pool killed (at a deadline, or its render was cancelled)
+        self.costs = RenderCosts()  # what each config version's renders cost in the workers
 
     @property
     def size(self) -> int:
@@ -425,7 +430,8 @@ class RenderPool:
     def _settle(self, job: _Job, reply: Any) -> None:
         if not isinstance(reply, list) or not reply:
             job.fail("RENDER_FAILED", f"{job.config.template_name}: the render worker answered nonsense")
-        elif reply[0] == "ok" and len(reply) == 2 and isinstance(reply[1], str):
+        elif reply[0] == "ok" and len(reply) == 3 and isinstance(reply[1], str) and isinstance(reply[2], float):
+            self.costs.observe(job.config, reply[2])
             if not job.future.done():
                 job.future.set_result(reply[1])
         elif reply[0] == "error" and len(reply) == 3 and isinstance(reply[1], str) and isinstance(reply[2], str):
@@ -495,3 +501,7 @@ class IsolatedJinja2:
 
     def render(self, config: LoadedConfig, context: dict[str, Any]) -> Any:
         return self.pool.render(config, context)
+
+    def render_seconds(self, config: LoadedConfig) -> float | None:
+        """What a render of this config version costs in a worker (not the round trip to it)."""
+        return self.pool.costs.get(config)

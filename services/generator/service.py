@@ -13,7 +13,7 @@ handler gets a :class:`~services.generator.cache.ResultCache` over it; its
 figures are in :attr:`GeneratorApp.metrics_registry`.
 
 Settings read: ``configs_dir``, ``max_event_bytes``, ``cache_ttl_s``, ``cache_wait_s``,
-``cache_claims``, ``render_*``; the model API's
+``cache_claims``, ``cache_min_render_ms``, ``render_*``; the model API's
 ``CHORA_ANTHROPIC_*`` (:class:`services.generator.upstream.UpstreamSettings`).
 On start, generators with an ``upstream`` count their rate limits in the bus's
 shared KV bucket (every instance against one budget) and report their calls and
@@ -67,12 +67,14 @@ class GeneratorApp:
         cache_ttl_s: float = 3600,
         cache_wait_s: float = 10.0,
         cache_claims: str = "auto",
+        cache_min_render_ms: float = 1.0,
         upstream_settings: UpstreamSettings | None = None,
         limits: RenderLimits | None = RenderLimits(),
     ):
         self.upstream_settings = upstream_settings
         self.deps = Deps(store, registry or GeneratorRegistry(), source, max_output_bytes, max_event_bytes)
         self.cache_ttl_s, self.cache_wait_s, self.cache_claims = cache_ttl_s, cache_wait_s, cache_claims
+        self.cache_min_render_s = cache_min_render_ms / 1000
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.upstream_metrics = UpstreamMetrics(self.metrics_registry)
         self.cache_metrics = CacheMetrics(self.metrics_registry)
@@ -102,6 +104,7 @@ class GeneratorApp:
                 default_ttl_s=self.cache_ttl_s,
                 wait_s=self.cache_wait_s,
                 claims=self.cache_claims,
+                min_render_s=self.cache_min_render_s,
             )
         self.deps.undo = BusUndo(backend, getattr(ctx, "content", None))
         self.stopped.start(getattr(ctx, "state", None))
@@ -202,6 +205,7 @@ def build(settings: Settings) -> GeneratorApp:
         cache_ttl_s=settings.cache_ttl_s,
         cache_wait_s=settings.cache_wait_s,
         cache_claims=settings.cache_claims,
+        cache_min_render_ms=settings.cache_min_render_ms,
         upstream_settings=UpstreamSettings(),
         limits=limits,
     )

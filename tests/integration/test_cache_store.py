@@ -87,7 +87,10 @@ async def watchers(store: ResultCacheStore) -> int:
 
 def _cache(store: ResultCacheStore, wait_s: float) -> ResultCache:
     # claims for every generator (the default claims only for generators that are not deterministic)
-    return ResultCache(store, CacheMetrics(CollectorRegistry()), default_ttl_s=600, wait_s=wait_s, claims="always")
+    # (and caches every deterministic render, whatever it costs)
+    return ResultCache(
+        store, CacheMetrics(CollectorRegistry()), default_ttl_s=600, wait_s=wait_s, claims="always", min_render_s=0
+    )
 
 
 @pytest.fixture

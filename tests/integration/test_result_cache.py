@@ -120,12 +120,21 @@ def configs(tmp_path) -> Path:
     write(d / "brief.json", {"id": "brief", "generator": "jinja2", "template": "Brief {{ name }}", "cache": "1s"})
     write(d / "fresh.json", {"id": "fresh", "generator": "jinja2", "template": "Fresh {{ name }}", "cache": "off"})
     write(d / "big.json", {"id": "big", "generator": "jinja2", "template": "{{ 'x' * n }}"})
+    # no cache: setting, so the cost decides: a render of a few microseconds, and one of milliseconds
+    write(d / "cheap.json", {"id": "cheap", "generator": "jinja2", "template": "Hi {{ name }}"})
+    write(
+        d / "costly.json",
+        {"id": "costly", "generator": "jinja2", "template": "{% for i in range(n) %}{{ i }},{% endfor %}{{ name }}"},
+    )
     return d
 
 
 @pytest.fixture
 def cache_settings(settings, configs) -> Settings:
-    return settings.model_copy(update={"configs_dir": configs, "content_threshold_bytes": 4096})
+    # every deterministic render cached from the first request (the cost policy is the unit tests')
+    return settings.model_copy(
+        update={"configs_dir": configs, "content_threshold_bytes": 4096, "cache_min_render_ms": 0}
+    )
 
 
 @pytest.fixture
@@ -176,6 +185,24 @@ async def test_a_config_with_cache_off_is_rendered_every_time(cache_settings, cl
         assert [o.cached for o in outcomes] == [False, False]
         assert (await g.count("miss"), await g.count("hit")) == (0, 0)  # the cache never saw them
         assert await cache_keys(client.nc, cache_settings, "fresh") == []
+
+
+async def test_unset_the_cache_looks_up_only_configs_whose_renders_cost_enough(cache_settings, client, nc):
+    """The default policy with its default threshold (CHORA_CACHE_MIN_RENDER_MS=1): the render
+    pool reports what each render cost in its worker; a config whose renders are cheaper than a
+    lookup is never looked up, a costly one is from its second request on."""
+    policy = cache_settings.model_copy(update={"cache_min_render_ms": 1.0})
+    async with generator(policy) as g:
+        cheap = [await client.generate("cheap", {"name": "Ada"}) for _ in range(3)]
+        assert [(o.status, o.cached) for o in cheap] == [("success", False)] * 3
+        assert (await g.count("miss"), await g.count("hit")) == (0, 0)  # never looked up
+        assert await cache_keys(client.nc, policy, "cheap") == []
+        ctx = {"name": "Ada", "n": 20000}  # tens of thousands of loop turns: milliseconds
+        costly = [await client.generate("costly", ctx) for _ in range(3)]
+        assert [(o.status, o.cached) for o in costly] == [("success", False), ("success", False), ("success", True)]
+        # the first render measured the cost (not looked up), the second missed and stored, the third hit
+        assert (await g.count("miss"), await g.count("hit")) == (1, 1)
+        assert len(await cache_keys(client.nc, policy, "costly")) == 1
 
 
 async def test_an_entry_disappears_when_its_ttl_runs_out(cache_settings, client, nc):

@@ -51,6 +51,13 @@ parts:
 
 
 @pytest.fixture
+def settings(settings):
+    """Every deterministic render cached, whatever it costs (the cache's cost policy aside): the
+    saga undoes the cache entries of a stopped run."""
+    return settings.model_copy(update={"cache_min_render_ms": 0})
+
+
+@pytest.fixture
 def asettings(settings, tmp_path):
     """The artifact tests' configs, and an artifact with a deadline in its config."""
     return with_configs(settings, tmp_path, {**ARTIFACTS, "slow.yaml": SLOW, "late-failure.yaml": LATE_FAILURE})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import time
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -113,16 +115,18 @@ class _Nondeterministic:
         return ""
 
 
-def _cache() -> ResultCache:
-    return ResultCache(backend=None, metrics=CacheMetrics(CollectorRegistry()), default_ttl_s=600)  # type: ignore[arg-type]
+def _cache(min_render_s: float = 0.001) -> ResultCache:
+    return ResultCache(
+        backend=None, metrics=CacheMetrics(CollectorRegistry()), default_ttl_s=600, min_render_s=min_render_s
+    )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     "setting, generator, ttl",
     [
-        (None, Jinja2Generator(), 600.0),  # deterministic: on by default
-        (None, TemplateFillGenerator(), 600.0),
-        (None, DemonstrationGenerator(), 600.0),
+        (None, Jinja2Generator(), None),  # deterministic, but its renders not measured yet (below)
+        (None, TemplateFillGenerator(), None),
+        (None, DemonstrationGenerator(), None),
         (None, _Nondeterministic(), None),  # no `deterministic = True`: off by default
         ("on", _Nondeterministic(), 600.0),
         (120, _Nondeterministic(), 120.0),
@@ -136,6 +140,54 @@ def test_the_ttl_follows_the_config_then_the_generators_determinism(tmp_path, se
         doc["cache"] = setting
     write(tmp_path / "c.json", doc)
     assert _cache().ttl_for(ConfigStore(tmp_path).get("c"), generator) == ttl
+
+
+class _Costed:
+    """A deterministic generator that reports what its renders cost (as the render pool does)."""
+
+    name, deterministic = "costed", True
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+
+    def render_seconds(self, config):
+        return self.seconds
+
+    def render(self, config, context):  # pragma: no cover - never called here
+        return ""
+
+
+@pytest.mark.parametrize(
+    "cost, min_render_s, ttl",
+    [
+        (None, 0.001, None),  # not measured yet: rendered, not looked up
+        (0.00005, 0.001, None),  # a 50 us render: the lookup would cost more than it saves
+        (0.002, 0.001, 600.0),  # a 2 ms render: worth a lookup
+        (None, 0, 600.0),  # CHORA_CACHE_MIN_RENDER_MS=0: cached from the first request
+    ],
+)
+def test_by_default_a_deterministic_config_is_cached_when_its_renders_cost_enough(tmp_path, cost, min_render_s, ttl):
+    write(tmp_path / "c.json", {"id": "c", "generator": "jinja2", "template": "x"})
+    assert _cache(min_render_s).ttl_for(ConfigStore(tmp_path).get("c"), _Costed(cost)) == ttl
+
+
+async def test_the_cache_times_the_renders_of_a_generator_that_does_not_report_them(tmp_path):
+    write(tmp_path / "c.json", {"id": "c", "generator": "jinja2", "template": "x"})
+    write(tmp_path / "d.json", {"id": "d", "generator": "jinja2", "template": "y"})
+    store, cache, gen = ConfigStore(tmp_path), _cache(min_render_s=0.002), Jinja2Generator()
+
+    async def cheap() -> str:
+        return "cheap"
+
+    async def slow() -> str:
+        time.sleep(0.005)  # a render that keeps the CPU busy (a blocking call on purpose)
+        return "slow"
+
+    c, d = store.get("c"), store.get("d")
+    assert await cache.fetch(c, gen, {}, cheap) == ("cheap", False)  # no backend: never looked up
+    assert await cache.fetch(d, gen, {}, slow) == ("slow", False)
+    assert cache.render_cost(c, gen) < 0.002 and cache.ttl_for(c, gen) is None
+    assert cache.render_cost(d, gen) >= 0.005 and cache.ttl_for(d, gen) == 600.0  # from now on, looked up
 
 
 def test_every_builtin_generator_has_a_version():
@@ -162,7 +214,7 @@ async def test_a_context_no_canonical_json_can_say_is_rendered_and_not_cached(tm
     # YAML allows non-string keys; the canonical form (sorted string keys) does not
     write(tmp_path / "c.yaml", "id: c\ngenerator: jinja2\ntemplate: x\ncontext: {a: {1: one}}\n")
     config = ConfigStore(tmp_path).get("c")
-    cache = _cache()  # no backend: any use of it would fail
+    cache = _cache(min_render_s=0)  # every deterministic render cached; no backend: any use of it would fail
 
     async def render() -> str:
         return "rendered"

@@ -64,10 +64,12 @@ class Publisher:
         if not futures:
             return []
         try:
-            if len(futures) == 1:  # the common case (one outcome per message): no gathering future
-                return [await asyncio.wait_for(futures[0], self.timeout)]
-            return list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout))
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: no task wrapped around each wait (this is every outcome's path)
+            async with asyncio.timeout(self.timeout):
+                if len(futures) == 1:  # the common case (one outcome per message): no gathering future
+                    return [await futures[0]]
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
             for f in futures:
                 f.cancel()
             raise PublishError(f"no PubAck within {self.timeout}s") from None

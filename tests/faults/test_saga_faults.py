@@ -41,7 +41,8 @@ pytestmark = pytest.mark.timeout(TEST_TIMEOUT_S)
 
 @pytest.fixture
 def stack(tmp_path, nats_server, hook):
-    s = ProcStack(tmp_path, nats_server, hook=hook)
+    # every successful render writes its cache entry (whatever it costs): the effects the saga undoes
+    s = ProcStack(tmp_path, nats_server, hook=hook, extra_env={"CHORA_CACHE_MIN_RENDER_MS": "0"})
     yield s
     s.stop_all()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import msgspec
 import pytest
@@ -16,6 +17,7 @@ from contracts.catalogue import (
     CONTENT_GENERATED,
     CONTENT_VALIDATED,
     GENERATION_REQUESTED,
+    ORIGIN_KINDS,
     event_subject,
     subject_for,
 )
@@ -150,6 +152,8 @@ def test_outcomes_travel_on_the_subject_of_their_kind_of_run():
     assert event_subject(GENERATION_REQUESTED, batch) == "chora.generation.requested"  # requests are not split
     with pytest.raises(ValueError, match="unknown origin kind 'job'"):
         event_subject(CONTENT_GENERATED, {"origin": {"kind": "job"}})
+    # the tokens are the payload's origin kinds, and "standalone" for none: one list, not two
+    assert set(ORIGIN_KINDS) == {"standalone", *typing.get_args(typing.get_type_hints(Origin)["kind"])}
 
 
 def test_schema_files_match_the_structs():

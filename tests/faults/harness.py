@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bus.server import EmbeddedServer
 from contracts.catalogue import BATCH_COMPLETED, CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
-from tests.conftest import ROOT, child_env, example_configs
+from tests.conftest import ROOT, child_env, example_configs, wait_for
 from tests.webhook import Webhook
 
 SERVICES = ("generator", "validator", "assembler", "telemetry", "notifier")
@@ -311,6 +311,22 @@ async def undrained(stack: ProcStack) -> dict[str, tuple[int, int]] | None:
         return None
     finally:
         await nc.close()
+
+
+async def wait_drained(stack: ProcStack, timeout: float, what: str = "every consumer drained") -> None:
+    """Wait until :func:`undrained` reports nothing left (polled 5 times a second, each poll a
+    new connection, so a time taken after it is +-0.2 s); fail with what was still left."""
+    left: dict | None = None
+
+    async def drained() -> bool:
+        nonlocal left
+        left = await undrained(stack)
+        return left == {}
+
+    try:
+        await wait_for(drained, timeout, what, 0.2)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; still (pending, ack pending): {left}") from None
 
 
 async def dead_letters(stack: ProcStack) -> int:

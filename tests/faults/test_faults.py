@@ -39,7 +39,7 @@ from tests.faults.harness import (
     batch_state,
     dead_letters,
     instance_metrics,
-    undrained,
+    wait_drained,
 )
 
 ITEMS = int(os.environ.get("CHORA_FAULT_ITEMS", "5000"))
@@ -122,23 +122,7 @@ async def finish_and_check(
         interval=0.05,
     )
     completed_at = time.monotonic()
-    left: dict | None = None
-
-    async def drained() -> bool:
-        nonlocal left
-        left = await undrained(stack)
-        return left == {}
-
-    try:
-        # polled 5 times a second (each poll is a new connection): the drained_s figure is +-0.2 s
-        await wait_for(
-            drained,
-            timeout=DRAIN_WAIT_S,
-            what="every consumer drained (validator and webhook subscription included)",
-            interval=0.2,
-        )
-    except AssertionError as e:
-        raise AssertionError(f"{e}; still (pending, ack pending): {left}") from None
+    await wait_drained(stack, DRAIN_WAIT_S, "every consumer drained (validator and webhook subscription included)")
     drained_at = time.monotonic()
     rep = batch_report(stack.lines(), batch_id, ITEMS, stack.hook.keys())
     rep["dead_letters"] = await dead_letters(stack)

@@ -32,7 +32,7 @@ from tests.faults.harness import (
     ProcStack,
     batch_state,
     dead_letters,
-    undrained,
+    wait_drained,
 )
 from tests.faults.test_faults import ITEMS, progress, record, running_at_fault, start_and_publish
 
@@ -61,17 +61,7 @@ async def cancelled_and_checked(stack: ProcStack, batch_id: str, fault: str, t0:
         lambda: stack.count(BATCH_COMPLETED, batch_id) >= 1, BATCH_WAIT_S, f"batch_completed after: {fault}", 0.05
     )
     completed_s = round(time.monotonic() - t0, 2)
-    left: dict | None = None
-
-    async def drained() -> bool:
-        nonlocal left
-        left = await undrained(stack)
-        return left == {}
-
-    try:
-        await wait_for(drained, DRAIN_WAIT_S, "every consumer drained", 0.2)
-    except AssertionError as e:
-        raise AssertionError(f"{e}; still (pending, ack pending): {left}") from None
+    await wait_drained(stack, DRAIN_WAIT_S)
     lines = stack.lines()
     mine = [r for r in lines if (r.get("origin") or {}).get("id") == batch_id]
     requests = Counter(r["origin"]["key"] for r in mine if r["event_type"] == GENERATION_REQUESTED)

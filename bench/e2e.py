@@ -35,6 +35,7 @@ from pathlib import Path
 
 import msgspec
 
+from bench.filewatch import DirWatch
 from bench.stack import running_stack
 from bus.publisher import Publisher
 from bus.settings import NatsSettings
@@ -66,6 +67,7 @@ class JsonlFollower:
         self.buf = b""
         self.seen: dict[str, float] = {}
         self.wall: dict[str, tuple[float, float, float]] = {}  # id -> (outcome made, line written, line read)
+        self._watch: DirWatch | None = None
 
     def poll(self) -> int:
         try:
@@ -92,14 +94,31 @@ class JsonlFollower:
                 n += 1
         return n
 
-    async def wait_for(self, ids: set[str], timeout: float, interval: float = 0.0005) -> None:
+    def watch(self) -> DirWatch:
+        """Wakes the reader when the sink writes (inotify), so it never polls the file in a loop."""
+        if self._watch is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._watch = DirWatch(self.path.parent)
+        return self._watch
+
+    async def read_new(self, timeout: float) -> int:
+        """The new lines of the event type: at once if there are some, else once the sink writes
+        again (or after ``timeout`` seconds: 0)."""
+        watch = self.watch()
+        watch.arm()
+        n = self.poll()
+        if not n and await watch.changed(timeout):
+            n = self.poll()
+        return n
+
+    async def wait_for(self, ids: set[str], timeout: float) -> None:
         deadline = time.perf_counter() + timeout
         while not ids.issubset(self.seen.keys()):
-            if time.perf_counter() > deadline:
+            left = deadline - time.perf_counter()
+            if left <= 0:
                 missing = len(ids - self.seen.keys())
                 raise TimeoutError(f"{missing} of {len(ids)} outcomes missing after {timeout}s")
-            if not self.poll():
-                await asyncio.sleep(interval)
+            await self.read_new(min(left, 1.0))
 
 
 def _ts(rfc3339: str | None) -> float:
@@ -213,10 +232,9 @@ async def fixed_rate(pub: Publisher, follower: JsonlFollower, rate: float, secon
     start = time.perf_counter()
     poller_stop = asyncio.Event()
 
-    async def poller():
+    async def poller():  # reads each write of the sink as it happens (no busy polling)
         while not poller_stop.is_set():
-            if not follower.poll():
-                await asyncio.sleep(0.0002)
+            await follower.read_new(0.05)
 
     ptask = asyncio.create_task(poller())
     for i in range(n):
@@ -228,9 +246,9 @@ async def fixed_rate(pub: Publisher, follower: JsonlFollower, rate: float, secon
         sent_wall[ev.id] = time.time()
         sent[ev.id] = time.perf_counter()
         asyncio.ensure_future(pub.publish(ev))
-    await follower.wait_for(set(sent), timeout=60)
     poller_stop.set()
     await ptask
+    await follower.wait_for(set(sent), timeout=60)
     lat = sorted((follower.seen[i] - t) * 1000 for i, t in sent.items())
     made, written, read = zip(*(follower.wall[i] for i in sent))
     starts = [sent_wall[i] for i in sent]

@@ -46,6 +46,7 @@ from bus.content import ContentMissing, ContentStore
 from bus.deadletter import H_REPLAY_FOR, dead_letter
 from bus.publisher import Publisher
 from bus.topology import ConsumerSpec, Topology
+from bus.wire import delivery_facts, direct_deliveries, parse_headers
 from contracts.envelope import CloudEvent, EnvelopeError, decode
 from contracts.handling import Bound, Delivery, Reject, Retry
 
@@ -101,6 +102,7 @@ class ConsumerLoop:
         pull_expires_s: float = 10.0,
         observer: Observer | None = None,
         content: ContentStore | None = None,
+        direct: bool = True,
     ):
         self.nc, self.js, self.topology, self.spec = nc, js, topology, consumer
         self.handler = handler
@@ -112,6 +114,7 @@ class ConsumerLoop:
         self.heartbeat_s = heartbeat_s
         self.pull_expires_s = pull_expires_s
         self.observer = observer or _NullObserver()
+        self.direct = direct  # deliveries straight from the read loop (bus.wire), where nats-py allows
         self.stats = LoopStats()
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{topology.events_stream}.{consumer.durable}"
         self._dlq = topology.dlq_subject(consumer.durable)
@@ -132,6 +135,9 @@ class ConsumerLoop:
         """Consume until :meth:`stop`. Never raises for a bad message."""
         inbox = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(inbox, cb=self._on_msg)
+        table = direct_deliveries(self.nc) if self.direct else None
+        if table is not None:  # the raw message in the read loop: no header dict, queue and task hop of nats-py's
+            table[self._sub._id] = self._on_raw
         self._inbox = inbox
         reconnects = self.nc.stats.get("reconnects", 0)
         keepalive = asyncio.create_task(self._keepalive())
@@ -187,6 +193,9 @@ class ConsumerLoop:
                 await self._sub.drain()
             except Exception:  # connection already closed or draining
                 pass
+            table = getattr(self.nc, "_chora_direct", None)
+            if table is not None:
+                table.pop(self._sub._id, None)
         await settle(self.nc)  # and the naks of the drained ones before we say we are stopped
         await tracing.aflush()  # spans of what this loop handled (nothing when tracing is off)
 
@@ -223,6 +232,18 @@ class ConsumerLoop:
             and (self._outstanding == 0 or time.monotonic() - self._last_answer < 3 * self.heartbeat_s)
         )
 
+    async def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        """A delivery straight from the connection's read loop (bus.wire.direct_deliveries)."""
+        hdrs: dict[str, str] | None = None
+        if headers:
+            status, hdrs = parse_headers(headers)
+            if status is not None:  # as nats-py reads a status line: Status and Description
+                hdrs["Status"] = status
+                desc = headers[13 : headers.find(b"\r\n")].strip()
+                if desc:
+                    hdrs["Description"] = desc.decode("utf-8", "replace")
+        await self._on_msg(Msg(self.nc, subject.decode(), reply.decode(), data, hdrs or None))
+
     async def _on_msg(self, msg: Msg) -> None:
         self._last_seen = time.monotonic()
         headers = msg.headers
@@ -234,14 +255,15 @@ class ConsumerLoop:
         self._last_answer = self._last_seen
         self._outstanding = max(0, self._outstanding - 1)
         try:
-            self._backlog = msg.metadata.num_pending
-        except Exception:
-            pass
+            delivered, stream_seq, self._backlog = delivery_facts(msg.reply)
+        except ValueError:  # not a JetStream delivery: nothing to go by, and nothing to ack
+            log.warning("%s: a message without a JetStream reply subject: dropped", self.spec.durable)
+            return
         if self._stopping:
             await self._safe(msg.nak())
             return
         self._in_flight += 1
-        task = asyncio.create_task(self._process(msg))
+        task = asyncio.create_task(self._process(msg, delivered, stream_seq))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -272,7 +294,7 @@ class ConsumerLoop:
                     await self._safe(msg.in_progress())
 
     # ------------------------------------------------------------------ handling
-    async def _process(self, msg: Msg) -> None:
+    async def _process(self, msg: Msg, delivered: int, stream_seq: int) -> None:
         start = time.perf_counter()
         self._working[id(msg)] = (msg, time.monotonic())
         event_type = "unknown"
@@ -292,8 +314,7 @@ class ConsumerLoop:
                 outcome = "dead"
                 await self._dead(msg, e.code, e.message)
                 return
-            md = msg.metadata
-            delivery = Delivery(md.num_delivered, self.spec.max_deliver, self.spec.durable, md.sequence.stream)
+            delivery = Delivery(delivered, self.spec.max_deliver, self.spec.durable, stream_seq)
             try:
                 if self.content is not None:
                     event = await self.content.resolve(event)

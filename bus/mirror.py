@@ -36,7 +36,7 @@ Direct delivery: nats-py turns every message into a header dict, a ``Msg`` and a
 of the subscription's queue, served by a task and a coroutine per message; for a reader
 whose whole job is per-message work that is most of the cost (the header parsing alone
 was a sixth of the sink's CPU). So the reader's subscription is served in the
-connection's read loop itself: :func:`direct_deliveries` wraps the connection's
+connection's read loop itself: :func:`bus.wire.direct_deliveries` wraps the connection's
 ``_process_msg`` (nats-py's internal dispatch: the one private name used here, checked
 against the installed nats-py's signature, else the reader falls back to an ordinary
 subscription callback) so that the reader's own subscription ids get the raw message,
@@ -53,17 +53,18 @@ limits while the reader was away, or a message was deleted) is counted in
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+
+from bus.wire import direct_deliveries, parse_headers, seq_of
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 log = logging.getLogger("chora.bus")
@@ -97,80 +98,6 @@ class MirrorStats:
     resets: int = 0  # consumers replaced (gap, silence, reconnect, failed write)
     flushes: int = 0
     flush_errors: int = 0
-
-
-def seq_of(reply: str) -> tuple[int, int, int]:
-    """(stream sequence, consumer sequence, stored at ns) from a JetStream ack subject:
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the
-    form with domain and account hash (two more tokens before the stream, one after)."""
-    t = reply.split(".")
-    if len(t) == 9:
-        return int(t[5]), int(t[6]), int(t[7])
-    if len(t) >= 12:
-        return int(t[7]), int(t[8]), int(t[9])
-    raise ValueError(f"not a JetStream ack subject: {reply!r}")
-
-
-def parse_headers(raw: bytes) -> tuple[str | None, dict[str, str]]:
-    """(status code or None, headers) of a NATS header block ``NATS/1.0[ <code> <text>]\\r\\n
-    Name: value\\r\\n...``, read as nats-py reads it: names as sent, values stripped, invalid
-    UTF-8 replaced, the last of repeated names kept, names with whitespace or non-ASCII
-    characters left out. One decode of the block, not one per line: about 2.5 times faster."""
-    lines = raw.decode("utf-8", "replace").split("\r\n")
-    first = lines[0]
-    status = first[9:12] if first[8:9] == " " else None
-    out: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            continue
-        name = name.strip()
-        if " " in name or "\t" in name or not name.isascii():
-            continue
-        out[name] = value.strip()
-    return status, out
-
-
-RawHandler = Callable[[bytes, bytes, bytes, "bytes | None"], Awaitable[None]]
-
-
-def _direct_supported(nc: Client) -> bool:
-    """Whether this nats-py dispatches messages as ``_process_msg(sid, subject, reply, data,
-    headers)`` with raw bytes (nats-py 2.x), the hook :func:`direct_deliveries` wraps."""
-    fn = getattr(type(nc), "_process_msg", None)
-    if fn is None or not inspect.iscoroutinefunction(fn):
-        return False
-    try:
-        params = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params == ["self", "sid", "subject", "reply", "data", "headers"]
-
-
-def direct_deliveries(nc: Client) -> dict[int, RawHandler] | None:
-    """The table (subscription id -> raw handler) of ``nc``'s direct deliveries, installed on
-    first use; None when the installed nats-py does not dispatch as expected."""
-    table = getattr(nc, "_chora_direct", None)
-    if table is not None:
-        return table
-    if not _direct_supported(nc):
-        return None
-    table = {}
-    original = nc._process_msg
-
-    async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        handler = table.get(sid)
-        if handler is None:
-            await original(sid, subject, reply, data, headers)  # type: ignore[arg-type]
-            return
-        stats = nc.stats
-        stats["in_msgs"] += 1
-        stats["in_bytes"] += len(data)
-        await handler(subject, reply, data, headers)
-
-    nc._process_msg = process_msg  # type: ignore[method-assign]
-    nc._chora_direct = table  # type: ignore[attr-defined]
-    return table
 
 
 class StreamMirror:

@@ -121,9 +121,20 @@ class Span:
 _NOOP = Span()
 
 
-@contextmanager
-def _noop() -> Iterator[Span]:
-    yield _NOOP
+class _NoopContext:
+    """``span_for`` with tracing off: one shared object, no generator per message (a
+    ``@contextmanager`` no-op cost about 3 % of a service's CPU at saturation)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Span:
+        return _NOOP
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NOOP_CONTEXT = _NoopContext()
 
 
 @contextmanager
@@ -159,7 +170,7 @@ def span_for(event: CloudEvent, consumer: str, destination: str | None = None):
     if not _decided:
         _setup(consumer)
     if _provider is None:
-        return _noop()
+        return _NOOP_CONTEXT
     return _real(event, consumer, destination)
 
 

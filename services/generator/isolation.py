@@ -389,7 +389,7 @@ class RenderPool:
             self._requeue(jobs[done:])
             if slow:
                 self._slow_running -= 1
-            self._release(w)
+            self._release(w, answered=done == len(jobs))
 
     async def _next(self, w: _Worker, loop: asyncio.AbstractEventLoop, job: _Job, left: int) -> list | None:
         """The worker's next answers, or None when ``job`` met its deadline or the worker died."""
@@ -475,10 +475,12 @@ class RenderPool:
         w.proc.join(1.0)
         w.conn.close()
 
-    def _release(self, w: _Worker) -> None:
+    def _release(self, w: _Worker, answered: bool = False) -> None:
         if w not in self._all:  # the pool was closed meanwhile
             return
-        if w.retiring or w.conn.closed or not w.alive:
+        # A worker that answered its whole batch is not asked whether it lives (a waitpid per
+        # batch): if it died since, the next batch finds its pipe closed and replaces it then.
+        if w.retiring or w.conn.closed or (not answered and not w.alive):
             self._kill(w)
             self._all.discard(w)
             if self._draining:

@@ -11,7 +11,7 @@ import pytest
 from nats.js.errors import NoStreamResponseError
 
 from bus.consumer import ConsumerLoop, Retry
-from bus.publisher import Publisher
+from bus.publisher import PublishError, Publisher
 from bus.topology import Topology, provision
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
@@ -239,6 +239,26 @@ async def test_subject_isolation(bus):
     await pub.publish(marker)
     await wait_for(lambda: marker.id in rec.counts, what="the marker")
     assert list(rec.counts) == [marker.id]
+
+
+async def test_a_publish_nobody_acknowledges_is_an_error_after_the_timeout(nc):
+    # a plain subscriber on the subject and no stream: the message is taken, no PubAck ever comes
+    seen: list[str] = []
+
+    async def silent(msg) -> None:
+        seen.append(msg.subject)
+
+    await nc.subscribe("mute.>", cb=silent)
+    pub = Publisher(nc.jetstream(), "mute", timeout=0.3)
+    with pytest.raises(PublishError, match=r"no PubAck within 0.3s"):
+        await pub.publish_many([req(1), req(2)])
+    assert seen == ["mute.generation.requested"] * 2
+    # and a caller that gives up first is cancelled, not told the publish failed
+    task = asyncio.create_task(pub.publish(req(3)))
+    await wait_for(lambda: len(seen) == 3, what="the third publish on the wire")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 async def test_new_subscriber_receives_old_messages(bus):

@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client
 
 from bus.deadletter import H_REPLAY_FOR
-from bus.mirror import parse_headers, seq_of
+from bus.wire import parse_headers, seq_of
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import decode, encode_binary, encode_structured, new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested

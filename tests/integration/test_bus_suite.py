@@ -8,10 +8,10 @@ import collections
 from dataclasses import replace
 
 import pytest
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import APIError, NoStreamResponseError
 
 from bus.consumer import ConsumerLoop, Retry
-from bus.publisher import PublishError, Publisher
+from bus.publisher import PubAcks, PublishError, Publisher
 from bus.topology import Topology, provision
 from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import new_event
@@ -65,14 +65,43 @@ async def publish_all(pub: Publisher, events, window: int = 1000):
         await pub.publish_many(events[i : i + window])
 
 
-async def test_publish_subscribe(bus):
+@pytest.mark.parametrize("direct", [True, False], ids=["read-loop", "nats-py-callback"])
+async def test_publish_subscribe(bus, direct):
     js, topo, pub, start = bus
     rec = Recorder()
-    start(rec)
+    loop = start(rec, direct=direct)
     events = [req(i) for i in range(100)]
     await publish_all(pub, events)
     await wait_for(lambda: len(rec.counts) == 100, what="100 messages")
     assert set(rec.counts) == {e.id for e in events}
+    # the loop took the path asked for: its subscription is in the read loop's table, or not
+    table = getattr(js._nc, "_chora_direct", None) or {}
+    assert (loop._sub._id in table) is direct
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["pubacks", "nats-py-publish-async"])
+async def test_both_publish_paths_store_once_and_tell_a_duplicate(nc, settings, fast):
+    js = nc.jetstream()
+    topo = Topology.from_settings(settings)
+    await provision(js, topo)
+    pub = Publisher(js, topo.prefix, fast=fast)
+    assert pub.fast is fast
+    ev = req(1)
+    first, again = await pub.publish(ev), await pub.publish(ev)
+    assert (first.stream, first.duplicate) == (topo.events_stream, None)
+    assert again.seq == first.seq and again.duplicate is True
+    acks = await pub.publish_many([req(i) for i in range(2, 502)])
+    assert [a.seq for a in acks] == list(range(first.seq + 1, first.seq + 501))
+
+
+async def test_a_publish_the_stream_refuses_is_the_servers_error(nc):
+    js = nc.jetstream()
+    await js.add_stream(name="TINY", subjects=["tiny.>"], max_msg_size=64)
+    pub = Publisher(js, "tiny")
+    with pytest.raises(APIError) as e:
+        await pub.publish(req(1))
+    assert e.value.code == 400 and "size" in (e.value.description or "")
+    assert (await PubAcks.of(nc)).pending == 0  # nothing left waiting for an answer
 
 
 async def test_concurrent_subscribers_each_get_everything(bus):

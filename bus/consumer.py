@@ -44,9 +44,9 @@ from bus import tracing
 from bus.connection import settle
 from bus.content import ContentMissing, ContentStore
 from bus.deadletter import H_REPLAY_FOR, dead_letter
-from bus.publisher import Publisher
+from bus.publisher import Publisher, fast_path
 from bus.topology import ConsumerSpec, Topology
-from bus.wire import delivery_facts, direct_deliveries, parse_headers
+from bus.wire import ack, delivery_facts, direct_deliveries, parse_headers
 from contracts.envelope import CloudEvent, EnvelopeError, decode
 from contracts.handling import Bound, Delivery, Reject, Retry
 
@@ -115,6 +115,7 @@ class ConsumerLoop:
         self.pull_expires_s = pull_expires_s
         self.observer = observer or _NullObserver()
         self.direct = direct  # deliveries straight from the read loop (bus.wire), where nats-py allows
+        self._fast_ack = direct and fast_path(nc)
         self.stats = LoopStats()
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{topology.events_stream}.{consumer.durable}"
         self._dlq = topology.dlq_subject(consumer.durable)
@@ -343,7 +344,7 @@ class ConsumerLoop:
             except Exception as e:  # Retry, a publish failure, or a bug: transient until proven otherwise
                 outcome = await self._retry(msg, e)
                 return
-            await msg.ack()
+            await (ack(self.nc, msg) if self._fast_ack else msg.ack())
             self.stats.acked += 1
         except Exception:  # acking/naking on a dead connection: redelivery will follow
             log.exception("%s: failed to settle message", self.spec.durable)

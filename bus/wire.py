@@ -17,6 +17,8 @@ import inspect
 from typing import Awaitable, Callable
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError
 
 
 def seq_of(reply: str) -> tuple[int, int, int]:
@@ -103,3 +105,18 @@ def delivery_facts(reply: str) -> tuple[int, int, int]:
     if len(t) >= 12 and t[0] == "$JS" and t[1] == "ACK":
         return int(t[6]), int(t[7]), int(t[10])
     raise ValueError(f"not a JetStream ack subject: {reply!r}")
+
+
+async def ack(nc: Client, msg: Msg) -> None:
+    """``await msg.ack()``, written straight to the connection's outgoing buffer: the same
+    ``PUB <reply> 0`` nats-py sends, without its subject checks and stats per message. Only
+    for a client :func:`bus.publisher.fast_path` accepts."""
+    if nc.is_closed:
+        raise ConnectionClosedError
+    reply = msg.reply
+    if not reply:
+        raise ValueError("no reply subject to acknowledge on")
+    await nc._send_command(b"PUB %s 0\r\n\r\n" % reply.encode())
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
+    msg._ackd = True

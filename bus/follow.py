@@ -21,6 +21,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from bus.wire import delivery_facts
+
 log = logging.getLogger("chora.bus")
 
 
@@ -39,7 +41,7 @@ class Follower:
         await self._subscribe()
 
     async def _deliver(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
+        seq = delivery_facts(msg.reply)[1]  # not msg.metadata: no dataclasses and datetime per message
         if seq < self.next_seq:
             return  # already seen (an old consumer's late delivery)
         self.next_seq = seq + 1

@@ -48,6 +48,7 @@ from contracts.catalogue import (
     CATALOGUE,
     CONTENT_GENERATED,
     GENERATION_REQUESTED,
+    STANDALONE,
     subject_for,
 )
 from contracts.cancels import cancel_request
@@ -74,6 +75,11 @@ FEATURES = [
     "rate-limit",
     "cancel",
 ]
+
+
+def _standalone_subject(event_type: str, prefix: str) -> str:
+    spec = CATALOGUE[event_type]
+    return spec.subject_of(prefix, STANDALONE) if spec.by_origin else spec.subject(prefix)
 
 
 def request_key(request_id: str) -> str:
@@ -113,7 +119,8 @@ class Operations:
         self.waiter = OutcomeWaiter(
             self.nc,
             s.stream_name,
-            [subject_for(t, s.prefix) for t in OUTCOME_TYPE.values()],
+            # a waiting request is a top-level one: its outcome's subject ends with "standalone"
+            [_standalone_subject(t, s.prefix) for t in OUTCOME_TYPE.values()],
             self._record_late,
             max_late=self.gateway.max_late,
             max_event_bytes=s.max_event_bytes,

@@ -219,7 +219,11 @@ class RegexRule(_Rule):
         return f"/{self.pattern}/{flags}"
 
     def check(self, c: Content) -> str | None:
-        m = self._re.search(c.text)
+        # (private attributes read as self._x go through pydantic's __getattr__, a few us per
+        # read on every message: read from the documented __pydantic_private__ instead)
+        private = self.__pydantic_private__
+        assert private is not None  # set by _compile
+        m = private["_re"].search(c.text)
         if self.must == "match":
             return None if m else f"content does not match {self._shown()}"
         if m is None:
@@ -295,7 +299,9 @@ class PlaceholdersRule(_Rule):
 
     def check(self, c: Content) -> str | None:
         text = c.text if self.case_sensitive else c.lower
-        if not any(key in text for key in self._names) and not (
+        private = self.__pydantic_private__  # see RegexRule.check
+        assert private is not None
+        if not any(key in text for key in private["_names"]) and not (
             self.trailing_ellipsis and ("..." in text or "\u2026" in text)
         ):
             return None

@@ -46,7 +46,7 @@ $(PEER_STAMP): bench/peer-requirements.txt
 
 bench: $(STAMP) $(PEER_STAMP)
 	$(VENV)/bin/python -m bench.compare --peer-python $(PEER_VENV)/bin/python
-	$(VENV)/bin/python -m bench.sink
+	$(VENV)/bin/python -m bench.sink --repeat 3
 
 # the project alone, JSON (throughput, latency by stage, CPU per request per process)
 bench-e2e: $(STAMP)
@@ -55,7 +55,7 @@ bench-e2e: $(STAMP)
 # the telemetry sink alone from a pre-filled stream, against the nats-py push-consumer ceiling
 # in the same run (events/s, ratio, CPU per message, peak RSS, every sequence once)
 bench-sink: $(STAMP)
-	$(VENV)/bin/python -m bench.sink --repeat 2
+	$(VENV)/bin/python -m bench.sink --repeat 3
 
 # where the sink's CPU goes: py-spy samples `chora service run telemetry` during bench-sink
 # (collapsed stacks in var/sink-profile.txt, for flamegraph.pl or speedscope)

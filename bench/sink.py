@@ -13,7 +13,8 @@ the other on the same stream:
       /proc; then the file is checked: every stream sequence 1..N exactly once.
 
 Prints a table and one JSON object (with the load average: the machine may be shared;
-compare ratios of the same run). Usage: python -m bench.sink [--events N] [--repeat R]
+compare ratios of the same run), and the best of each over the rounds (the VM runs in
+speed phases). Usage: python -m bench.sink [--events N] [--repeat R]
 """
 
 from __future__ import annotations
@@ -255,12 +256,24 @@ async def main(argv: list[str] | None = None) -> dict:
             await nc.close()
         finally:
             server.stop()
+    # This VM runs in phases (the same ceiling measured 21,000 and 32,000 msg/s a minute apart),
+    # so one round's ratio says as much about the phase as about the sink: the best of each
+    # over the alternating rounds compares the two at the machine's best.
+    best_ceiling = max(r["ceiling_msgs_per_s"] for r in rounds)
+    best_sink = max(r["sink"]["events_per_s"] for r in rounds)
     result = {
         "events": n,
         "body_bytes": body,
         "header_bytes": head,
         "prefill_s": round(prefill_s, 2),
         "rounds": rounds,
+        "best": {
+            "ceiling_msgs_per_s": best_ceiling,
+            "sink_events_per_s": best_sink,
+            "ratio": round(best_sink / best_ceiling, 3),
+            "peak_rss_mb": max(r["sink"]["peak_rss_mb"] for r in rounds),
+            "exactly_once": all(r["sink"]["exactly_once"] for r in rounds),
+        },
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
     print(f"sink alone, {n} pre-filled content_generated events ({body} B body, ~{head} B headers)")
@@ -276,6 +289,11 @@ async def main(argv: list[str] | None = None) -> dict:
             f"{r['ratio']:.0%} | {r['ceiling_cpu_us_per_msg']} / {s['cpu_us_per_event']} | {r['cpu_ratio']:.0%} "
             f"| {s['start_s']} | {s['peak_rss_mb']} | {s['exactly_once']} |"
         )
+    b = result["best"]
+    print(
+        f"| best of {len(rounds)} | | {b['ceiling_msgs_per_s']:,} | {b['sink_events_per_s']:,} | {b['ratio']:.0%} "
+        f"| | | | {b['peak_rss_mb']} | {b['exactly_once']} |"
+    )
     print(json.dumps(result))
     return result
 

@@ -80,8 +80,6 @@ def to_record(
     data = msgspec.to_builtins(event.data) if event.data is not None else {}
     if isinstance(data, dict):
         data = private_data(data, keep_context)
-    if redact_keys and isinstance(data, dict):
-        data = {k: redact(v, redact_keys) if isinstance(v, (dict, list)) else v for k, v in data.items()}
     status = "ok"
     if isinstance(data, dict):
         s = data.get("status")
@@ -104,6 +102,8 @@ def to_record(
         rec["data"] = data
         return rec
     for k, v in data.items():
+        if redact_keys and isinstance(v, (dict, list)):  # (one pass: redacted as it is copied)
+            v = redact(v, redact_keys)
         if k == "status":
             continue
         if k == "content":

@@ -160,10 +160,31 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _pids(stack) -> dict[str, int]:
-    pids = {name: p.pid for name, p in stack.children.items()}
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (the generator's render workers and forkserver)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _pids(stack) -> dict[str, list[int]]:
+    """The processes of each part of the stack: a service with its descendants (the render
+    workers do the generator's renders: their CPU is the generator's), and nats-server."""
+    pids = {name: _descendants(p.pid) for name, p in stack.children.items()}
     if stack.server is not None and stack.server.pid is not None:
-        pids["nats-server"] = stack.server.pid
+        pids["nats-server"] = [stack.server.pid]
     return pids
 
 
@@ -201,8 +222,8 @@ def _machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()}
 
 
-async def saturation(pub: Publisher, follower: JsonlFollower, n: int, run: str, pids: dict[str, int]) -> dict:
-    cpu0 = {name: _cpu_s(pid) for name, pid in pids.items()}
+async def saturation(pub: Publisher, follower: JsonlFollower, n: int, run: str, pids: dict[str, list[int]]) -> dict:
+    cpu0 = {name: sum(_cpu_s(p) for p in procs) for name, procs in pids.items()}
     events = [_request(i, run) for i in range(n)]
     ids = {e.id for e in events}
     t0 = time.perf_counter()
@@ -213,7 +234,7 @@ async def saturation(pub: Publisher, follower: JsonlFollower, n: int, run: str, 
     published = time.perf_counter()
     await follower.wait_for(ids, timeout=max(120.0, n / 200))
     last = max(follower.seen[i] for i in ids)
-    cpu = {name: (_cpu_s(pid) - cpu0[name]) * 1000 / n for name, pid in pids.items()}
+    cpu = {name: (sum(_cpu_s(p) for p in procs) - cpu0[name]) * 1000 / n for name, procs in pids.items()}
     return {
         "requests": n,
         "publish_rate_per_s": round(n / (published - t0)),

@@ -239,6 +239,7 @@ class RenderPool:
         self._slow_running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
+        self._pump_soon = False  # a _pump is scheduled for the end of this turn of the loop
         self.started = False
         self.kills = 0  # workers this pool killed (at a deadline, or its render was cancelled)
         self.costs = RenderCosts()  # what each config version's renders cost in the workers
@@ -309,10 +310,20 @@ class RenderPool:
         if self._draining or not self.started:
             raise Retry("the generator is stopping", delay=HANDBACK_DELAY_S)
         source = _needs_template(config, "jinja2")
-        job = _Job(config, source, context, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = _Job(config, source, context, loop.create_future())
         (self._slow_queue if self.is_slow(config.id) else self._queue).append(job)
-        self._pump()
+        if not self._pump_soon:
+            # Hand the queue to the workers at the end of this turn of the loop, not now: the
+            # renders asked for in the same turn (a read of many deliveries) go as one batch,
+            # one pipe write and one wake-up of a worker, instead of a batch each.
+            self._pump_soon = True
+            loop.call_soon(self._pump_now)
         return await job.future
+
+    def _pump_now(self) -> None:
+        self._pump_soon = False
+        self._pump()
 
     def _pump(self) -> None:
         """Hand queued jobs to idle workers."""

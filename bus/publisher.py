@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import ConnectionClosedError, ConnectionDrainingError, OutboundBufferLimitError
+from nats.errors import BadSubjectError, ConnectionClosedError, ConnectionDrainingError, OutboundBufferLimitError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError
@@ -125,6 +125,8 @@ class PubAcks:
             raise ConnectionClosedError
         if nc.is_draining_pubs:
             raise ConnectionDrainingError
+        if not subject or any(c in subject for c in " \t\r\n"):  # (nats-py's own check, as it would)
+            raise BadSubjectError
         token = str(next(self._tokens))
         hdr = header_block(headers)
         size = len(hdr) + len(body)
@@ -171,6 +173,8 @@ class PubAcks:
                 APIError.from_error(r.error)  # raises the typed error nats-py would
             except Exception as e:
                 fut.set_exception(e)
+            if not fut.done():
+                fut.set_exception(PublishError(f"publish refused: {r.error}"))
             return
         fut.set_result(PubAck(stream=r.stream, seq=r.seq, domain=r.domain, duplicate=r.duplicate))
 
@@ -230,18 +234,23 @@ class Publisher:
         futures: list[asyncio.Future[PubAck]] = []
         tokens: list[str] = []
         acks = await PubAcks.of(self._nc) if self._nc is not None else None
-        for ev in events:
-            if self.content is not None:
-                ev = await self.content.offload(ev)
-            headers, body = encode_binary(ev)
-            if len(body) > self.max_bytes:
-                raise PublishError(f"event {ev.id} ({ev.type}) has {len(body)} bytes, over {self.max_bytes}")
-            if acks is not None:
-                token, fut = await acks.publish(self.subject(ev), headers, body)
-                tokens.append(token)
-                futures.append(fut)
-            else:
-                futures.append(await self.js.publish_async(self.subject(ev), body, headers=headers))
+        try:
+            for ev in events:
+                if self.content is not None:
+                    ev = await self.content.offload(ev)
+                headers, body = encode_binary(ev)
+                if len(body) > self.max_bytes:
+                    raise PublishError(f"event {ev.id} ({ev.type}) has {len(body)} bytes, over {self.max_bytes}")
+                if acks is not None:
+                    token, fut = await acks.publish(self.subject(ev), headers, body)
+                    tokens.append(token)
+                    futures.append(fut)
+                else:
+                    futures.append(await self.js.publish_async(self.subject(ev), body, headers=headers))
+        except BaseException:
+            if acks is not None:  # the ones already sent: nobody will wait for their PubAcks
+                acks.forget(tokens)
+            raise
         if not futures:
             return []
         # One timer that cancels the PubAck futures, not asyncio.timeout/wait_for around the wait:

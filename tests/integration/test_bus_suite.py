@@ -8,6 +8,7 @@ import collections
 from dataclasses import replace
 
 import pytest
+from nats.errors import BadSubjectError
 from nats.js.errors import APIError, NoStreamResponseError
 
 from bus.consumer import ConsumerLoop, Retry
@@ -288,6 +289,22 @@ async def test_a_publish_nobody_acknowledges_is_an_error_after_the_timeout(nc):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_publish_that_cannot_go_out_is_an_error_and_leaves_nothing_waiting(nc, settings):
+    js = nc.jetstream()
+    topo = Topology.from_settings(settings)
+    await provision(js, topo)
+    with pytest.raises(BadSubjectError):  # a prefix that is not a subject token: refused before the wire
+        await Publisher(js, "two words").publish(req(1))
+    pub = Publisher(js, topo.prefix, max_bytes=2000)
+    big = new_event(
+        GENERATION_REQUESTED, GenerationRequested(content_config_id="c", context={"x": "y" * 5000}), source="t"
+    )
+    with pytest.raises(PublishError, match="over 2000"):
+        await pub.publish_many([req(2), big])  # the first went out, the second cannot
+    assert (await PubAcks.of(nc)).pending == 0
+    assert (await pub.publish(req(3))).seq == 2  # req(2) was stored; the connection is fine
 
 
 async def test_new_subscriber_receives_old_messages(bus):

@@ -248,7 +248,10 @@ class ConsumerLoop:
     async def _on_msg(self, msg: Msg) -> None:
         self._last_seen = time.monotonic()
         headers = msg.headers
-        if headers and not msg.data and "Status" in headers:
+        # A status (heartbeat, request expired, ...) has no body and no ack subject; a stored
+        # message with an empty body and a header named Status is a message (it gets its dead
+        # letter like any other that is not an event), never mistaken for one.
+        if headers and not msg.data and "Status" in headers and not msg.reply.startswith("$JS.ACK."):
             if headers.get("Status") not in ("409", "503"):  # not "consumer deleted" nor "no responders"
                 self._last_answer = self._last_seen
             self._on_status(headers)

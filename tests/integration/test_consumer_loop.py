@@ -121,6 +121,25 @@ async def test_retry_then_success_and_malformed_goes_to_dlq(nc, js_topo):
     assert all(m.headers["Chora-Dlq-Consumer"] == "generator" for m in msgs)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["read-loop", "nats-py-callback"])
+async def test_a_stored_message_that_looks_like_a_status_is_dead_lettered_at_once(nc, js_topo, direct):
+    # an empty body and a header named Status, as the server's heartbeats have: but stored,
+    # so it has an ack subject and is a message like any other that is not an event
+    js, topo = js_topo
+    loop = ConsumerLoop(nc, js, topo, topo.consumers["generator"], lambda ev, d: [], direct=direct)
+    task = asyncio.create_task(loop.run())
+    await js.publish(
+        topo.subject(GENERATION_REQUESTED), b"", headers={"Status": "100", "Description": "Idle Heartbeat"}
+    )
+    await wait_for(lambda: loop.stats.dead == 1, what="its dead letter")
+    await loop.stop()
+    await task
+    # (read by sequence: a nats-py fetch would itself take the copy for a status and skip it)
+    assert (await js.stream_info(topo.dlq_stream)).state.messages == 1
+    copy = await js.get_msg(topo.dlq_stream, seq=1)
+    assert copy.headers["Chora-Dlq-Code"] == "NOT_A_CLOUDEVENT" and not copy.data
+
+
 async def test_a_bug_is_retried_a_bounded_number_of_times_then_dead_lettered(nc, settings):
     js = nc.jetstream()
     settings.max_deliver = 3

@@ -124,14 +124,32 @@ async def test_a_deadline_fires_once_after_an_assembler_restart(settings, bus, n
     assert st["outcome"] == "timed_out"
 
 
-async def test_cancel_mid_batch_skips_the_rest_and_compensates_what_ran(settings, bus, nc):
+# A render of about 10 ms (loops the sandbox allows): 500 of them take seconds, so the
+# generator cannot finish the batch in the moment between "30 done" and its stop
+SLOW_HELLO = (
+    "id: slow-hello\ngenerator: jinja2\n"
+    "template: '{% for i in range(400) %}{% for j in range(300) %}{% endfor %}{% endfor %}# Hello, {{ name }}!'\n"
+)
+
+
+@pytest.fixture
+def slow_settings(settings, tmp_path):
+    d = tmp_path / "slow-configs"
+    d.mkdir()
+    (d / "slow-hello.yaml").write_text(SLOW_HELLO)
+    return settings.model_copy(update={"configs_dir": d})
+
+
+async def test_cancel_mid_batch_skips_the_rest_and_compensates_what_ran(slow_settings, bus, nc):
+    settings = slow_settings
     js, topo, col = bus
     pub = Publisher(js, settings.prefix)
     n = 500  # the completion lists them inline
-    req = new_event(BATCH_REQUESTED, batch(n), source="urn:test")
+    req = new_event(BATCH_REQUESTED, batch(n, config="slow-hello"), source="urn:test")
     # Three phases, so that the generator cannot have rendered every item before the cancel
-    # (it runs ahead of the assembler's counting): some items run; then, with the generator
-    # stopped, the cancel closes the batch; then the generator comes back to a stopped run.
+    # (it runs ahead of the assembler's counting, and each render takes milliseconds): some
+    # items run; then, with the generator stopped, the cancel closes the batch; then the
+    # generator comes back to a stopped run.
     async with running(("assembler", settings), ("generator", settings)):
         await pub.publish(req)
 

@@ -2,13 +2,20 @@
 
 nats-py turns every message into a header dict, a ``Msg`` and an item of the subscription's
 queue, served by a task per message; it writes every header through a regex. For the paths
-every message of every service takes, that is most of the cost. This module holds the two
-hooks into nats-py's internals the bus uses, both checked against the installed nats-py
-(else the callers fall back to the public API, and tests cover both):
+every message of every service takes, that is most of the cost. What the bus does instead,
+on nats-py's own connection (nats-py still connects, reconnects, buffers and flushes):
 
 - :func:`direct_deliveries`: chosen subscriptions get the raw message in the connection's
-  read loop (the telemetry mirror, the consumer loops, the PubAcks of bus.publisher);
-- :func:`parse_headers`: a header block read with one decode and one split.
+  read loop (the telemetry mirror, the consumer loops, the PubAcks of bus.publisher), with
+  :func:`parse_headers` (one decode and one split per header block) and
+  :func:`delivery_facts` (the counts of a delivery from its ack subject);
+- :func:`ack`, and bus.publisher's ``HPUB``: written straight to the connection's outgoing
+  buffer.
+
+These use nats-py internals (``_process_msg``, ``_send_command``, ``_flush_pending``), each
+checked against the installed nats-py (:func:`direct_deliveries` returns None,
+``bus.publisher.fast_path`` False) with the public API as the fallback; tests cover both
+ways, and tests/unit/test_wire.py fails when an upgrade drops one.
 """
 
 from __future__ import annotations

@@ -136,8 +136,8 @@ class ConsumerLoop:
         """Consume until :meth:`stop`. Never raises for a bad message."""
         inbox = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(inbox, cb=self._on_msg)
-        table = direct_deliveries(self.nc) if self.direct else None
-        if table is not None:  # the raw message in the read loop: no header dict, queue and task hop of nats-py's
+        table = direct_deliveries(self.nc)  # (installed either way: it guards the read loop, see bus.wire)
+        if table is not None and self.direct:  # the raw message in the read loop: no header dict, queue, task hop
             table[self._sub._id] = self._on_raw
         self._inbox = inbox
         reconnects = self.nc.stats.get("reconnects", 0)

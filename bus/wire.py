@@ -21,23 +21,33 @@ ways, and tests/unit/test_wire.py fails when an upgrade drops one.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Awaitable, Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError
 
+log = logging.getLogger("chora.bus")
+
+
+def _ack_numbers(reply: str) -> tuple[int, int, int, int, int]:
+    """(delivered, stream seq, consumer seq, stored at ns, pending) from a JetStream ack subject:
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the form with
+    domain and account hash (two more tokens before the stream, one after)."""
+    t = reply.split(".")
+    if t[:2] == ["$JS", "ACK"]:
+        if len(t) == 9:
+            return int(t[4]), int(t[5]), int(t[6]), int(t[7]), int(t[8])
+        if len(t) >= 12:
+            return int(t[6]), int(t[7]), int(t[8]), int(t[9]), int(t[10])
+    raise ValueError(f"not a JetStream ack subject: {reply!r}")
+
 
 def seq_of(reply: str) -> tuple[int, int, int]:
-    """(stream sequence, consumer sequence, stored at ns) from a JetStream ack subject:
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the
-    form with domain and account hash (two more tokens before the stream, one after)."""
-    t = reply.split(".")
-    if len(t) == 9:
-        return int(t[5]), int(t[6]), int(t[7])
-    if len(t) >= 12:
-        return int(t[7]), int(t[8]), int(t[9])
-    raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    """(stream sequence, consumer sequence, stored at ns) of a delivery, from its ack subject."""
+    _, sseq, cseq, stored, _ = _ack_numbers(reply)
+    return sseq, cseq, stored
 
 
 def parse_headers(raw: bytes) -> tuple[str | None, dict[str, str]]:
@@ -78,7 +88,9 @@ def _direct_supported(nc: Client) -> bool:
 
 def direct_deliveries(nc: Client) -> dict[int, RawHandler] | None:
     """The table (subscription id -> raw handler) of ``nc``'s direct deliveries, installed on
-    first use; None when the installed nats-py does not dispatch as expected."""
+    first use; None when the installed nats-py does not dispatch as expected. Installing it
+    also guards every subscription of the connection against messages nats-py cannot read
+    (see ``process_msg``)."""
     table = getattr(nc, "_chora_direct", None)
     if table is not None:
         return table
@@ -88,14 +100,26 @@ def direct_deliveries(nc: Client) -> dict[int, RawHandler] | None:
     original = nc._process_msg
 
     async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        handler = table.get(sid)
-        if handler is None:
-            await original(sid, subject, reply, data, headers)  # type: ignore[arg-type]
-            return
-        stats = nc.stats
-        stats["in_msgs"] += 1
-        stats["in_bytes"] += len(data)
-        await handler(subject, reply, data, headers)
+        # The server stores and forwards subjects that are not UTF-8 (any client may publish
+        # one, e.g. on a wildcard of the stream); nats-py decodes them strictly, and an error
+        # here ends the connection's read loop for good: the client stays "connected" and reads
+        # nothing more. So such a subject reaches every subscription with its bad bytes replaced,
+        # and no failure of one message stops the reading of the next.
+        if not subject.isascii():
+            subject = subject.decode("utf-8", "replace").encode()
+        if not reply.isascii():
+            reply = reply.decode("utf-8", "replace").encode()
+        try:
+            handler = table.get(sid)
+            if handler is None:
+                await original(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+                return
+            stats = nc.stats
+            stats["in_msgs"] += 1
+            stats["in_bytes"] += len(data)
+            await handler(subject, reply, data, headers)
+        except Exception:
+            log.exception("a message on %r could not be dispatched: dropped (the reading goes on)", subject[:200])
 
     nc._process_msg = process_msg  # type: ignore[method-assign]
     nc._chora_direct = table  # type: ignore[attr-defined]
@@ -103,15 +127,10 @@ def direct_deliveries(nc: Client) -> dict[int, RawHandler] | None:
 
 
 def delivery_facts(reply: str) -> tuple[int, int, int]:
-    """(times delivered, stream sequence, messages pending) of a JetStream delivery, from its
-    ack subject (both forms, see :func:`seq_of`): what ``msg.metadata`` gives, without its
-    dataclasses and datetime per message."""
-    t = reply.split(".")
-    if len(t) == 9 and t[0] == "$JS" and t[1] == "ACK":
-        return int(t[4]), int(t[5]), int(t[8])
-    if len(t) >= 12 and t[0] == "$JS" and t[1] == "ACK":
-        return int(t[6]), int(t[7]), int(t[10])
-    raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    """(times delivered, stream sequence, messages pending) of a delivery, from its ack subject:
+    what ``msg.metadata`` gives, without its dataclasses and datetime per message."""
+    delivered, sseq, _, _, pending = _ack_numbers(reply)
+    return delivered, sseq, pending
 
 
 async def ack(nc: Client, msg: Msg) -> None:

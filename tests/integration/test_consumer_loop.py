@@ -140,6 +140,50 @@ async def test_a_stored_message_that_looks_like_a_status_is_dead_lettered_at_onc
     assert copy.headers["Chora-Dlq-Code"] == "NOT_A_CLOUDEVENT" and not copy.data
 
 
+async def _publish_raw(url: str, subject: bytes, headers: dict[str, str], body: bytes) -> None:
+    """A publish as any NATS client may send it, bytes the Python client would refuse included."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        hdr = ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
+        writer.write(b"HPUB %s %d %d\r\n%s%s\r\nPING\r\n" % (subject, len(hdr), len(hdr) + len(body), hdr, body))
+        await writer.drain()
+        assert await reader.readline() == b"PONG\r\n"
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["read-loop", "nats-py-callback"])
+async def test_a_subject_that_is_not_utf8_stalls_nothing(nats_server, nc, js_topo, direct):
+    # the server stores what a client publishes on chora.content_generated.<anything>: here a
+    # last token that is not UTF-8. The validator's consumer reads content_generated.*: it
+    # must handle that message (it is a valid event) and every one after it
+    js, topo = js_topo
+    seen: list[str] = []
+
+    async def handler(ev, delivery):
+        seen.append(ev.id)
+        return []
+
+    loop = ConsumerLoop(nc, js, topo, topo.consumers["validator"], handler, direct=direct)
+    task = asyncio.create_task(loop.run())
+    hostile = new_event(
+        CONTENT_GENERATED, ContentGenerated(request_id="r", content_config_id="x", status="success"), source="t"
+    )
+    h, b = encode_binary(hostile)
+    await _publish_raw(nats_server.url, f"{topo.prefix}.content_generated.".encode() + b"\xff\xfe", h, b)
+    after = new_event(
+        CONTENT_GENERATED, ContentGenerated(request_id="r2", content_config_id="x", status="success"), source="t"
+    )
+    await Publisher(js, topo.prefix).publish(after)
+    await wait_for(lambda: loop.stats.acked == 2, what="both messages handled and acked")
+    await loop.stop()
+    await task
+    assert seen == [hostile.id, after.id]
+
+
 async def test_a_bug_is_retried_a_bounded_number_of_times_then_dead_lettered(nc, settings):
     js = nc.jetstream()
     settings.max_deliver = 3

@@ -189,9 +189,10 @@ def _pids(stack) -> dict[str, list[int]]:
 
 
 async def wait_idle(js, stream: str, timeout: float = 300.0) -> float:
-    """Wait until every consumer of ``stream`` has nothing pending and nothing awaiting its ack;
-    return how long that took. The latency run starts only then: otherwise it measures the
-    backlog the saturation run left behind."""
+    """Wait until every consumer of ``stream`` that a service reads has nothing pending and
+    nothing awaiting its ack; return how long that took. The latency run starts only then:
+    otherwise it measures the backlog the saturation run left behind. A durable that has
+    delivered nothing (``--services`` left out the service that reads it) is not waited for."""
     t0 = said = time.perf_counter()
     busy: list[str] = []
     while time.perf_counter() - t0 < timeout:
@@ -199,7 +200,7 @@ async def wait_idle(js, stream: str, timeout: float = 300.0) -> float:
         busy = [
             f"{c.name} ({c.num_pending} pending, {c.num_ack_pending} unacked)"
             for c in infos
-            if c.num_pending or c.num_ack_pending
+            if (c.num_pending or c.num_ack_pending) and c.delivered is not None and c.delivered.consumer_seq
         ]
         if not busy:
             return time.perf_counter() - t0

@@ -309,9 +309,15 @@ def _stream_differs(current: StreamConfig, wanted: StreamConfig) -> bool:
 
 
 async def provision(
-    js: JetStreamContext, topo: Topology, consumers: list[str] | None = None, extra: Sequence[ConsumerSpec] = ()
+    js: JetStreamContext,
+    topo: Topology,
+    consumers: list[str] | None = None,
+    extra: Sequence[ConsumerSpec] = (),
+    retire: Sequence[str] = (),
 ) -> None:
-    """Create or update the streams, buckets and the named durable consumers (all by default)."""
+    """Create or update the streams, buckets and the named durable consumers (all by default);
+    delete the durables named in ``retire`` where they exist (a feature turned off: a durable
+    nobody reads would only pile up pending messages)."""
     for cfg in topo.stream_configs():
         assert cfg.name is not None, "stream_configs() names every stream"
         try:
@@ -362,6 +368,19 @@ async def provision(
     specs = [topo.consumers[n] for n in (consumers if consumers is not None else list(topo.consumers))]
     for spec in [*specs, *extra]:
         await _add_consumer(js, topo.events_stream, spec, topo.consumer_config(spec))
+    for durable in retire:
+        try:
+            await js.delete_consumer(topo.events_stream, durable)
+            log.info("deleted consumer %s (nothing reads it)", durable)
+        except NotFoundError:
+            pass
+
+
+def unread_consumers(callbacks_on: bool) -> list[str]:
+    """The topology's durables that no service reads with these settings: the callbacks'
+    outcomes while callbacks are off (the notifier then refuses a callback when it reads the
+    request, and reads no outcome at all)."""
+    return [] if callbacks_on else [CALLBACK_OUTCOMES]
 
 
 __all__ = ["ConsumerSpec", "ProvisionError", "Topology", "provision", "CONTENT_GENERATED", "GENERATION_REQUESTED"]

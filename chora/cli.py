@@ -123,7 +123,7 @@ def _generate_outcome(args: argparse.Namespace, request, ev, verdict) -> int:
 
 # ---------------------------------------------------------------------- nats / services
 async def nats_provision(args: argparse.Namespace) -> int:
-    from bus.topology import ProvisionError, Topology, provision
+    from bus.topology import ProvisionError, Topology, provision, unread_consumers
     from services.notifier.config import NotifierConfigError, load_config
     from services.notifier.service import subscription_consumers
 
@@ -139,11 +139,14 @@ async def nats_provision(args: argparse.Namespace) -> int:
     nc = await connect_cli(settings)
     try:
         try:
-            await provision(nc.jetstream(), topo, extra=extra)
+            unread = unread_consumers(any(a.strip() for a in settings.callback_allow))
+            await provision(
+                nc.jetstream(), topo, [c for c in topo.consumers if c not in unread], extra=extra, retire=unread
+            )
         except ProvisionError as e:
             print(f"chora: {e}", file=sys.stderr)
             return EXIT_FAILED
-        consumers = [*topo.consumers, *(spec.durable for spec in extra)]
+        consumers = [*(c for c in topo.consumers if c not in unread), *(spec.durable for spec in extra)]
         if args.json:
             print_json(
                 {"streams": [topo.events_stream, topo.dlq_stream], "consumers": consumers, "replicas": topo.replicas}

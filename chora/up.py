@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bus.connection import connect
 from bus.server import EmbeddedServer, ServerError
-from bus.topology import Topology, provision
+from bus.topology import Topology, provision, unread_consumers
 from services.gateway.security import hash_key, new_key, write_keys
 from services.gateway.settings import GatewaySettings
 from services.runtime import SERVICES, start_error_file
@@ -184,7 +184,9 @@ class Stack:
     async def provision(self) -> None:
         nc = await connect(self.settings.nats, self.url, name="chora-up")
         try:
-            await provision(nc.jetstream(), Topology.from_settings(self.settings))
+            topo = Topology.from_settings(self.settings)
+            unread = unread_consumers(any(a.strip() for a in self.settings.callback_allow))
+            await provision(nc.jetstream(), topo, [c for c in topo.consumers if c not in unread], retire=unread)
         finally:
             await nc.close()
 

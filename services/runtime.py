@@ -172,7 +172,8 @@ async def run_service(name: str, settings: Settings, *, stop: asyncio.Event | No
             else [(topo.consumers[name], app.handle)]
         )
         if settings.provision:
-            await provision(js, topo, consumers=[], extra=[spec for spec, _ in pairs])
+            retired = app.retired_consumers() if hasattr(app, "retired_consumers") else []
+            await provision(js, topo, consumers=[], extra=[spec for spec, _ in pairs], retire=retired)
     except Exception as e:
         await nc.close()
         raise _cannot_start(settings, name, f"{name} could not start: {e}") from e

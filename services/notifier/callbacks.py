@@ -36,7 +36,14 @@ client): a refused URL is a notification_failed with code CALLBACK_REFUSED (not 
 lettered: the request itself is what is wrong) and never a connection attempt.
 Callbacks are signed with the secret in the variable named by ``callback_secret_env``
 (``CHORA_CALLBACK_SECRET``). With an allow-list and no secret, the notifier does not start
-(a clear start-up error); with no allow-list, callbacks are off and every one is refused.
+(a clear start-up error).
+
+With no allow-list (the default), callbacks are off and every one is refused at once:
+the requests consumer answers a request that carries a ``callback_url`` with its
+notification_failed CALLBACK_REFUSED (``event_id`` and ``event_type`` are the request's),
+and ``notifier-callbacks`` is neither read nor kept (``chora up``, ``chora nats provision``
+and the notifier's start delete it). Reading every outcome only to drop it cost a quarter
+of the stack's throughput (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -197,6 +204,13 @@ async def record_callback(event: CloudEvent, delivery: Delivery, deps: CallbackD
     data: Any = expect(event, event.type, REQUESTS[event.type], "notifier")
     url = getattr(data, "callback_url", None)
     if getattr(data, "origin", None) is not None:
+        return []
+    if not deps.allow:  # callbacks off: refused now (the outcomes are not read at all)
+        try:
+            if url:
+                check_callback_url(url, deps.allow)  # (raises: no entry admits anything)
+        except CallbackRefused as e:
+            return [_refused(event, deps, str(e))]
         return []
     if not url:
         deps.no_callback[event.id] = None

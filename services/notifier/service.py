@@ -31,7 +31,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bus.topology import CALLBACK_MAX_IN_FLIGHT, CALLBACK_OUTCOMES, CALLBACK_REQUESTS, ConsumerSpec, Topology
+from bus.topology import (
+    CALLBACK_MAX_IN_FLIGHT,
+    CALLBACK_OUTCOMES,
+    CALLBACK_REQUESTS,
+    ConsumerSpec,
+    Topology,
+    unread_consumers,
+)
 from contracts.handling import Bound, route
 from services.circuit import CircuitBreaker
 from services.notifier.callbacks import CALLBACK_HANDLERS, CallbackDeps, callback_policy, describe
@@ -143,8 +150,16 @@ class NotifierApp:
         specs = {spec.durable: spec for spec in subscription_consumers(self.config, topology)}
         pairs = [(specs[t.subscription.durable], self.handle) for t in self.targets.values()]
         if self.callbacks.store is not None:
-            pairs += [(topology.consumers[c], self.handle_callbacks) for c in (CALLBACK_REQUESTS, CALLBACK_OUTCOMES)]
+            # callbacks off: a request's callback_url is refused as the request is read, so
+            # the outcomes (one per request, nearly all without a callback) are not read at all
+            durables = (CALLBACK_REQUESTS, CALLBACK_OUTCOMES) if self.callbacks.allow else (CALLBACK_REQUESTS,)
+            pairs += [(topology.consumers[c], self.handle_callbacks) for c in durables]
         return pairs
+
+    def retired_consumers(self) -> list[str]:
+        """The durables to delete on start: the callbacks' outcomes while callbacks are off
+        (left from a run with callbacks on, nobody would read them)."""
+        return unread_consumers(bool(self.callbacks.allow))
 
     async def close(self) -> None:
         if self.callbacks.sender is not None:

@@ -18,6 +18,7 @@ import nats
 import httpx2 as httpx
 import pytest
 
+from contracts.catalogue import events_stream
 from tests.conftest import example_configs, child_env, wait_for
 
 CHORA = [sys.executable, "-m", "chora"]
@@ -209,7 +210,40 @@ async def test_generate_from_cli_and_from_another_service(stack):
     assert r.status_code == 200 and r.json()["content"].startswith("# Hello, Gateway!"), r.text
     assert httpx.get(f"{url}/v1/configs", timeout=10).status_code == 401
 
-    # 7. SIGTERM: everything drains and stops; the embedded server is gone.
+    # 7. Callbacks are off by default: a request that asks for one is refused as the notifier
+    # reads it, and no consumer of the outcomes is kept for callbacks.
+    nc = await nats.connect(stack["nats_url"])
+    try:
+        js = nc.jetstream()
+        refused: asyncio.Future = asyncio.get_running_loop().create_future()
+        cb_id = str(uuid.uuid4())
+
+        async def on_failed(msg):
+            body = json.loads(msg.data)
+            if body.get("event_id") == cb_id and not refused.done():
+                refused.set_result(body)
+
+        await nc.subscribe(f"{prefix}.notification_failed", cb=on_failed)
+        await js.publish(
+            f"{prefix}.generation.requested",
+            json.dumps({"content_config_id": "hello-world", "callback_url": "http://127.0.0.1:9/cb"}).encode(),
+            headers={
+                "ce-specversion": "1.0",
+                "ce-id": cb_id,
+                "ce-source": "urn:team-b:docs-service",
+                "ce-type": "chora.generation.requested",
+                "Nats-Msg-Id": cb_id,
+            },
+        )
+        note = await asyncio.wait_for(refused, 20)
+        assert note["subscription"] == "callback" and note["error"]["code"] == "CALLBACK_REFUSED"
+        assert note["event_type"] == "chora.generation.requested" and "callbacks are off" in note["error"]["message"]
+        durables = {c.name for c in await js.consumers_info(events_stream(prefix))}
+        assert "notifier-callback-requests" in durables and "notifier-callbacks" not in durables
+    finally:
+        await nc.close()
+
+    # 8. SIGTERM: everything drains and stops; the embedded server is gone.
     proc = stack["proc"]
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0]

@@ -369,8 +369,8 @@ async def test_services_work_with_their_own_users_and_provision_off(
         await client.nc.subscribe("chora.content_validated.*", cb=on_fact)
         await client.nc.subscribe("chora.notification_delivered", cb=on_fact)
         await client.nc.subscribe("chora.notification_failed", cb=on_fact)
-        # with a callback (refused: callbacks are off here): the notifier records it in KV and
-        # looks it up under its own user
+        # with a callback (refused: callbacks are off here): the notifier refuses it as it reads
+        # the request, under its own user
         req = new_event(
             GENERATION_REQUESTED,
             GenerationRequested(content_config_id="hello-world", context={"name": "Grace"}, callback_url=url),
@@ -403,7 +403,7 @@ async def test_services_work_with_their_own_users_and_provision_off(
         await wait_for(lambda: "chora.notification_failed" in outcomes, 20, "the refused callback's notification")
         refused = outcomes["chora.notification_failed"].data
         assert refused.subscription == "callback" and refused.error.code == "CALLBACK_REFUSED"
-        assert refused.event_id == outcomes["chora.content_generated"].id and len(posts) == 1
+        assert refused.event_id == req.id and refused.event_type == GENERATION_REQUESTED and len(posts) == 1
 
         # telemetry mirrored them all (content by reference stays a reference: content_ref)
         jsonl = per_service["telemetry"].jsonl_path

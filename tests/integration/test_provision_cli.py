@@ -8,7 +8,10 @@ import subprocess
 import sys
 import uuid
 
-from bus.topology import Topology
+import pytest
+from nats.js.errors import NotFoundError
+
+from bus.topology import CALLBACK_OUTCOMES, CALLBACK_REQUESTS, Topology
 from bus.settings import NatsSettings
 from services.settings import Settings
 from contracts.catalogue import subject_for
@@ -43,9 +46,26 @@ async def test_provision_creates_the_subscriptions_durables(nats_server, nc):
     failures = await js.consumer_info(topo.events_stream, "notify-failures-to-n8n")
     assert failures.config.max_deliver == 6 + 120  # max_attempts + circuit.max_deferrals
     assert failures.config.max_ack_pending == 64
-    # the services' own durables as before
+    # the services' own durables as before (but the callbacks' outcomes: callbacks are off)
     for durable in topo.consumers:
-        await js.consumer_info(topo.events_stream, durable)
+        if durable != CALLBACK_OUTCOMES:
+            await js.consumer_info(topo.events_stream, durable)
+
+
+async def test_the_callbacks_outcomes_durable_is_kept_only_while_callbacks_are_on(nats_server, nc):
+    prefix = "p" + uuid.uuid4().hex[:8]
+    topo = Topology.from_settings(Settings(_env_file=None, prefix=prefix, nats=NatsSettings(url=nats_server.url)))
+    js = nc.jetstream()
+    r = provision(nats_server, prefix, CHORA_CALLBACK_ALLOW='["hooks.example.com"]')
+    assert r.returncode == 0 and CALLBACK_OUTCOMES in r.stdout, r.stderr
+    await js.consumer_info(topo.events_stream, CALLBACK_OUTCOMES)
+    # turned off: the durable nobody would read any more is deleted, the requests' one stays
+    r = provision(nats_server, prefix, CHORA_CALLBACK_ALLOW="[]")
+    assert r.returncode == 0 and CALLBACK_OUTCOMES not in r.stdout.replace(CALLBACK_REQUESTS, ""), r.stdout
+    with pytest.raises(NotFoundError):
+        await js.consumer_info(topo.events_stream, CALLBACK_OUTCOMES)
+    await js.consumer_info(topo.events_stream, CALLBACK_REQUESTS)
+    assert provision(nats_server, prefix).returncode == 0  # and again, with nothing left to delete
 
 
 async def test_a_broken_subscriptions_file_is_a_clear_error_and_creates_nothing(nats_server, nc, tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bus.topology import CALLBACK_MAX_DELIVER, CALLBACK_MAX_IN_FLIGHT, CALLBACK_OUTCOMES, CALLBACK_REQUESTS, Topology
-from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED, NOTIFICATION_DELIVERED
+from contracts.catalogue import CONTENT_GENERATED, GENERATION_REQUESTED, NOTIFICATION_DELIVERED, NOTIFICATION_FAILED
 from contracts.envelope import new_event
 from contracts.events import ContentGenerated, GenerationRequested, Origin
 from contracts.handling import Delivery, Retry, route
@@ -170,3 +170,38 @@ async def test_requests_remembered_without_a_callback_are_bounded(monkeypatch):
         await handle(r, delivery(1, CALLBACK_REQUESTS))
     assert list(d.no_callback) == [reqs[1].id, reqs[2].id]  # the oldest forgotten
     await d.sender.close()
+
+
+async def test_with_callbacks_off_a_callback_is_refused_when_its_request_is_read():
+    store = Store()
+    d = CallbackDeps(callback_policy("X", CALLBACK_MAX_IN_FLIGHT), allow=[], store=store, progress=Progress(False))
+    handle = route(CALLBACK_HANDLERS, d, "notifier")
+    req = request("https://hooks.example.com/cb")
+    (note,) = await handle(req, delivery(1, CALLBACK_REQUESTS))
+    assert note.type == NOTIFICATION_FAILED and note.data.subscription == "callback"
+    assert note.data.error.code == "CALLBACK_REFUSED" and "callbacks are off" in note.data.error.message
+    assert note.data.event_id == req.id and note.data.event_type == GENERATION_REQUESTED
+    assert not note.data.dead_lettered
+    (again,) = await handle(req, delivery(2, CALLBACK_REQUESTS))
+    assert again.id == note.id  # a redelivery repeats the same notification (deduplicated on publish)
+    # a request without one, and a batch item with one, give nothing and are not remembered
+    origin = Origin(kind="batch", id="b1", key="0")
+    assert await handle(plain_request(), delivery(1, CALLBACK_REQUESTS)) == []
+    assert await handle(request("https://hooks.example.com/cb", origin), delivery(1, CALLBACK_REQUESTS)) == []
+    assert store.kv == {} and store.gets == 0 and not d.no_callback and d.stats["refused"] == 2  # (each handling)
+
+
+async def test_with_callbacks_off_the_notifier_reads_no_outcome_and_retires_their_durable():
+    topo = Topology.from_settings(Settings())
+    off = NotifierApp(None, environ={})
+    await off.start()
+    off.callbacks.store = Store()  # as the runtime's bus context gives it
+    assert [spec.durable for spec, _ in off.consumers(topo)] == [CALLBACK_REQUESTS]
+    assert off.retired_consumers() == [CALLBACK_OUTCOMES]
+    on = NotifierApp(None, environ={"S": "s"}, callback_allow=["hooks.example.com"], callback_secret_env="S")
+    await on.start()
+    on.callbacks.store = Store()
+    assert [spec.durable for spec, _ in on.consumers(topo)] == [CALLBACK_REQUESTS, CALLBACK_OUTCOMES]
+    assert on.retired_consumers() == []
+    await off.close()
+    await on.close()

@@ -35,7 +35,8 @@ class Follower:
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        """Follow from the message after the stream's current last one."""
+        """Follow from the message after the stream's current last one (again after a stop)."""
+        self._stopped = False
         info = await self.nc.jetstream().stream_info(self.stream)
         self.next_seq = info.state.last_seq + 1
         await self._subscribe()

@@ -123,6 +123,8 @@ class Operations:
             [_standalone_subject(t, s.prefix) for t in OUTCOME_TYPE.values()],
             self._record_late,
             max_late=self.gateway.max_late,
+            idle_s=self.gateway.follow_idle_s,
+            watch_interval_s=min(5.0, self.gateway.follow_idle_s),
             max_event_bytes=s.max_event_bytes,
         )
         self._tasks: set[asyncio.Task] = set()
@@ -448,7 +450,10 @@ class Operations:
 
     async def _request_and_wait(self, kind: str, ev: CloudEvent, timeout_s: float | None) -> Outcome | Pending:
         timeout = self._timeout(timeout_s)
-        fut = self.waiter.expect(ev.id)
+        try:
+            fut = await self.waiter.expect(ev.id)
+        except Exception as e:
+            raise GatewayError(503, "BUS_UNAVAILABLE", f"the request's outcome cannot be followed: {e}") from None
         try:
             ack = await self._publish(ev)
         except BaseException:

@@ -2,14 +2,21 @@
 
 :class:`OutcomeWaiter` follows the outcome subjects (``content_generated``,
 ``artifact_assembled``) of the events stream through one ephemeral push consumer
-(:class:`bus.follow.Follower`, started before any request is published) and hands each
-outcome to the request waiting for it, by ``request_id``. A request that stopped waiting
-(its caller got 202) is moved to the *late* set: its outcome, when it comes, goes to
-``on_late`` (which records it for ``GET /v1/requests/{id}``). The late set is bounded;
-an outcome this process no longer remembers is found in the stream by :func:`scan`.
+(:class:`bus.follow.Follower`) and hands each outcome to the request waiting for it, by
+``request_id``. A request that stopped waiting (its caller got 202) is moved to the *late*
+set: its outcome, when it comes, goes to ``on_late`` (which records it for
+``GET /v1/requests/{id}``). The late set is bounded; an outcome this process no longer
+remembers is found in the stream by :func:`scan`.
 
-A watchdog re-creates the consumer from the last message seen when the server lost it
-(a restarted server keeps no ephemeral consumer), so no outcome is missed across it.
+The follower runs only while HTTP or MCP requests use it: :meth:`OutcomeWaiter.expect`
+starts it (before the request is published, so nothing can slip past), and the watchdog
+stops it once no request has waited for ``idle_s`` (the late set is then forgotten: those
+outcomes are looked up in the stream when asked for). The outcomes of requests that came
+in over NATS then cost the gateway nothing: reading each one only to drop it cost a few
+per cent of the stack's throughput and a wake-up per outcome.
+
+While it runs, the watchdog re-creates the consumer from the last message seen when the
+server lost it (a restarted server keeps no ephemeral consumer), so no outcome is missed.
 """
 
 from __future__ import annotations
@@ -41,12 +48,16 @@ class OutcomeWaiter:
         max_late: int = 100_000,
         max_event_bytes: int = 1 << 20,
         watch_interval_s: float = 5.0,
+        idle_s: float = 60.0,
     ):
         self.nc = nc
         self.on_late = on_late
         self.max_late = max_late
         self.max_event_bytes = max_event_bytes
         self.watch_interval_s = watch_interval_s
+        self.idle_s = idle_s
+        self._last_wait = 0.0  # (loop time) when a request last started waiting
+        self._lock = asyncio.Lock()  # starting and stopping the follower
         self._waiting: dict[str, asyncio.Future[CloudEvent]] = {}
         self._late: OrderedDict[str, None] = OrderedDict()
         self._tasks: set[asyncio.Task] = set()
@@ -54,8 +65,12 @@ class OutcomeWaiter:
         self._watch: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await self.follower.start()
+        """The watchdog; the follower itself starts with the first request that waits."""
         self._watch = asyncio.create_task(self._watchdog())
+
+    @property
+    def following(self) -> bool:
+        return self.follower._sub is not None
 
     async def stop(self) -> None:
         if self._watch is not None:
@@ -68,10 +83,17 @@ class OutcomeWaiter:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ requests
-    def expect(self, request_id: str) -> asyncio.Future[CloudEvent]:
-        """A future for the outcome of ``request_id``: call it before the request is published."""
-        fut: asyncio.Future[CloudEvent] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = fut
+    async def expect(self, request_id: str) -> asyncio.Future[CloudEvent]:
+        """A future for the outcome of ``request_id``: call it before the request is published.
+        Starts the follower (from the stream's end) when it is not running, and raises what
+        that raises (the server cannot be reached)."""
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            if not self.following:
+                await self.follower.start()
+            fut: asyncio.Future[CloudEvent] = loop.create_future()
+            self._waiting[request_id] = fut
+            self._last_wait = loop.time()
         return fut
 
     def forget(self, request_id: str) -> None:
@@ -117,18 +139,30 @@ class OutcomeWaiter:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _watchdog(self) -> None:
-        """Re-create the consumer when the server no longer has it (e.g. after a restart)."""
-        while True:
-            await asyncio.sleep(self.watch_interval_s)
+    async def _watch_once(self) -> None:
+        """Stop the follower when idle, or re-create its consumer when the server no longer has
+        it (e.g. after a restart). Under the lock: a request starting meanwhile waits for it."""
+        async with self._lock:
             sub = self.follower._sub
-            if sub is None or not self.nc.is_connected:
-                continue
+            if sub is None:
+                return
+            if not self._waiting and asyncio.get_running_loop().time() - self._last_wait >= self.idle_s:
+                await self.follower.stop()
+                self._late.clear()  # their outcomes are looked up in the stream when asked for
+                log.debug("outcome follower stopped: no request waited for %.0f s", self.idle_s)
+                return
+            if not self.nc.is_connected:
+                return
             try:
                 await sub.consumer_info()
             except Exception as e:
                 log.info("outcome follower lost its consumer (%s); resuming from the last event seen", e)
                 await self.follower.resume(lambda: self.nc.is_connected)
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_interval_s)
+            await self._watch_once()
 
 
 async def scan(

@@ -75,7 +75,7 @@ class GatewayApp:
 
     def ready(self) -> bool:
         ops = self.ops
-        return ops is not None and not self.draining and ops.nc.is_connected and ops.waiter.follower._sub is not None
+        return ops is not None and not self.draining and ops.nc.is_connected
 
     async def start(self, ctx: Any) -> None:
         keys = self._keyring()

@@ -44,6 +44,9 @@ class GatewaySettings(BaseSettings):
     # Late outcomes this process still records for requests that got 202 (the oldest are dropped;
     # GET /v1/requests/{id} then finds them in the stream).
     max_late: int = 100_000
+    # The outcome follower stops when no request has waited this long (it starts again with the
+    # next one): the outcomes of requests that came over NATS then cost the gateway nothing.
+    follow_idle_s: float = Field(default=60.0, gt=0)
     # How many events GET /v1/requests/{id} reads at most when it looks for an outcome in the stream.
     max_scan_events: int = 200_000
     source: str = Field(default="chora://gateway", description="the CloudEvents source of the requests it publishes")

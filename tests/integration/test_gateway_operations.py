@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import pytest_asyncio
+from nats.js.errors import NotFoundError
 
 from contracts.envelope import decode
 from services.gateway.operations import Accepted, GatewayError, Operations, Outcome, Pending, Trace
@@ -136,11 +137,48 @@ async def test_batch_progress_and_paged_results_with_content(ops):
 async def test_concurrent_requests_share_one_consumer(stack, ops):
     _, settings, nc = stack
     js = nc.jetstream()
+    assert isinstance(await ops.generate("hello-world", {"name": "warm"}, timeout_s=30), Outcome)  # following now
     before = (await js.stream_info(settings.stream_name)).state.consumer_count
     outs = await asyncio.gather(*(ops.generate("hello-world", {"name": f"C{i}"}, timeout_s=30) for i in range(40)))
     during = (await js.stream_info(settings.stream_name)).state.consumer_count
     assert all(isinstance(o, Outcome) and o.data["content"].startswith(f"# Hello, C{i}!") for i, o in enumerate(outs))
     assert during == before  # no consumer per request
+
+
+async def test_the_outcome_follower_runs_only_while_requests_wait(stack):
+    _, settings, nc = stack
+    js = nc.jetstream()
+    o = Operations(nc, settings, GatewaySettings(follow_idle_s=0.3))
+    await o.start()
+    try:
+        assert not o.waiter.following  # started, but reading no outcome: none waits
+        late = await o.generate("hello-world", {"name": "Lazy"}, timeout_s=0)
+        assert isinstance(late, Pending) and o.waiter.following
+        consumer = (await o.waiter.follower._sub.consumer_info()).name
+        # nothing waits any more: the follower stops, and the server sends it nothing more (its
+        # consumer has no subscriber; the server drops it after its inactive threshold)
+        await wait_for(lambda: not o.waiter.following, timeout=10, what="the idle follower stopped")
+
+        async def unbound():
+            try:
+                return not (await js.consumer_info(settings.stream_name, consumer)).push_bound
+            except NotFoundError:
+                return True
+
+        await wait_for(unbound, timeout=10, what="its consumer without a subscriber")
+        # the late outcome is answered (recorded, or found in the stream once forgotten), and the
+        # next request follows again
+        st = await wait_for(lambda: _done(o, late.request_id), timeout=20, what="the late outcome answered")
+        assert st["outcome"]["content"].startswith("# Hello, Lazy!")
+        out = await o.generate("hello-world", {"name": "Again"}, timeout_s=20)
+        assert isinstance(out, Outcome) and out.data["content"].startswith("# Hello, Again!")
+    finally:
+        await o.close()
+
+
+async def _done(o: Operations, request_id: str) -> dict | None:
+    st = await o.request_status(request_id)
+    return st if st["state"] == "done" else None
 
 
 async def test_capabilities_list_generators_configs_limits_and_events(ops):

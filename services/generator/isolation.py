@@ -62,6 +62,9 @@ BOOT_TIMEOUT_S = 30.0  # a worker that is not ready after this long is killed
 # so it reaches another instance (or this one restarted) instead of bouncing off this one.
 HANDBACK_DELAY_S = 5.0
 MAX_BATCH = 32  # jobs one worker takes at once
+# A queue is split between idle workers only into shares of at least this much render time:
+# waking a second worker costs more than it saves for a few renders of tens of microseconds.
+MIN_SHARE_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,8 @@ class RenderPool:
     """``workers`` processes rendering jinja2 templates; see the module's doc.
 
     Jobs queue in the pool; an idle worker takes a batch of them (up to MAX_BATCH, shared
-    between the idle workers), so under load one wake-up of a worker serves many renders.
+    between the idle workers in shares of at least MIN_SHARE_S of known render time), so
+    under load one wake-up of a worker serves many renders.
     Each job still has its own deadline, counted from the previous answer of its worker.
     """
 
@@ -339,9 +343,15 @@ class RenderPool:
             task.add_done_callback(self._tasks.discard)
 
     def _take(self) -> tuple[list[_Job], bool]:
-        """The next batch: ordinary jobs first (a share of the queue per idle worker), else one
-        slow job if the slow ones hold fewer than ``slow_cap`` workers."""
-        share = min(MAX_BATCH, -(-len(self._queue) // len(self._idle)))
+        """The next batch: ordinary jobs first (a share of the queue per idle worker, but no
+        share under :data:`MIN_SHARE_S` of known render time), else one slow job if the slow
+        ones hold fewer than ``slow_cap`` workers."""
+        share = -(-len(self._queue) // len(self._idle))
+        if share < len(self._queue):
+            cost = self.costs.get(self._queue[0].config)
+            if cost is not None and cost > 0:
+                share = max(share, int(MIN_SHARE_S / cost))
+        share = min(MAX_BATCH, share)
         batch: list[_Job] = []
         while self._queue and len(batch) < share:
             job = self._queue.popleft()

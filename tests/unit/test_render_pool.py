@@ -136,3 +136,31 @@ def test_the_sandbox_overrides_only_documented_hooks():
     assert ours <= documented, ours - documented
     ours_ext = redefined(TokenLimit, Extension)
     assert ours_ext <= {"filter_stream"}, ours_ext
+
+
+async def test_cheap_renders_wake_one_worker_and_costly_ones_are_shared(pool, store, monkeypatch):
+    hello = store.get("hello")
+    await asyncio.gather(*(pool.render(hello, {"name": "warm"}) for _ in range(pool.size)))  # every worker up
+    batches: list[int] = []
+    run_batch = pool._run_batch
+
+    async def counted(w, jobs, slow):
+        batches.append(len(jobs))
+        await run_batch(w, jobs, slow)
+
+    monkeypatch.setattr(pool, "_run_batch", counted)
+
+    async def burst(n: int) -> None:  # n renders asked in one turn of the loop, every worker idle
+        await wait_for(lambda: len(pool._idle) == pool.size, 10, "every worker idle")
+        batches.clear()
+        got = await asyncio.gather(*(pool.render(hello, {"name": str(i)}) for i in range(n)))
+        assert got == [f"Hello {i}!" for i in range(n)]
+
+    for _ in range(20):
+        pool.costs.observe(hello, 50e-6)  # 50 us a render: 8 of them are not worth a second wake-up
+    await burst(8)
+    assert batches == [8]
+    for _ in range(20):
+        pool.costs.observe(hello, 0.01)  # 10 ms a render: shared between the idle workers
+    await burst(8)
+    assert sorted(batches) == [4, 4]

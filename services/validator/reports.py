@@ -152,11 +152,23 @@ def _broken(config_id: str, chash: str, code: str, message: str) -> Checked:
 
 
 def check_config(store: ConfigStore, rules: RuleCache, config_id: str) -> Checked:
-    """Load ``config_id`` and build its rules (both cached per version); never raises a ConfigError."""
+    """Load ``config_id`` and build its rules and report (all cached per version: a loaded
+    config is the same object while its file is unchanged); never raises a ConfigError."""
     try:
         config = store.get(config_id)
     except ConfigError as e:
         return _broken(config_id, error_hash(e.code, e.message), e.code, e.message)
+    known = rules.derived.get(config_id)
+    if known is not None and known[0] is config:
+        return known[1]
+    checked = _check(config_id, config, rules)
+    rules.derived[config_id] = (config, checked)
+    while len(rules.derived) > rules.maxsize:
+        rules.derived.pop(next(iter(rules.derived)))
+    return checked
+
+
+def _check(config_id: str, config: Any, rules: RuleCache) -> Checked:
     chash, built = rules.for_config(config)
     if isinstance(built, RulesError):
         return _broken(config_id, chash, built.code, built.message)

@@ -74,6 +74,16 @@ def test_a_valid_config_reports_its_rules_and_warnings(cdir):
     assert ev.type == CONFIG_VALIDATED and ev.id == config_report_id("doc", c.config_hash)
 
 
+def test_an_unchanged_config_is_checked_once_and_a_changed_one_again(cdir):
+    store, rules = ConfigStore(cdir), RuleCache()
+    first = check_config(store, rules, "doc")
+    assert check_config(store, rules, "doc") is first  # the same file: nothing derived again
+    write(cdir / "doc.json", {"id": "doc", "generator": "jinja2", "template": "x", "validation": []})
+    changed = check_config(store, rules, "doc")
+    assert changed is not first and changed.config_hash != first.config_hash
+    assert changed.report.rule_count == 0 and changed.report.warnings[0].startswith("no validation rules")
+
+
 def test_warnings_for_no_rules_and_for_rules_that_can_never_invalidate(cdir):
     store = ConfigStore(cdir)
     plain = check_config(store, RuleCache(), "plain").report

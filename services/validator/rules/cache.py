@@ -106,6 +106,9 @@ class RuleCache:
         self._cache: OrderedDict[tuple[str, str], RuleSet | RulesError] = OrderedDict()
         self.compiled = 0  # how many times a rule set was built (for tests and info)
         self._hashes: dict[str, tuple[Any, str]] = {}
+        # per config id: (config object, what was derived from it), kept while the store
+        # keeps the same object (the file unchanged): see services/validator/reports.check_config
+        self.derived: dict[str, tuple[Any, Any]] = {}
 
     def get(self, config_id: str, config_hash: str, raw: Any) -> RuleSet:
         key = (config_id, config_hash)

@@ -49,7 +49,7 @@ class _Line(msgspec.Struct):
     event_type: str
     request_id: str | None = None
     timestamp: str | None = None  # when the sink wrote the line
-    event_time: str | None = None  # when the generator made the outcome
+    event_time: str | None = None  # when its producer made the outcome (the --until event)
 
 
 _decode_line = msgspec.json.Decoder(_Line).decode
@@ -279,7 +279,8 @@ async def fixed_rate(pub: Publisher, follower: JsonlFollower, rate: float, secon
         "requests": n,
         **_pcts(lat),
         "max_ms": round(lat[-1], 3),
-        # where the time goes (wall clocks of one machine): publish -> generator made the outcome
+        # where the time goes (wall clocks of one machine): publish -> the outcome was made (by the
+        # generator or the validator, as --until says)
         # -> sink wrote its line -> the reader saw it
         "stages": {
             "publish_to_outcome": _pcts([(m - s) * 1000 for m, s in zip(made, starts)]),

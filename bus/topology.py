@@ -77,6 +77,11 @@ class ConsumerSpec:
     # For the types whose subjects carry the kind of run (contracts.catalogue.ORIGIN_KINDS): only
     # these kinds are delivered (None: all of them)
     origin_kinds: tuple[str, ...] | None = None
+    # 0: every message is read the moment it is stored (a pull request always outstanding).
+    # > 0: the reader asks at most every ``linger_s`` seconds for what has piled up, and at
+    # once while a backlog remains: one wake-up of its process for many messages, for a
+    # consumer nobody waits on (bus/consumer.py). A reading policy: not part of the server's config.
+    linger_s: float = 0.0
 
     def nak_delay(self, num_delivered: int) -> float:
         return self.backoff_s[min(max(num_delivered, 1), len(self.backoff_s)) - 1]

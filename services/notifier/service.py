@@ -26,6 +26,7 @@ Settings read: ``notifier_config``, ``callback_allow``, ``callback_secret_env``.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import logging
 import os
 from pathlib import Path
@@ -52,6 +53,10 @@ from services.settings import Settings
 log = logging.getLogger("chora.notifier")
 
 ACK_WAIT_MARGIN_S = 10.0
+
+
+# With callbacks off, how often the notifier reads the requests (to refuse a callback_url)
+REFUSALS_LINGER_S = 0.1
 
 
 class NotifierApp:
@@ -150,10 +155,16 @@ class NotifierApp:
         specs = {spec.durable: spec for spec in subscription_consumers(self.config, topology)}
         pairs = [(specs[t.subscription.durable], self.handle) for t in self.targets.values()]
         if self.callbacks.store is not None:
-            # callbacks off: a request's callback_url is refused as the request is read, so
-            # the outcomes (one per request, nearly all without a callback) are not read at all
-            durables = (CALLBACK_REQUESTS, CALLBACK_OUTCOMES) if self.callbacks.allow else (CALLBACK_REQUESTS,)
-            pairs += [(topology.consumers[c], self.handle_callbacks) for c in durables]
+            if self.callbacks.allow:
+                pairs += [
+                    (topology.consumers[c], self.handle_callbacks) for c in (CALLBACK_REQUESTS, CALLBACK_OUTCOMES)
+                ]
+            else:
+                # callbacks off: a request's callback_url is refused as the request is read, and
+                # no outcome is read at all. Nobody waits on a refusal, so the requests are read
+                # in batches (ConsumerSpec.linger_s): one wake-up for many, not one per request.
+                requests = replace(topology.consumers[CALLBACK_REQUESTS], linger_s=REFUSALS_LINGER_S)
+                pairs.append((requests, self.handle_callbacks))
         return pairs
 
     def retired_consumers(self) -> list[str]:

@@ -21,6 +21,12 @@ def request(config_id: str = "hello-world", **ctx) -> object:
     return new_event(GENERATION_REQUESTED, GenerationRequested(content_config_id=config_id, context=ctx), source="test")
 
 
+async def settled(js, topo, durable: str = "generator") -> bool:
+    """Nothing pending, nothing awaiting its ack and nothing redelivered on ``durable``."""
+    ci = await js.consumer_info(topo.events_stream, durable)
+    return ci.num_ack_pending == 0 and ci.num_pending == 0 and ci.num_redelivered == 0
+
+
 @pytest.fixture
 async def js_topo(nc, settings):
     js = nc.jetstream()
@@ -68,12 +74,7 @@ async def test_handler_outputs_published_and_input_acked(nc, js_topo):
     assert sorted(seen) == sorted(r.id for r in reqs)
     info = await js.stream_info(topo.events_stream)
     assert info.state.messages == 400
-
-    async def settled():
-        ci = await js.consumer_info(topo.events_stream, "generator")
-        return ci.num_ack_pending == 0 and ci.num_pending == 0 and ci.num_redelivered == 0
-
-    await wait_for(settled, timeout=10, what="all 200 acks applied, nothing redelivered")
+    await wait_for(lambda: settled(js, topo), timeout=10, what="all 200 acks applied, nothing redelivered")
 
 
 async def test_republished_output_is_dropped_as_duplicate(nc, js_topo):
@@ -368,12 +369,7 @@ async def test_a_lingering_consumer_reads_in_batches_and_loses_nothing(nc, js_to
     assert sorted(seen) == sorted(r.id for r in reqs)  # each once
     # a pull every half second at most (the first may be due at once), not one per message
     assert loop.stats.pulls <= elapsed / 0.5 + 2 and all(b <= 2 for b in batches), (loop.stats.pulls, batches)
-
-    async def settled():
-        ci = await js.consumer_info(topo.events_stream, "generator")
-        return ci.num_ack_pending == 0 and ci.num_pending == 0 and ci.num_redelivered == 0
-
-    await wait_for(settled, timeout=10, what="all acks applied, nothing redelivered")
+    await wait_for(lambda: settled(js, topo), timeout=10, what="all acks applied, nothing redelivered")
 
 
 async def test_a_lingering_consumer_drains_a_backlog_without_waiting_between_pulls(nc, js_topo):

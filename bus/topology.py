@@ -379,6 +379,8 @@ async def provision(
             log.info("deleted consumer %s (nothing reads it)", durable)
         except NotFoundError:
             pass
+        except Exception as e:  # e.g. a user that may create consumers but not delete them
+            log.warning("consumer %s is not read any more but could not be deleted: %s", durable, e)
 
 
 def unread_consumers(callbacks_on: bool) -> list[str]:

@@ -56,6 +56,7 @@ class OutcomeWaiter:
         self.max_event_bytes = max_event_bytes
         self.watch_interval_s = watch_interval_s
         self.idle_s = idle_s
+        self.start_timeout_s = 10.0  # how long a request waits for the follower before a 503
         self._last_wait = 0.0  # (loop time) when a request last started waiting
         self._lock = asyncio.Lock()  # starting and stopping the follower
         self._waiting: dict[str, asyncio.Future[CloudEvent]] = {}
@@ -86,14 +87,21 @@ class OutcomeWaiter:
     async def expect(self, request_id: str) -> asyncio.Future[CloudEvent]:
         """A future for the outcome of ``request_id``: call it before the request is published.
         Starts the follower (from the stream's end) when it is not running, and raises what
-        that raises (the server cannot be reached)."""
+        that raises (the server cannot be reached), or ConnectionError when the follower is
+        still being re-created after ``start_timeout_s``."""
         loop = asyncio.get_running_loop()
-        async with self._lock:
+        try:  # the watchdog may hold the lock while it re-creates a lost consumer
+            await asyncio.wait_for(self._lock.acquire(), self.start_timeout_s)
+        except asyncio.TimeoutError:
+            raise ConnectionError("the outcome follower is being re-created; try again") from None
+        try:
             if not self.following:
                 await self.follower.start()
             fut: asyncio.Future[CloudEvent] = loop.create_future()
             self._waiting[request_id] = fut
             self._last_wait = loop.time()
+        finally:
+            self._lock.release()
         return fut
 
     def forget(self, request_id: str) -> None:

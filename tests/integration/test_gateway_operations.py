@@ -176,6 +176,25 @@ async def test_the_outcome_follower_runs_only_while_requests_wait(stack):
         await o.close()
 
 
+async def test_a_request_is_a_clear_503_while_the_follower_is_re_created(stack):
+    _, settings, nc = stack
+    o = Operations(nc, settings, GatewaySettings())
+    await o.start()
+    try:
+        o.waiter.start_timeout_s = 0.2
+        await o.waiter._lock.acquire()  # as the watchdog holds it while it re-creates a lost consumer
+        try:
+            with pytest.raises(GatewayError) as e:
+                await o.generate("hello-world", {"name": "Busy"}, timeout_s=5)
+            assert (e.value.status, e.value.code) == (503, "BUS_UNAVAILABLE") and "re-created" in e.value.detail
+        finally:
+            o.waiter._lock.release()
+        out = await o.generate("hello-world", {"name": "After"}, timeout_s=20)
+        assert isinstance(out, Outcome) and out.data["content"].startswith("# Hello, After!")
+    finally:
+        await o.close()
+
+
 async def _done(o: Operations, request_id: str) -> dict | None:
     st = await o.request_status(request_id)
     return st if st["state"] == "done" else None

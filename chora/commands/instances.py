@@ -15,7 +15,7 @@ shape is stable (fields are only ever added)::
          "started": "2026-01-01T00:00:00.000Z", "metrics_url": "http://...:9465/metrics",
          "ready": true, "status": "ready", "reason": null,
          "endpoints": {"info": "<subject>", "health": "<subject>", "stats": "<subject>"},
-         "stats": {"<durable>": {"acked": 0, "naked": 0, "dead": 0, "published": 0}}}
+         "stats": {"<durable>": {"acked": 0, "naked": 0, "dead": 0, "published": 0, "pulls": 0}}}
     ]}
 
 ``ready`` is null (and ``status`` "unknown") when an instance answered PING but not

@@ -26,9 +26,9 @@ Settings read: ``notifier_config``, ``callback_allow``, ``callback_secret_env``.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

@@ -163,7 +163,7 @@ async def test_srv_stats_carries_the_consumer_counters(stack, nc, settings):
     assert stats["type"] == "io.nats.micro.v1.stats_response" and stats["started"].endswith("Z")
     data = next(e["data"] for e in stats["endpoints"] if e["name"] == "stats")
     assert set(data) == {"assembler", "assembler-completions", "assembler-cancels", "assembler-deadlines"}
-    assert set(data["assembler"]) == {"acked", "naked", "dead", "published"}
+    assert set(data["assembler"]) == {"acked", "naked", "dead", "published", "pulls"}
 
 
 async def test_healthz_and_readyz_answer_on_every_metrics_port(stack):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import multiprocessing
 import os
@@ -348,9 +349,19 @@ class RenderPool:
         ones hold fewer than ``slow_cap`` workers."""
         share = -(-len(self._queue) // len(self._idle))
         if share < len(self._queue):
-            cost = self.costs.get(self._queue[0].config)
-            if cost is not None and cost > 0:
-                share = max(share, int(MIN_SHARE_S / cost))
+            # past the even share only while the jobs' measured costs add up to less than
+            # MIN_SHARE_S (a job of unknown cost ends it): cheap renders go to one worker, and
+            # at most that much cheap work goes ahead of a costly one in its batch
+            total, cheap = 0.0, 0
+            for job in itertools.islice(self._queue, MAX_BATCH):
+                cost = self.costs.get(job.config)
+                if cost is None:
+                    break
+                total += cost
+                cheap += 1
+                if total >= MIN_SHARE_S:
+                    break
+            share = max(share, cheap)
         share = min(MAX_BATCH, share)
         batch: list[_Job] = []
         while self._queue and len(batch) < share:

@@ -164,3 +164,26 @@ async def test_cheap_renders_wake_one_worker_and_costly_ones_are_shared(pool, st
         pool.costs.observe(hello, 0.01)  # 10 ms a render: shared between the idle workers
     await burst(8)
     assert sorted(batches) == [4, 4]
+
+
+async def test_a_costly_render_is_not_batched_behind_many_cheap_ones(pool, store, monkeypatch):
+    hello, nested = store.get("hello"), store.get("nested")
+    await asyncio.gather(*(pool.render(hello, {"name": "warm"}) for _ in range(pool.size)))
+    for _ in range(20):
+        pool.costs.observe(hello, 50e-6)
+        pool.costs.observe(nested, 0.01)
+    batches: list[list[str]] = []
+    run_batch = pool._run_batch
+
+    async def counted(w, jobs, slow):
+        batches.append([job.config.id for job in jobs])
+        await run_batch(w, jobs, slow)
+
+    monkeypatch.setattr(pool, "_run_batch", counted)
+    await wait_for(lambda: len(pool._idle) == pool.size, 10, "every worker idle")
+    jobs = [pool.render(hello, {"name": str(i)}) for i in range(3)] + [
+        pool.render(nested, {"items": [1]}) for _ in range(5)
+    ]
+    await asyncio.gather(*jobs)
+    # the three cheap ones and the first costly one (past 1 ms) in one batch, the rest shared
+    assert batches == [["hello"] * 3 + ["nested"], ["nested"] * 4]

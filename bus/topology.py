@@ -320,9 +320,9 @@ async def provision(
     extra: Sequence[ConsumerSpec] = (),
     retire: Sequence[str] = (),
 ) -> None:
-    """Create or update the streams, buckets and the named durable consumers (all by default);
-    delete the durables named in ``retire`` where they exist (a feature turned off: a durable
-    nobody reads would only pile up pending messages)."""
+    """Create or update the streams, buckets and the named durable consumers (all by default)
+    but those in ``retire``, which are deleted where they exist (a feature turned off: a
+    durable nobody reads would only pile up pending messages)."""
     for cfg in topo.stream_configs():
         assert cfg.name is not None, "stream_configs() names every stream"
         try:
@@ -370,7 +370,8 @@ async def provision(
                 storage=StorageType.FILE, replicas=topo.replicas, ttl=topo.max_age_s, description="chora large content"
             ),
         )
-    specs = [topo.consumers[n] for n in (consumers if consumers is not None else list(topo.consumers))]
+    names = consumers if consumers is not None else list(topo.consumers)
+    specs = [topo.consumers[n] for n in names if n not in retire]
     for spec in [*specs, *extra]:
         await _add_consumer(js, topo.events_stream, spec, topo.consumer_config(spec))
     for durable in retire:
@@ -383,11 +384,11 @@ async def provision(
             log.warning("consumer %s is not read any more but could not be deleted: %s", durable, e)
 
 
-def unread_consumers(callbacks_on: bool) -> list[str]:
-    """The topology's durables that no service reads with these settings: the callbacks'
-    outcomes while callbacks are off (the notifier then refuses a callback when it reads the
-    request, and reads no outcome at all)."""
-    return [] if callbacks_on else [CALLBACK_OUTCOMES]
+def unread_consumers(callback_allow: Sequence[str]) -> list[str]:
+    """The topology's durables that no service reads with this callback allow-list: the
+    callbacks' outcomes while callbacks are off (no entry that is not blank; the notifier then
+    refuses a callback when it reads the request, and reads no outcome at all)."""
+    return [] if any(a.strip() for a in callback_allow) else [CALLBACK_OUTCOMES]
 
 
 __all__ = ["ConsumerSpec", "ProvisionError", "Topology", "provision", "CONTENT_GENERATED", "GENERATION_REQUESTED"]

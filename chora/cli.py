@@ -139,10 +139,8 @@ async def nats_provision(args: argparse.Namespace) -> int:
     nc = await connect_cli(settings)
     try:
         try:
-            unread = unread_consumers(any(a.strip() for a in settings.callback_allow))
-            await provision(
-                nc.jetstream(), topo, [c for c in topo.consumers if c not in unread], extra=extra, retire=unread
-            )
+            unread = unread_consumers(settings.callback_allow)
+            await provision(nc.jetstream(), topo, extra=extra, retire=unread)
         except ProvisionError as e:
             print(f"chora: {e}", file=sys.stderr)
             return EXIT_FAILED

@@ -185,8 +185,7 @@ class Stack:
         nc = await connect(self.settings.nats, self.url, name="chora-up")
         try:
             topo = Topology.from_settings(self.settings)
-            unread = unread_consumers(any(a.strip() for a in self.settings.callback_allow))
-            await provision(nc.jetstream(), topo, [c for c in topo.consumers if c not in unread], retire=unread)
+            await provision(nc.jetstream(), topo, retire=unread_consumers(self.settings.callback_allow))
         finally:
             await nc.close()
 

@@ -170,7 +170,7 @@ class NotifierApp:
     def retired_consumers(self) -> list[str]:
         """The durables to delete on start: the callbacks' outcomes while callbacks are off
         (left from a run with callbacks on, nobody would read them)."""
-        return unread_consumers(bool(self.callbacks.allow))
+        return unread_consumers(self.callbacks.allow)
 
     async def close(self) -> None:
         if self.callbacks.sender is not None:

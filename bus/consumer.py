@@ -339,7 +339,7 @@ class ConsumerLoop:
                 outcome = "dead"
                 await self._dead(msg, e.code, e.message)
                 return
-            delivery = Delivery(delivered, self.spec.max_deliver, self.spec.durable, stream_seq)
+            delivery = Delivery(delivered, self.spec.max_deliver, self.spec.durable, stream_seq, msg.subject)
             try:
                 if self.content is not None:
                     event = await self.content.resolve(event)

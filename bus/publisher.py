@@ -219,7 +219,7 @@ class Publisher:
         spec = CATALOGUE.get(event.type)
         if spec is None:
             raise PublishError(f"unknown event type {event.type!r}: add it to contracts.catalogue")
-        if not spec.by_origin:
+        if not spec.by_origin and not spec.by_callback:
             return spec.subject(self.prefix)
         try:
             return event_subject(event.type, event.data, self.prefix)

@@ -77,6 +77,9 @@ class ConsumerSpec:
     # For the types whose subjects carry the kind of run (contracts.catalogue.ORIGIN_KINDS): only
     # these kinds are delivered (None: all of them)
     origin_kinds: tuple[str, ...] | None = None
+    # For the request types whose subjects say whether they carry a callback_url
+    # (contracts.catalogue.CALLBACK): only those that do are delivered.
+    callbacks_only: bool = False
     # 0: every message is read the moment it is stored (a pull request always outstanding).
     # > 0: the reader asks at most every ``linger_s`` seconds for what has piled up, and at
     # once while a backlog remains: one wake-up of its process for many messages, for a
@@ -148,8 +151,11 @@ class Topology:
                 "assembler-completions": spec("assembler-completions", (BATCH_COMPLETED, ARTIFACT_ASSEMBLED)),
                 # the notifier's per-request callbacks (services/notifier/callbacks.py): the requests,
                 # to record their callback_url, and the outcomes, to deliver them; from new events on
+                # (only the requests that carry a callback_url: their subjects end with "callback")
                 CALLBACK_REQUESTS: replace(
-                    spec(CALLBACK_REQUESTS, (GENERATION_REQUESTED, ARTIFACT_REQUESTED, BATCH_REQUESTED)), start=None
+                    spec(CALLBACK_REQUESTS, (GENERATION_REQUESTED, ARTIFACT_REQUESTED, BATCH_REQUESTED)),
+                    start=None,
+                    callbacks_only=True,
                 ),
                 # (a part or an item never has a callback of its own: standalone outcomes only)
                 CALLBACK_OUTCOMES: ConsumerSpec(
@@ -170,15 +176,18 @@ class Topology:
         return CATALOGUE[event_type].subject(self.prefix)
 
     def filter_subjects(self, c: ConsumerSpec) -> list[str]:
-        """What consumer ``c`` reads: its types' subjects, narrowed to its origin kinds."""
+        """What consumer ``c`` reads: its types' subjects, narrowed to its origin kinds (or to
+        the requests that carry a callback)."""
         assert c.event_types is not None
         subjects: list[str] = []
         for t in c.event_types:
             spec = CATALOGUE[t]
             if spec.by_origin and c.origin_kinds is not None:
                 subjects += [spec.subject_of(self.prefix, k) for k in c.origin_kinds]
+            elif spec.by_callback and c.callbacks_only:
+                subjects.append(spec.callback_subject(self.prefix))
             else:
-                subjects.append(spec.subject(self.prefix))
+                subjects += spec.subjects(self.prefix)
         return subjects
 
     def dlq_subject(self, consumer: str) -> str:
@@ -200,7 +209,7 @@ class Topology:
             StreamConfig(
                 name=self.events_stream,
                 description="chora events: requests and facts",
-                subjects=[s.subject(self.prefix) for s in CATALOGUE.values()],
+                subjects=[subject for s in CATALOGUE.values() for subject in s.subjects(self.prefix)],
                 max_bytes=self.max_bytes,
                 duplicate_window=self.duplicate_window_s,
                 **common,

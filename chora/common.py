@@ -200,7 +200,7 @@ async def follow(nc, settings: Settings, link: Link, event_types: list[str], on_
     """A started :class:`bus.follow.Follower` of ``event_types`` in the events stream, from now on,
     calling ``on_event`` with each decoded event; it re-reads from the stream when ``link`` returns."""
     from bus.follow import Follower
-    from contracts.catalogue import subject_for
+    from contracts.catalogue import subjects_for
     from contracts.envelope import EnvelopeError, decode
 
     async def on_msg(msg) -> None:
@@ -210,7 +210,9 @@ async def follow(nc, settings: Settings, link: Link, event_types: list[str], on_
             return
         on_event(ev)
 
-    follower = Follower(nc, settings.stream_name, [subject_for(t, settings.prefix) for t in event_types], on_msg)
+    follower = Follower(
+        nc, settings.stream_name, [s for t in event_types for s in subjects_for(t, settings.prefix)], on_msg
+    )
     try:
         await follower.start()
     except Exception as e:

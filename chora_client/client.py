@@ -29,7 +29,7 @@ from contracts.catalogue import (
     GENERATION_REQUESTED,
     events_stream,
     event_subject,
-    subject_for,
+    subjects_for,
 )
 from contracts.cancels import cancel_request
 from contracts.envelope import CloudEvent, EnvelopeError, decode, encode_binary, new_event
@@ -380,7 +380,7 @@ class ChoraClient:
         async with self._sub_lock:
             if self._sub is not None:
                 return
-            subjects = [subject_for(t, self.prefix) for t in OUTCOMES]
+            subjects = [s for t in OUTCOMES for s in subjects_for(t, self.prefix)]
             config = ConsumerConfig(
                 ack_policy=AckPolicy.NONE,
                 deliver_policy=DeliverPolicy.NEW,
@@ -430,7 +430,7 @@ class ChoraClient:
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL if start == "all" else DeliverPolicy.NEW,
-            filter_subjects=[subject_for(t, self.prefix) for t in event_types],
+            filter_subjects=[s for t in event_types for s in subjects_for(t, self.prefix)],
         )
         try:
             try:

@@ -41,6 +41,7 @@ from contracts.catalogue import (
     GENERATION_REQUESTED,
     NOTIFICATION_DELIVERED,
     NOTIFICATION_FAILED,
+    CALLBACK,
     ORIGIN_KINDS,
     STANDALONE,
 )
@@ -64,6 +65,10 @@ class Role:
     sends: tuple[str, ...]
     # the origin kinds (ORIGIN_KINDS) it receives of the types split by origin, by durable (else all)
     kinds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # the durables that receive, of the request types split by callback, only those with a callback_url
+    callbacks_only: tuple[str, ...] = ()
+    # whether the requests it sends may carry a callback_url (then it sends on the .callback subjects too)
+    sends_callbacks: bool = False
 
 
 def _on(durable: str | None, *types: str) -> dict[str, str | None]:
@@ -103,6 +108,7 @@ SERVICES: dict[str, Role] = {
         | _on("notifier-callbacks", CONTENT_GENERATED, ARTIFACT_ASSEMBLED, BATCH_COMPLETED),
         (NOTIFICATION_DELIVERED, NOTIFICATION_FAILED),
         {"notifier-callbacks": (STANDALONE,)},
+        callbacks_only=("notifier-callback-requests",),
     ),
     "telemetry": Role(
         "Mirrors every event to JSONL and Prometheus. Each instance reads the whole stream in order, "
@@ -115,6 +121,7 @@ SERVICES: dict[str, Role] = {
         "(chora_client.ChoraClient in Python; any NATS client otherwise).",
         _on("<your durable>", *_FACTS),
         _REQUESTS,
+        sends_callbacks=True,
     ),
 }
 
@@ -176,13 +183,18 @@ def _message(event_type: str, payload_name: str) -> dict[str, Any]:
 
 
 def _operation(
-    party: str, action: str, event_type: str, durable: str | None, kinds: tuple[str, ...] | None = None
+    party: str,
+    action: str,
+    event_type: str,
+    durable: str | None,
+    kinds: tuple[str, ...] | None = None,
+    callback: bool = False,
 ) -> dict[str, Any]:
-    channel = _channel_id(event_type)
+    channel = _channel_id(event_type) + (f".{CALLBACK}" if callback else "")
     op: dict[str, Any] = {
         "action": action,
         "channel": {"$ref": f"#/channels/{channel}"},
-        "summary": f"{party} {action}s {event_type}",
+        "summary": f"{party} {action}s {event_type}" + (" with a callback_url" if callback else ""),
         "messages": [{"$ref": f"#/channels/{channel}/messages/{CATALOGUE[event_type].struct.__name__}"}],
         "tags": [{"name": party}],
     }
@@ -226,15 +238,34 @@ def document(prefix: str = "chora") -> dict[str, Any]:
                     "location": "$message.payload#/origin/kind",
                 }
             }
+        if spec.by_callback:
+            channel["description"] += (
+                f" Without a callback_url; one with a callback_url travels on {spec.callback_subject(prefix)} "
+                "(and is rejected with MISROUTED_CALLBACK if it comes on this subject)."
+            )
+            channels[_channel_id(event_type) + f".{CALLBACK}"] = {
+                **channel,
+                "address": spec.callback_subject(prefix),
+                "description": f"{spec.description} With a callback_url: the notifier reads only this subject "
+                "(to record the callback, or to refuse it while callbacks are off). Stored in the events stream "
+                "(JetStream, limits retention).",
+            }
         channels[_channel_id(event_type)] = channel
     operations: dict[str, Any] = {}
     for party, role in SERVICES.items():
         for event_type, durable in role.receives.items():
-            operations[f"{party}.receive.{_channel_id(event_type)}"] = _operation(
-                party, "receive", event_type, durable, role.kinds.get(durable or "")
-            )
+            name = f"{party}.receive.{_channel_id(event_type)}"
+            kinds = role.kinds.get(durable or "")
+            if CATALOGUE[event_type].by_callback:
+                operations[f"{name}.{CALLBACK}"] = _operation(party, "receive", event_type, durable, kinds, True)
+                if durable in role.callbacks_only:
+                    continue
+            operations[name] = _operation(party, "receive", event_type, durable, kinds)
         for event_type in role.sends:
-            operations[f"{party}.send.{_channel_id(event_type)}"] = _operation(party, "send", event_type, None)
+            name = f"{party}.send.{_channel_id(event_type)}"
+            operations[name] = _operation(party, "send", event_type, None)
+            if CATALOGUE[event_type].by_callback and role.sends_callbacks:
+                operations[f"{name}.{CALLBACK}"] = _operation(party, "send", event_type, None, callback=True)
     return {
         "asyncapi": "3.0.0",
         "info": {

@@ -11,6 +11,14 @@ more token, the kind of run they belong to (:data:`ORIGIN_KINDS`):
 type is the same on all three; ``<prefix>.content_generated.*`` reads them all.
 A consumer that needs only one kind filters on it and is never sent the others
 (the assembler reads only the parts and items of its runs).
+
+A request that asks for a callback (its ``callback_url`` is set) travels on its
+subject plus the token ``callback``: ``<prefix>.generation.requested.callback``;
+one without stays on ``<prefix>.generation.requested``. The notifier, which records
+(or, with callbacks off, refuses) callbacks, reads only the ``.callback`` subjects,
+so requests without one never reach it. A request whose ``callback_url`` is set but
+that came on the plain subject is rejected by the service that reads it
+(:func:`misrouted_callback`): its callback would otherwise never be recorded nor refused.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ TYPE_PREFIX = "chora."
 #: or ``standalone`` for a request that is not part of a run.
 STANDALONE = "standalone"
 ORIGIN_KINDS = (STANDALONE, "artifact", "batch")
+#: The last subject token of a request that carries a ``callback_url``.
+CALLBACK = "callback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,7 @@ class EventSpec:
     description: str
     kind: str  # "request" or "fact"
     by_origin: bool = False  # its subject ends with the kind of run it belongs to (ORIGIN_KINDS)
+    by_callback: bool = False  # one with a callback_url travels on <subject>.callback (CALLBACK)
 
     @property
     def suffix(self) -> str:
@@ -62,6 +73,18 @@ class EventSpec:
         """The subject every event of the type matches: what a stream, a consumer filter or a
         subscription names (``<prefix>.content_generated.*`` for one split by origin)."""
         return f"{prefix}.{self.suffix}.*" if self.by_origin else f"{prefix}.{self.suffix}"
+
+    def subjects(self, prefix: str = "chora") -> list[str]:
+        """Every subject the type travels on: what a stream or a reader of all of them names
+        (a request that may ask for a callback has two: plain and ``.callback``)."""
+        base = self.subject(prefix)
+        return [base, f"{base}.{CALLBACK}"] if self.by_callback else [base]
+
+    def callback_subject(self, prefix: str = "chora") -> str:
+        """The subject of a request of the type that carries a ``callback_url``."""
+        if not self.by_callback:
+            raise ValueError(f"{self.type} has no callback subject")
+        return f"{prefix}.{self.suffix}.{CALLBACK}"
 
     def subject_of(self, prefix: str = "chora", origin_kind: str | None = None) -> str:
         """The subject one event is published on: for a type split by origin, the token of its
@@ -92,7 +115,7 @@ NOTIFICATION_FAILED = "chora.notification_failed"
 CATALOGUE: dict[str, EventSpec] = {
     s.type: s
     for s in (
-        EventSpec(GENERATION_REQUESTED, GenerationRequested, "Render one content config.", "request"),
+        EventSpec(GENERATION_REQUESTED, GenerationRequested, "Render one content config.", "request", by_callback=True),
         EventSpec(CONTENT_GENERATED, ContentGenerated, "Outcome of a generation request.", "fact", by_origin=True),
         EventSpec(
             CONTENT_VALIDATED, ContentValidated, "Validation verdict on generated content.", "fact", by_origin=True
@@ -103,9 +126,11 @@ CATALOGUE: dict[str, EventSpec] = {
             "A content config version was checked: once per version, valid (with its rules) or not (with why).",
             "fact",
         ),
-        EventSpec(ARTIFACT_REQUESTED, ArtifactRequested, "Assemble an artifact from its parts.", "request"),
+        EventSpec(
+            ARTIFACT_REQUESTED, ArtifactRequested, "Assemble an artifact from its parts.", "request", by_callback=True
+        ),
         EventSpec(ARTIFACT_ASSEMBLED, ArtifactAssembled, "Outcome of an artifact request.", "fact"),
-        EventSpec(BATCH_REQUESTED, BatchRequested, "Generate many items as one batch.", "request"),
+        EventSpec(BATCH_REQUESTED, BatchRequested, "Generate many items as one batch.", "request", by_callback=True),
         EventSpec(BATCH_COMPLETED, BatchCompleted, "Outcome of a batch: every item accounted for.", "fact"),
         EventSpec(CANCEL_REQUESTED, CancelRequested, "Stop an artifact or batch run and compensate it.", "request"),
         EventSpec(DEADLINE_REQUESTED, DeadlineRequested, "The assembler's timer: time a run out when due.", "request"),
@@ -130,11 +155,22 @@ def subject_for(event_type: str, prefix: str = "chora") -> str:
     return spec.subject(prefix)
 
 
+def subjects_for(event_type: str, prefix: str = "chora") -> list[str]:
+    """Every subject events of ``event_type`` travel on (see :meth:`EventSpec.subjects`)."""
+    spec = CATALOGUE.get(event_type)
+    if spec is None:
+        raise KeyError(f"unknown event type {event_type!r}")
+    return spec.subjects(prefix)
+
+
 def event_subject(event_type: str, data: object, prefix: str = "chora") -> str:
     """The subject an event of ``event_type`` with payload ``data`` is published on."""
     spec = CATALOGUE.get(event_type)
     if spec is None:
         raise KeyError(f"unknown event type {event_type!r}")
+    if spec.by_callback:
+        url = data.get("callback_url") if isinstance(data, dict) else getattr(data, "callback_url", None)
+        return spec.callback_subject(prefix) if url is not None else f"{prefix}.{spec.suffix}"
     if not spec.by_origin:
         return f"{prefix}.{spec.suffix}"
     origin = getattr(data, "origin", None)
@@ -154,13 +190,26 @@ def type_of_subject(subject: str, prefix: str = "chora") -> str | None:
             head, _, kind = subject.rpartition(".")
             if head == base and kind in ORIGIN_KINDS:
                 return spec.type
-        elif subject == base:
+        elif subject == base or (spec.by_callback and subject == f"{base}.{CALLBACK}"):
             return spec.type
     return None
 
 
 def all_subjects(prefix: str = "chora") -> list[str]:
-    return [s.subject(prefix) for s in CATALOGUE.values()]
+    return [subject for s in CATALOGUE.values() for subject in s.subjects(prefix)]
+
+
+def misrouted_callback(data: object, subject: str) -> str | None:
+    """Why a request that carries a ``callback_url`` but came on a plain subject can't be
+    taken (None when it can): the notifier reads only the ``.callback`` subjects, so its
+    callback would be neither recorded nor refused. ``subject`` "" (a handler called
+    outside the consumer loop) is not checked."""
+    if not subject or getattr(data, "callback_url", None) is None or subject.endswith("." + CALLBACK):
+        return None
+    return (
+        f"the request has a callback_url but came on {subject}: a request that asks for a callback is "
+        f"published on {subject}.{CALLBACK}, the subject the notifier reads"
+    )
 
 
 def stream_base(prefix: str = "chora") -> str:

@@ -28,6 +28,7 @@ def generate() -> dict[str, str]:
             "description": f"{spec.description} (the data of a CloudEvent of type {spec.type})",
             "x-chora-kind": spec.kind,
             "x-chora-subject": spec.subject(),
+            **({"x-chora-callback-subject": spec.callback_subject()} if spec.by_callback else {}),
             **schema,
         }
         files[f"{spec.type}.json"] = json.dumps(doc, indent=2, sort_keys=True) + "\n"

@@ -367,6 +367,7 @@ class Operations:
             {
                 "type": s.type,
                 "subject": s.subject(self.settings.prefix),
+                **({"callback_subject": s.callback_subject(self.settings.prefix)} if s.by_callback else {}),
                 "kind": s.kind,
                 "description": s.description,
                 "schema": f"/{API_VERSION}/schemas/{s.type}",

@@ -25,7 +25,7 @@ from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from contracts.catalogue import CATALOGUE, subject_for
+from contracts.catalogue import CATALOGUE, subjects_for
 from contracts.envelope import EnvelopeError, decode
 from services.gateway.model import GatewayError
 
@@ -87,7 +87,7 @@ async def event_stream(
 ) -> AsyncIterator[bytes]:
     """SSE messages of ``trace_id``'s events (of ``types``, or all), from ``start_seq`` (or
     ``replay_s`` ago) on, until cancelled or ``stopping`` is set."""
-    subjects = [subject_for(t, prefix) for t in (types or list(CATALOGUE))]
+    subjects = [subject for t in (types or list(CATALOGUE)) for subject in subjects_for(t, prefix)]
     config = ConsumerConfig(
         ack_policy=AckPolicy.NONE,
         mem_storage=True,

@@ -210,36 +210,58 @@ async def test_generate_from_cli_and_from_another_service(stack):
     assert r.status_code == 200 and r.json()["content"].startswith("# Hello, Gateway!"), r.text
     assert httpx.get(f"{url}/v1/configs", timeout=10).status_code == 401
 
-    # 7. Callbacks are off by default: a request that asks for one is refused as the notifier
-    # reads it, and no consumer of the outcomes is kept for callbacks.
+    # 7. Callbacks are off by default: a request that asks for one (on its .callback subject)
+    # is refused as the notifier reads it, and no consumer of the outcomes is kept for
+    # callbacks. One that asks for a callback on the plain subject (which the notifier does
+    # not read) is dead-lettered by the generator with a clear code, never silently dropped.
     nc = await nats.connect(stack["nats_url"])
     try:
         js = nc.jetstream()
-        refused: asyncio.Future = asyncio.get_running_loop().create_future()
-        cb_id = str(uuid.uuid4())
+        loop = asyncio.get_running_loop()
+        refused: asyncio.Future = loop.create_future()
+        misrouted: asyncio.Future = loop.create_future()
+        cb_id, wrong_id = str(uuid.uuid4()), str(uuid.uuid4())
 
         async def on_failed(msg):
             body = json.loads(msg.data)
             if body.get("event_id") == cb_id and not refused.done():
                 refused.set_result(body)
 
+        async def on_dead(msg):
+            if msg.headers.get("ce-id") == wrong_id and not misrouted.done():
+                misrouted.set_result(msg.headers)
+
         await nc.subscribe(f"{prefix}.notification_failed", cb=on_failed)
-        await js.publish(
-            f"{prefix}.generation.requested",
-            json.dumps({"content_config_id": "hello-world", "callback_url": "http://127.0.0.1:9/cb"}).encode(),
-            headers={
-                "ce-specversion": "1.0",
-                "ce-id": cb_id,
-                "ce-source": "urn:team-b:docs-service",
-                "ce-type": "chora.generation.requested",
-                "Nats-Msg-Id": cb_id,
-            },
-        )
+        await nc.subscribe(f"{prefix}.dlq.generator", cb=on_dead)
+
+        async def request(subject: str, event_id: str) -> None:
+            await js.publish(
+                subject,
+                json.dumps({"content_config_id": "hello-world", "callback_url": "http://127.0.0.1:9/cb"}).encode(),
+                headers={
+                    "ce-specversion": "1.0",
+                    "ce-id": event_id,
+                    "ce-source": "urn:team-b:docs-service",
+                    "ce-type": "chora.generation.requested",
+                    "Nats-Msg-Id": event_id,
+                },
+            )
+
+        await request(f"{prefix}.generation.requested.callback", cb_id)
+        await request(f"{prefix}.generation.requested", wrong_id)
         note = await asyncio.wait_for(refused, 20)
         assert note["subscription"] == "callback" and note["error"]["code"] == "CALLBACK_REFUSED"
         assert note["event_type"] == "chora.generation.requested" and "callbacks are off" in note["error"]["message"]
-        durables = {c.name for c in await js.consumers_info(events_stream(prefix))}
+        dead = await asyncio.wait_for(misrouted, 20)
+        assert dead["Chora-Dlq-Code"] == "MISROUTED_CALLBACK", dead
+        assert f"{prefix}.generation.requested.callback" in dead["Chora-Dlq-Reason"], dead
+        durables = {c.name: c for c in await js.consumers_info(events_stream(prefix))}
         assert "notifier-callback-requests" in durables and "notifier-callbacks" not in durables
+        # the notifier was sent the one request with a callback, not the CLI's nor the others
+        assert durables["notifier-callback-requests"].delivered.stream_seq > 0
+        assert durables["notifier-callback-requests"].num_pending == 0
+        counted = durables["notifier-callback-requests"].delivered.consumer_seq
+        assert counted == 1, counted
     finally:
         await nc.close()
 

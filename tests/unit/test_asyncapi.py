@@ -49,6 +49,7 @@ def test_every_event_type_is_a_channel_with_its_cloudevent_message():
     # a type split by origin: one channel, its last token a parameter (subscribing to all: <type>.*)
     addresses = {c["address"].replace("{origin_kind}", "*") for c in doc["channels"].values()}
     assert addresses == set(catalogue.all_subjects())
+    assert doc["channels"]["generation.requested.callback"]["address"] == "chora.generation.requested.callback"
     outcomes = doc["channels"]["content_generated"]
     assert outcomes["address"] == "chora.content_generated.{origin_kind}"
     assert outcomes["parameters"]["origin_kind"]["enum"] == ["standalone", "artifact", "batch"]
@@ -76,6 +77,8 @@ def test_receivers_match_the_topology():
             derived.setdefault(service, {})[event_type] = spec.durable
         # the origin kinds a consumer narrows its outcomes to are the document's too
         assert asyncapi.SERVICES[service].kinds.get(spec.durable) == spec.origin_kinds, spec.durable
+        # and so are the durables that read only the requests with a callback_url
+        assert (spec.durable in asyncapi.SERVICES[service].callbacks_only) == spec.callbacks_only, spec.durable
     assert set(derived) == set(SERVICES_WITH_TOPOLOGY)
     for service in SERVICES_WITH_TOPOLOGY:
         assert asyncapi.SERVICES[service].receives == derived[service], service
@@ -105,6 +108,22 @@ def test_operations_cover_each_party_both_ways():
     assert ops["generator.receive.generation.requested"]["bindings"]["nats"]["queue"] == "generator"
     assert ops["assembler.receive.batch_completed"]["bindings"]["nats"]["queue"] == "assembler-completions"
     assert ops["client.send.generation.requested"]["action"] == "send"
-    counted = sum(len(r.receives) + len(r.sends) for r in asyncapi.SERVICES.values())
+    # a request that may carry a callback_url has two channels: each party that sends or receives
+    # it has an operation on each (the notifier's callback reader: on the .callback one only)
+    split = {t for t, s in CATALOGUE.items() if s.by_callback}
+    counted = sum(
+        len(r.receives)
+        + sum(1 for t, d in r.receives.items() if t in split and d not in r.callbacks_only)
+        + len(r.sends)
+        + (len(split & set(r.sends)) if r.sends_callbacks else 0)
+        for r in asyncapi.SERVICES.values()
+    )
     assert len(ops) == counted
+    assert "notifier-callbacks.receive.generation.requested" not in ops
+    reader = ops["notifier-callbacks.receive.generation.requested.callback"]
+    assert reader["channel"] == {"$ref": "#/channels/generation.requested.callback"}
+    assert reader["bindings"]["nats"]["queue"] == "notifier-callback-requests"
+    assert "generator.receive.generation.requested.callback" in ops
+    assert "client.send.batch.requested.callback" in ops
+    assert "assembler.send.generation.requested.callback" not in ops  # parts and items have no callback
     assert msgspec.json.decode(asyncapi.generate())["operations"] == ops

@@ -13,13 +13,19 @@ from cloudevents.core.v1.event import CloudEvent as SdkEvent
 
 from contracts import schemas
 from contracts.catalogue import (
+    ARTIFACT_REQUESTED,
+    BATCH_REQUESTED,
     CATALOGUE,
     CONTENT_GENERATED,
     CONTENT_VALIDATED,
     GENERATION_REQUESTED,
     ORIGIN_KINDS,
+    all_subjects,
     event_subject,
+    misrouted_callback,
     subject_for,
+    subjects_for,
+    type_of_subject,
 )
 from contracts.envelope import EnvelopeError, decode, encode_binary, encode_structured, new_event
 from contracts.events import BatchItem, BatchRequested, ContentGenerated, GenerationRequested, Origin
@@ -154,6 +160,29 @@ def test_outcomes_travel_on_the_subject_of_their_kind_of_run():
         event_subject(CONTENT_GENERATED, {"origin": {"kind": "job"}})
     # the tokens are the payload's origin kinds, and "standalone" for none: one list, not two
     assert set(ORIGIN_KINDS) == {"standalone", *typing.get_args(typing.get_type_hints(Origin)["kind"])}
+
+
+def test_a_request_with_a_callback_url_travels_on_its_callback_subject():
+    """The notifier reads only the .callback subjects: a request without a callback never reaches it."""
+    plain = GenerationRequested(content_config_id="c")
+    asks = GenerationRequested(content_config_id="c", callback_url="https://hooks.example.com/x")
+    assert event_subject(GENERATION_REQUESTED, plain) == "chora.generation.requested"
+    assert event_subject(GENERATION_REQUESTED, asks, "t1") == "t1.generation.requested.callback"
+    assert event_subject(BATCH_REQUESTED, {"items": [], "callback_url": "https://h/x"}) == "chora.batch.requested.callback"
+    assert event_subject(ARTIFACT_REQUESTED, {"artifact_id": "a"}) == "chora.artifact.requested"
+    # both are the type's: in the stream, in a reader of all of them, back from the subject
+    assert subjects_for(GENERATION_REQUESTED) == ["chora.generation.requested", "chora.generation.requested.callback"]
+    assert subjects_for(CONTENT_GENERATED) == ["chora.content_generated.*"]
+    assert {"chora.batch.requested", "chora.batch.requested.callback"} <= set(all_subjects())
+    assert type_of_subject("chora.artifact.requested.callback") == ARTIFACT_REQUESTED
+    assert type_of_subject("chora.artifact.requested") == ARTIFACT_REQUESTED
+    assert type_of_subject("chora.cancel.requested.callback") is None  # cancels have no callback
+    # a callback_url on the plain subject is refused with the subject to use; the other way is harmless
+    why = misrouted_callback(asks, "chora.generation.requested")
+    assert why is not None and "chora.generation.requested.callback" in why
+    assert misrouted_callback(asks, "chora.generation.requested.callback") is None
+    assert misrouted_callback(plain, "chora.generation.requested.callback") is None
+    assert misrouted_callback(asks, "") is None  # a handler called outside the consumer loop
 
 
 def test_schema_files_match_the_structs():

@@ -41,7 +41,8 @@ async def test_provision_is_idempotent(nc, settings):
     await provision(js, topo)
     await provision(js, topo)
     info = await js.stream_info(topo.events_stream)
-    assert set(info.config.subjects) == {topo.subject(t) for t in CATALOGUE}
+    assert set(info.config.subjects) == {s for t in CATALOGUE for s in CATALOGUE[t].subjects(topo.prefix)}
+    assert f"{topo.prefix}.generation.requested.callback" in info.config.subjects
     names = {c.name for c in await js.consumers_info(topo.events_stream)}
     assert names == set(topo.consumers)
     assert (await js.key_value(topo.state_bucket)) is not None

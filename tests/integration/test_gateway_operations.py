@@ -102,7 +102,9 @@ async def test_an_allowed_callback_travels_in_the_request(stack, ops):
     _, settings, nc = stack
     out = await ops.generate("hello-world", {}, timeout_s=20, callback_url="http://127.0.0.1:9/hooks/n8n")
     assert isinstance(out, Outcome) and out.ok
-    stored = await nc.jetstream().get_last_msg(settings.stream_name, f"{settings.prefix}.generation.requested")
+    # on the subject of requests with a callback, the one the notifier reads
+    subject = f"{settings.prefix}.generation.requested.callback"
+    stored = await nc.jetstream().get_last_msg(settings.stream_name, subject)
     request = decode(stored.headers, stored.data)
     assert request.id == out.request_id and request.data.callback_url == "http://127.0.0.1:9/hooks/n8n"
 

@@ -14,7 +14,7 @@ from nats.js.errors import NotFoundError
 from bus.topology import CALLBACK_OUTCOMES, CALLBACK_REQUESTS, Topology
 from bus.settings import NatsSettings
 from services.settings import Settings
-from contracts.catalogue import subject_for
+from contracts.catalogue import ARTIFACT_REQUESTED, BATCH_REQUESTED, GENERATION_REQUESTED, subject_for
 from tests.conftest import ROOT, child_env
 
 CHORA = [sys.executable, "-m", "chora"]
@@ -93,3 +93,29 @@ async def test_changing_start_of_an_existing_subscription_is_a_clear_error(nats_
     assert "Traceback" not in r.stderr
     config.write_text(sub % ", start: new")
     assert provision(nats_server, prefix, CHORA_NOTIFIER_CONFIG=str(config)).returncode == 0
+
+
+async def test_provision_moves_an_older_deployment_to_the_callback_subjects(nats_server, nc):
+    """Before the .callback subjects, the stream stored only the plain request subjects and the
+    notifier's durable read every request: provision adds the subjects and narrows the durable,
+    which keeps its position."""
+    prefix = "p" + uuid.uuid4().hex[:8]
+    topo = Topology.from_settings(Settings(_env_file=None, prefix=prefix, nats=NatsSettings(url=nats_server.url)))
+    js = nc.jetstream()
+    old_stream = topo.stream_configs()[0]
+    old_stream.subjects = [s for s in old_stream.subjects or [] if not s.endswith(".callback")]
+    await js.add_stream(old_stream)
+    requests = (GENERATION_REQUESTED, ARTIFACT_REQUESTED, BATCH_REQUESTED)
+    old = topo.consumer_config(topo.consumers[CALLBACK_REQUESTS])
+    old.filter_subjects = [subject_for(t, prefix) for t in requests]
+    await js.add_consumer(topo.events_stream, old)
+    await js.publish(subject_for(GENERATION_REQUESTED, prefix), b"{}")  # read by the old durable
+    r = provision(nats_server, prefix)
+    assert r.returncode == 0, r.stderr
+    stream = await js.stream_info(topo.events_stream)
+    assert {f"{subject_for(t, prefix)}.callback" for t in requests} <= set(stream.config.subjects or [])
+    info = await js.consumer_info(topo.events_stream, CALLBACK_REQUESTS)
+    assert sorted(info.config.filter_subjects or []) == sorted(f"{subject_for(t, prefix)}.callback" for t in requests)
+    assert info.num_pending == 0  # the plain request stored before is no longer its business
+    await js.publish(f"{subject_for(BATCH_REQUESTED, prefix)}.callback", b"{}")
+    assert (await js.consumer_info(topo.events_stream, CALLBACK_REQUESTS)).num_pending == 1

@@ -168,7 +168,9 @@ def test_a_request_with_a_callback_url_travels_on_its_callback_subject():
     asks = GenerationRequested(content_config_id="c", callback_url="https://hooks.example.com/x")
     assert event_subject(GENERATION_REQUESTED, plain) == "chora.generation.requested"
     assert event_subject(GENERATION_REQUESTED, asks, "t1") == "t1.generation.requested.callback"
-    assert event_subject(BATCH_REQUESTED, {"items": [], "callback_url": "https://h/x"}) == "chora.batch.requested.callback"
+    assert (
+        event_subject(BATCH_REQUESTED, {"items": [], "callback_url": "https://h/x"}) == "chora.batch.requested.callback"
+    )
     assert event_subject(ARTIFACT_REQUESTED, {"artifact_id": "a"}) == "chora.artifact.requested"
     # both are the type's: in the stream, in a reader of all of them, back from the subject
     assert subjects_for(GENERATION_REQUESTED) == ["chora.generation.requested", "chora.generation.requested.callback"]

@@ -145,6 +145,7 @@ class JsonlSink:
         self._size = 0
         self._day: str | None = None  # UTC day of the live file's first line
         self._rotate_retry_at = 0.0
+        self._today = ("", 0.0, 0.0)  # the UTC day of the last write, and its bounds (POSIX time)
         self._bg: set[asyncio.Task] = set()
         self._compress_lock: asyncio.Lock | None = None
         self.lines_written = 0
@@ -273,7 +274,7 @@ class JsonlSink:
         """Rotate first if needed (the renamed file goes into ``rotated``), then append."""
         now = self.clock()
         if self._size > 0 and now >= self._rotate_retry_at:
-            day = rotation.utc_day(now)
+            day = self._utc_day(now)
             if (self.rotate_bytes and self._size + len(data) > self.rotate_bytes) or (
                 self.rotate_daily and self._day is not None and day != self._day
             ):
@@ -285,7 +286,17 @@ class JsonlSink:
                     log.error("telemetry sink: rotating %s failed (retrying in %ds): %s", self.path, _ROTATE_RETRY_S, e)
         self._append(data)
         if self._day is None:
-            self._day = rotation.utc_day(now)
+            self._day = self._utc_day(now)
+
+    def _utc_day(self, now: float) -> str:
+        """rotation.utc_day(now), formatted once per day: POSIX time has no leap seconds, so a
+        UTC day is [k * 86400, (k + 1) * 86400)."""
+        day, start, end = self._today
+        if not start <= now < end:
+            start = (now // 86400) * 86400
+            day, end = rotation.utc_day(now), start + 86400
+            self._today = (day, start, end)
+        return day
 
     def _rotate(self) -> Path:
         """Rename the live file to its rotated name and open a new one. Blocking, but only

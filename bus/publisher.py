@@ -80,6 +80,7 @@ class PubAcks:
     def __init__(self, nc: Client):
         self.nc = nc
         self._pending: dict[str, asyncio.Future[PubAck]] = {}
+        self._good_subjects: set[str] = set()
         self._tokens = itertools.count(1)
         self._prefix = ""
         self._started: asyncio.Future[None] | None = None
@@ -125,8 +126,11 @@ class PubAcks:
             raise ConnectionClosedError
         if nc.is_draining_pubs:
             raise ConnectionDrainingError
-        if not subject or any(c in subject for c in " \t\r\n"):  # (nats-py's own check, as it would)
-            raise BadSubjectError
+        if subject not in self._good_subjects:  # (nats-py's own check, as it would; once per subject)
+            if not subject or any(c in subject for c in " \t\r\n"):
+                raise BadSubjectError
+            if len(self._good_subjects) < 1024:  # catalogue subjects: a handful per prefix
+                self._good_subjects.add(subject)
         token = str(next(self._tokens))
         hdr = header_block(headers)
         size = len(hdr) + len(body)

@@ -300,6 +300,8 @@ async def fixed_rate(pub: Publisher, follower: JsonlFollower, rate: float, secon
             "publish_to_outcome": _pcts([(m - s) * 1000 for m, s in zip(made, starts)]),
             "outcome_to_line": _pcts([(w - m) * 1000 for w, m in zip(written, made)]),
             "line_to_reader": _pcts([(r - w) * 1000 for r, w in zip(read, written)]),
+            # the peers' end point: their sink wrote the line (they measure in its process)
+            "publish_to_line": _pcts([(w - s) * 1000 for w, s in zip(written, starts)]),
         },
     }
 

@@ -25,8 +25,9 @@ its outcome, but the two consumers are not ordered relative to each other. So a 
 final only when the requests consumer has handled everything up to the outcome's stream
 sequence (:class:`bus.progress.ConsumerProgress`: its ack floor, or it is caught up);
 otherwise the outcome is retried shortly (0.25 s, later 1 s), counted as a deferral, not
-an attempt. A request without a callback seen by this instance's requests consumer is remembered
-(the most recent :data:`MAX_NO_CALLBACK`): its outcome is then settled without the KV read.
+an attempt. The requests consumer reads only the requests that carry a ``callback_url``
+(their subjects end with ``.callback``, contracts/catalogue.py): the outcome of a request
+without one is settled by that miss, as soon as the consumer is caught up.
 One consumer over both kinds would be delivered in stream order, but handled
 concurrently (and redelivered out of order), so it would need the same check, and its
 deliveries (retries of a dead endpoint) would hold back the recording of requests.
@@ -89,7 +90,6 @@ REQUESTS: dict[str, type] = {
     ARTIFACT_REQUESTED: ArtifactRequested,
     BATCH_REQUESTED: BatchRequested,
 }
-MAX_NO_CALLBACK = 50_000  # request ids remembered as asking for no callback (about 5 MB)
 MAX_BREAKERS = 1024  # callback hosts with a breaker of their own (the allow-list bounds them anyway)
 
 
@@ -159,10 +159,6 @@ class CallbackDeps:
     stats: dict[str, int] = field(
         default_factory=lambda: {"delivered": 0, "retried": 0, "failed": 0, "deferred": 0, "skipped": 0, "refused": 0}
     )
-    # Ids of top-level requests this instance recorded as asking for no callback (most recent
-    # last, at most MAX_NO_CALLBACK): their outcomes need no KV read. Another instance's
-    # requests are not here, and their outcomes take the KV path as before.
-    no_callback: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def breaker(self, url: str) -> CircuitBreaker:
         parts = urlsplit(url)
@@ -212,12 +208,8 @@ async def record_callback(event: CloudEvent, delivery: Delivery, deps: CallbackD
         except CallbackRefused as e:
             return [_refused(event, deps, str(e))]
         return []
-    if not url:
-        deps.no_callback[event.id] = None
-        while len(deps.no_callback) > MAX_NO_CALLBACK:
-            deps.no_callback.popitem(last=False)
+    if not url:  # (on a .callback subject without one: nothing to record)
         return []
-    deps.no_callback.pop(event.id, None)
     store, _ = _bus(deps)
     await store.put(callback_key(event.id), _encode(CallbackRecord(url=url, request_type=event.type)))
     return []
@@ -241,10 +233,6 @@ async def deliver_callback(event: CloudEvent, d: Delivery, deps: CallbackDeps) -
     """The outcome of a recorded request: POST it to the request's callback (see the module docstring)."""
     request_id = _request_id(event)
     if request_id is None:
-        return []
-    if request_id in deps.no_callback:  # its request, seen by this instance, asked for none
-        del deps.no_callback[request_id]
-        deps.deferrals.forget(d.stream_seq)
         return []
     store, progress = _bus(deps)
     found = await store.get(callback_key(request_id))

@@ -236,3 +236,35 @@ async def test_a_callback_answered_with_500_is_retried_and_delivered(stack):
     assert stack.flaky.answered == 2 and delivered()[0].status_code == 200
     for r in mine:
         assert_signed(r)
+
+
+async def test_requests_without_a_callback_never_reach_the_notifier_and_their_outcomes_settle(stack):
+    """With callbacks on: the requests consumer reads only <subject>.callback; the outcome of a
+    plain request is looked up, found without a record once that consumer is caught up, and
+    settled (acknowledged) without a POST."""
+    js = stack.nc.jetstream()
+    stream, prefix = stack.settings.stream_name, stack.settings.prefix
+    before = (await js.consumer_info(stream, CALLBACK_REQUESTS)).delivered.consumer_seq
+    seen: set[str] = set()
+
+    async def on_outcome(msg) -> None:
+        seen.add(decode(msg.headers, msg.data).data.request_id)
+
+    sub = await stack.nc.subscribe(f"{prefix}.content_generated.standalone", cb=on_outcome)
+    ids = set()
+    for i in range(5):
+        data = GenerationRequested(content_config_id="hello-world", context={"name": f"p{i}"})
+        ids.add((await stack.request(GENERATION_REQUESTED, data)).id)
+    await wait_for(lambda: ids <= seen, 30, "the outcomes of the plain requests")
+    await sub.unsubscribe()
+    last = (await js.get_last_msg(stream, f"{prefix}.content_generated.standalone")).seq
+
+    async def settled() -> bool:
+        info = await js.consumer_info(stream, CALLBACK_OUTCOMES)
+        return info.ack_floor.stream_seq >= last and not info.num_ack_pending
+
+    await wait_for(settled, 30, "the notifier settled those outcomes")
+    after = (await js.consumer_info(stream, CALLBACK_REQUESTS)).delivered.consumer_seq
+    assert after == before  # not one of the requests was sent to the notifier
+    everywhere = stack.ok.received + stack.flaky.received + stack.outside.received
+    assert not [r for r in everywhere if data_of(r).get("request_id") in ids]

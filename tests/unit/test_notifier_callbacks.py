@@ -134,19 +134,6 @@ async def test_an_allow_list_without_its_secret_stops_the_start(tmp_path):
     await app.close()
 
 
-async def test_the_outcome_of_a_request_seen_without_a_callback_needs_no_lookup():
-    with Webhook() as hook:
-        store = Store()
-        d = deps(store, handled=False, url=hook.url)  # the requests consumer "not caught up": no matter
-        handle = route(CALLBACK_HANDLERS, d, "notifier")
-        req = plain_request()
-        assert await handle(req, delivery(1, CALLBACK_REQUESTS)) == []
-        assert await handle(outcome(req), delivery(1)) == []  # settled: no Retry while "not caught up"
-        assert store.gets == 0 and store.kv == {} and hook.received == []
-        assert req.id not in d.no_callback  # forgotten once its outcome is settled
-        await d.sender.close()
-
-
 async def test_a_request_with_a_callback_after_one_without_is_still_delivered():
     with Webhook() as hook:
         d = deps(Store(), handled=False, url=hook.url)
@@ -161,17 +148,6 @@ async def test_a_request_with_a_callback_after_one_without_is_still_delivered():
         await d.sender.close()
 
 
-async def test_requests_remembered_without_a_callback_are_bounded(monkeypatch):
-    monkeypatch.setattr("services.notifier.callbacks.MAX_NO_CALLBACK", 2)
-    d = deps(Store(), handled=True, url="http://127.0.0.1:9/cb")
-    handle = route(CALLBACK_HANDLERS, d, "notifier")
-    reqs = [plain_request() for _ in range(3)]
-    for r in reqs:
-        await handle(r, delivery(1, CALLBACK_REQUESTS))
-    assert list(d.no_callback) == [reqs[1].id, reqs[2].id]  # the oldest forgotten
-    await d.sender.close()
-
-
 async def test_with_callbacks_off_a_callback_is_refused_when_its_request_is_read():
     store = Store()
     d = CallbackDeps(callback_policy("X", CALLBACK_MAX_IN_FLIGHT), allow=[], store=store, progress=Progress(False))
@@ -184,11 +160,11 @@ async def test_with_callbacks_off_a_callback_is_refused_when_its_request_is_read
     assert not note.data.dead_lettered
     (again,) = await handle(req, delivery(2, CALLBACK_REQUESTS))
     assert again.id == note.id  # a redelivery repeats the same notification (deduplicated on publish)
-    # a request without one, and a batch item with one, give nothing and are not remembered
+    # a request without one, and a batch item with one, give nothing
     origin = Origin(kind="batch", id="b1", key="0")
     assert await handle(plain_request(), delivery(1, CALLBACK_REQUESTS)) == []
     assert await handle(request("https://hooks.example.com/cb", origin), delivery(1, CALLBACK_REQUESTS)) == []
-    assert store.kv == {} and store.gets == 0 and not d.no_callback and d.stats["refused"] == 2  # (each handling)
+    assert store.kv == {} and store.gets == 0 and d.stats["refused"] == 2  # (each handling)
 
 
 async def test_with_callbacks_off_the_notifier_reads_no_outcome_and_retires_their_durable():

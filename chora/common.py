@@ -28,7 +28,10 @@ EXIT_CODES = [
     (0, "done"),
     (EXIT_FAILED, "failed: an error outcome, an invalid config, a batch with failed items, a closed output pipe"),
     (2, "the command line does not parse"),
-    (EXIT_INVALID, "generate: the validator marked the content invalid; cancel, results: no such run (or expired)"),
+    (
+        EXIT_INVALID,
+        "generate: the validator marked the content invalid; cancel, status, results: no such run (or expired)",
+    ),
     (EXIT_USAGE, "an option value that parses but cannot be used (--context, --trace-id, ...)"),
     (EXIT_UNAVAILABLE, "NATS cannot be reached (refused, timed out, TLS or authentication failed)"),
     (EXIT_TIMEOUT, "no outcome within --timeout (the request stays queued: try again later)"),

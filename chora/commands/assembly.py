@@ -13,7 +13,8 @@
   Items beyond ``CHORA_CONTENT_THRESHOLD_BYTES`` travel in the Object Store
   (``items_ref``).
 - ``chora batch status ID``: the batch's progress, read from its KV record; ID
-  may be an unambiguous prefix (the 8 characters of the progress bar).
+  may be an unambiguous prefix (the 8 characters of the progress bar); exit 3 when
+  no batch (or more than one) has it, as for ``batch results``.
 - ``chora batch cancel`` and ``chora batch results``: :mod:`chora.commands.runs`.
 
 The stream is followed from before the request is published, and re-read from
@@ -36,6 +37,7 @@ from chora.commands import runs
 from chora.options import add_command
 from chora.common import (
     EXIT_FAILED,
+    EXIT_NOT_FOUND,
     EXIT_TIMEOUT,
     EXIT_USAGE,
     Link,
@@ -339,9 +341,9 @@ async def batch_status(args: argparse.Namespace) -> int:
         try:
             store = StateStore(nc.jetstream(), Topology.from_settings(settings).state_bucket)
             batch_id, raw = await find_batch(store, args.batch_id)
-        except BatchLookupError as e:
+        except BatchLookupError as e:  # unknown, or ambiguous: as `batch results` says it
             print(f"chora: {e}", file=sys.stderr)
-            return EXIT_FAILED
+            return EXIT_NOT_FOUND
     finally:
         await nc.close()
     st = batch_progress(batch_id, decode_batch(raw))

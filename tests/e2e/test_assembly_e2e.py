@@ -103,4 +103,4 @@ def test_cli_timeouts_and_bad_files(nats_server, tmp_path):
     r = run("batch", "run", str(bad))
     assert r.returncode == 1 and "content_config_id" in r.stderr
     r = run("batch", "status", "nope")
-    assert r.returncode == 1 and "no batch nope" in r.stderr
+    assert r.returncode == 3 and "no batch nope" in r.stderr  # EXIT_NOT_FOUND, as `batch results`

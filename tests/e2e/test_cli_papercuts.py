@@ -69,10 +69,10 @@ async def test_batch_status_accepts_an_unambiguous_prefix(settings, batches):
 
 async def test_batch_status_refuses_an_ambiguous_or_unknown_prefix(settings, batches):
     r = await arun(settings, "batch", "status", "aaaa")
-    assert r.returncode == 1
+    assert r.returncode == 3  # EXIT_NOT_FOUND, as for `batch results`
     assert "ambiguous: 2 batches" in r.stderr and BATCHES[0] in r.stderr and BATCHES[1] in r.stderr
     r = await arun(settings, "batch", "status", "cccc")
-    assert r.returncode == 1 and "no batch cccc" in r.stderr
+    assert r.returncode == 3 and "no batch cccc" in r.stderr
 
 
 async def test_a_closed_pipe_ends_the_command_quietly(settings, batches):

@@ -71,6 +71,7 @@ class EmbeddedServer:
         self.monitor_url: str | None = None
         self._log_lines: list[str] = []
         self._ports_dir: str | None = None
+        self._pump: threading.Thread | None = None
 
     def command(self) -> list[str]:
         cmd = [server_binary()]
@@ -92,13 +93,12 @@ class EmbeddedServer:
         self.proc = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
-        pump = threading.Thread(target=self._pump, args=(self.proc,), daemon=True)
-        pump.start()
+        self._pump = threading.Thread(target=self._copy_log, args=(self.proc,), daemon=True)
+        self._pump.start()
         ports = self._wait_for_ports(timeout)
         if ports is None:
             code = self.proc.poll()
-            self.stop()
-            pump.join(timeout=5)  # the process has ended: its last lines are still on their way to us
+            self.stop()  # (which waits for the last lines of the log)
             why = f"exited with code {code}" if code is not None else f"did not write its ports file within {timeout}s"
             raise ServerError(f"nats-server {why} ({' '.join(self.command())}):\n" + "".join(self._log_lines[-20:]))
         self.url = _pick(ports["nats"], "nats")
@@ -122,7 +122,7 @@ class EmbeddedServer:
             time.sleep(_POLL_S)
         return None
 
-    def _pump(self, proc: subprocess.Popen) -> None:
+    def _copy_log(self, proc: subprocess.Popen) -> None:
         """Copy the server's log to ``log_path`` (and keep its first lines for an error message)."""
         assert proc.stderr
         with open(self.log_path, "a") as log:
@@ -144,6 +144,7 @@ class EmbeddedServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._log_copied()
         self._remove_ports_dir()
 
     def kill(self) -> None:
@@ -151,7 +152,15 @@ class EmbeddedServer:
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self._log_copied()
         self._remove_ports_dir()
+
+    def _log_copied(self) -> None:
+        """The process has ended: wait until its last lines (the shutdown's) are in ``log_path``,
+        which a thread of ours copies from its stderr, so a reader right after stop() sees them."""
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+            self._pump = None
 
     def _remove_ports_dir(self) -> None:
         if self._ports_dir is not None:

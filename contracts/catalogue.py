@@ -17,7 +17,7 @@ subject plus the token ``callback``: ``<prefix>.generation.requested.callback``;
 one without stays on ``<prefix>.generation.requested``. The notifier, which records
 (or, with callbacks off, refuses) callbacks, reads only the ``.callback`` subjects,
 so requests without one never reach it. A request whose ``callback_url`` is set but
-that came on the plain subject is rejected by the service that reads it
+that came on the plain subject is dead-lettered by the consumer loop that reads it
 (:func:`misrouted_callback`): its callback would otherwise never be recorded nor refused.
 """
 
@@ -170,7 +170,7 @@ def event_subject(event_type: str, data: object, prefix: str = "chora") -> str:
         raise KeyError(f"unknown event type {event_type!r}")
     if spec.by_callback:
         url = data.get("callback_url") if isinstance(data, dict) else getattr(data, "callback_url", None)
-        return spec.callback_subject(prefix) if url is not None else f"{prefix}.{spec.suffix}"
+        return spec.callback_subject(prefix) if url is not None else spec.subject(prefix)
     if not spec.by_origin:
         return f"{prefix}.{spec.suffix}"
     origin = getattr(data, "origin", None)
@@ -202,9 +202,9 @@ def all_subjects(prefix: str = "chora") -> list[str]:
 def misrouted_callback(data: object, subject: str) -> str | None:
     """Why a request that carries a ``callback_url`` but came on a plain subject can't be
     taken (None when it can): the notifier reads only the ``.callback`` subjects, so its
-    callback would be neither recorded nor refused. ``subject`` "" (a handler called
-    outside the consumer loop) is not checked."""
-    if not subject or getattr(data, "callback_url", None) is None or subject.endswith("." + CALLBACK):
+    callback would be neither recorded nor refused. (A request without one on a
+    ``.callback`` subject is harmless: the notifier finds nothing to record.)"""
+    if getattr(data, "callback_url", None) is None or subject.endswith("." + CALLBACK):
         return None
     return (
         f"the request has a callback_url but came on {subject}: a request that asks for a callback is "

@@ -20,7 +20,6 @@ from typing import Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import msgspec
 
-from contracts.catalogue import misrouted_callback
 from contracts.envelope import CloudEvent
 
 T = TypeVar("T")
@@ -70,7 +69,6 @@ class Delivery:
     max_attempts: int
     consumer: str
     stream_seq: int
-    subject: str = ""  # the subject it came on ("" outside the consumer loop)
 
     @property
     def last(self) -> bool:
@@ -80,14 +78,6 @@ class Delivery:
     def first(cls, consumer: str = "", max_attempts: int = 1) -> "Delivery":
         """A first delivery, for a handler called outside the consumer loop (tools, tests)."""
         return cls(attempt=1, max_attempts=max_attempts, consumer=consumer, stream_seq=0)
-
-
-def check_callback_route(data: object, delivery: Delivery) -> None:
-    """:class:`Reject` (MISROUTED_CALLBACK) a request that carries a ``callback_url`` but came
-    on a plain subject: the notifier reads only ``.callback`` subjects (contracts.catalogue)."""
-    why = misrouted_callback(data, delivery.subject)
-    if why is not None:
-        raise Reject("MISROUTED_CALLBACK", why)
 
 
 #: A handler of one service: (event, delivery, the service's dependencies) -> events to publish.

@@ -53,7 +53,7 @@ from contracts.events import (
     ContentValidated,
     ErrorInfo,
 )
-from contracts.handling import Delivery, EventHandlers, Handler, Reject, Retry, check_callback_route, route
+from contracts.handling import Delivery, EventHandlers, Handler, Reject, Retry, route
 from services.assembler import artifacts as art
 from services.assembler import batches as bat
 from services.assembler import saga
@@ -220,7 +220,6 @@ async def batch_items(data: BatchRequested, deps: Deps) -> BatchRequested:
 
 
 async def on_batch_requested(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
-    check_callback_route(event.data, delivery)
     data: BatchRequested = await batch_items(event.data, deps)
     batch_id = event.id
     total = len(data.items)
@@ -346,7 +345,6 @@ async def batch_completed_events(
 
 async def on_artifact_requested(event: CloudEvent, delivery: Delivery, deps: Deps) -> list[CloudEvent]:
     data: ArtifactRequested = event.data
-    check_callback_route(data, delivery)
     run_id = event.id
     key = artifact_key(run_id)
     committer = deps.run(run_id)

@@ -28,7 +28,7 @@ import msgspec
 from contracts.catalogue import COMPENSATION_REQUESTED, CONTENT_GENERATED, GENERATION_REQUESTED
 from contracts.envelope import CloudEvent, new_event
 from contracts.events import ContentGenerated, ErrorInfo, GenerationRequested, TokenUsage
-from contracts.handling import Delivery, EventHandlers, Reject, Retry, check_callback_route, expect
+from contracts.handling import Delivery, EventHandlers, Reject, Retry, expect
 from composition.configs import ConfigStore, GenerationError
 from composition.runs import run_of
 from services.generator.cache import ResultCache
@@ -103,7 +103,6 @@ async def on_generation_requested(event: CloudEvent, delivery: Delivery, deps: D
     store, registry, source = deps.store, deps.registry, deps.source
     max_output_bytes, max_event_bytes = deps.max_output_bytes, deps.max_event_bytes
     data = expect(event, GENERATION_REQUESTED, GenerationRequested, "generator")
-    check_callback_route(data, delivery)
     origin = data.origin
     if origin is not None and deps.cancelled and run_of(origin.kind, origin.id) in deps.cancelled:
         return _error(

@@ -11,9 +11,15 @@ from bus.consumer import ConsumerLoop, Reject, Retry
 from bus.deadletter import H_REPLAY_FOR
 from bus.publisher import Publisher
 from bus.topology import Topology, provision
-from contracts.catalogue import CATALOGUE, CONTENT_GENERATED, GENERATION_REQUESTED
+from contracts.catalogue import (
+    ARTIFACT_REQUESTED,
+    BATCH_REQUESTED,
+    CATALOGUE,
+    CONTENT_GENERATED,
+    GENERATION_REQUESTED,
+)
 from contracts.envelope import encode_binary, encode_structured, new_event
-from contracts.events import ContentGenerated, GenerationRequested
+from contracts.events import ArtifactRequested, BatchItem, BatchRequested, ContentGenerated, GenerationRequested
 from tests.conftest import wait_for
 
 
@@ -122,6 +128,45 @@ async def test_retry_then_success_and_malformed_goes_to_dlq(nc, js_topo):
     codes = sorted(m.headers["Chora-Dlq-Code"] for m in msgs)
     assert codes == ["INVALID_JSON", "MISSING_ATTRIBUTE", "NOPE"]
     assert all(m.headers["Chora-Dlq-Consumer"] == "generator" for m in msgs)
+
+
+@pytest.mark.parametrize(
+    "durable, event",
+    [
+        ("generator", (GENERATION_REQUESTED, GenerationRequested(content_config_id="hello-world"))),
+        ("assembler", (ARTIFACT_REQUESTED, ArtifactRequested(artifact_id="doc"))),
+        ("assembler", (BATCH_REQUESTED, BatchRequested(items=[BatchItem(content_config_id="hello-world")]))),
+    ],
+    ids=["generation", "artifact", "batch"],
+)
+async def test_a_callback_url_on_the_plain_subject_is_dead_lettered_with_the_subject_to_use(
+    nc, js_topo, durable, event
+):
+    """The notifier reads only <subject>.callback: a request with a callback_url on the plain
+    subject would have its callback neither made nor refused. The loop dead-letters it before
+    any handler sees it; on the .callback subject the same request is handled."""
+    js, topo = js_topo
+    handled: list[str] = []
+
+    async def handler(ev, delivery):
+        handled.append(ev.id)
+        return []
+
+    loop = ConsumerLoop(nc, js, topo, topo.consumers[durable], handler)
+    task = asyncio.create_task(loop.run())
+    event_type, data = event
+    data.callback_url = "https://hooks.example.com/x"
+    plain, asks = new_event(event_type, data, source="t"), new_event(event_type, data, source="t")
+    subject = topo.subject(event_type)
+    for ev, to in ((plain, subject), (asks, f"{subject}.callback")):
+        headers, body = encode_binary(ev)
+        await js.publish(to, body, headers=headers)
+    await wait_for(lambda: loop.stats.dead == 1 and handled == [asks.id], what="a dead letter and one handled")
+    await loop.stop()
+    await task
+    copy = await js.get_msg(topo.dlq_stream, seq=1)
+    assert copy.headers["Chora-Dlq-Code"] == "MISROUTED_CALLBACK"
+    assert copy.headers["ce-id"] == plain.id and f"{subject}.callback" in copy.headers["Chora-Dlq-Reason"]
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["read-loop", "nats-py-callback"])

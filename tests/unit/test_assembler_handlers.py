@@ -340,23 +340,6 @@ def artifact_event(aid="doc", ctx=None):
     return new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id=aid, context=ctx or {}), source="t")
 
 
-async def test_runs_with_a_callback_url_on_the_plain_subject_are_rejected_before_any_state(deps):
-    """Artifact and batch requests that ask for a callback travel on <subject>.callback (the
-    notifier reads only those); on the plain subject they are rejected, and no run starts."""
-    url = "https://hooks.example.com/x"
-    artifact = new_event(ARTIFACT_REQUESTED, ArtifactRequested(artifact_id="doc", callback_url=url), source="t")
-    items = [BatchItem(content_config_id="one")]
-    batch = new_event(BATCH_REQUESTED, BatchRequested(items=items, callback_url=url), source="t")
-    for ev, subject in ((artifact, "chora.artifact.requested"), (batch, "chora.batch.requested")):
-        with pytest.raises(Reject) as e:
-            await handle(ev, deps, Delivery(1, 5, "assembler", 3, subject))
-        assert e.value.code == "MISROUTED_CALLBACK" and f"{subject}.callback" in e.value.message
-    assert deps.state.data == {}
-    # on the .callback subject they run as any other
-    out = await handle(artifact, deps, Delivery(1, 5, "assembler", 4, "chora.artifact.requested.callback"))
-    assert any(o.type == GENERATION_REQUESTED for o in out)
-
-
 async def test_artifact_flow_with_dependencies_and_an_omitted_part(deps):
     req = artifact_event(ctx={"who": "request"})
     first = await handle(req, deps)

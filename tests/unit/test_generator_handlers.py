@@ -77,21 +77,6 @@ async def handle(ev, store, registry, **kw) -> ContentGenerated:
 # --------------------------------------------------------------------------- success
 
 
-async def test_a_callback_url_on_the_plain_subject_is_rejected_with_the_subject_to_use(store, registry):
-    """The notifier reads only <prefix>.generation.requested.callback: a request with a
-    callback_url on the plain subject would have its callback silently ignored."""
-    data = GenerationRequested(content_config_id="greet", callback_url="https://hooks.example.com/x")
-    ev = new_event(GENERATION_REQUESTED, data, source="urn:t")
-    deps = Deps(store, registry, SOURCE)
-    on_plain = Delivery(1, 5, "generator", 7, "t1.generation.requested")
-    with pytest.raises(Reject) as e:
-        await on_generation_requested(ev, on_plain, deps)
-    assert e.value.code == "MISROUTED_CALLBACK" and "t1.generation.requested.callback" in e.value.message
-    right = Delivery(1, 5, "generator", 7, "t1.generation.requested.callback")
-    (out,) = await on_generation_requested(ev, right, deps)
-    assert out.data.status == "success" and out.data.content == "Hello World!"
-
-
 async def test_success_outcome_has_every_field(store, registry):
     ev = request("greet", {"name": "Ada"})
     (out,) = await handle_generation_requested(ev, store, registry, SOURCE)

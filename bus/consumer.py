@@ -132,8 +132,6 @@ class ConsumerLoop:
         self._sub: Subscription | None = None
         self._working: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, started)
         self._backlog = 0  # messages pending for the consumer, as of the last delivery
-        self.linger_s = consumer.linger_s  # > 0: read in batches, see ConsumerSpec.linger_s
-        self._last_pull = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -154,11 +152,8 @@ class ConsumerLoop:
                     self._outstanding = 0
                 await self._pull_if_room()
                 self._wake.clear()
-                wait = self.heartbeat_s
-                if self.linger_s:  # until the next batch is due
-                    wait = min(wait, max(0.001, self._last_pull + self.linger_s - time.monotonic()))
                 try:
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
                 except asyncio.TimeoutError:
                     pass
                 if self._outstanding and time.monotonic() - self._last_seen > 3 * self.heartbeat_s:
@@ -213,24 +208,13 @@ class ConsumerLoop:
         if room < max(1, self.pull_batch // 2) or not self.nc.is_connected:
             return
         n = min(room, self.pull_batch)
-        now = time.monotonic()
-        req: dict[str, int | bool]
-        if self.linger_s:
-            # one request at a time, answered at once with what is there (no_wait): then the
-            # server sends nothing until the next one, due after linger_s, or now while a
-            # backlog remains
-            if self._outstanding or (self._backlog <= 0 and now - self._last_pull < self.linger_s):
-                return
-            req = {"batch": n, "no_wait": True}
-        else:
-            req = {
-                "batch": n,
-                "expires": int(self.pull_expires_s * 1e9),
-                "idle_heartbeat": int(self.heartbeat_s * 1e9),
-            }
+        req = {
+            "batch": n,
+            "expires": int(self.pull_expires_s * 1e9),
+            "idle_heartbeat": int(self.heartbeat_s * 1e9),
+        }
         if self._outstanding == 0:
-            self._last_seen = now
-        self._last_pull = now
+            self._last_seen = time.monotonic()
         self.stats.pulls += 1
         self._outstanding += n
         try:
@@ -295,10 +279,7 @@ class ConsumerLoop:
         if code == "100":  # idle heartbeat: requests still alive
             return
         pending = headers.get("Nats-Pending-Messages")
-        if self.linger_s and code in ("404", "408"):  # the one no_wait request is answered
-            self._outstanding = 0
-            self._backlog = 0
-        elif pending is not None:
+        if pending is not None:
             self._outstanding = max(0, self._outstanding - int(pending))
             if code in ("404", "408"):
                 self._backlog = 0  # the request ran out unfilled: nothing was pending

@@ -80,11 +80,6 @@ class ConsumerSpec:
     # For the request types whose subjects say whether they carry a callback_url
     # (contracts.catalogue.CALLBACK): only those that do are delivered.
     callbacks_only: bool = False
-    # 0: every message is read the moment it is stored (a pull request always outstanding).
-    # > 0: the reader asks at most every ``linger_s`` seconds for what has piled up, and at
-    # once while a backlog remains: one wake-up of its process for many messages, for a
-    # consumer nobody waits on (bus/consumer.py). A reading policy: not part of the server's config.
-    linger_s: float = 0.0
 
     def nak_delay(self, num_delivered: int) -> float:
         return self.backoff_s[min(max(num_delivered, 1), len(self.backoff_s)) - 1]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +52,6 @@ from services.settings import Settings
 log = logging.getLogger("chora.notifier")
 
 ACK_WAIT_MARGIN_S = 10.0
-
-
-# With callbacks off, how often the notifier reads the requests (to refuse a callback_url)
-REFUSALS_LINGER_S = 0.1
 
 
 class NotifierApp:
@@ -155,16 +150,10 @@ class NotifierApp:
         specs = {spec.durable: spec for spec in subscription_consumers(self.config, topology)}
         pairs = [(specs[t.subscription.durable], self.handle) for t in self.targets.values()]
         if self.callbacks.store is not None:
-            if self.callbacks.allow:
-                pairs += [
-                    (topology.consumers[c], self.handle_callbacks) for c in (CALLBACK_REQUESTS, CALLBACK_OUTCOMES)
-                ]
-            else:
-                # callbacks off: a request's callback_url is refused as the request is read, and
-                # no outcome is read at all. Nobody waits on a refusal, so the requests are read
-                # in batches (ConsumerSpec.linger_s): one wake-up for many, not one per request.
-                requests = replace(topology.consumers[CALLBACK_REQUESTS], linger_s=REFUSALS_LINGER_S)
-                pairs.append((requests, self.handle_callbacks))
+            # callbacks off: a request's callback_url is refused as the request is read (only the
+            # requests that carry one reach the notifier), and no outcome is read at all
+            durables = (CALLBACK_REQUESTS, CALLBACK_OUTCOMES) if self.callbacks.allow else (CALLBACK_REQUESTS,)
+            pairs += [(topology.consumers[c], self.handle_callbacks) for c in durables]
         return pairs
 
     def retired_consumers(self) -> list[str]:

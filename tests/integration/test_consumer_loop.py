@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 import pytest
 
@@ -386,53 +385,3 @@ async def test_work_longer_than_ack_wait_is_kept_alive_not_redelivered(nc, js_to
     assert len(calls) == 1, "redelivered while still being worked on"
     ci = await js.consumer_info(topo.events_stream, "generator")
     assert ci.num_redelivered == 0
-
-
-async def test_a_lingering_consumer_reads_in_batches_and_loses_nothing(nc, js_topo):
-    js, topo = js_topo
-    seen: list[str] = []
-    batches: list[int] = []  # how many messages each pull brought
-
-    async def handler(ev, delivery):
-        seen.append(ev.id)
-        return []
-
-    spec = replace(topo.consumers["generator"], linger_s=0.5)
-    loop = ConsumerLoop(nc, js, topo, spec, handler)
-    task = asyncio.create_task(loop.run())
-    pub = Publisher(js, topo.prefix)
-    reqs = [request(n=i) for i in range(60)]
-    t0 = asyncio.get_running_loop().time()
-    for i in range(0, 60, 20):  # three bursts, each stored before the next pull is due
-        before, pulls = len(seen), loop.stats.pulls
-        await pub.publish_many(reqs[i : i + 20])
-        await wait_for(lambda b=before: len(seen) == b + 20, timeout=10, what="the burst handled")
-        batches.append(loop.stats.pulls - pulls)
-    elapsed = asyncio.get_running_loop().time() - t0
-    await wait_for(lambda: loop.stats.acked == 60, what="60 acks")
-    await loop.stop()
-    await task
-    assert sorted(seen) == sorted(r.id for r in reqs)  # each once
-    # a pull every half second at most (the first may be due at once), not one per message
-    assert loop.stats.pulls <= elapsed / 0.5 + 2 and all(b <= 2 for b in batches), (loop.stats.pulls, batches)
-    await wait_for(lambda: settled(js, topo), timeout=10, what="all acks applied, nothing redelivered")
-
-
-async def test_a_lingering_consumer_drains_a_backlog_without_waiting_between_pulls(nc, js_topo):
-    js, topo = js_topo
-    pub = Publisher(js, topo.prefix)
-    await pub.publish_many([request(n=i) for i in range(600)])  # more than two pulls' worth (256 each)
-    handled = 0
-
-    async def handler(ev, delivery):
-        nonlocal handled
-        handled += 1
-        return []
-
-    loop = ConsumerLoop(nc, js, topo, replace(topo.consumers["generator"], linger_s=30.0), handler)
-    task = asyncio.create_task(loop.run())
-    # with a backlog the next pull goes at once: all 600 well before one linger (30 s) has passed
-    await wait_for(lambda: handled == 600, timeout=20, what="the backlog drained")
-    assert loop.stats.pulls >= 3
-    await loop.stop()
-    await task

@@ -35,7 +35,8 @@ test: $(STAMP) prometheus lint
 	$(VENV)/bin/python -m pytest -n 2 --dist loadscope
 
 # the project (all five services, to content_validated), the FastStream peer (pull and push, in
-# a venv of its own) and plain nats-py, in one run with the same N: one table with the ratios
+# a venv of its own) and plain nats-py, in one run with the same N: one table with the ratios,
+# and under it what one wake-up costs on this machine (bench.wakeup)
 PEER_VENV ?= .venv-peer
 PEER_STAMP := $(PEER_VENV)/.installed-stamp
 

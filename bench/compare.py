@@ -4,7 +4,9 @@
    content_validated line; the latency run starts once every consumer is idle;
 2. the FastStream peer (../shared/bench/faststream_peer.py, in its own venv, see the
    Makefile), pull and push mode, each on a nats-server of its own;
-3. plain nats-py in one process (bench.raw_peer), on a nats-server of its own.
+3. plain nats-py in one process (bench.raw_peer), on a nats-server of its own;
+4. what a wake-up costs on this machine (bench.wakeup), the floor under every latency
+   figure: it is printed under the table.
 
 Prints one table with the ratios (and, with --json FILE, everything as JSON).
 The machine's load (`uptime`) is read before each part: on a shared machine the
@@ -25,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import e2e
+from bench import e2e, wakeup
 from bus.server import EmbeddedServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +123,22 @@ def table(rows: dict[str, dict], n: int, rate: float) -> str:
     )
 
 
+def wake_line(w: dict) -> str:
+    """bench.wakeup's figures in one sentence, under the table."""
+    pipe, ping = w["pipe_round_trip"], w["nats_ping_round_trip"]
+
+    def rt(r: dict) -> str:
+        return f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms"
+
+    return (
+        f"This machine ({w['machine']['cpus']} CPUs, load {w['machine']['load']}), one hop after "
+        f"{w['idle_gap_ms']:g} ms idle, p50 / p99: pipe round trip between two processes "
+        f"{rt(pipe['after_idle'])} (back to back {rt(pipe['back_to_back'])}), "
+        f"PING to nats-server {rt(ping['after_idle'])} (back to back {rt(ping['back_to_back'])}); "
+        f"the woken process spends {pipe['after_idle']['child_cpu_us_per_wakeup']:g} us of CPU per wake-up."
+    )
+
+
 async def project(args: argparse.Namespace) -> dict:
     ns = argparse.Namespace(
         requests=args.requests,
@@ -139,7 +157,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the project's latency run")
     ap.add_argument("--peer-python", default=str(ROOT / ".venv-peer" / "bin" / "python"))
     ap.add_argument("--peer-script", default=str(ROOT.parent / "shared" / "bench" / "faststream_peer.py"))
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: project,pull,push,raw")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: project,pull,push,raw,wakeup")
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -173,7 +191,12 @@ def main() -> None:
         res = run_peer([sys.executable, "-m", "bench.raw_peer"], {"PYTHONPATH": str(ROOT)}, args.requests, args.rate)
         rows["raw nats-py"] = {**res, "load": before}
         print(json.dumps(res), file=sys.stderr)
+    if "wakeup" not in skip:
+        detail["wakeup"] = wakeup.main(rounds=1000)
+        print(json.dumps(detail["wakeup"]), file=sys.stderr)
     print(table(rows, args.requests, args.rate) if "project" in rows else json.dumps(rows, indent=2))
+    if "wakeup" in detail:
+        print("\n" + wake_line(detail["wakeup"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "detail": detail}, indent=2))
 

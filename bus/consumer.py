@@ -47,7 +47,7 @@ from bus.deadletter import H_REPLAY_FOR, dead_letter
 from bus.publisher import Publisher, fast_path
 from bus.topology import ConsumerSpec, Topology
 from bus.wire import ack, delivery_facts, direct_deliveries, parse_headers
-from contracts.catalogue import misrouted_callback
+from contracts.catalogue import MISROUTED_CALLBACK, misrouted_callback
 from contracts.envelope import CloudEvent, EnvelopeError, decode
 from contracts.handling import Bound, Delivery, Reject, Retry
 
@@ -324,7 +324,7 @@ class ConsumerLoop:
             misrouted = misrouted_callback(event.data, msg.subject)
             if misrouted is not None:  # a wire contract, as the envelope's (contracts/catalogue.py)
                 outcome = "dead"
-                await self._dead(msg, "MISROUTED_CALLBACK", misrouted)
+                await self._dead(msg, MISROUTED_CALLBACK, misrouted)
                 return
             delivery = Delivery(delivered, self.spec.max_deliver, self.spec.durable, stream_seq)
             try:

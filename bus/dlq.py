@@ -28,6 +28,14 @@ once JetStream has acked the re-publish. Three details:
   every other consumer loop acks it unhandled *before* decoding it
   (bus/consumer.py), so a message only its own consumer could not decode is
   not dead-lettered again by the others, and webhooks never see the mark.
+- Misrouted callback requests. A request with a ``callback_url`` that came on
+  the plain subject (code ``MISROUTED_CALLBACK``) was taken by no consumer: the
+  loop refuses it before any handler. Replaying it to the same subject would be
+  refused again, so it goes to the subject it should have come on
+  (``<subject>.callback``), for every consumer of that subject (no
+  ``Chora-Replay-For``): the notifier records its callback, the generator or the
+  assembler handles it. Its ``Nats-Msg-Id`` is ``<event id>:rerouted``, so it is
+  stored there once however many dead letters of it are replayed.
 - Where it came from. ``Chora-Replayed-From: <dlq stream>:<dlq seq>``. If the
   replay fails again, the consumer stores one new dead letter with the new
   code and reason and ``Chora-Dlq-Replay-Of`` naming that entry
@@ -57,7 +65,7 @@ from bus.deadletter import (
     original_headers,
 )
 from bus.topology import Topology
-from contracts.catalogue import type_of_subject
+from contracts.catalogue import CALLBACK, MISROUTED_CALLBACK, type_of_subject
 
 ADVISORY_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
 
@@ -233,7 +241,14 @@ async def list_dead_letters(
 
 def replay_msg_id(dl: DeadLetter, topo: Topology) -> str:
     base = dl.event_id or topo.dlq_stream
+    if _rerouted(dl) and dl.event_id:
+        return f"{base}:rerouted"
     return f"{base}:replay:{dl.seq}"
+
+
+def _rerouted(dl: DeadLetter) -> bool:
+    """A request with a callback_url that came on the plain subject: replayed on ``.callback``."""
+    return dl.code == MISROUTED_CALLBACK and dl.subject is not None and not dl.subject.endswith("." + CALLBACK)
 
 
 async def replay(js: JetStreamContext, topo: Topology, dl: DeadLetter | int) -> Replayed:
@@ -248,12 +263,15 @@ async def replay(js: JetStreamContext, topo: Topology, dl: DeadLetter | int) -> 
     msg_id = replay_msg_id(dl, topo)
     headers["Nats-Msg-Id"] = msg_id
     headers[H_REPLAYED_FROM] = f"{topo.dlq_stream}:{dl.seq}"
-    if dl.consumer:
+    subject = dl.subject
+    if _rerouted(dl):  # no consumer took it: to the subject it belongs on, for every consumer there
+        subject = f"{subject}.{CALLBACK}"
+    elif dl.consumer:
         headers[H_REPLAY_FOR] = dl.consumer
     try:
-        ack = await js.publish(dl.subject, dl.body, headers=headers, stream=topo.events_stream, timeout=10.0)
+        ack = await js.publish(subject, dl.body, headers=headers, stream=topo.events_stream, timeout=10.0)
     except Exception as e:
-        raise DlqError(f"dead letter {dl.seq}: re-publish to {dl.subject} failed ({e}); it stays in the DLQ") from None
+        raise DlqError(f"dead letter {dl.seq}: re-publish to {subject} failed ({e}); it stays in the DLQ") from None
     try:
         await js.delete_msg(topo.dlq_stream, dl.seq)
     except NotFoundError:
@@ -263,7 +281,7 @@ async def replay(js: JetStreamContext, topo: Topology, dl: DeadLetter | int) -> 
             f"dead letter {dl.seq}: re-published (stream seq {ack.seq}) but not deleted from the DLQ ({e}); "
             "replaying it again is dropped as a duplicate within the duplicate window"
         ) from None
-    return Replayed(dl.seq, dl.subject, ack.seq, msg_id, bool(ack.duplicate))
+    return Replayed(dl.seq, subject, ack.seq, msg_id, bool(ack.duplicate))
 
 
 async def delete(js: JetStreamContext, topo: Topology, seq: int) -> None:

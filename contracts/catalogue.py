@@ -199,6 +199,11 @@ def all_subjects(prefix: str = "chora") -> list[str]:
     return [subject for s in CATALOGUE.values() for subject in s.subjects(prefix)]
 
 
+#: The dead-letter code of a request that carries a ``callback_url`` but came on a plain
+#: subject (see :func:`misrouted_callback`); a replay of it goes to the ``.callback`` subject.
+MISROUTED_CALLBACK = "MISROUTED_CALLBACK"
+
+
 def misrouted_callback(data: object, subject: str) -> str | None:
     """Why a request that carries a ``callback_url`` but came on a plain subject can't be
     taken (None when it can): the notifier reads only the ``.callback`` subjects, so its

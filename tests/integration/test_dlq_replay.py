@@ -339,6 +339,54 @@ async def test_a_replay_of_an_undecodable_message_reaches_only_the_consumer_it_t
         await asyncio.gather(*tasks)
 
 
+async def test_a_misrouted_callback_request_is_replayed_on_its_callback_subject_for_every_consumer(nc, settings, topo):
+    """A request with a callback_url on the plain subject was taken by no consumer (the loop
+    refuses it before any handler). Replayed to that subject it would be refused again: it goes
+    to <subject>.callback, with no Chora-Replay-For, so the notifier's durable records its
+    callback and the generator renders it."""
+    js = nc.jetstream()
+    await provision(js, topo, consumers=["generator", "notifier-callback-requests"])
+    picky = Picky()
+    recorded: list[str] = []
+
+    async def notifier(ev, delivery):
+        recorded.append(ev.id)
+        return []
+
+    loops = [
+        ConsumerLoop(nc, js, topo, topo.consumers["generator"], picky),
+        ConsumerLoop(nc, js, topo, topo.consumers["notifier-callback-requests"], notifier),
+    ]
+    tasks = [asyncio.create_task(loop.run()) for loop in loops]
+    try:
+        data = GenerationRequested(content_config_id="x", callback_url="https://hooks.example.com/x")
+        ev = new_event(GENERATION_REQUESTED, data, source="test")
+        subject = topo.subject(GENERATION_REQUESTED)
+        headers, body = encode_binary(ev)
+        await js.publish(subject, body, headers=headers)  # a publisher that forgot .callback
+        await wait_for(lambda: loops[0].stats.dead == 1, 10, "the generator's dead letter")
+        [dl] = await list_dead_letters(js, topo)
+        assert (dl.code, dl.subject, dl.consumer) == ("MISROUTED_CALLBACK", subject, "generator")
+        assert picky.calls == [] and recorded == []
+
+        r = await replay(js, topo, dl.seq)
+        assert (r.subject, r.msg_id) == (f"{subject}.callback", f"{ev.id}:rerouted")
+        await wait_for(
+            lambda: [e.id for e in picky.handled] == [ev.id] and recorded == [ev.id],
+            10,
+            "the generator and the notifier to take the replay",
+        )
+        stored = await js.get_msg(topo.events_stream, r.stream_seq)
+        assert stored.subject == f"{subject}.callback" and stored.headers["ce-id"] == ev.id
+        assert "Chora-Replay-For" not in stored.headers
+        assert stored.headers["Chora-Replayed-From"] == f"{topo.dlq_stream}:{dl.seq}"
+        assert await list_dead_letters(js, topo) == [] and loops[0].stats.dead == 1
+    finally:
+        for loop in loops:
+            await loop.stop()
+        await asyncio.gather(*tasks)
+
+
 async def test_a_replayed_notification_rejected_again_is_posted_once_and_dead_lettered_once(
     nc, settings, tmp_path, monkeypatch
 ):

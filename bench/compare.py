@@ -130,12 +130,13 @@ def wake_line(w: dict) -> str:
     def rt(r: dict) -> str:
         return f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms"
 
+    cpu = pipe["after_idle"]["child_cpu_us_per_wakeup"]  # None where /proc has no schedstat
     return (
         f"This machine ({w['machine']['cpus']} CPUs, load {w['machine']['load']}), one hop after "
         f"{w['idle_gap_ms']:g} ms idle, p50 / p99: pipe round trip between two processes "
         f"{rt(pipe['after_idle'])} (back to back {rt(pipe['back_to_back'])}), "
-        f"PING to nats-server {rt(ping['after_idle'])} (back to back {rt(ping['back_to_back'])}); "
-        f"the woken process spends {pipe['after_idle']['child_cpu_us_per_wakeup']:g} us of CPU per wake-up."
+        f"PING to nats-server {rt(ping['after_idle'])} (back to back {rt(ping['back_to_back'])})"
+        + ("." if cpu is None else f"; the woken process spends {cpu:g} us of CPU per wake-up.")
     )
 
 

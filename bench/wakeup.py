@@ -45,9 +45,13 @@ def _echo(inp: int, out: int) -> None:
         os.write(out, b)
 
 
-def _run_ns(pid: int) -> int:
-    """Nanoseconds the process has run on a CPU (every thread), as the scheduler counts them."""
-    return sum(int((t / "schedstat").read_text().split()[0]) for t in Path(f"/proc/{pid}/task").iterdir())
+def _run_ns(pid: int) -> int | None:
+    """Nanoseconds the process has run on a CPU (every thread), as the scheduler counts them;
+    None where there is no /proc/PID/schedstat (not Linux)."""
+    try:
+        return sum(int((t / "schedstat").read_text().split()[0]) for t in Path(f"/proc/{pid}/task").iterdir())
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pipe(rounds: int, gap_s: float) -> dict:
@@ -69,7 +73,9 @@ def pipe(rounds: int, gap_s: float) -> dict:
                 os.write(to_child, b"x")
                 os.read(from_child, 64)
                 ms.append((time.perf_counter() - t) * 1e3)
-            res[name] = {**_pcts(ms), "child_cpu_us_per_wakeup": round((_run_ns(proc.pid) - run0) / rounds / 1e3, 1)}
+            run1 = _run_ns(proc.pid)
+            cpu = None if run0 is None or run1 is None else round((run1 - run0) / rounds / 1e3, 1)
+            res[name] = {**_pcts(ms), "child_cpu_us_per_wakeup": cpu}
     finally:
         os.close(to_child)
         proc.join(5)

@@ -257,16 +257,15 @@ async def replay(js: JetStreamContext, topo: Topology, dl: DeadLetter | int) -> 
         dl = await read(js, topo, dl)
     if dl.body is None or dl.subject is None:
         raise DlqError(f"dead letter {dl.seq}: nothing to replay ({dl.reason})")
-    if type_of_subject(dl.subject, topo.prefix) is None:
-        raise DlqError(f"dead letter {dl.seq}: original subject {dl.subject!r} is not one of {topo.events_stream}'s")
+    rerouted = _rerouted(dl)  # no consumer took it: to the subject it belongs on, for every consumer there
+    subject = f"{dl.subject}.{CALLBACK}" if rerouted else dl.subject
+    if type_of_subject(subject, topo.prefix) is None:
+        raise DlqError(f"dead letter {dl.seq}: subject {subject!r} is not one of {topo.events_stream}'s")
     headers = dict(dl.headers)
     msg_id = replay_msg_id(dl, topo)
     headers["Nats-Msg-Id"] = msg_id
     headers[H_REPLAYED_FROM] = f"{topo.dlq_stream}:{dl.seq}"
-    subject = dl.subject
-    if _rerouted(dl):  # no consumer took it: to the subject it belongs on, for every consumer there
-        subject = f"{subject}.{CALLBACK}"
-    elif dl.consumer:
+    if dl.consumer and not rerouted:
         headers[H_REPLAY_FOR] = dl.consumer
     try:
         ack = await js.publish(subject, dl.body, headers=headers, stream=topo.events_stream, timeout=10.0)

@@ -148,26 +148,28 @@ def spec_for(event_type: str) -> EventSpec | None:
     return CATALOGUE.get(event_type)
 
 
-def subject_for(event_type: str, prefix: str = "chora") -> str:
+def _spec(event_type: str) -> EventSpec:
     spec = CATALOGUE.get(event_type)
     if spec is None:
         raise KeyError(f"unknown event type {event_type!r}")
-    return spec.subject(prefix)
+    return spec
+
+
+def subject_for(event_type: str, prefix: str = "chora") -> str:
+    """The type's subject (see :meth:`EventSpec.subject`). For a request that may ask for a
+    callback that is the plain subject only: a reader of every such request names
+    :func:`subjects_for`."""
+    return _spec(event_type).subject(prefix)
 
 
 def subjects_for(event_type: str, prefix: str = "chora") -> list[str]:
     """Every subject events of ``event_type`` travel on (see :meth:`EventSpec.subjects`)."""
-    spec = CATALOGUE.get(event_type)
-    if spec is None:
-        raise KeyError(f"unknown event type {event_type!r}")
-    return spec.subjects(prefix)
+    return _spec(event_type).subjects(prefix)
 
 
 def event_subject(event_type: str, data: object, prefix: str = "chora") -> str:
     """The subject an event of ``event_type`` with payload ``data`` is published on."""
-    spec = CATALOGUE.get(event_type)
-    if spec is None:
-        raise KeyError(f"unknown event type {event_type!r}")
+    spec = _spec(event_type)
     if spec.by_callback:
         url = data.get("callback_url") if isinstance(data, dict) else getattr(data, "callback_url", None)
         return spec.callback_subject(prefix) if url is not None else spec.subject(prefix)

@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from bus.server import EmbeddedServer
+from bus.server import EmbeddedServer, ServerError
 from contracts.catalogue import BATCH_COMPLETED, CONTENT_GENERATED, CONTENT_VALIDATED, GENERATION_REQUESTED
 from tests.conftest import ROOT, child_env, example_configs, wait_for
 from tests.webhook import Webhook
@@ -243,25 +243,43 @@ def free_port() -> int:
 
 class LocalCluster:
     """Three nats-servers on loopback from deploy/nats/cluster/node-N.conf, each with its
-    own store dir; ports (client, cluster, monitor) are picked free and given on the command line."""
+    own store dir; ports (client, cluster, monitor) are picked free and given on the command line.
 
-    def __init__(self, tmp: Path, size: int = 3):
-        cports = [free_port() for _ in range(size)]
+    The route ports must be known to every node before any starts, so they are picked free
+    and then bound by the servers: another process (a test on the other xdist worker) may
+    take one in between. A node that then cannot listen on its route port makes start()
+    pick new ports and start the whole cluster again, in a fresh directory, up to
+    ``attempts`` times."""
+
+    def __init__(self, tmp: Path, size: int = 3, attempts: int = 3):
+        self.tmp, self.size, self.attempts = tmp, size, attempts
+        self.nodes = self._nodes(tmp)
+
+    def _nodes(self, base: Path) -> list[EmbeddedServer]:
+        cports = [free_port() for _ in range(self.size)]
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in cports)
-        self.nodes = [
+        return [
             EmbeddedServer(
-                tmp / f"n{i + 1}" / "store",
+                base / f"n{i + 1}" / "store",
                 config=ROOT / "deploy" / "nats" / "cluster" / f"node-{i + 1}.conf",
                 http_port=0,  # a free monitor port, not the file's fixed one (another run may hold it)
                 extra_args=["--cluster", f"nats://127.0.0.1:{cports[i]}", "--routes", routes],
-                log_path=tmp / f"n{i + 1}" / "nats-server.log",
+                log_path=base / f"n{i + 1}" / "nats-server.log",
             )
-            for i in range(size)
+            for i in range(self.size)
         ]
 
     def start(self) -> "LocalCluster":
-        for n in self.nodes:
-            n.start()
+        for attempt in range(1, self.attempts + 1):
+            try:
+                for n in self.nodes:
+                    n.start()
+                return self
+            except ServerError as e:
+                self.stop()
+                if "address already in use" not in str(e) or attempt == self.attempts:
+                    raise
+                self.nodes = self._nodes(self.tmp / f"retry-{attempt}")
         return self
 
     @property

@@ -18,6 +18,7 @@ import json
 import posixpath
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tomllib
@@ -33,6 +34,7 @@ from bus.server import server_binary
 from services.settings import Settings
 from services.runtime import SERVICES
 from tests.conftest import ROOT, child_env, wait_for
+from tests.faults import harness
 from tests.faults.harness import LocalCluster, js_ready
 
 DEPLOY = ROOT / "deploy"
@@ -188,6 +190,26 @@ def test_a_config_that_includes_auth_conf_is_refused_without_its_passwords():
 
 
 # ---------------------------------------------------------------------- the loopback cluster, R3
+def test_the_loopback_cluster_starts_again_on_new_ports_when_a_route_port_is_taken(tmp_path, monkeypatch):
+    """Route ports are picked free before the servers bind them, so another process may take
+    one in between (it happened on CI): the cluster then starts again on fresh ports."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        picks = iter([taken])  # node 1's route port: already listened on
+        pick_free = harness.free_port
+        monkeypatch.setattr(harness, "free_port", lambda: next(picks, None) or pick_free())
+        cluster = LocalCluster(tmp_path / "cluster")
+        try:
+            cluster.start()
+            assert all(n.url and n.proc and n.proc.poll() is None for n in cluster.nodes)
+            assert all(f"127.0.0.1:{taken}" not in " ".join(n.command()) for n in cluster.nodes)
+            assert (tmp_path / "cluster" / "retry-1" / "n1" / "nats-server.log").exists()
+        finally:
+            cluster.stop()
+
+
 async def test_the_loopback_cluster_configs_carry_an_r3_stream(tmp_path):
     cluster = LocalCluster(tmp_path / "cluster").start()
     try:

@@ -130,17 +130,38 @@ class StateStore:
         finally:
             await sub.unsubscribe()
 
-    async def follow(self, pattern: str, on_change: Callable[[str, bool], None], idle_s: float = 60.0) -> Any:
-        """Call ``on_change(key, present)`` for every key matching ``pattern`` now (present)
-        and for every later put (present) or delete/purge (not present). Returns the
-        subscription (``await sub.unsubscribe()`` to stop; the server drops the consumer
+    async def _reaches(self, stream: str, seq: int) -> bool:
+        """Whether ``stream`` holds sequence ``seq`` (or held it: False when it was made anew, or
+        when its info cannot be read, e.g. not allowed: the caller then reads everything)."""
+        try:
+            return (await self.js.stream_info(stream)).state.last_seq >= seq
+        except Exception as e:
+            log.debug("stream info of %s: %s (every current key is read)", stream, e)
+            return False
+
+    async def follow(
+        self,
+        pattern: str,
+        on_change: Callable[[str, bool, int], None],
+        idle_s: float = 60.0,
+        after_seq: int = 0,
+    ) -> Any:
+        """Call ``on_change(key, present, stream sequence)`` for every key matching ``pattern``
+        now (present) and for every later put (present) or delete/purge (not present). Returns
+        the subscription (``await sub.unsubscribe()`` to stop; the server drops the consumer
         ``idle_s`` after its subscriber is gone). A named push consumer with its filter in the
-        API subject, so that a user may be allowed to follow only ``pattern`` (deploy/nats/auth.conf)."""
+        API subject, so that a user may be allowed to follow only ``pattern`` (deploy/nats/auth.conf).
+
+        ``after_seq``: the highest stream sequence an earlier follow of the same keys saw. The
+        follow then starts after it, with what changed since, instead of reading every current
+        key again: made anew, it costs what is new, not what the bucket holds. When the stream
+        does not reach that sequence (it was made anew), every current key is read, as without it."""
         strip = len(f"$KV.{self.bucket}.")
+        stream = f"KV_{self.bucket}"
 
         async def on_msg(msg) -> None:
             op = (msg.headers or {}).get("KV-Operation") or (msg.headers or {}).get("Nats-Marker-Reason")
-            on_change(msg.subject[strip:], not op)
+            on_change(msg.subject[strip:], not op, msg.metadata.sequence.stream)
 
         config = ConsumerConfig(
             name=f"follow-{uuid.uuid4().hex[:16]}",
@@ -150,6 +171,9 @@ class StateStore:
             mem_storage=True,
             num_replicas=1,
         )
+        if after_seq > 0 and await self._reaches(stream, after_seq):
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = after_seq + 1
         return await self.js.subscribe(
-            f"$KV.{self.bucket}.{pattern}", stream=f"KV_{self.bucket}", cb=on_msg, config=config, manual_ack=True
+            f"$KV.{self.bucket}.{pattern}", stream=stream, cb=on_msg, config=config, manual_ack=True
         )

@@ -706,14 +706,27 @@ async def test_the_generator_follows_the_stopped_run_markers_and_nothing_else(pr
     await a.put("cancelled.batch.b1", b"m")  # the assembler writes the markers (composition/runs.py)
     await a.put("batch.b1", b"record")
     seen: list[tuple[str, bool]] = []
-    sub = await StateStore(gen.js(10), topo.state_bucket).follow(MARKERS, lambda k, p: seen.append((k, p)))
+    seqs: list[int] = []
+
+    def on_change(k: str, p: bool, s: int) -> None:
+        seen.append((k, p))
+        seqs.append(s)
+
+    g = StateStore(gen.js(10), topo.state_bucket)
+    sub = await g.follow(MARKERS, on_change)
     await wait_for(lambda: seen == [("cancelled.batch.b1", True)], 5, "the existing marker, followed by the generator")
     await a.put("cancelled.artifact.r2", b"m")
     await wait_for(lambda: ("cancelled.artifact.r2", True) in seen, 5, "a new marker")
     await sub.unsubscribe()
+    # the follow made again from the last sequence seen (the generator's refresh) is allowed too
+    sub = await g.follow(MARKERS, on_change, after_seq=max(seqs))
+    await a.put("cancelled.artifact.r3", b"m")
+    await wait_for(lambda: ("cancelled.artifact.r3", True) in seen, 5, "a marker after the refresh")
+    await sub.unsubscribe()
+    assert seen.count(("cancelled.artifact.r2", True)) == 1  # not read again by the refresh
     # a follow of anything else is refused: the filter is in the API subject
     await refused(
-        StateStore(gen.js(), topo.state_bucket).follow("batch.*", lambda k, p: None),
+        StateStore(gen.js(), topo.state_bucket).follow("batch.*", lambda k, p, s: None),
         gen,
         f"$JS.API.CONSUMER.CREATE.KV_{topo.state_bucket}.",
     )

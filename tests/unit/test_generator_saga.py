@@ -89,11 +89,14 @@ class FollowableState:
     def __init__(self, keys: list[str]):
         self.keys = keys
         self.follows = 0
+        self.afters: list[int] = []  # the after_seq of each follow
 
-    async def follow(self, pattern, on_change):
+    async def follow(self, pattern, on_change, after_seq=0):
         self.follows += 1
-        for k in self.keys:
-            on_change(k, True)
+        self.afters.append(after_seq)
+        for seq, k in enumerate(self.keys, start=1):  # the key's stream sequence: its place here
+            if seq > after_seq:
+                on_change(k, True, seq)
 
         class Sub:
             async def unsubscribe(self):
@@ -112,5 +115,22 @@ async def test_stopped_runs_are_collected_from_the_markers():
     try:
         await wait_for(lambda: runs, 5, "the markers followed")
         assert runs == {"batch.r1", "artifact.h01"}
+    finally:
+        await stopped.close()
+
+
+async def test_the_follow_is_made_again_from_the_last_sequence_it_saw():
+    runs: set[str] = set()
+    stopped = StoppedRuns(runs)
+    stopped.REFRESH_S = 0.01  # refresh at once (the period, not a synchronisation)
+    state = FollowableState(["cancelled.batch.r1", "batch.b1", "cancelled.artifact.h02"])
+    stopped.start(state)
+    try:
+        await wait_for(lambda: state.follows >= 2, 5, "the follow made again")
+        state.keys.append("cancelled.batch.r4")  # written after the first follow
+        await wait_for(lambda: "batch.r4" in runs, 5, "the marker written since, read by a refresh")
+        assert state.afters[:2] == [0, 3]  # all markers first, then only what came after sequence 3
+        assert stopped.seen_seq == 4
+        assert runs == {"batch.r1", "artifact.h02", "batch.r4"}
     finally:
         await stopped.close()

@@ -93,13 +93,14 @@ async def on_compensation_requested(event: CloudEvent, delivery: Delivery, deps:
 
 class StoppedRuns:
     """The key tokens of stopped runs (a set, shared with the request handler), kept current by
-    following their markers. The first follow reads every current marker; the follow is made
+    following their markers. The first follow reads every current marker. The follow is made
     again every :attr:`REFRESH_S` seconds (a follow lost with a server restart is replaced),
-    from the last stream sequence it saw, so that a refresh reads only the markers written
-    since, not all of them again (``python -m bench.markers``: 100,000 markers took 1.9-2.2 s
-    of the loop's CPU to read, a refresh with 100 new ones 4-6 ms). Best
-    effort: while no follow runs the set only misses runs, and a request of a missed run is
-    rendered as before (its outcome is not counted). The set only grows while the process
+    from the last stream sequence it saw: a refresh reads only the markers written since, not
+    all of them again (``python -m bench.markers``: 100,000 markers took 1.9-2.2 s of the
+    loop's CPU to read, a refresh with 100 new ones 4-6 ms).
+
+    Best effort: while no follow runs the set only misses runs, and a request of a missed run
+    is rendered as before (its outcome is not counted). The set only grows while the process
     runs: one short string per stopped run."""
 
     REFRESH_S = 30.0

@@ -57,6 +57,17 @@ async def test_the_gateway_user_can_do_its_work_and_no_more(tmp_path, auth_serve
             await wait_for(finished, 30, "the batch finished (read from the assembler's records)")
             page = await ops.batch_results(acc.batch_id)
             assert page["items"][2]["content"].startswith("# Hello, I2")
+            # a cancel of a batch under way: its chora.cancel.requested is stored (PubAck), and the run stops
+            big = await ops.batch(
+                [{"content_config_id": "hello-world", "context": {"name": f"C{i}"}} for i in range(300)]
+            )
+            cancel = await ops.cancel("batch", big.batch_id, "least privilege")
+            assert cancel["state"] == "cancelling" and cancel["cancel_id"]
+
+            async def stopped():
+                return (await ops.batch_status(big.batch_id))["state"] == "finished"
+
+            await wait_for(stopped, 60, "the cancelled batch finished")
             assert (await ops.generators())["reported"] is True
             stream = event_stream(
                 gw.nc,

@@ -88,8 +88,19 @@ EVENT_PUBLISH = {
         "chora.compensation.requested",
     },
     "notifier": {"chora.notification_delivered", "chora.notification_failed"},
-    "client": {"chora.generation.requested", "chora.artifact.requested", "chora.batch.requested"},
-    "gateway": {"chora.generation.requested", "chora.artifact.requested", "chora.batch.requested"},
+    # the requests, a cancel among them (docs/gateway.md: "a cancel is a request like the others")
+    "client": {
+        "chora.generation.requested",
+        "chora.artifact.requested",
+        "chora.batch.requested",
+        "chora.cancel.requested",
+    },
+    "gateway": {
+        "chora.generation.requested",
+        "chora.artifact.requested",
+        "chora.batch.requested",
+        "chora.cancel.requested",
+    },
 }
 # durables each user may pull from, settle (ack) and dead-letter for
 OWN_DURABLES = {

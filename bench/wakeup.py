@@ -24,17 +24,12 @@ import json
 import multiprocessing
 import os
 import socket
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from bench.e2e import _pcts
 from bus.server import EmbeddedServer
-
-
-def _pcts(ms: list[float]) -> dict:
-    q = statistics.quantiles(ms, n=100, method="inclusive")
-    return {"p50_ms": round(q[49], 3), "p99_ms": round(q[98], 3)}
 
 
 def _echo(inp: int, out: int) -> None:

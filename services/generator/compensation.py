@@ -96,7 +96,7 @@ class StoppedRuns:
     following their markers. The first follow reads every current marker. The follow is made
     again every :attr:`REFRESH_S` seconds (a follow lost with a server restart is replaced),
     from the last stream sequence it saw: a refresh reads only the markers written since, not
-    all of them again (``python -m bench.markers``: 100,000 markers took 1.9-2.2 s of the
+    all of them again (``python -m bench.markers``: 100,000 markers took 1.9-2.4 s of the
     loop's CPU to read, a refresh with 100 new ones 4-6 ms).
 
     Best effort: while no follow runs the set only misses runs, and a request of a missed run

@@ -270,17 +270,18 @@ class LocalCluster:
         ]
 
     def start(self) -> "LocalCluster":
-        for attempt in range(1, self.attempts + 1):
+        attempt = 1
+        while True:
             try:
                 for n in self.nodes:
                     n.start()
                 return self
             except ServerError as e:
                 self.stop()
-                if "address already in use" not in str(e) or attempt == self.attempts:
+                if "address already in use" not in str(e) or attempt >= self.attempts:
                     raise
                 self.nodes = self._nodes(self.tmp / f"retry-{attempt}")
-        return self
+                attempt += 1
 
     @property
     def urls(self) -> str:

@@ -108,12 +108,21 @@ def nats_ping(rounds: int, gap_s: float) -> dict:
 
 
 def _pong(c: socket.socket) -> None:
+    """Read up to our PONG. The server may send a PING of its own meanwhile (its first PING,
+    which measures the round trip, comes a second or two after CONNECT, sometimes in the same
+    read as our PONG): answered, or it would count us as a stale client."""
     got = b""
-    while not got.endswith(b"PONG\r\n"):
+    while True:
         chunk = c.recv(64)
         if not chunk:
             raise ConnectionError("nats-server closed the connection")
         got += chunk
+        *lines, got = got.split(b"\r\n")
+        for line in lines:
+            if line == b"PING":
+                c.sendall(b"PONG\r\n")
+        if b"PONG" in lines:
+            return
 
 
 def main(rounds: int = 2000, gap_ms: float = 5.0) -> dict:

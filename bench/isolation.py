@@ -5,7 +5,8 @@
     - pool, one at a time: a request waits for its answer before the next is sent
       (latency: IPC, two process wake-ups, the render);
     - pool, concurrent: ``--concurrency`` requests in flight (throughput);
-    with the parent's CPU time per render (what the event loop spends on it).
+    with the parent's CPU time per render (what the event loop spends on it) and the
+    workers' (the render itself plus the worker's side of the round trip).
 (b) The full stack (bench.e2e: embedded nats-server, generator and telemetry processes),
     saturation and fixed-rate latency, twice in the same run: renders on the event loop
     (CHORA_RENDER_ISOLATION=false, "before") and in the render pool ("after"), alternating
@@ -35,6 +36,12 @@ def _per(seconds: float, n: int) -> float:
     return round(seconds / n * 1e6, 1)
 
 
+def _workers_cpu(pool: RenderPool) -> float:
+    """CPU seconds the pool's live workers have used (the same workers throughout a measurement:
+    hello-world never kills one)."""
+    return sum(e2e._cpu_s(w.proc.pid) for w in pool._all)
+
+
 async def per_render(n: int, concurrency: int) -> dict:
     config = ConfigStore(EXAMPLES).get("hello-world")
     context = {**config.defaults, "name": "bench"}
@@ -50,21 +57,26 @@ async def per_render(n: int, concurrency: int) -> dict:
     try:
         for _ in range(2 * pool.size):  # every worker started and holding the compiled template
             await asyncio.gather(*(pool.render(config, context) for _ in range(pool.size)))
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, w0 = time.perf_counter(), time.process_time(), _workers_cpu(pool)
         for _ in range(n):
             await pool.render(config, context)
-        one = {"us_per_render": _per(time.perf_counter() - t0, n), "parent_cpu_us": _per(time.process_time() - c0, n)}
+        one = {
+            "us_per_render": _per(time.perf_counter() - t0, n),
+            "parent_cpu_us": _per(time.process_time() - c0, n),
+            "workers_cpu_us": _per(_workers_cpu(pool) - w0, n),
+        }
         sem = asyncio.Semaphore(concurrency)
 
         async def bounded() -> None:
             async with sem:
                 await pool.render(config, context)
 
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, w0 = time.perf_counter(), time.process_time(), _workers_cpu(pool)
         await asyncio.gather(*(bounded() for _ in range(n)))
         many = {
             "us_per_render": _per(time.perf_counter() - t0, n),
             "parent_cpu_us": _per(time.process_time() - c0, n),
+            "workers_cpu_us": _per(_workers_cpu(pool) - w0, n),
             "concurrency": concurrency,
         }
     finally:

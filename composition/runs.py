@@ -14,9 +14,13 @@ When a run (an artifact or a batch) is cancelled or times out, the assembler put
 record; the generator keeps the set of marked runs in memory (a follow of
 ``cancelled.*.*``) and answers the generation requests of a marked run with an
 error outcome RUN_CANCELLED instead of rendering them. A cancel that arrives
-before its run's request is handled leaves the marker too, and the request's
-handler honours it (see docs/saga.md). Here one layer down, so that both
-services share the key without importing each other.
+before its run's request is handled leaves an *early* marker,
+``cancelled.early.<kind>.<key id>``, which the generator does not follow (four tokens:
+``cancelled.*.*`` does not match it): the request's handler honours it and closes the
+run before any of its generations is asked for (see docs/saga.md), so the generator
+never needs it, and cancels of runs that never come (any client may send them) cost
+the generator nothing. Here one layer down, so that both services share the keys
+without importing each other.
 """
 
 from __future__ import annotations
@@ -90,6 +94,12 @@ def cancelled_key(kind: str, run_id: str) -> str:
     """The marker key of run ``run_id`` of ``kind`` (``artifact`` / ``batch``): a cancel that
     names the wrong kind marks a run that does not exist, never another one."""
     return f"{CANCELLED_PREFIX}.{kind}.{key_id(run_id)}"
+
+
+def early_cancel_key(kind: str, run_id: str) -> str:
+    """The marker a cancel leaves for run ``run_id`` of ``kind`` when the assembler does not know
+    the run yet: its request's handler reads it; the generator does not follow it."""
+    return f"{CANCELLED_PREFIX}.early.{kind}.{key_id(run_id)}"
 
 
 def run_token(key: str) -> str | None:

@@ -89,9 +89,10 @@ They add closing events and one announcing step, under the same rules:
   closes an open run by compare-and-set with a closed reason (``outcome``
   cancelled / timed_out) and becomes ``closed_by``; a closed run ignores it. The
   stopped-run marker ``cancelled.<kind>.<run>`` is put first (the generator skips the
-  run's requests). A cancel that arrives before its request leaves the marker,
-  and the request's handler, which reads the marker after creating the record,
-  closes the run itself (``closed_by`` = the request).
+  run's requests). A cancel that arrives before its request leaves the early marker
+  ``cancelled.early.<kind>.<run>`` (not followed by the generator), and the request's
+  handler, which reads both markers after creating the record, closes the run itself
+  (``closed_by`` = the request) before asking for any generation.
 - who announces is :func:`.saga_ops.announcer`: the closing event, which (for a
   run that ended badly) first fixes the compensation plan once and publishes
   the ``compensation.requested`` events, re-publishing them on each redelivery

@@ -19,6 +19,7 @@ the same one on every redelivery; see :mod:`services.assembler`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import msgspec
 
-from composition.runs import RunMarker, cancelled_key, encode_marker, undone_id
+from composition.runs import RunMarker, cancelled_key, early_cancel_key, encode_marker, undone_id
 from contracts.catalogue import (
     CANCEL_REQUESTED,
     COMPENSATION_REQUESTED,
@@ -72,14 +73,24 @@ def chunks_of(effects: Sequence[Effect]) -> list[list[Effect]]:
 # --------------------------------------------------------------------------- markers
 
 
-async def put_marker(deps: Deps, kind: str, run_id: str, outcome: str, by: str, reason: str | None = None) -> None:
-    """The stopped-run marker the generator watches (put before the run's record is closed)."""
+async def put_marker(
+    deps: Deps, kind: str, run_id: str, outcome: str, by: str, reason: str | None = None, *, early: bool = False
+) -> None:
+    """The stopped-run marker the generator follows, put before the run's record is closed; or,
+    ``early``, the marker of a cancel of a run not known yet, which only the run's request
+    handler reads (composition/runs.py): a flood of cancels for runs that never come then
+    grows nothing in the generator (its memory, its follow's reading at start)."""
     marker = RunMarker(kind=kind, outcome=outcome, by=by, at=deps.clock(), reason=reason)  # type: ignore[arg-type]
-    await deps.state.put(cancelled_key(kind, run_id), encode_marker(marker))
+    key = early_cancel_key(kind, run_id) if early else cancelled_key(kind, run_id)
+    await deps.state.put(key, encode_marker(marker))
 
 
 async def marked(deps: Deps, kind: str, run_id: str) -> bool:
-    return await deps.state.get(cancelled_key(kind, run_id)) is not None
+    """Whether a cancel or a timeout marked the run, early or not."""
+    got = await asyncio.gather(
+        deps.state.get(early_cancel_key(kind, run_id)), deps.state.get(cancelled_key(kind, run_id))
+    )
+    return any(g is not None for g in got)
 
 
 # --------------------------------------------------------------------------- cancel and deadline
@@ -118,12 +129,16 @@ async def _stop(
         return await _after_close(event, kind, run_id, record, delivery, deps, again=True)
     if record is None and known_only:
         return []  # a timer of a run that is gone (expired): nothing to time out
-    await put_marker(deps, kind, run_id, outcome, event.id, reason)
-    if record is None:  # read again: the request may have been handled since (see docs/saga.md)
+    if record is None:
+        # Not known yet: the early marker, which the run's request handler reads after creating
+        # its record; then read again: the request may have been handled since (docs/saga.md).
+        await put_marker(deps, kind, run_id, outcome, event.id, reason, early=True)
         record = await committer.read(fresh=True)
         if record is None:
             deps.count("cancel_before_request")
             return []
+    # A run with a record may have generations asked for: the marker the generator follows.
+    await put_marker(deps, kind, run_id, outcome, event.id, reason)
     try:
         committed = await committer.submit(StopOp(event.id, outcome))  # type: ignore[arg-type]
     except KeyError:

@@ -12,7 +12,9 @@ webhook subscription may take it like any other event (docs/saga.md).
 
 :class:`StoppedRuns` keeps the set of cancelled or timed-out runs in memory from
 a follow of their markers (``cancelled.<kind>.<run>`` in the state bucket), so that the
-request handler checks a set, not the KV store, before rendering.
+request handler checks a set, not the KV store, before rendering. The early markers of
+cancels of runs not known yet (``cancelled.early.<kind>.<run>``) are not followed: such a
+run is closed by its own request before any generation is asked for.
 """
 
 from __future__ import annotations

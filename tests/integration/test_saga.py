@@ -3,6 +3,8 @@ with the assembler and the generator running in-process through run_service."""
 
 from __future__ import annotations
 
+import uuid
+
 import msgspec
 import pytest
 
@@ -11,7 +13,7 @@ from bus.content import ContentMissing, ContentStore
 from bus.publisher import Publisher
 from bus.state import StateStore
 from bus.topology import Topology, provision
-from composition.runs import cancelled_key
+from composition.runs import MARKERS, cancelled_key, early_cancel_key
 from contracts.catalogue import (
     ARTIFACT_ASSEMBLED,
     ARTIFACT_REQUESTED,
@@ -74,10 +76,9 @@ async def test_a_cancel_before_its_batch_request_is_honoured_once_nothing_genera
     async with running(("assembler", settings)):
         await pub.publish(cancel(req.id))
         state = StateStore(js, topo.state_bucket)
-        await wait_for(
-            lambda: state.get(cancelled_key("batch", req.id)), 10, "the cancelled-run marker of an unknown batch"
-        )
+        await wait_for(lambda: state.get(early_cancel_key("batch", req.id)), 10, "the early marker of an unknown batch")
         assert await read_batch_status(nc, settings, req.id) is None  # nothing else changed
+        assert await state.get(cancelled_key("batch", req.id)) is None  # nothing for the generator to follow
         await pub.publish(req)
         await wait_for(lambda: completed_for(col, req.id), 10, "batch_completed of the cancelled batch")
         await wait_for(lambda: _finished(nc, settings, req.id), 10, "the completion read back (finished)")
@@ -95,6 +96,31 @@ async def test_a_cancel_before_its_batch_request_is_honoured_once_nothing_genera
     assert d.error.code == "RUN_CANCELLED" and d.compensated_parts == []
     assert await count_stored(js, topo, GENERATION_REQUESTED) == 0
     assert await count_stored(js, topo, BATCH_COMPLETED) == 1
+    # closed by its own request before any generation: the generator never needed a marker
+    assert await StateStore(js, topo.state_bucket).get(cancelled_key("batch", req.id)) is None
+
+
+async def test_cancels_of_runs_never_requested_leave_nothing_for_the_generator_to_follow(settings, bus, nc):
+    # Any client may publish cancels. Those of runs the assembler does not know leave only early
+    # markers, which the generator's follow of the stopped runs (its memory, its read at start)
+    # never sees; before, each one stayed in every generator's memory for good.
+    js, topo, _ = bus
+    pub = Publisher(js, settings.prefix)
+    state = StateStore(js, topo.state_bucket)
+    runs = [(kind, str(uuid.uuid4())) for kind in ("batch", "artifact") for _ in range(40)]
+    async with running(("assembler", settings)):
+        for kind, run_id in runs:
+            await pub.publish(cancel(run_id, kind))
+        for kind, run_id in runs:
+            await wait_for(lambda k=kind, r=run_id: state.get(early_cancel_key(k, r)), 10, "an early marker")
+    seen: list[str] = []
+    sub = await state.follow(MARKERS, lambda key, present, seq: seen.append(key))
+    try:
+        await state.put(cancelled_key("batch", "sentinel"), b"m")  # written after every early marker
+        await wait_for(lambda: "cancelled.batch.sentinel" in seen, 10, "the follow's reading up to the sentinel")
+        assert seen == ["cancelled.batch.sentinel"]
+    finally:
+        await sub.unsubscribe()
 
 
 async def _finished(nc, settings, batch_id: str) -> bool:

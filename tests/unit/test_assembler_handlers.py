@@ -17,6 +17,7 @@ from contracts.catalogue import (
     ARTIFACT_REQUESTED,
     BATCH_COMPLETED,
     BATCH_REQUESTED,
+    CANCEL_REQUESTED,
     CONTENT_GENERATED,
     CONTENT_VALIDATED,
     GENERATION_REQUESTED,
@@ -28,6 +29,7 @@ from contracts.events import (
     BatchItem,
     BatchItemOutcome,
     BatchRequested,
+    CancelRequested,
     ContentGenerated,
     ContentValidated,
     ErrorInfo,
@@ -35,10 +37,12 @@ from contracts.events import (
     Origin,
     ValidationIssue,
 )
+from composition.runs import cancelled_key, early_cancel_key
 from services.assembler import batches as bat
+from services.assembler import saga
 from services.assembler import handlers
 from services.assembler.handlers import Deps
-from services.assembler.state import batch_item_key, decode_batch, decode_run
+from services.assembler.state import batch_item_key, batch_key, decode_batch, decode_run
 from tests.fakes import Clock, MemoryState
 
 
@@ -447,3 +451,42 @@ async def test_items_with_long_errors_go_by_reference_even_under_a_thousand(deps
     out = [e for r in reqs for e in await handle(outcome_for(r, ok=False), deps)]
     (done,) = out
     assert done.data.items is None and done.data.items_ref and done.data.failed == 20
+
+
+async def test_a_cancel_racing_its_batch_request_stops_it_and_leaves_a_marker_whenever_generations_were_asked(cdir):
+    # The cancel and the request, handled at once (two instances), one started some turns of the
+    # loop after the other (each KV call of the fake yields once, as on NATS): whichever wins, the
+    # batch ends cancelled, and when the request asked for generations before it saw the cancel,
+    # the marker the generator follows is there to skip them. A cancel of a run not known yet
+    # leaves only the early marker, which the generator does not follow.
+    seen = set()
+    for lead in range(-20, 40):  # > 0: the request starts first, by that many turns
+        deps = Deps(
+            state=MemoryState(),
+            content=MemoryContent(),
+            configs=ConfigStore(cdir),
+            artifacts=ArtifactStore(cdir),
+            clock=Clock(),
+        )
+        req = batch_event(3)
+        cancel = new_event(CANCEL_REQUESTED, CancelRequested(kind="batch", id=req.id, reason="t"), source="t")
+
+        async def after(turns, coro):
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            return await coro
+
+        out, _ = await asyncio.gather(
+            after(max(0, -lead), handle(req, deps)), after(max(0, lead), saga.on_cancel_requested(cancel, FIRST, deps))
+        )
+        asked = any(e.type == GENERATION_REQUESTED for e in out)
+        record = decode_batch(deps.state.data[batch_key(req.id)][0])
+        assert record.closed and record.outcome == "cancelled", lead
+        followed = deps.state.data.get(cancelled_key("batch", req.id)) is not None
+        early = deps.state.data.get(early_cancel_key("batch", req.id)) is not None
+        if asked:
+            assert followed, lead
+        seen.add((asked, followed, early))
+    # every order happened: the cancel first (the early marker only, nothing asked), the request
+    # first (generations asked, then the followed marker), and the ones in between
+    assert (False, False, True) in seen and (True, True, False) in seen and len(seen) >= 3, seen

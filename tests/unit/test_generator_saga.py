@@ -109,7 +109,14 @@ async def test_stopped_runs_are_collected_from_the_markers():
     runs: set[str] = set()
     stopped = StoppedRuns(runs)
     state = FollowableState(
-        ["cancelled.batch.r1", "cancelled.artifact.h01", "batch.b1", "cancelled.r2", "cancelled.x.r3"]
+        [
+            "cancelled.batch.r1",
+            "cancelled.artifact.h01",
+            "batch.b1",
+            "cancelled.r2",
+            "cancelled.x.r3",
+            "cancelled.early.batch.r4",
+        ]
     )
     stopped.start(state)
     try:

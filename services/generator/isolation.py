@@ -14,7 +14,12 @@ never on the generator's event loop. Each worker
 
 The parent enforces the wall-clock deadline (``timeout_s``, compile included): a worker
 that passes it is killed (SIGKILL) and replaced, and the request gets one error outcome.
-A worker that dies is replaced too; the pool never breaks as a whole.
+A worker that dies is replaced too; the pool never breaks as a whole. Workers that cannot
+start (the machine out of memory or processes) are not replaced in a tight loop: after
+``BOOT_FAILURES_MAX`` in a row the requests that waited for them are handed back
+(:class:`~contracts.handling.Retry`: another instance may take them, and the consumer's
+``max_deliver`` bounds the attempts), and each replacement waits longer, up to
+``BOOT_BACKOFF_MAX_S``; the first worker that starts again ends that.
 
 Outcome codes of the isolation (besides the generator's own):
 
@@ -59,6 +64,9 @@ log = logging.getLogger("chora.generator")
 
 SLOW_MEMORY_S = 60.0  # how long a config that ran to the deadline counts as slow
 BOOT_TIMEOUT_S = 30.0  # a worker that is not ready after this long is killed
+BOOT_FAILURES_MAX = 3  # workers in a row that did not start, before waiting requests are handed back
+BOOT_BACKOFF_S = 0.1  # the wait before replacing a worker that did not start, doubled each time in a row
+BOOT_BACKOFF_MAX_S = 30.0
 # A request handed back while stopping comes back after this long: past the consumer's drain,
 # so it reaches another instance (or this one restarted) instead of bouncing off this one.
 HANDBACK_DELAY_S = 5.0
@@ -233,8 +241,12 @@ class RenderPool:
     Each job still has its own deadline, counted from the previous answer of its worker.
     """
 
-    def __init__(self, limits: RenderLimits = RenderLimits()):
+    def __init__(self, limits: RenderLimits = RenderLimits(), *, target: Any = None):
         self.limits = limits
+        self._target = target or worker_main  # what a worker process runs (tests give one that fails)
+        self.boot_failures = 0  # workers in a row that did not start
+        self.spawned = 0  # worker processes started, replacements included
+        self._respawns: set[asyncio.TimerHandle] = set()
         self._ctx = multiprocessing.get_context("forkserver")
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
@@ -269,9 +281,15 @@ class RenderPool:
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=worker_main, args=(child, self.limits), daemon=True, name="chora-render")
-        proc.start()
-        child.close()
+        proc = self._ctx.Process(target=self._target, args=(child, self.limits), daemon=True, name="chora-render")
+        try:
+            proc.start()
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.spawned += 1
         w = _Worker(proc, parent)
         self._all.add(w)
         return w
@@ -288,6 +306,9 @@ class RenderPool:
     def close(self, timeout: float = 2.0) -> None:
         """End every worker: end of input, then SIGKILL for one that does not exit in ``timeout``."""
         self.drain()
+        for handle in self._respawns:
+            handle.cancel()
+        self._respawns.clear()
         workers, self._all, self._idle = list(self._all), set(), []
         for w in workers:
             w.unwatch()
@@ -396,6 +417,16 @@ class RenderPool:
         done = 0
         try:
             if not w.booted and not await self._boot(w, loop):
+                if self.boot_failures >= BOOT_FAILURES_MAX:
+                    for job in jobs:  # not back to the queue: no worker starts to take them
+                        if not job.future.done():
+                            job.future.set_exception(
+                                Retry(
+                                    f"render workers cannot start ({self.boot_failures} in a row); handed back",
+                                    delay=HANDBACK_DELAY_S,
+                                )
+                            )
+                    done = len(jobs)
                 return
             try:
                 w.conn.send_bytes(pickle.dumps([job.wire(w) for job in jobs], 5))
@@ -481,8 +512,11 @@ class RenderPool:
             ok = w.conn.recv_bytes(16) == b"ready"
         except (asyncio.TimeoutError, EOFError, OSError):
             ok = False
-        if not ok:
-            log.warning("a render worker did not start; replacing it")
+        if ok:
+            self.boot_failures = 0
+        else:
+            self.boot_failures += 1
+            log.warning("a render worker did not start (%d in a row); replacing it", self.boot_failures)
             self._kill(w)
         w.booted = ok
         return ok
@@ -517,10 +551,42 @@ class RenderPool:
             self._all.discard(w)
             if self._draining:
                 return
-            w = self._spawn()
+            if not w.booted and self.boot_failures:
+                self._respawn_later()  # it did not start: the next one may not either
+            else:
+                self._replace()
+            return
+        self._ready(w)
+
+    def _ready(self, w: _Worker) -> None:
+        """``w`` idle, and given what waits."""
         self._idle.append(w)
         if self._queue or self._slow_queue:
             self._pump()
+
+    def _replace(self) -> None:
+        """A new worker in place of one that is gone, idle and given what waits."""
+        if not self.started or self._draining:
+            return
+        try:
+            w = self._spawn()
+        except OSError as e:  # no process to be had (fork refused): again later
+            self.boot_failures += 1
+            log.warning("cannot start a render worker (%d in a row): %s", self.boot_failures, e)
+            self._respawn_later()
+            return
+        self._ready(w)
+
+    def _respawn_later(self) -> None:
+        """:meth:`_replace` after a wait that doubles with each worker in a row that did not start."""
+        delay = min(BOOT_BACKOFF_MAX_S, BOOT_BACKOFF_S * 2 ** max(0, self.boot_failures - 1))
+
+        def fire() -> None:
+            self._respawns.discard(handle)
+            self._replace()
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._respawns.add(handle)
 
 
 class IsolatedJinja2:

@@ -15,7 +15,7 @@ from composition.configs import ConfigStore, GenerationError
 from contracts.handling import Retry
 from services.generator.generators.limits import TokenLimit
 from services.generator.generators.sandbox import _Sandbox
-from services.generator.isolation import RenderLimits, RenderPool
+from services.generator.isolation import BOOT_FAILURES_MAX, RenderLimits, RenderPool, worker_main
 from tests.conftest import wait_for, write
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc: Linux")
@@ -187,3 +187,38 @@ async def test_a_costly_render_is_not_batched_behind_many_cheap_ones(pool, store
     await asyncio.gather(*jobs)
     # the three cheap ones and the first costly one (past 1 ms) in one batch, the rest shared
     assert batches == [["hello"] * 3 + ["nested"], ["nested"] * 4]
+
+
+class FlakyWorker:
+    """A worker process that exits at once while ``flag`` exists, and works as usual otherwise
+    (as when the machine has no memory or processes to give a new worker, and later has)."""
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def __call__(self, conn, limits) -> None:
+        if os.path.exists(self.flag):
+            os._exit(3)
+        worker_main(conn, limits)
+
+
+async def test_workers_that_cannot_start_hand_requests_back_instead_of_restarting_without_end(store, tmp_path):
+    flag = tmp_path / "broken"
+    flag.touch()
+    pool = RenderPool(RenderLimits(workers=2, timeout_s=2), target=FlakyWorker(str(flag)))
+    pool.start()
+    try:
+        # Before, each worker that did not start was replaced at once, and the request waited
+        # for good while the pool forked a process after another.
+        with pytest.raises(Retry, match="cannot start"):
+            await asyncio.wait_for(pool.render(store.get("hello"), {"name": "a"}), 20)
+        assert pool.boot_failures == BOOT_FAILURES_MAX
+        assert pool.spawned <= pool.size + BOOT_FAILURES_MAX
+        with pytest.raises(Retry, match="cannot start"):  # each replacement after a wait, then handed back
+            await asyncio.wait_for(pool.render(store.get("hello"), {"name": "b"}), 20)
+        assert pool.spawned <= pool.size + BOOT_FAILURES_MAX + 1
+        flag.unlink()  # the machine has room again: the next worker starts and serves
+        assert await asyncio.wait_for(pool.render(store.get("hello"), {"name": "c"}), 20) == "Hello c!"
+        assert pool.boot_failures == 0
+    finally:
+        pool.close()

@@ -246,7 +246,7 @@ class RenderPool:
         self._target = target or worker_main  # what a worker process runs (tests give one that fails)
         self.boot_failures = 0  # workers in a row that did not start
         self.spawned = 0  # worker processes started, replacements included
-        self._respawns: set[asyncio.TimerHandle] = set()
+        self._epoch = 0  # counts closes: a replacement timed before a close does not run after it
         self._ctx = multiprocessing.get_context("forkserver")
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
@@ -306,9 +306,7 @@ class RenderPool:
     def close(self, timeout: float = 2.0) -> None:
         """End every worker: end of input, then SIGKILL for one that does not exit in ``timeout``."""
         self.drain()
-        for handle in self._respawns:
-            handle.cancel()
-        self._respawns.clear()
+        self._epoch += 1  # (the service closes the pool from a thread: its timers are not touched)
         workers, self._all, self._idle = list(self._all), set(), []
         for w in workers:
             w.unwatch()
@@ -553,6 +551,8 @@ class RenderPool:
                 return
             if not w.booted and self.boot_failures:
                 self._respawn_later()  # it did not start: the next one may not either
+                if self._idle and (self._queue or self._slow_queue):
+                    self._pump()  # the workers there are meanwhile
             else:
                 self._replace()
             return
@@ -580,13 +580,13 @@ class RenderPool:
     def _respawn_later(self) -> None:
         """:meth:`_replace` after a wait that doubles with each worker in a row that did not start."""
         delay = min(BOOT_BACKOFF_MAX_S, BOOT_BACKOFF_S * 2 ** max(0, self.boot_failures - 1))
+        epoch = self._epoch
 
         def fire() -> None:
-            self._respawns.discard(handle)
-            self._replace()
+            if epoch == self._epoch:
+                self._replace()
 
-        handle = asyncio.get_running_loop().call_later(delay, fire)
-        self._respawns.add(handle)
+        asyncio.get_running_loop().call_later(delay, fire)
 
 
 class IsolatedJinja2:

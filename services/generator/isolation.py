@@ -303,13 +303,21 @@ class RenderPool:
                 if not job.future.done():
                     job.future.set_exception(Retry("the generator is stopping", delay=HANDBACK_DELAY_S))
 
-    def close(self, timeout: float = 2.0) -> None:
-        """End every worker: end of input, then SIGKILL for one that does not exit in ``timeout``."""
+    def detach(self) -> None:
+        """On the event loop, before :meth:`close` runs in a thread (it blocks while workers
+        exit): hand back what waits, stop watching the workers' pipes, and let no replacement
+        timed before now start one. What touches the loop is done here, not from the thread."""
         self.drain()
-        self._epoch += 1  # (the service closes the pool from a thread: its timers are not touched)
+        self._epoch += 1
+        for w in self._all:
+            w.unwatch()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """End every worker: end of input, then SIGKILL for one that does not exit in ``timeout``.
+        Called on the loop, or in a thread after :meth:`detach` (as the generator does)."""
+        self.detach()  # (after a detach: nothing waits and no pipe is watched; the loop is not touched)
         workers, self._all, self._idle = list(self._all), set(), []
         for w in workers:
-            w.unwatch()
             w.conn.close()
         deadline = time.monotonic() + timeout
         for w in workers:

@@ -177,6 +177,7 @@ class GeneratorApp:
             if isinstance(r, Exception):
                 log.warning("a generator's set-up failed: %s", r)
         if self.pool is not None:
+            self.pool.detach()  # on the loop; the workers' exits are waited for in a thread
             await asyncio.to_thread(self.pool.close)
 
     def info(self) -> dict[str, Any]:

@@ -222,3 +222,19 @@ async def test_workers_that_cannot_start_hand_requests_back_instead_of_restartin
         assert pool.boot_failures == 0
     finally:
         pool.close()
+
+
+async def test_detach_on_the_loop_leaves_close_nothing_of_the_loop_to_touch_from_its_thread(store):
+    pool = RenderPool(RenderLimits(workers=2, timeout_s=2))
+    pool.start()
+    try:
+        await asyncio.gather(*(pool.render(store.get("hello"), {"name": str(i)}) for i in range(8)))
+        assert any(w.loop is not None for w in pool._all)  # the pipes of workers that served are watched
+        pool.detach()  # as the generator does, on the loop
+        assert all(w.loop is None for w in pool._all)
+        with pytest.raises(Retry):
+            await pool.render(store.get("hello"), {"name": "late"})
+    finally:
+        workers = list(pool._all)
+        await asyncio.to_thread(pool.close)  # in a thread, as the generator does
+    assert workers and not any(w.proc.is_alive() for w in workers)

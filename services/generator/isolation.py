@@ -12,6 +12,8 @@ never on the generator's event loop. Each worker
 - answers with msgpack (never pickle: the parent does not unpickle what a sandboxed
   worker wrote), and exits on end of input.
 
+(The worker's side is :mod:`services.generator.render_worker`; this module is the parent's.)
+
 The parent enforces the wall-clock deadline (``timeout_s``, compile included): a worker
 that passes it is killed (SIGKILL) and replaced, and the request gets one error outcome.
 A worker that dies is replaced too; the pool never breaks as a whole. Workers that cannot
@@ -42,7 +44,6 @@ import collections
 import itertools
 import logging
 import multiprocessing
-import os
 import pickle
 import select
 import signal
@@ -56,9 +57,9 @@ import msgspec
 from composition.configs import GenerationError, LoadedConfig
 from contracts.handling import Retry
 from services.generator.costs import RenderCosts
-from services.generator.generators.base import MAX_OUTPUT_CHARS, _needs_template
+from services.generator.generators.base import _needs_template
 from services.generator.generators.jinja import Jinja2Generator
-from services.generator.generators.limits import MAX_RENDER_SECONDS
+from services.generator.render_worker import RenderLimits, decode_reply, worker_main
 
 log = logging.getLogger("chora.generator")
 
@@ -74,97 +75,6 @@ MAX_BATCH = 32  # jobs one worker takes at once
 # A queue is split between idle workers only into shares of at least this much render time:
 # waking a second worker costs more than it saves for a few renders of tens of microseconds.
 MIN_SHARE_S = 0.001
-
-
-@dataclass(frozen=True)
-class RenderLimits:
-    """What one render may take. ``workers`` 0: one per core (at least 2)."""
-
-    workers: int = 0
-    timeout_s: float = MAX_RENDER_SECONDS
-    memory_mb: int = 512
-    max_output_chars: int = MAX_OUTPUT_CHARS
-
-    @property
-    def size(self) -> int:
-        return self.workers if self.workers > 0 else max(2, os.cpu_count() or 1)
-
-
-# --------------------------------------------------------------------------- the worker
-
-
-_encode_reply = msgspec.msgpack.Encoder().encode
-_decode_reply = msgspec.msgpack.Decoder().decode
-
-
-def _vm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _limit_cpu(resource: Any, seconds: float) -> None:
-    used = resource.getrusage(resource.RUSAGE_SELF)
-    soft = int(used.ru_utime + used.ru_stime + seconds) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.getrlimit(resource.RLIMIT_CPU)[1]))
-
-
-def worker_main(conn: Connection, limits: RenderLimits) -> None:
-    """A worker's life: set its limits, then render batches of jobs until its input ends."""
-    import resource
-
-    from services.generator.generators.jinja import Jinja2Generator
-
-    for sig in (signal.SIGINT, signal.SIGTERM):  # sent to the process group: the parent decides
-        signal.signal(sig, signal.SIG_IGN)
-    os.environ.clear()  # nothing for a sandbox escape to find
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if limits.memory_mb > 0:
-        cap = _vm_bytes() + (limits.memory_mb << 20)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    gen = Jinja2Generator(limits.max_output_chars)
-    try:
-        conn.send_bytes(b"ready")  # the deadline of the first job starts after the worker's own start
-        while _serve(conn, gen, resource, limits.timeout_s + 1):
-            pass
-    except (EOFError, OSError):  # the parent closed our pipe (or is gone): done
-        return
-
-
-def _render(gen: Any, config_id: str, template_hash: str | None, name: str, source: str | None, context: Any) -> tuple:
-    try:
-        tmpl = gen.compiled(config_id, template_hash)
-        if tmpl is None:
-            if source is None:
-                raise GenerationError("GENERATOR_FAILED", f"{name}: the worker has no source for this template")
-            tmpl = gen.compile_source(config_id, template_hash, name, source)
-        t0 = time.thread_time()
-        text = gen.render_template(tmpl, name, context)
-        # the render's own CPU time (a preemption does not count): what a cache hit would save
-        return ("ok", text, time.thread_time() - t0)
-    except GenerationError as e:
-        return ("error", e.code, e.message)
-    except MemoryError:
-        return ("error", "RENDER_MEMORY", f"{name}: the render passed its memory limit; stopped")
-
-
-def _serve(conn: Connection, gen: Any, resource: Any, cpu_s: float) -> bool:
-    """One batch of jobs, each rendered under a fresh CPU limit and answered as soon as it is
-    done (the parent times each job from the previous answer, so it knows which one ran long).
-    After a memory error the rest of the batch is handed back and the worker ends (False)."""
-    jobs = pickle.loads(conn.recv_bytes())
-    recycle = False
-    for job in jobs:
-        if recycle:
-            conn.send_bytes(_encode_reply(("again",)))
-            continue
-        _limit_cpu(resource, cpu_s)
-        reply = _render(gen, *job)
-        recycle = reply[1] == "RENDER_MEMORY"
-        conn.send_bytes(_encode_reply(reply))
-    return not recycle
 
 
 # --------------------------------------------------------------------------- the parent's side
@@ -231,6 +141,11 @@ class _Job:
         if not self.future.done():
             self.future.set_exception(GenerationError(code, message))
 
+    def hand_back(self, why: str = "the generator is stopping") -> None:
+        """Retry: the request is nak'ed, for another instance or a later try."""
+        if not self.future.done():
+            self.future.set_exception(Retry(why, delay=HANDBACK_DELAY_S))
+
 
 class RenderPool:
     """``workers`` processes rendering jinja2 templates; see the module's doc.
@@ -273,7 +188,7 @@ class RenderPool:
     def start(self) -> None:
         if self.started:
             return
-        self._ctx.set_forkserver_preload(["services.generator.isolation", "services.generator.generators.jinja"])
+        self._ctx.set_forkserver_preload(["services.generator.render_worker", "services.generator.generators.jinja"])
         self._draining = False
         for _ in range(self.size):
             self._idle.append(self._spawn())
@@ -299,9 +214,7 @@ class RenderPool:
         self._draining = True
         for queue in (self._queue, self._slow_queue):
             while queue:
-                job = queue.popleft()
-                if not job.future.done():
-                    job.future.set_exception(Retry("the generator is stopping", delay=HANDBACK_DELAY_S))
+                queue.popleft().hand_back()
 
     def detach(self) -> None:
         """On the event loop, before :meth:`close` runs in a thread (it blocks while workers
@@ -413,7 +326,7 @@ class RenderPool:
             if job.future.done():
                 continue
             if self._draining:  # no worker may come back for it: hand it back now
-                job.future.set_exception(Retry("the generator is stopping", delay=HANDBACK_DELAY_S))
+                job.hand_back()
             else:
                 (self._slow_queue if self.is_slow(job.config.id) else self._queue).appendleft(job)
 
@@ -425,13 +338,7 @@ class RenderPool:
             if not w.booted and not await self._boot(w, loop):
                 if self.boot_failures >= BOOT_FAILURES_MAX:
                     for job in jobs:  # not back to the queue: no worker starts to take them
-                        if not job.future.done():
-                            job.future.set_exception(
-                                Retry(
-                                    f"render workers cannot start ({self.boot_failures} in a row); handed back",
-                                    delay=HANDBACK_DELAY_S,
-                                )
-                            )
+                        job.hand_back(f"render workers cannot start ({self.boot_failures} in a row)")
                     done = len(jobs)
                 return
             try:
@@ -487,7 +394,7 @@ class RenderPool:
         replies: list[Any] = []
         try:
             while True:  # every answer already there, in one go
-                replies.append(_decode_reply(w.conn.recv_bytes(16 * self.limits.max_output_chars + 4096)))
+                replies.append(decode_reply(w.conn.recv_bytes(16 * self.limits.max_output_chars + 4096)))
                 if len(replies) >= left or not w.poller.poll(0):
                     return replies
         except (EOFError, OSError, msgspec.DecodeError):

@@ -15,7 +15,8 @@ from composition.configs import ConfigStore, GenerationError
 from contracts.handling import Retry
 from services.generator.generators.limits import TokenLimit
 from services.generator.generators.sandbox import _Sandbox
-from services.generator.isolation import BOOT_FAILURES_MAX, RenderLimits, RenderPool, worker_main
+from services.generator.isolation import BOOT_FAILURES_MAX, RenderLimits, RenderPool
+from services.generator.render_worker import worker_main
 from tests.conftest import wait_for, write
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc: Linux")
